@@ -1,0 +1,287 @@
+"""Decode any image a user may bring into 8-bit RGB, or fail with a message that says what to do.
+
+Everything that reads pixels (dataset check, training cache, prediction) goes through `load_rgb` or
+`load_rgb_resized`, so EXIF orientation, odd modes (palette, CMYK, 16-bit) and broken files are handled in
+one place. No PIL exception escapes: callers catch `ImageError` only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+# Pillow's own default limit (Image.MAX_IMAGE_PIXELS), written out so a caller changing the global does not
+# silently change ours. Pillow itself still refuses anything above 2x its global limit at open time.
+MAX_PIXELS = 89_478_485
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
+
+_FIX = "Delete or replace the file, then try again."
+
+
+class ImageError(ValueError):
+    """An image could not be used; the message names the file, the problem and the fix."""
+
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return Path(os.fspath(path)).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def load_rgb(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode `src` (path, bytes, binary file object or PIL image) into a fully loaded 8-bit RGB image.
+
+    EXIF orientation is applied, transparency is composited on white, animated images give their first
+    frame. Raises ImageError for empty, non-image, truncated, oversized or unsupported files.
+    """
+    if isinstance(src, Image.Image):
+        name = "<PIL image>"
+        _check_pixels(src.size, name, max_pixels)
+        return _finish(src, name, in_place=False)
+    name, data = _read_source(src)
+    img = _open(data, name, max_pixels)
+    return _finish(img, name, in_place=True)
+
+
+def load_rgb_resized(path: str | os.PathLike, short_side: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Like `load_rgb`, then resized (antialiased, aspect kept) so the shorter side is `short_side` pixels.
+
+    JPEGs are decoded at reduced scale with `Image.draft` (DCT scaling), which is several times faster for
+    large photos and is what makes building the training cache cheap.
+    """
+    if not isinstance(short_side, int) or short_side < 1:
+        raise ValueError(f"short_side must be a positive integer, got {short_side!r}")
+    name, data = _read_source(path)
+    img = _open(data, name, max_pixels)
+    w, h = img.size
+    scale = short_side / min(w, h)
+    if scale < 1:
+        # draft only ever picks a decoded size >= the requested one, so the final resize still sees enough pixels
+        _guard(name, img.draft, "RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    rgb = _finish(img, name, in_place=True)
+    return resize_short_side(rgb, short_side)
+
+
+def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Decode `src` fully (JPEGs at reduced scale) and return its upright (width, height); ImageError if unusable.
+
+    Used by the dataset check: every byte of the compressed data is still decoded, so truncation is caught,
+    but large JPEGs cost a fraction of a full decode.
+    """
+    if isinstance(src, Image.Image):
+        load_rgb(src, max_pixels=max_pixels)
+        return _upright_size(src)
+    name, data = _read_source(src)
+    img = _open(data, name, max_pixels)
+    size = _upright_size(img)
+    _guard(name, img.draft, "RGB", (64, 64))
+    _finish(img, name, in_place=True)
+    return size
+
+
+def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Resize so min(width, height) == short_side, keeping the aspect ratio (antialiased bilinear)."""
+    w, h = img.size
+    if min(w, h) == short_side:
+        return img
+    scale = short_side / min(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if w <= h:
+        size = (short_side, size[1])
+    else:
+        size = (size[0], short_side)
+    # Pillow's bilinear filter widens its support when downscaling, i.e. it is antialiased (like torchvision's
+    # Resize(antialias=True)), so the cache and the eval transform see the same kind of pixels.
+    return img.resize(size, Image.Resampling.BILINEAR)
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+
+def _read_source(src) -> tuple[str, bytes]:
+    """Return (display name, all bytes) for a path, bytes or file object."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        data = bytes(src)
+        name = "<uploaded bytes>"
+    elif isinstance(src, (str, os.PathLike)):
+        name = os.fspath(src)
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ImageError(f"{name}: file not found — check the path.") from None
+        except IsADirectoryError:
+            raise ImageError(f"{name}: is a folder, expected an image file.") from None
+        except PermissionError:
+            raise ImageError(f"{name}: permission denied — make the file readable.") from None
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read the file ({e.strerror or e}). {_FIX}") from None
+    elif hasattr(src, "read"):
+        name = str(getattr(src, "name", "<file object>"))
+        try:
+            data = src.read()
+        except OSError as e:
+            raise ImageError(f"{name}: cannot read the file ({e}). {_FIX}") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"expected a binary file object, got one returning {type(data).__name__}")
+        data = bytes(data)
+    else:
+        raise TypeError(f"expected a path, bytes, a binary file object or a PIL image, got {type(src).__name__}")
+    if not data:
+        raise ImageError(f"{name}: empty file (0 bytes) — probably an interrupted copy or download. {_FIX}")
+    return name, data
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse oversized images before any pixel is decoded."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: refused — its dimensions exceed Pillow's safety limit "
+                         f"(possible decompression bomb). Use a smaller image.") from None
+    except Exception as e:  # noqa: BLE001 — PIL raises many types for bad input; all mean "not an image"
+        if isinstance(e, MemoryError):
+            raise
+        raise ImageError(f"{name}: {_describe_non_image(data)}. {_FIX}") from None
+    _check_pixels(img.size, name, max_pixels)
+    return img
+
+
+def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: image has no pixels ({w}x{h}). {_FIX}")
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: refused — {w}x{h} = {w * h:,} pixels is more than the limit of "
+                         f"{max_pixels:,} (possible decompression bomb). Downscale the image first.")
+
+
+def _describe_non_image(data: bytes) -> str:
+    head = data[:512].lstrip(b"\xef\xbb\xbf").lstrip().lower()
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        return "not an image — it is an HTML page (often a login or error page saved instead of the picture)"
+    if head.startswith(b"<svg") or (head.startswith(b"<?xml") and b"<svg" in data[:2048].lower()):
+        return "not a supported image — it is an SVG (vector) file; export it as PNG or JPEG"
+    if head.startswith(b"<?xml"):
+        return "not an image — it is an XML file"
+    try:
+        data[:512].decode("utf-8")
+        return "not an image — it contains text"
+    except UnicodeDecodeError:
+        return "not a recognised image format (unknown or corrupt content)"
+
+
+# --- decoding and conversion ---------------------------------------------------------------------------
+
+def _finish(img: Image.Image, name: str, *, in_place: bool) -> Image.Image:
+    """Load pixels (first frame), apply EXIF orientation, convert to RGB."""
+    _load(img, name)
+    try:
+        if in_place:
+            ImageOps.exif_transpose(img, in_place=True)
+            upright = img
+        else:
+            upright = ImageOps.exif_transpose(img)
+    except Exception as e:  # noqa: BLE001 — a broken EXIF block should not make the pixels unusable
+        if isinstance(e, MemoryError):
+            raise
+        log.debug("%s: ignoring unreadable EXIF orientation (%s)", name, e)
+        upright = img if in_place else img.copy()
+    rgb = _guard(name, _to_rgb, upright, name)
+    if rgb is img and not in_place:
+        rgb = rgb.copy()  # never hand back the caller's own object
+    return rgb
+
+
+def _load(img: Image.Image, name: str) -> None:
+    try:
+        img.seek(0)
+        img.load()
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: refused — a frame exceeds Pillow's safety limit (possible decompression bomb).") \
+            from None
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, MemoryError):
+            raise
+        text = str(e)
+        if "truncated" in text or isinstance(e, EOFError) or "broken data stream" in text:
+            raise ImageError(f"{name}: truncated image — the file ends before the picture does "
+                             f"(interrupted copy or download). {_FIX}") from None
+        raise ImageError(f"{name}: corrupt image data ({text or type(e).__name__}). {_FIX}") from None
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in img.info
+        return _on_white(img.convert("RGBA")) if has_alpha else img.convert("RGB")
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        return _on_white(img.convert("RGBA"))
+    if mode in ("L", "1", "CMYK", "YCbCr", "RGBX"):
+        if mode == "L" and "transparency" in img.info:
+            return _on_white(img.convert("RGBA"))
+        return img.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _high_depth_to_rgb(img)
+    try:
+        return img.convert("RGB")
+    except Exception:  # noqa: BLE001
+        raise ImageError(f"{name}: unsupported colour mode {mode!r}; re-save the image as 8-bit RGB PNG or JPEG.") \
+            from None
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer / float greyscale to 8-bit RGB by scaling, not clipping.
+
+    Pillow's own convert("L") clips 16-bit values at 255, which turns almost every pixel white.
+    """
+    a = np.asarray(img)
+    if img.mode.startswith("I;16") or (img.mode == "I" and a.min() >= 0 and a.max() <= 65535):
+        out = np.round(a.astype(np.float64) / 257.0)  # 65535 / 257 == 255 exactly
+    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
+        out = np.round(a * 255.0)
+    else:  # arbitrary range: stretch what is there
+        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
+        out = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a, dtype=np.float64)
+        out = np.nan_to_num(np.round(out))
+    grey = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
+    return grey.convert("RGB")
+
+
+def _upright_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) as displayed: EXIF orientations 5-8 swap the axes."""
+    w, h = img.size
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 — broken EXIF: orientation is ignored when loading too
+        orientation = 1
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _guard(name: str, fn, *args):
+    """Call a PIL function, turning anything it raises into ImageError."""
+    try:
+        return fn(*args)
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if isinstance(e, MemoryError):
+            raise
+        raise ImageError(f"{name}: cannot decode image ({e or type(e).__name__}). {_FIX}") from None

@@ -1,0 +1,180 @@
+"""Generate small test images and image folders in a temporary directory (never download, never copy photos).
+
+`make_image_folder` builds a dataset whose classes are learnable: each class has its own dominant colour and
+stripe pattern, plus per-image noise and brightness jitter, so a tiny CNN beats chance in a few epochs.
+The `write_*` helpers produce the broken files real users bring: empty, truncated, HTML saved as .jpg, ...
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+# Well separated hues; class i gets COLOURS[i % 8] and PATTERNS[i % 3]: 24 distinct (colour, pattern) pairs.
+COLOURS = [(220, 40, 40), (40, 180, 60), (50, 80, 220), (230, 200, 40), (160, 60, 200), (40, 200, 210),
+           (240, 130, 30), (120, 120, 120)]
+PATTERNS = ["hstripes", "vstripes", "checker"]
+CORRUPT_KINDS = ("truncated", "text", "html", "empty", "svg")
+
+
+def class_names(n: int) -> list[str]:
+    """Default class folder names: class_0, class_1, ..."""
+    return [f"class_{i}" for i in range(n)]
+
+
+def image_array(size: int | tuple[int, int] = 48, *, colour=(220, 40, 40), pattern: str = "hstripes",
+                noise: float = 12.0, rng: np.random.Generator | None = None) -> np.ndarray:
+    """An HxWx3 uint8 array: `colour` modulated by a stripe/checker pattern, with brightness jitter and noise."""
+    rng = rng or np.random.default_rng(0)
+    w, h = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w]
+    period = max(4, min(w, h) // 6)
+    phase = int(rng.integers(0, period))
+    if pattern == "hstripes":
+        mask = ((yy + phase) // (period // 2)) % 2
+    elif pattern == "vstripes":
+        mask = ((xx + phase) // (period // 2)) % 2
+    elif pattern == "checker":
+        mask = (((xx + phase) // (period // 2)) + ((yy + phase) // (period // 2))) % 2
+    elif pattern == "plain":
+        mask = np.ones((h, w), dtype=int)
+    else:
+        raise ValueError(f"unknown pattern {pattern!r}; expected hstripes, vstripes, checker or plain")
+    base = np.asarray(colour, dtype=np.float64) * rng.uniform(0.8, 1.1)
+    img = base[None, None, :] * (0.6 + 0.4 * mask[..., None])
+    img = img + rng.normal(0.0, noise, size=img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_image(path: str | Path, size: int | tuple[int, int] = 48, *, colour=(220, 40, 40),
+               pattern: str = "hstripes", noise: float = 12.0, seed: int = 0, mode: str = "RGB",
+               **save_kwargs) -> Path:
+    """Write one generated image; the format follows the extension (.jpg, .png, .bmp, .gif, .webp, .tif)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = image_array(size, colour=colour, pattern=pattern, noise=noise, rng=np.random.default_rng(seed))
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path, **save_kwargs)
+    return path
+
+
+def make_image_folder(root: str | Path, classes: int | Sequence[str] = 3, per_class: int | Sequence[int] = 12,
+                      size: int = 48, *, corrupt: int = 0, ext: str = ".jpg", seed: int = 0) -> Path:
+    """Create `root/<class>/<class>_<k><ext>` images with learnable classes; return `root`.
+
+    classes: a count (names class_0, class_1, ...) or a list of names. per_class: one count for all classes
+    or one per class (for imbalance). corrupt: that many extra broken files (cycling through CORRUPT_KINDS),
+    spread over the classes round-robin, named `broken_<k>.jpg`, on top of the valid images.
+    """
+    root = Path(root)
+    names = class_names(classes) if isinstance(classes, int) else list(classes)
+    counts = [per_class] * len(names) if isinstance(per_class, int) else list(per_class)
+    if len(counts) != len(names):
+        raise ValueError(f"per_class has {len(counts)} counts for {len(names)} classes")
+    rng = np.random.default_rng(seed)
+    for ci, (name, n) in enumerate(zip(names, counts)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            make_image(folder / f"{name}_{k:03d}{ext}", size, colour=COLOURS[ci % len(COLOURS)],
+                       pattern=PATTERNS[ci % len(PATTERNS)],
+                       seed=int(rng.integers(0, 2**31)))
+    for k in range(corrupt):
+        write_corrupt(root / names[k % len(names)] / f"broken_{k:03d}.jpg", CORRUPT_KINDS[k % len(CORRUPT_KINDS)])
+    return root
+
+
+# --- broken files ------------------------------------------------------------------------------------------
+
+def write_corrupt(path: str | Path, kind: str) -> Path:
+    """Write a broken file of `kind` (one of CORRUPT_KINDS) at `path`."""
+    writers = {"truncated": write_truncated_jpeg, "text": lambda p: write_text_as_image(p, "text"),
+               "html": lambda p: write_text_as_image(p, "html"), "svg": lambda p: write_text_as_image(p, "svg"),
+               "empty": write_zero_byte}
+    if kind not in writers:
+        raise ValueError(f"unknown corrupt kind {kind!r}; expected one of {', '.join(writers)}")
+    return writers[kind](path)
+
+
+def write_zero_byte(path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def jpeg_bytes(size: int = 64, *, seed: int = 0, quality: int = 90) -> bytes:
+    """A valid noisy JPEG (noise keeps the entropy-coded data large, so truncation is visible)."""
+    arr = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, "RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_truncated_jpeg(path: str | Path, size: int = 64, keep: float = 0.5) -> Path:
+    """A JPEG cut off after `keep` of its bytes (an interrupted copy or download)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = jpeg_bytes(size)
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+_TEXTS = {
+    "text": b"this is not an image, just some notes\n",
+    "html": b"<!DOCTYPE html>\n<html><head><title>Access denied</title></head><body>403</body></html>\n",
+    "svg": b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10">'
+           b'<rect width="10" height="10" fill="red"/></svg>\n',
+}
+
+
+def write_text_as_image(path: str | Path, kind: str = "text") -> Path:
+    """Text, HTML or SVG content under an image name (e.g. `photo.jpg`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(_TEXTS[kind])
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def bomb_png_bytes(width: int = 30_000, height: int = 30_000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb as far as a decoder knows)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def write_bomb_png(path: str | Path, width: int = 30_000, height: int = 30_000) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bomb_png_bytes(width, height))
+    return path
+
+
+def write_exif_rotated_jpeg(path: str | Path, orientation: int = 6, size: tuple[int, int] = (40, 20)) -> Path:
+    """A landscape JPEG (left half red, right half blue) tagged with EXIF `orientation`.
+
+    Orientation 6 means "rotate 90 degrees clockwise to display": the upright image is portrait, red on top.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    arr = np.zeros((h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    arr[:, w // 2:] = (0, 0, 255)
+    img = Image.fromarray(arr, "RGB")
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, "JPEG", quality=95, exif=exif.tobytes())
+    return path
