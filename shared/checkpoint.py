@@ -1,0 +1,65 @@
+"""Checkpoints: atomic writes, safe loads (`weights_only=True`: a checkpoint can never run code)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .models import create_model
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or not one of ours."""
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint in place."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle.UnpicklingError for unsafe content, RuntimeError/EOFError for corrupt files
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain-tensor checkpoint or it is damaged ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200]})"
+        ) from exc
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a resnet-lab checkpoint (no 'model' entry)")
+    return state
+
+
+def model_meta(state: dict[str, Any]) -> dict[str, Any]:
+    """What prediction needs besides the weights."""
+    keys = ("classes", "image_size", "mean", "std", "model_name", "config", "epoch", "val_acc")
+    return {k: state.get(k) for k in keys}
+
+
+def load_model_from_run(run_dir: Path, which: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The run's model in eval mode on CPU, plus its meta (classes, image_size, mean, std, model_name, config)."""
+    state = load_checkpoint(Path(run_dir) / f"{which}.pt")
+    meta = model_meta(state)
+    config = meta.get("config") or {}
+    model = create_model(meta["model_name"], len(meta["classes"]), weights="none",
+                         dropout=float(config.get("dropout", 0.0)))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, meta

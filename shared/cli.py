@@ -1,0 +1,382 @@
+"""The `resnet-lab` command: data, train, evaluate, report, predict, runs, and the app processes (up/ui/worker).
+
+Every TrainConfig field is a `train` flag (generated from the dataclass, so the two never drift apart).
+User errors print one line and exit 2; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .settings import Settings
+
+log = logging.getLogger("resnet_lab")
+
+# field name → help text; fields without an entry still get a flag
+TRAIN_HELP = {
+    "data_dir": "dataset folder with one sub-folder per class (required)",
+    "model": "architecture: resnet18, resnet34 or resnet50",
+    "weights": "IMAGENET1K_V1 (default), IMAGENET1K_V2 (resnet50), DEFAULT, none (from scratch) or a state-dict file",
+    "finetune": "full, head (linear probe on cached features) or probe_then_unfreeze",
+    "image_size": "square input size in pixels (128 is ~3x faster than 224 on CPU)",
+    "augment": "none, light, standard or trivialaugment",
+    "scheduler": "cosine (with warm-up), onecycle, plateau or none",
+    "optimizer": "adamw, adam or sgd (Nesterov)",
+    "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
+    "device": "auto, cpu, cuda or cuda:N",
+    "num_workers": "kept for compatibility: decoded images are cached, so no loader processes are needed",
+}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from .config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = TRAIN_HELP.get(f.name, "")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text or f"(default {default})")
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type), str)
+        parser.add_argument(flag, type=kind, default=None if f.name == "data_dir" else default,
+                            required=f.name == "data_dir", help=f"{help_text} (default {default})".strip())
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import TrainConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="resnet-lab", description=__doc__.splitlines()[0])
+    parser.add_argument("--models-dir", help="run store folder (env RESNET_LAB_MODELS_DIR, default ./models)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command",
+                                                                                       required=True)
+    check = data.add_parser("check", help="count classes, find unreadable files and duplicates")
+    check.add_argument("dir", help="dataset folder (one sub-folder per class)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    download = data.add_parser("download", help="download a public dataset")
+    download.add_argument("name", choices=["flowers"], help="flowers: the 5-class flower_photos set (~220 MB)")
+    download.add_argument("--dest", default="data", help="folder to put the dataset in (default ./data)")
+
+    train = sub.add_parser("train", help="train one model (in this process; the page queues runs on a worker)")
+    _add_train_flags(train)
+    train.add_argument("--skip-eval", action="store_true", help="do not evaluate the best checkpoint afterwards")
+    train.add_argument("--resume", metavar="RUN", help="continue a run from its last.pt instead of starting one")
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a run's best checkpoint (metrics, figures)")
+    evaluate.add_argument("run", help="run id or 'latest'")
+    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    evaluate.add_argument("--data-dir", help="evaluate on another folder with the same class names")
+
+    report = sub.add_parser("report", help="write a self-contained HTML report for a run")
+    report.add_argument("run", help="run id or 'latest'")
+
+    predict = sub.add_parser("predict", help="classify images with a trained run")
+    predict.add_argument("run", help="run id or 'latest' (newest succeeded run)")
+    predict.add_argument("files", nargs="+", help="image files or folders")
+    predict.add_argument("--top-k", type=int, default=5)
+    predict.add_argument("--csv", help="also write the predictions to this CSV file")
+
+    runs = sub.add_parser("runs", help="list runs").add_subparsers(dest="runs_command", required=True)
+    runs_list = runs.add_parser("list", help="all runs, newest first")
+    runs_list.add_argument("--json", action="store_true")
+
+    up = sub.add_parser("up", help="start everything: embedded Redis (unless REDIS_URL), worker(s), page")
+    up.add_argument("--gpus", help="'all' or a list like 0,1: one worker per GPU (default: all GPUs, else CPU)")
+    up.add_argument("--port", type=int, help="page port (default 7860)")
+    ui = sub.add_parser("ui", help="start only the page (needs REDIS_URL)")
+    ui.add_argument("--host")
+    ui.add_argument("--port", type=int)
+    worker = sub.add_parser("worker", help="start only a worker (needs REDIS_URL)")
+    worker.add_argument("--gpus", help="'all' or a list like 0,1: one worker process per GPU")
+    worker.add_argument("--threads", type=int, help="torch threads for a CPU worker (default: one per core)")
+    return parser
+
+
+# ---------- commands ----------
+
+def cmd_data_check(args, settings: Settings) -> int:
+    from .datasets import check_dataset, format_check_report
+
+    report = check_dataset(args.dir)
+    print(json.dumps(report, indent=2) if args.json else format_check_report(report))
+    return 0
+
+
+def cmd_data_download(args, settings: Settings) -> int:
+    from .download import download_flowers
+
+    path = download_flowers(Path(args.dest))
+    print(f"flower_photos is ready in {path}")
+    return 0
+
+
+class TqdmReporter:
+    """Draws one progress bar per epoch on the terminal (duck-types engine.Reporter; importing the engine
+    here would load torch for every `--help`)."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm, self._bar = tqdm, None
+
+    def phase(self, name: str, **info: Any) -> None:
+        if name == "preparing data" and "decoded" in info:
+            if self._bar is None:
+                self._bar = self._tqdm(total=info["total"], desc="decoding images", unit="img", leave=False)
+            self._bar.n = info["decoded"]
+            self._bar.refresh()
+            return
+        self._close()
+        if "decoded" not in info:
+            print(f"[{name}]", file=sys.stderr)
+
+    def batch(self, epoch: int, batch: int, num_batches: int, images_per_s: float) -> None:
+        if self._bar is None or self._bar.desc != f"epoch {epoch}":
+            self._close()
+            self._bar = self._tqdm(total=num_batches, desc=f"epoch {epoch}", unit="batch", leave=False)
+        self._bar.n = batch
+        self._bar.set_postfix_str(f"{images_per_s:.0f} img/s", refresh=True)
+
+    def epoch(self, record: dict) -> None:
+        self._close()
+        print(f"epoch {record['epoch']}: train loss {record['train_loss']:.3f} acc {record['train_acc']:.3f} | "
+              f"val loss {record['val_loss']:.3f} acc {record['val_acc']:.3f} | {record['images_per_s']:.0f} img/s "
+              f"| {record['seconds']:.0f}s", file=sys.stderr)
+
+    def should_stop(self) -> bool:
+        return False
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def cmd_train(args, settings: Settings) -> int:
+    from .engine import fit
+    from .runs import RunStore
+
+    store = RunStore(settings.models_dir)
+    if args.resume:
+        run_id = args.resume
+        config = store.config(run_id)
+    else:
+        config = _train_config(args)
+        run_id = store.create(config)
+    run_dir = store.path(run_id)
+    print(f"run {run_id} in {run_dir}", file=sys.stderr)
+    reporter = TqdmReporter()
+    store.set_status(run_id, "running")
+    try:
+        result = fit(config, run_dir, reporter, cache_dir=settings.cache_path)
+    except KeyboardInterrupt:
+        store.set_status(run_id, "cancelled", error="interrupted from the keyboard")
+        print(f"interrupted; resume with: resnet-lab train --resume {run_id}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        store.set_status(run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
+        raise
+    if not args.skip_eval:
+        _evaluate(run_dir, "test", None)
+    store.set_status(run_id, "succeeded", best=result)
+    print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
+    return 0
+
+
+def _evaluate(run_dir: Path, split: str, data_dir: str | None) -> dict:
+    from .evaluation import evaluate_run
+
+    print("[evaluating]", file=sys.stderr)
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir)
+    print(f"{split if not data_dir else data_dir}: accuracy {result['accuracy']:.3f} on {result['n']} images; "
+          f"figures in {run_dir / 'eval'}", file=sys.stderr)
+    return result
+
+
+def _run_id(store, run: str) -> str:
+    from .predict import resolve_run
+
+    return resolve_run(store, run)
+
+
+def cmd_evaluate(args, settings: Settings) -> int:
+    from .runs import RunStore
+
+    store = RunStore(settings.models_dir)
+    run_id = _run_id(store, args.run)
+    result = _evaluate(store.path(run_id), args.split, args.data_dir)
+    print(json.dumps({k: result[k] for k in ("accuracy", "top_k_accuracy", "macro") if k in result}, indent=2))
+    return 0
+
+
+def cmd_report(args, settings: Settings) -> int:
+    from .report import write_report
+    from .runs import RunStore
+
+    store = RunStore(settings.models_dir)
+    path = write_report(store.path(_run_id(store, args.run)))
+    print(path)
+    return 0
+
+
+def _expand_files(items: Sequence[str]) -> list[Path]:
+    from .images import is_image_name
+
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"no such file or folder: {item}")
+    return files
+
+
+def cmd_predict(args, settings: Settings) -> int:
+    from .predict import Predictor, write_predictions_csv
+    from .runs import RunStore
+
+    store = RunStore(settings.models_dir)
+    run_id = _run_id(store, args.run)
+    predictor = Predictor(store.path(run_id))
+    files = _expand_files(args.files)
+    results = predictor.predict_many(files, top_k=args.top_k)
+    print(f"model: run {run_id} ({predictor.meta['model_name']}, classes: {', '.join(predictor.classes)})",
+          file=sys.stderr)
+    failures = 0
+    for r in results:
+        if r["error"]:
+            failures += 1
+            print(f"{r['source']}: skipped: {r['error']}")
+        else:
+            top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
+            print(f"{r['source']}: {top}")
+    if args.csv:
+        write_predictions_csv(results, Path(args.csv), top_k=args.top_k)
+        print(f"wrote {args.csv}", file=sys.stderr)
+    return 1 if failures == len(results) else 0
+
+
+def cmd_runs_list(args, settings: Settings) -> int:
+    from .runs import RunStore
+
+    store = RunStore(settings.models_dir)
+    rows = list(store.list())
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {store.root}")
+        return 0
+    print(f"{'run id':38} {'status':10} {'best val acc':>12} {'finished':>20}")
+    for r in rows:
+        best = (r.get("best") or {}).get("best_val_acc")
+        finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r.get("finished") else ""
+        print(f"{r['run_id']:38} {r['status']:10} {best if best is None else f'{best:.3f}':>12} {finished:>20}")
+    return 0
+
+
+def cmd_up(args, settings: Settings) -> int:
+    from .up import run_up
+
+    if args.port:
+        settings = settings.with_overrides(port=args.port)
+    return run_up(settings, gpus=args.gpus)
+
+
+def cmd_ui(args, settings: Settings) -> int:
+    from .up import run_child
+
+    extra = []
+    if args.host:
+        extra += ["--host", args.host]
+    if args.port:
+        extra += ["--port", str(args.port)]
+    return run_child("ui", extra, settings)
+
+
+def cmd_worker(args, settings: Settings) -> int:
+    from .up import run_child
+
+    extra = []
+    if args.gpus:
+        extra += ["--gpus", args.gpus]
+    if args.threads:
+        extra += ["--threads", str(args.threads)]
+    return run_child("worker", extra, settings)
+
+
+COMMANDS = {
+    ("data", "check"): cmd_data_check,
+    ("data", "download"): cmd_data_download,
+    ("train", None): cmd_train,
+    ("evaluate", None): cmd_evaluate,
+    ("report", None): cmd_report,
+    ("predict", None): cmd_predict,
+    ("runs", "list"): cmd_runs_list,
+    ("up", None): cmd_up,
+    ("ui", None): cmd_ui,
+    ("worker", None): cmd_worker,
+}
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .datasets import DatasetError
+    from .images import ImageError
+    from .models import WeightsUnavailable
+    from .predict import NoModelError
+    from .runs import RunNotFound
+
+    types: list[type[BaseException]] = [ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError,
+                                        RunNotFound, CheckpointError, FileNotFoundError, NotADirectoryError,
+                                        PermissionError]
+    try:
+        from .download import DownloadError
+        types.append(DownloadError)
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    key = (args.command, getattr(args, f"{args.command}_command", None))
+    handler = COMMANDS[key]
+    try:
+        settings = Settings.from_env(models_dir=args.models_dir)
+        return handler(args, settings)
+    except user_error_types() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # invalid settings/values (e.g. an unknown weights name)
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

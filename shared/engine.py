@@ -1,0 +1,537 @@
+"""The training engine: plain functions (`train_one_epoch`, `evaluate`, `fit`) in the torchvision-reference style.
+
+`fit` takes a config and a run folder and returns a plain dict. Progress, cancel and everything that knows
+about Celery go through an injected `Reporter`; the engine never imports the worker.
+
+Determinism: every epoch reseeds from (seed, epoch), so a run resumed from `last.pt` replays exactly what
+an uninterrupted run would have done (checked by tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import __version__
+from .cache import load_image_array
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .datasets import make_split, read_manifest, write_manifest
+from .models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
+from .runs import write_json_atomic
+from .transforms import BatchTransform, resize_size
+
+log = logging.getLogger(__name__)
+
+
+class Cancelled(Exception):
+    """Raised inside `fit` when the reporter asks to stop; the last finished epoch's checkpoint is kept."""
+
+
+class Reporter:
+    """Receives progress from `fit`. Subclass it (the worker publishes to Redis; the CLI draws tqdm bars)."""
+
+    def phase(self, name: str, **info: Any) -> None:
+        """'preparing data', 'training', 'evaluating'."""
+
+    def batch(self, epoch: int, batch: int, num_batches: int, images_per_s: float) -> None:
+        """Called after every training batch."""
+
+    def epoch(self, record: dict) -> None:
+        """Called with each epoch's record (also appended to metrics.jsonl)."""
+
+    def should_stop(self) -> bool:
+        """Checked every batch; True cancels the run."""
+        return False
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    # Never autocast on CPU: bf16 there measured ~10x slower than fp32 on this kind of machine.
+    if not amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+@dataclass
+class ArraySplit:
+    """One split's decoded images (uint8, N x 3 x S x S) and labels."""
+
+    images: np.ndarray
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def iterate_batches(split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
+                    generator: torch.Generator | None = None, drop_last: bool = False
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 batches from the array with one batch prefetched in a background thread.
+
+    No DataLoader: the images are already decoded, so a batch is one fancy-index copy out of memory;
+    worker processes would only add pickling. One thread overlaps that copy (and the host→GPU transfer)
+    with compute without oversubscribing the cores.
+    """
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stops = range(0, n - batch_size + 1 if drop_last else n, batch_size)
+    pin = device.type == "cuda"
+
+    def load(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = order[start:start + batch_size].sort().values.numpy()
+        x = torch.from_numpy(np.ascontiguousarray(split.images[idx]))
+        y = split.labels[idx]
+        if pin:
+            x = x.pin_memory()
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    result: dict[str, Any] = {}
+
+    def fetch(start: int) -> None:
+        try:
+            result["batch"] = load(start)
+        except BaseException as exc:  # surfaced in the consumer thread below
+            result["error"] = exc
+
+    starts = list(stops)
+    thread = None
+    if starts:
+        thread = threading.Thread(target=fetch, args=(starts[0],), daemon=True)
+        thread.start()
+    for i in range(len(starts)):
+        thread.join()
+        if "error" in result:
+            raise result.pop("error")
+        batch = result.pop("batch")
+        if i + 1 < len(starts):
+            thread = threading.Thread(target=fetch, args=(starts[i + 1],), daemon=True)
+            thread.start()
+        yield batch
+
+
+class StepScheduler:
+    """Per-step lr schedule (cosine with linear warm-up, one-cycle) or per-epoch ReduceLROnPlateau."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int):
+        self.kind = kind
+        self.optimizer = optimizer
+        if kind == "cosine":
+            def factor(step: int) -> float:
+                if step < warmup_steps:
+                    return (step + 1) / warmup_steps
+                progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        elif kind == "onecycle":
+            max_lrs = [g["lr"] for g in optimizer.param_groups]
+            self.inner = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=total_steps)
+        elif kind == "plateau":
+            # the original system's schedule: halve the lr when val loss stalls for 2 epochs
+            self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
+        else:
+            self.inner = None
+
+    def step_batch(self) -> None:
+        if self.kind in ("cosine", "onecycle"):
+            self.inner.step()
+
+    def step_epoch(self, val_loss: float) -> None:
+        if self.kind == "plateau":
+            self.inner.step(val_loss)
+
+    def state_dict(self) -> dict:
+        return self.inner.state_dict() if self.inner is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.inner is not None and state:
+            self.inner.load_state_dict(state)
+
+
+def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    # no weight decay on norms and biases (the usual recipe; decaying BN scales hurts accuracy)
+    param_groups = []
+    for group in groups:
+        decay = [p for p in group["params"] if p.ndim > 1]
+        no_decay = [p for p in group["params"] if p.ndim <= 1]
+        for params, wd in ((decay, config.weight_decay), (no_decay, 0.0)):
+            if params:
+                param_groups.append({"params": params, "lr": group["lr"], "weight_decay": wd})
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=config.momentum, nesterov=True)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(param_groups, lr=config.lr)
+    return torch.optim.AdamW(param_groups, lr=config.lr)
+
+
+def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimizer, scheduler: StepScheduler,
+                    criterion, device: torch.device, *, epoch: int, num_batches: int, reporter: Reporter,
+                    generator: torch.Generator | None, scaler=None, amp_dtype=None, grad_clip: float = 0.0,
+                    channels_last: bool = True) -> dict:
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(batches):
+        if reporter.should_stop():
+            raise Cancelled()
+        inputs = transform(images, train=True, generator=generator)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+            loss = criterion(logits, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at epoch {epoch}, batch {i + 1}: lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step_batch()
+        n = labels.shape[0]
+        total_loss += loss.item() * n
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += n
+        reporter.batch(epoch, i + 1, num_batches, seen / max(time.perf_counter() - start, 1e-9))
+    seconds = time.perf_counter() - start
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1),
+            "images_per_s": seen / max(seconds, 1e-9), "train_seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, transform: BatchTransform, criterion, device: torch.device, *,
+             amp_dtype=None, channels_last: bool = True) -> dict:
+    model.eval()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, labels in batches:
+        inputs = transform(images, train=False)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(inputs)
+        total_loss += criterion(logits.float(), labels).item() * labels.shape[0]
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += labels.shape[0]
+    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, split: ArraySplit, transform: BatchTransform, device, batch_size: int,
+                     amp_dtype=None, reporter: Reporter | None = None) -> torch.Tensor:
+    """Penultimate features of a frozen backbone, computed once (centre crops, no augmentation)."""
+    backbone.eval()
+    chunks = []
+    for images, _ in iterate_batches(split, batch_size, device, shuffle=False):
+        if reporter is not None and reporter.should_stop():
+            raise Cancelled()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            chunks.append(backbone(transform(images, train=False)).float())
+    return torch.cat(chunks) if chunks else torch.empty(0)
+
+
+def environment_info(device: torch.device) -> dict:
+    import torchvision
+
+    info = {"resnet_lab": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "device": str(device), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def prepare_split(config: TrainConfig, run_dir: Path) -> dict:
+    """The run's manifest: read it when resuming (same split), else make and save it."""
+    path = run_dir / "split.json"
+    if path.is_file():
+        return read_manifest(path)
+    manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed)
+    write_manifest(manifest, path)
+    return manifest
+
+
+def load_splits(manifest: dict, side: int, cache_dir: Path, reporter: Reporter) -> dict[str, ArraySplit]:
+    files = manifest["files"]
+
+    def progress(done: int, total: int) -> None:
+        reporter.phase("preparing data", decoded=done, total=total)
+        if reporter.should_stop():
+            raise Cancelled()
+
+    images = load_image_array(Path(manifest["root"]), files, side, cache_dir, progress=progress)
+    splits = {}
+    for name in ("train", "val", "test"):
+        idx = np.array([i for i, f in enumerate(files) if f["split"] == name], dtype=np.int64)
+        splits[name] = ArraySplit(images=_Subset(images, idx),
+                                  labels=torch.tensor([files[i]["label"] for i in idx], dtype=torch.long))
+    return splits
+
+
+class _Subset:
+    """Index view over the cached array without copying it (the cache can be larger than a split)."""
+
+    def __init__(self, array: np.ndarray, idx: np.ndarray):
+        self.array, self.idx = array, idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, positions) -> np.ndarray:
+        return self.array[self.idx[positions]]
+
+
+def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *, cache_dir: Path | None = None) -> dict:
+    """Train one run into `run_dir`, resuming from `last.pt` when present. Returns the best metrics.
+
+    Raises `Cancelled` when the reporter asks to stop (last.pt stays), and lets other errors propagate.
+    """
+    run_dir = Path(run_dir)
+    reporter = reporter or Reporter()
+    cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / ".cache"
+    device = pick_device(config.device)
+    amp_dtype = autocast_dtype(device, config.amp)
+    seed_everything(config.seed)
+
+    reporter.phase("preparing data")
+    manifest = prepare_split(config, run_dir)
+    classes = manifest["classes"]
+    splits = load_splits(manifest, resize_size(config.image_size), cache_dir, reporter)
+    if len(splits["train"]) == 0 or len(splits["val"]) == 0:
+        raise ValueError(f"the split has {len(splits['train'])} training and {len(splits['val'])} validation "
+                         "images; add images or change the split ratios")
+
+    model = create_model(config.model, len(classes), config.weights, config.dropout).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    transform = BatchTransform(config.augment, config.image_size, IMAGENET_MEAN, IMAGENET_STD)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    config_record = {**config.to_dict(), "env": environment_info(device), "split_hash": manifest["split_hash"],
+                     "classes": classes}
+    write_json_atomic(run_dir / "config.json", config_record)
+
+    meta = {"classes": classes, "image_size": config.image_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD), "model_name": config.model, "config": config.to_dict(),
+            "split_hash": manifest["split_hash"]}
+    trainer = _Trainer(config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta)
+    return trainer.run()
+
+
+class _Trainer:
+    """Holds the state of one `fit` call: stages, optimizer, checkpoints, history."""
+
+    def __init__(self, config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta):
+        self.config, self.run_dir, self.model, self.splits = config, run_dir, model, splits
+        self.transform, self.criterion, self.device, self.amp_dtype = transform, criterion, device, amp_dtype
+        self.reporter, self.meta = reporter, meta
+        self.history: list[dict] = []
+        self.best_val_acc, self.best_epoch = -1.0, 0
+        self.start_epoch = 1
+        self._resume_state: dict | None = None
+        self._features: dict[str, torch.Tensor] = {}
+
+    # ---- stages: which epochs train only the head on cached features, which train the network ----
+    def stage_of(self, epoch: int) -> str:
+        if self.config.finetune == "head":
+            return "head"
+        if self.config.finetune == "probe_then_unfreeze" and epoch <= self.config.probe_epochs:
+            return "head"
+        return "full"
+
+    def stage_epochs(self, stage: str) -> tuple[int, int]:
+        epochs = [e for e in range(1, self.config.epochs + 1) if self.stage_of(e) == stage]
+        return epochs[0], len(epochs)
+
+    def build_optimizer(self, stage: str) -> tuple[torch.optim.Optimizer, StepScheduler, int]:
+        c = self.config
+        if stage == "head":
+            for p in backbone_parameters(self.model):
+                p.requires_grad_(False)
+            groups = [{"params": head_parameters(self.model), "lr": c.lr}]
+            steps_per_epoch = math.ceil(len(self.splits["train"]) / c.batch_size)
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+            backbone_lr = c.lr * (c.backbone_lr_mult if c.finetune == "probe_then_unfreeze" else 1.0)
+            groups = [{"params": backbone_parameters(self.model), "lr": backbone_lr},
+                      {"params": head_parameters(self.model), "lr": c.lr}]
+            steps_per_epoch = max(1, len(self.splits["train"]) // c.batch_size)
+        optimizer = make_optimizer(c, groups)
+        _, n_epochs = self.stage_epochs(stage)
+        warmup = min(c.warmup_epochs, max(n_epochs - 1, 0)) * steps_per_epoch
+        scheduler = StepScheduler(optimizer, c.scheduler, n_epochs * steps_per_epoch, warmup)
+        return optimizer, scheduler, steps_per_epoch
+
+    # ---- checkpoints ----
+    def resume(self) -> None:
+        last = self.run_dir / "last.pt"
+        if not last.is_file():
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            return
+        state = load_checkpoint(last)
+        self.model.load_state_dict(state["model"])
+        self.history = list(state["history"])
+        self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.start_epoch = state["epoch"] + 1
+        self._resume_state = state
+        # metrics.jsonl may hold a record written after last.pt (a crash between the two); keep what last.pt knows
+        lines = "".join(json.dumps(r) + "\n" for r in self.history)
+        tmp = self.run_dir / ".metrics.jsonl.tmp"
+        tmp.write_text(lines)
+        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        log.info("resuming %s at epoch %d", self.run_dir.name, self.start_epoch)
+
+    def save(self, epoch: int, optimizer, scheduler, scaler, improved: bool) -> None:
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        common = {**self.meta, "model": model_state, "epoch": epoch}
+        if improved:
+            save_checkpoint({**common, "val_acc": self.best_val_acc}, self.run_dir / "best.pt")
+        save_checkpoint({**common, "val_acc": self.history[-1]["val_acc"], "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                         "history": self.history, "best_val_acc": self.best_val_acc,
+                         "best_epoch": self.best_epoch, "stage": self.stage_of(epoch)},
+                        self.run_dir / "last.pt")
+
+    # ---- the loop ----
+    def run(self) -> dict:
+        c = self.config
+        self.resume()
+        stopped_early = False
+        optimizer = scheduler = None
+        current_stage = None
+        scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.reporter.phase("training", epochs=c.epochs)
+        for epoch in range(self.start_epoch, c.epochs + 1):
+            stage = self.stage_of(epoch)
+            if stage != current_stage:
+                optimizer, scheduler, steps = self.build_optimizer(stage)
+                current_stage = stage
+                state = self._resume_state
+                if state is not None and state.get("stage") == stage:
+                    optimizer.load_state_dict(state["optimizer"])
+                    scheduler.load_state_dict(state["scheduler"])
+                    if scaler is not None and state.get("scaler"):
+                        scaler.load_state_dict(state["scaler"])
+                self._resume_state = None
+            seed_everything(c.seed * 1000 + epoch)
+            generator = epoch_generator(c.seed, epoch)
+            start = time.perf_counter()
+            if stage == "head":
+                train_stats, val_stats = self.head_epoch(epoch, optimizer, scheduler, generator)
+            else:
+                train_stats, val_stats = self.full_epoch(epoch, optimizer, scheduler, scaler, generator, steps)
+            scheduler.step_epoch(val_stats["loss"])
+            record = {
+                "epoch": epoch, "stage": stage,
+                "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+                "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
+                "lr": max(g["lr"] for g in optimizer.param_groups),
+                "images_per_s": train_stats["images_per_s"], "seconds": time.perf_counter() - start,
+            }
+            self.history.append(record)
+            improved = record["val_acc"] > self.best_val_acc
+            if improved:
+                self.best_val_acc, self.best_epoch = record["val_acc"], epoch
+            self.save(epoch, optimizer, scheduler, scaler, improved)
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            self.reporter.epoch(record)
+            if c.patience and epoch - self.best_epoch >= c.patience:
+                stopped_early = True
+                log.info("early stop at epoch %d (best %d)", epoch, self.best_epoch)
+                break
+        self._features.clear()
+        last = self.history[-1] if self.history else {}
+        return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                "stopped_early": stopped_early, "final_train_loss": last.get("train_loss"),
+                "final_val_loss": last.get("val_loss"), "images_per_s": last.get("images_per_s")}
+
+    def full_epoch(self, epoch, optimizer, scheduler, scaler, generator, steps):
+        c = self.config
+        batches = iterate_batches(self.splits["train"], c.batch_size, self.device, shuffle=True,
+                                  generator=generator, drop_last=len(self.splits["train"]) > c.batch_size)
+        train_stats = train_one_epoch(
+            self.model, batches, self.transform, optimizer, scheduler, self.criterion, self.device,
+            epoch=epoch, num_batches=steps, reporter=self.reporter, generator=generator, scaler=scaler,
+            amp_dtype=self.amp_dtype, grad_clip=c.grad_clip)
+        val_stats = evaluate(self.model, iterate_batches(self.splits["val"], c.batch_size * 2, self.device,
+                                                         shuffle=False),
+                             self.transform, self.criterion, self.device, amp_dtype=self.amp_dtype)
+        return train_stats, val_stats
+
+    def head_epoch(self, epoch, optimizer, scheduler, generator):
+        """Linear probe on features computed once: the frozen backbone never runs twice on the same image."""
+        c = self.config
+        if not self._features:
+            backbone = Backbone(self.model)
+            for name in ("train", "val"):
+                self.reporter.phase("extracting features", split=name)
+                self._features[name] = extract_features(backbone, self.splits[name], self.transform, self.device,
+                                                        c.batch_size * 2, self.amp_dtype, self.reporter)
+            self.reporter.phase("training", epochs=c.epochs)
+        head = self.model.fc
+        feats, labels = self._features["train"], self.splits["train"].labels.to(self.device)
+        n = len(labels)
+        steps = math.ceil(n / c.batch_size)
+        order = torch.randperm(n, generator=generator).to(self.device)
+        head.train()
+        start = time.perf_counter()
+        total_loss, correct = 0.0, 0
+        for i in range(steps):
+            if self.reporter.should_stop():
+                raise Cancelled()
+            idx = order[i * c.batch_size:(i + 1) * c.batch_size]
+            logits = head(feats[idx])
+            loss = self.criterion(logits, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step_batch()
+            total_loss += loss.item() * len(idx)
+            correct += (logits.argmax(1) == labels[idx]).sum().item()
+            self.reporter.batch(epoch, i + 1, steps, (i + 1) * c.batch_size / max(time.perf_counter() - start, 1e-9))
+        seconds = time.perf_counter() - start
+        head.eval()
+        with torch.no_grad():
+            val_labels = self.splits["val"].labels.to(self.device)
+            val_logits = head(self._features["val"])
+            val_stats = {"loss": self.criterion(val_logits, val_labels).item(),
+                         "acc": (val_logits.argmax(1) == val_labels).float().mean().item()}
+        return ({"train_loss": total_loss / n, "train_acc": correct / n, "images_per_s": n / max(seconds, 1e-9)},
+                val_stats)

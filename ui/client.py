@@ -1,0 +1,127 @@
+"""The page's side of the queue: create runs, send tasks by name, poll the registry, cancel, delete.
+
+It never imports `worker`: tasks are sent by their names (`resnet_lab.train`, ...) with JSON arguments, so the
+page and the workers can be deployed and upgraded apart.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from typing import Any
+
+import redis
+from celery import Celery
+
+from shared.config import TrainConfig
+from shared.registry import RunRegistry
+from shared.runs import RunNotFound, RunStore
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "resnet_lab.train"
+EVALUATE_TASK = "resnet_lab.evaluate"
+PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
+
+
+class QueueUnavailable(RuntimeError):
+    """Redis cannot be reached; the message says what to start."""
+
+
+class QueueClient:
+    def __init__(self, settings: Settings):
+        if not settings.redis_url:
+            raise QueueUnavailable("REDIS_URL is not set: start the app with `resnet-lab up`, or set REDIS_URL "
+                                   "to a running Redis (e.g. redis://127.0.0.1:6379/0)")
+        self.settings = settings
+        self.store = RunStore(settings.models_dir)
+        self.registry = RunRegistry.from_url(settings.redis_url)
+
+    @cached_property
+    def celery(self) -> Celery:
+        app = Celery("resnet_lab_client", broker=self.settings.redis_url, backend=self.settings.redis_url)
+        app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json",
+                        broker_transport_options={"visibility_timeout": self.settings.visibility_timeout},
+                        broker_connection_retry_on_startup=True, broker_connection_max_retries=1)
+        return app
+
+    def redis_ok(self) -> bool:
+        return self.registry.ping()
+
+    def _require_redis(self) -> None:
+        if not self.redis_ok():
+            raise QueueUnavailable(f"cannot reach Redis at {_safe_url(self.settings.redis_url)}: start it "
+                                   "(`resnet-lab up` starts one) and the page reconnects by itself")
+
+    def submit(self, configs: list[TrainConfig]) -> list[str]:
+        """One QUEUED run per config, each visible in the registry before its task is sent."""
+        self._require_redis()
+        run_ids = []
+        for config in configs:
+            run_id = self.store.create(config)
+            record = {**self.store.status(run_id), "config": config.to_dict()}
+            self.registry.put(record)
+            self.celery.send_task(TRAIN_TASK, args=[run_id], task_id=run_id)
+            run_ids.append(run_id)
+        return run_ids
+
+    def submit_evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> str:
+        self._require_redis()
+        self.store.status(run_id)  # raises RunNotFound early
+        return self.celery.send_task(EVALUATE_TASK, args=[run_id], kwargs={"split": split, "data_dir": data_dir}).id
+
+    def submit_predict_batch(self, run_id: str, sources: list[str]) -> str:
+        self._require_redis()
+        self.store.status(run_id)
+        return self.celery.send_task(PREDICT_BATCH_TASK, args=[run_id, sources]).id
+
+    def list_runs(self, limit: int = 500) -> list[dict]:
+        """Registry records (newest first) with `progress`; raises QueueUnavailable when Redis is down."""
+        try:
+            return self.registry.list(limit)
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot reach Redis at {_safe_url(self.settings.redis_url)}: {exc}") from exc
+
+    def run(self, run_id: str) -> dict:
+        record = self.registry.get(run_id)
+        if record is None:
+            raise RunNotFound(f"run {run_id!r} is not in the registry")
+        record["progress"] = self.registry.progress(run_id)
+        return record
+
+    def cancel(self, run_id: str) -> dict:
+        """Queued: marked cancelled now and skipped by the worker. Running: the engine stops within one batch."""
+        self._require_redis()
+        self.registry.request_cancel(run_id)
+        status = self.store.status(run_id)
+        if status["status"] == "queued":
+            self.store.set_status(run_id, "cancelled", error="cancelled before it started")
+            return self.registry.update(run_id, status="cancelled", error="cancelled before it started",
+                                        finished=self.store.status(run_id)["finished"])
+        return self.registry.update(run_id, cancel_requested=True)
+
+    def delete(self, run_id: str) -> None:
+        """Remove a finished or queued run with its files (a running run must be cancelled first)."""
+        self.store.delete(run_id)
+        self.registry.delete(run_id)
+        self.registry.request_cancel(run_id)  # a still-queued task for it must not resurrect it
+
+    def resync(self) -> int:
+        """After Redis lost its data (restarted without persistence), rebuild records from the run folders."""
+        return self.registry.sync_from_store(self.store)
+
+
+def _safe_url(url: str | None) -> str:
+    """The Redis URL without its password, for messages shown to users."""
+    if not url:
+        return "<unset>"
+    if "@" in url:
+        scheme, rest = url.split("://", 1) if "://" in url else ("redis", url)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def describe(record: dict[str, Any]) -> str:
+    config = record.get("config") or {}
+    return f"{record['run_id']} ({config.get('model', '?')}, lr {config.get('lr', '?')})"
