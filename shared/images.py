@@ -73,16 +73,18 @@ def load_rgb_resized(path: str | os.PathLike, short_side: int, *, max_pixels: in
     return resize_short_side(rgb, short_side)
 
 
-def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
     """Decode `src` fully (JPEGs at reduced scale) and return its upright (width, height); ImageError if unusable.
 
     Used by the dataset check: every byte of the compressed data is still decoded, so truncation is caught,
-    but large JPEGs cost a fraction of a full decode.
+    but large JPEGs cost a fraction of a full decode. `name` overrides the file name used in messages
+    (useful when `src` is bytes already read from a known path).
     """
     if isinstance(src, Image.Image):
         load_rgb(src, max_pixels=max_pixels)
         return _upright_size(src)
-    name, data = _read_source(src)
+    source_name, data = _read_source(src)
+    name = name or source_name
     img = _open(data, name, max_pixels)
     size = _upright_size(img)
     _guard(name, img.draft, "RGB", (64, 64))
