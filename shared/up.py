@@ -1,0 +1,330 @@
+"""`resnet-lab up`: Redis, one worker per GPU (or one CPU worker) and the page, supervised as one unit.
+
+The parts run as separate processes (`python -m worker`, `python -m ui`), each the leader of its own process
+group, so stopping a part also stops whatever it forked (Celery's pool, data-loader workers). Ctrl-C or SIGTERM
+stops everything; a part that dies unexpectedly stops everything with a non-zero exit. A lock file in the models
+store keeps a second `up` from sharing it.
+
+This module is the `up` command itself, so it prints what a user must see (the URL, why it stopped).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from .services import http_ok, popen_in_own_group, port_in_use, redis_ping, start_redis, stop_group
+from .settings import ENV_PREFIX, Settings
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".up.lock"
+REDIS_DIR_NAME = ".redis"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+# --- what to run -----------------------------------------------------------------------------------------------
+
+def detect_gpus(env: Mapping[str, str] | None = None) -> list[str]:
+    """GPU ids this machine offers, found without initialising CUDA in this process.
+
+    `CUDA_VISIBLE_DEVICES` wins when set (ids or UUIDs; "" or "-1" means none); otherwise ask `nvidia-smi`
+    in a subprocess. No NVIDIA driver means no GPUs.
+    """
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = []
+        for item in (v.strip() for v in visible.split(",")):
+            if not item or item.startswith("-"):
+                break  # CUDA ignores everything from the first invalid id on
+            ids.append(item)
+        return ids
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, env=dict(env))
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    if out.returncode != 0:
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip().isdigit()]
+
+
+def parse_gpus(gpus: str | Sequence[str] | None, env: Mapping[str, str] | None = None) -> list[str]:
+    """`None`/"all" → every detected GPU; "cpu"/"none"/"" → no GPU; "0,2" or ["0", "2"] → those ids."""
+    if gpus is None or gpus == "all":
+        return detect_gpus(env)
+    if isinstance(gpus, str):
+        if gpus.strip().lower() in ("", "cpu", "none"):
+            return []
+        gpus = gpus.split(",")
+    return [str(g).strip() for g in gpus if str(g).strip()]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that hand `settings` (CLI overrides included) to a child process."""
+    env = {
+        ENV_PREFIX + "MODELS_DIR": str(settings.models_dir),
+        ENV_PREFIX + "DATA_ROOTS": os.pathsep.join(str(p) for p in settings.data_roots),
+        ENV_PREFIX + "HOST": settings.host,
+        ENV_PREFIX + "PORT": str(settings.port),
+        ENV_PREFIX + "VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
+        ENV_PREFIX + "MAX_UPLOAD_MB": str(settings.max_upload_mb),
+        ENV_PREFIX + "WORKER_THREADS": str(settings.worker_threads),
+    }
+    if settings.cache_dir is not None:
+        env[ENV_PREFIX + "CACHE_DIR"] = str(settings.cache_dir)
+    if settings.auth:
+        env[ENV_PREFIX + "AUTH"] = settings.auth
+    if settings.redis_url:
+        env["REDIS_URL"] = settings.redis_url
+    return env
+
+
+def page_url(settings: Settings) -> str:
+    """The address to open in a browser: a wildcard bind is reached through loopback."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+@dataclass
+class Child:
+    """One supervised part: its label for messages, command and extra environment."""
+
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen | None = None
+
+
+def plan_children(settings: Settings, gpu_ids: list[str], worker_cmd: Sequence[str],
+                  ui_cmd: Sequence[str]) -> list[Child]:
+    """Workers first (one per GPU, each seeing only its GPU; or one CPU worker), then the page."""
+    workers = []
+    if gpu_ids:
+        threads = settings.worker_threads or max(1, (os.cpu_count() or 1) // len(gpu_ids))
+        for gpu in gpu_ids:
+            workers.append(Child(f"worker (GPU {gpu})", list(worker_cmd),
+                                 {"CUDA_VISIBLE_DEVICES": gpu, ENV_PREFIX + "WORKER_THREADS": str(threads)}))
+    else:
+        # "" hides every GPU, so a machine whose driver nvidia-smi could not see still trains on the CPU
+        workers.append(Child("worker (CPU)", list(worker_cmd), {"CUDA_VISIBLE_DEVICES": ""}))
+    return workers + [Child("page", list(ui_cmd), {})]
+
+
+# --- the lock ----------------------------------------------------------------------------------------------------
+
+class AlreadyRunning(RuntimeError):
+    pass
+
+
+class UpLock:
+    """`<models_dir>/.up.lock`, flock-ed while `up` runs and holding "pid host".
+
+    The kernel drops the flock when its holder dies, so a lock left by a crashed `up` is simply taken over.
+    """
+
+    def __init__(self, models_dir: Path):
+        self.path = Path(models_dir) / LOCK_NAME
+        self._fd: int | None = None
+        self.previous = ""
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+            os.close(fd)
+            raise AlreadyRunning(
+                f"resnet-lab up is already running for {self.path.parent} (pid {holder}); "
+                f"open its page or stop it first (Ctrl-C in its terminal, or kill that pid)") from None
+        self.previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+# --- the supervisor ----------------------------------------------------------------------------------------------
+
+def _say(message: str, *, err: bool = False) -> None:
+    print(message, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM/SIGHUP into a flag the supervising loop waits on; restores the old handlers after."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self.signum: int | None = None
+        self._old: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        self.event.set()
+
+    def __enter__(self) -> "_StopRequest":
+        for sig in STOP_SIGNALS:
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_up(settings: Settings, *, worker_cmd: Sequence[str] | None = None, ui_cmd: Sequence[str] | None = None,
+           gpus: str | Sequence[str] | None = None, stop_timeout: float = 20.0, poll: float = 0.2) -> int:
+    """Run Redis (REDIS_URL or an embedded one), the workers and the page until a signal or a crash; return the exit code.
+
+    `worker_cmd`/`ui_cmd` default to `python -m worker` / `python -m ui` (tests pass stand-ins). `gpus` is
+    None/"all" (detect), "cpu", or ids such as "0,1". Children get the settings as environment variables.
+    Must run in the main thread (signal handlers).
+    """
+    worker_cmd = list(worker_cmd or [sys.executable, "-m", "worker"])
+    ui_cmd = list(ui_cmd or [sys.executable, "-m", "ui"])
+    lock = UpLock(settings.models_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunning as e:
+        _say(str(e), err=True)
+        return 1
+    try:
+        if lock.previous:
+            log.info("took over a stale lock left by %s", lock.previous)
+            _say(f"note: took over a stale lock from a previous `up` ({lock.previous}) that is no longer running")
+        with _StopRequest() as stop:
+            return _supervise(settings, worker_cmd, ui_cmd, gpus, stop, stop_timeout, poll)
+    finally:
+        lock.release()
+
+
+def _supervise(settings: Settings, worker_cmd, ui_cmd, gpus, stop: _StopRequest, stop_timeout: float,
+               poll: float) -> int:
+    if port_in_use(settings.host, settings.port):
+        _say(f"port {settings.port} on {settings.host} is already in use — stop what uses it, "
+             f"or pick another with {ENV_PREFIX}PORT=<port>", err=True)
+        return 1
+    redis_server = None
+    children: list[Child] = []
+    try:
+        if settings.redis_url:
+            if not redis_ping(settings.redis_url, timeout=5):
+                _say(f"REDIS_URL does not answer PING ({_redact(settings.redis_url)}) — start that Redis, "
+                     f"fix the URL or password, or unset REDIS_URL to use the embedded one", err=True)
+                return 1
+            redis_url = settings.redis_url
+        else:
+            # a fresh password each start: other local users can reach 127.0.0.1 too
+            redis_server = start_redis(settings.models_dir / REDIS_DIR_NAME, password=secrets.token_hex(16))
+            redis_url = redis_server.url
+            _say(f"redis: embedded redis-server on 127.0.0.1:{redis_server.port}, "
+                 f"data in {redis_server.data_dir}")
+        base_env = {**os.environ, **settings_env(settings), "REDIS_URL": redis_url}
+        gpu_ids = parse_gpus(gpus)
+        children = plan_children(settings, gpu_ids, worker_cmd, ui_cmd)
+        for child in children:
+            if stop.event.is_set():
+                break
+            child.proc = popen_in_own_group(child.cmd, env={**base_env, **child.env})
+            _say(f"started {child.name}: pid {child.proc.pid}")
+        return _watch(settings, children, redis_server, stop, poll)
+    finally:
+        _stop_all(children, redis_server, stop_timeout)
+
+
+def _watch(settings: Settings, children: list[Child], redis_server, stop: _StopRequest, poll: float) -> int:
+    url = page_url(settings)
+    ready = False
+    while True:
+        for child in (c for c in children if c.proc is not None):
+            code = child.proc.poll()
+            if code is not None:
+                _say(f"{child.name} (pid {child.proc.pid}) exited unexpectedly with code {code} — "
+                     f"stopping everything", err=True)
+                return 1
+        if redis_server is not None and not redis_server.alive():
+            _say(f"the embedded redis-server exited unexpectedly with code {redis_server.process.returncode} "
+                 f"(log: {redis_server.log_path}) — stopping everything", err=True)
+            return 1
+        if stop.event.is_set():
+            _say(f"received {signal.Signals(stop.signum).name}: stopping everything")
+            return 0
+        if not ready and http_ok(url, timeout=min(1.0, poll * 5)):
+            ready = True
+            _say(f"resnet-lab is up: open {url}  (Ctrl-C stops everything)")
+        stop.event.wait(poll)
+
+
+def _stop_all(children: list[Child], redis_server, timeout: float) -> None:
+    """SIGTERM every group at once (page first in order), wait, SIGKILL stragglers; Redis last so workers can ack."""
+    started = [c for c in reversed(children) if c.proc is not None]
+    for child in started:
+        if child.proc.poll() is None:
+            try:
+                os.killpg(child.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    # stop_group re-sends SIGTERM (harmless), waits out the shared deadline, then sweeps the group with SIGKILL
+    deadline = _Deadline(timeout)
+    for child in started:
+        stop_group(child.proc, timeout=deadline.left())
+    if redis_server is not None:
+        redis_server.stop(timeout=timeout)
+
+
+class _Deadline:
+    def __init__(self, seconds: float):
+        self._end = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return max(0.0, self._end - time.monotonic())
+
+
+def _redact(url: str) -> str:
+    """A Redis URL with its password replaced, for messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+# --- `resnet-lab ui` / `resnet-lab worker` ----------------------------------------------------------------------
+
+def run_child(module: str, args: Sequence[str] = (), settings: Settings | None = None, *,
+              env: Mapping[str, str] | None = None):
+    """Replace this process with `python -m <module> <args>`; never returns.
+
+    `settings` (CLI overrides included) reach the child as environment variables, plus any extra `env`.
+    """
+    argv = [sys.executable, "-m", module, *args]
+    child_env = {**os.environ, **(settings_env(settings) if settings else {}), **(env or {})}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, child_env)
