@@ -204,3 +204,19 @@ def test_resized_short_side_and_draft(tmp_path):
 def test_unicode_and_spaces_in_name(tmp_path):
     p = imagegen.make_image(tmp_path / "fleur été 1.JPG", 12)
     assert load_rgb(p).size == (12, 12)
+
+
+def test_float_image_scaled():
+    img = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32), "F")
+    assert np.asarray(load_rgb(img))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_unsupported_mode_is_an_image_error(monkeypatch):
+    lab = Image.new("LAB", (2, 2))
+
+    def refuse(self, mode=None, *args, **kwargs):
+        raise ValueError(f"conversion from {self.mode} to {mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", refuse)  # as older Pillows do for LAB
+    with pytest.raises(ImageError, match="unsupported colour mode 'LAB'.*re-save"):
+        load_rgb(lab)
