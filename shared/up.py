@@ -145,15 +145,23 @@ class UpLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown pid"
+                os.close(fd)
+                raise AlreadyRunning(
+                    f"resnet-lab up is already running for {self.path.parent} (pid {holder}); "
+                    f"open its page or stop it first (Ctrl-C in its terminal, or kill that pid)") from None
+            # the holder may have removed the file between our open and flock: then lock the new file instead
+            try:
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise AlreadyRunning(
-                f"resnet-lab up is already running for {self.path.parent} (pid {holder}); "
-                f"open its page or stop it first (Ctrl-C in its terminal, or kill that pid)") from None
         self.previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
@@ -261,6 +269,9 @@ def _watch(settings: Settings, children: list[Child], redis_server, stop: _StopR
     url = page_url(settings)
     ready = False
     while True:
+        if stop.event.is_set():  # first: a part that exits while we are told to stop is no crash
+            _say(f"received {signal.Signals(stop.signum).name}: stopping everything")
+            return 0
         for child in (c for c in children if c.proc is not None):
             code = child.proc.poll()
             if code is not None:
@@ -271,9 +282,6 @@ def _watch(settings: Settings, children: list[Child], redis_server, stop: _StopR
             _say(f"the embedded redis-server exited unexpectedly with code {redis_server.process.returncode} "
                  f"(log: {redis_server.log_path}) — stopping everything", err=True)
             return 1
-        if stop.event.is_set():
-            _say(f"received {signal.Signals(stop.signum).name}: stopping everything")
-            return 0
         if not ready and http_ok(url, timeout=min(1.0, poll * 5)):
             ready = True
             _say(f"resnet-lab is up: open {url}  (Ctrl-C stops everything)")
