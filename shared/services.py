@@ -143,17 +143,18 @@ def popen_in_own_group(cmd, *, die_with_parent: bool = True, **kwargs) -> subpro
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **kwargs)
 
 
-def stop_group(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+def stop_group(proc: subprocess.Popen, timeout: float = 10.0, sig: int | None = signal.SIGTERM) -> int | None:
     """Send `sig` to the process group led by `proc`, wait up to `timeout` s, then SIGKILL the group.
 
-    Returns the leader's exit code. Group members that outlive the leader are killed as well.
+    `sig=None` only waits and kills (for a caller that already signalled). Returns the leader's exit code.
+    Group members that outlive the leader are killed as well.
     """
-    _signal_group(proc, sig)
+    if sig is not None:
+        _signal_group(proc, sig)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        log.warning("pid %d did not stop within %.0f s after %s; killing it", proc.pid, timeout,
-                    signal.Signals(sig).name)
+        log.warning("pid %d did not stop within %.0f s; killing its process group", proc.pid, timeout)
     _signal_group(proc, signal.SIGKILL)
     return proc.wait()
 

@@ -297,10 +297,10 @@ def _stop_all(children: list[Child], redis_server, timeout: float) -> None:
                 os.killpg(child.proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-    # stop_group re-sends SIGTERM (harmless), waits out the shared deadline, then sweeps the group with SIGKILL
+    # one SIGTERM only: a second one may mean "hurry" to a child; then a shared deadline and a SIGKILL sweep
     deadline = _Deadline(timeout)
     for child in started:
-        stop_group(child.proc, timeout=deadline.left())
+        stop_group(child.proc, timeout=deadline.left(), sig=None)
     if redis_server is not None:
         redis_server.stop(timeout=timeout)
 

@@ -120,6 +120,7 @@ def marker():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    wait_until(lambda: not marked_processes(value), 5)
     assert not leftovers, f"processes left behind: {leftovers}"
 
 
@@ -297,6 +298,7 @@ def test_killed_supervisor_takes_its_children_and_redis_along(tmp_path, marker, 
     # the worker's own grandchild is the worker's business once the supervisor is gone
     for pid in marked_processes(marker):
         os.kill(pid, signal.SIGKILL)
+    assert wait_until(lambda: not marked_processes(marker), 5)
 
 
 # --- the pieces, without processes ---------------------------------------------------------------------------
