@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -138,8 +139,14 @@ def _parent_death_signal():
 
 
 def popen_in_own_group(cmd, *, die_with_parent: bool = True, **kwargs) -> subprocess.Popen:
-    """Start `cmd` as the leader of a new session / process group, so the whole group can be signalled at once."""
-    preexec = _parent_death_signal() if die_with_parent else None
+    """Start `cmd` as the leader of a new session / process group, so the whole group can be signalled at once.
+
+    `die_with_parent` (Linux) makes the kernel SIGTERM the child when this process dies. The kernel ties that to
+    the *thread* that started the child, so it only applies when called from the main thread: a child started
+    from a pool thread would otherwise be stopped when that thread retires.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    preexec = _parent_death_signal() if die_with_parent and in_main_thread else None
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **kwargs)
 
 

@@ -146,3 +146,20 @@ def test_conftest_redis_url_is_flushed_per_test(redis_url):
 
 def test_conftest_redis_url_is_flushed_per_test_again(redis_url):
     assert redis.Redis.from_url(redis_url).dbsize() == 0
+
+
+def test_child_started_from_a_short_lived_thread_outlives_the_thread(tmp_path):
+    # the parent-death signal follows the starting thread, so it must not be armed outside the main thread
+    from shared.services import popen_in_own_group, stop_group
+
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("p", popen_in_own_group(["sleep", "30"])))
+    thread.start()
+    thread.join()
+    proc = box["p"]
+    try:
+        time.sleep(0.3)
+        assert proc.poll() is None, "the child died with the thread that started it"
+    finally:
+        stop_group(proc, timeout=5)
+    assert process_gone(proc.pid)
