@@ -134,12 +134,13 @@ class TqdmReporter:
     def __init__(self):
         from tqdm import tqdm
 
-        self._tqdm, self._bar = tqdm, None
+        self._tqdm, self._bar, self._bar_epoch = tqdm, None, None
 
     def phase(self, name: str, **info: Any) -> None:
         if name == "preparing data" and "decoded" in info:
             if self._bar is None:
-                self._bar = self._tqdm(total=info["total"], desc="decoding images", unit="img", leave=False)
+                self._bar = self._tqdm(total=info["total"], desc="decoding images", unit="img", leave=False,
+                                       disable=None)
             self._bar.n = info["decoded"]
             self._bar.refresh()
             return
@@ -148,9 +149,11 @@ class TqdmReporter:
             print(f"[{name}]", file=sys.stderr)
 
     def batch(self, epoch: int, batch: int, num_batches: int, images_per_s: float) -> None:
-        if self._bar is None or self._bar.desc != f"epoch {epoch}":
+        if self._bar is None or self._bar_epoch != epoch:
             self._close()
-            self._bar = self._tqdm(total=num_batches, desc=f"epoch {epoch}", unit="batch", leave=False)
+            self._bar = self._tqdm(total=num_batches, desc=f"epoch {epoch}", unit="batch", leave=False,
+                                   disable=None)  # None: no bar when stderr is not a terminal
+            self._bar_epoch = epoch
         self._bar.n = batch
         self._bar.set_postfix_str(f"{images_per_s:.0f} img/s", refresh=True)
 

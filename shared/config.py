@@ -50,6 +50,7 @@ class TrainConfig:
     # SGD momentum (Nesterov)
     momentum: float = 0.9
     scheduler: str = "cosine"
+    # linear warm-up for the cosine schedule (capped at epochs - 1, so a 1-epoch run has none)
     warmup_epochs: int = 1
     label_smoothing: float = 0.1
     # max gradient norm; 0 disables clipping
@@ -89,8 +90,7 @@ class TrainConfig:
             ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
             ("grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0"),
             ("patience", self.patience, self.patience >= 0, ">= 0"),
-            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs == 0 or self.warmup_epochs < self.epochs,
-             "smaller than epochs"),
+            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
             ("probe_epochs", self.probe_epochs,
              self.finetune != "probe_then_unfreeze" or 1 <= self.probe_epochs < self.epochs,
              "at least 1 and smaller than epochs"),

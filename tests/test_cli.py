@@ -1,0 +1,110 @@
+"""The `resnet-lab` command as a user runs it: a real process, real files, readable errors."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from shared.predict import Predictor
+from shared.runs import RunStore
+from tests.imagegen import COLOURS, make_image, make_image_folder
+
+CLI = Path(sys.executable).with_name("resnet-lab")
+
+
+def run_cli(*args, models_dir: Path, timeout=300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models_dir), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    data = make_image_folder(root / "data", classes=3, per_class=16, size=48, corrupt=2)
+    models = root / "models"
+    result = run_cli("train", "--data-dir", data, "--weights", "none", "--image-size", 32, "--epochs", 2,
+                     "--batch-size", 8, "--lr", 3e-3, models_dir=models)
+    assert result.returncode == 0, result.stderr
+    return root, data, models, result
+
+
+def test_train_writes_a_complete_succeeded_run(trained):
+    _, _, models, result = trained
+    store = RunStore(models)
+    (run_id,) = store.ids()
+    status = store.status(run_id)
+    assert status["status"] == "succeeded" and status["best"]["epochs_run"] == 2
+    for name in ("config.json", "split.json", "metrics.jsonl", "best.pt", "last.pt"):
+        assert (store.path(run_id) / name).is_file()
+    assert "epoch 2:" in result.stderr and run_id in result.stdout
+
+
+def test_predict_latest_prints_top_classes_and_writes_csv(trained, tmp_path):
+    root, data, models, _ = trained
+    image = next((data / "class_1").glob("*.jpg"))
+    broken = tmp_path / "notes.jpg"
+    broken.write_text("not an image")
+    out = tmp_path / "predictions.csv"
+    result = run_cli("predict", "latest", image, broken, "--top-k", 2, "--csv", out, models_dir=models)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{image}: ") and lines[0].count("%") == 2
+    assert lines[1].startswith(f"{broken}: skipped:")
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["class_1"] in {"class_0", "class_1", "class_2"} and rows[1]["error"]
+
+
+def test_runs_list_shows_the_run(trained):
+    _, _, models, _ = trained
+    result = run_cli("runs", "list", models_dir=models)
+    assert result.returncode == 0 and "succeeded" in result.stdout
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--data-dir", "/nonexistent/folder", "--weights", "none"], "/nonexistent/folder"),
+    (["train", "--data-dir", ".", "--model", "vgg16"], "model must be one of"),
+    (["predict", "latest", "x.jpg"], "no finished run"),
+    (["evaluate", "../etc"], "invalid run id"),
+])
+def test_user_errors_print_one_line_without_traceback(tmp_path, args, expected):
+    result = run_cli(*args, models_dir=tmp_path / "models")
+    assert result.returncode == 2
+    assert expected in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_predictor_accepts_paths_bytes_and_pil_images(trained):
+    _, data, models, _ = trained
+    store = RunStore(models)
+    predictor = Predictor(store.path(store.latest_succeeded()))
+    path = next((data / "class_0").glob("*.jpg"))
+    by_path = predictor.predict(path, top_k=3)
+    by_bytes = predictor.predict(path.read_bytes(), top_k=3)
+    by_pil = predictor.predict(Image.open(path), top_k=3)
+    assert by_path == by_bytes == by_pil
+    assert abs(sum(t["probability"] for t in by_path) - 1) < 1e-5
+    png = io.BytesIO()
+    Image.open(path).convert("L").save(png, format="PNG")  # grayscale input still works
+    assert len(predictor.predict(png.getvalue(), top_k=5)) == 3
+
+
+def test_model_beats_chance_on_fresh_images(trained, tmp_path):
+    _, _, models, _ = trained
+    store = RunStore(models)
+    predictor = Predictor(store.path(store.latest_succeeded()))
+    from tests.imagegen import PATTERNS
+
+    correct = 0
+    for label in range(3):
+        for seed in range(5):
+            path = make_image(tmp_path / f"{label}_{seed}.jpg", 48, colour=COLOURS[label], pattern=PATTERNS[label],
+                              seed=1000 + seed)
+            correct += predictor.predict(path, top_k=1)[0]["class"] == f"class_{label}"
+    assert correct / 15 > 0.5
