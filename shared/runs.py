@@ -20,6 +20,8 @@ from .config import TrainConfig
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+# what `fit` adds to config.json next to the TrainConfig fields (not config, so not read back as config)
+FIT_RECORD_KEYS = ("env", "split_hash", "classes")
 
 
 class RunNotFound(LookupError):
@@ -98,7 +100,7 @@ class RunStore:
         data = read_json(self.path(run_id) / "config.json")
         if data is None:
             raise RunNotFound(f"run {run_id!r} not found in {self.root}")
-        return TrainConfig.from_dict({k: v for k, v in data.items() if k not in ("env", "split_hash")})
+        return TrainConfig.from_dict({k: v for k, v in data.items() if k not in FIT_RECORD_KEYS})
 
     def status(self, run_id: str) -> dict:
         data = read_json(self.path(run_id) / "status.json")
