@@ -80,7 +80,14 @@ def weights_cache_dir() -> Path:
 
 
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError (unsafe content), RuntimeError/EOFError/IndexError (not a torch file)
+        raise ValueError(
+            f"cannot load weights from {path}: not a plain-tensor PyTorch file or damaged ({exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no details'}) — give a state dict saved with "
+            "torch.save, a torchvision weights name, or 'none'"
+        ) from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # one of our own checkpoints
     if not isinstance(state, dict):
