@@ -30,3 +30,75 @@ def redis_url(redis_server) -> str:
     finally:
         client.close()
     return redis_server.url
+
+
+# --- Worker: real `python -m worker` processes (tests/test_worker.py) -------------------------------------------
+# `start_worker(models_dir, **env)` starts one worker against the session's Redis with one torch thread, its
+# output in a log file, and waits until Celery says it is ready; every worker started is stopped at teardown
+# (SIGTERM, then SIGKILL), whatever the test did.
+
+class WorkerProcess:
+    def __init__(self, proc, log_path):
+        self.proc, self.log_path = proc, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """SIGKILL the whole process group, as a crash or a power cut would."""
+        import os
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        from shared.services import stop_group
+
+        if self.proc.returncode is None:
+            return stop_group(self.proc, timeout=timeout)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_worker(redis_url, tmp_path):
+    """Factory: start_worker(models_dir, ready_timeout=120, **extra_env) -> WorkerProcess (ready to take tasks)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from shared.services import popen_in_own_group
+
+    started: list[WorkerProcess] = []
+
+    def start(models_dir, *, ready_timeout: float = 120.0, **extra_env) -> WorkerProcess:
+        log_path = Path(tmp_path) / f"worker-{len(started)}.log"
+        env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(models_dir),
+               "RESNET_LAB_WORKER_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
+               **{k: str(v) for k, v in extra_env.items()}}
+        with open(log_path, "wb") as out:
+            proc = popen_in_own_group([sys.executable, "-m", "worker", "--loglevel", "info"], env=env,
+                                      cwd=Path(__file__).resolve().parents[1], stdout=out,
+                                      stderr=subprocess.STDOUT)
+        worker = WorkerProcess(proc, log_path)
+        started.append(worker)
+        deadline = time.monotonic() + ready_timeout
+        while " ready." not in worker.log():
+            if not worker.alive():
+                raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker.log()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker not ready within {ready_timeout:.0f} s:\n{worker.log()[-3000:]}")
+            time.sleep(0.1)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

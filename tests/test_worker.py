@@ -1,0 +1,278 @@
+"""The worker end to end: real redis-server, real `python -m worker` processes, runs submitted by the page's client.
+
+Tiny runs (resnet18 from scratch at 32 px, a few dozen generated images, one torch thread) keep each test to
+seconds of training; most of the time is the worker starting (importing torch).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.config import TrainConfig
+from shared.registry import RunRegistry
+from shared.runs import FINISHED, RunStore
+from shared.settings import Settings
+from tests.imagegen import make_image_folder
+from ui.client import TRAIN_TASK, QueueClient
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, epochs=2, augment="none",
+            warmup_epochs=0, device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2)
+LEASE_SECONDS = 3  # the workers here give up a dead worker's run after 3 s (production: 30 s)
+STATUS_FIELDS = ("status", "created", "started", "finished", "error", "worker", "best", "task_id")
+
+
+class Lab:
+    def __init__(self, root: Path, redis_url: str):
+        self.models = root / "models"
+        self.data = make_image_folder(root / "data", classes=3, per_class=10, size=40)
+        self.redis_url = redis_url
+        self.client = QueueClient(Settings(models_dir=self.models, redis_url=redis_url, visibility_timeout=3600))
+        self.store: RunStore = self.client.store
+        self.registry: RunRegistry = self.client.registry
+
+    def config(self, data_dir: Path | None = None, **changes) -> TrainConfig:
+        return TrainConfig(data_dir=str(data_dir or self.data), **{**TINY, **changes})
+
+    def worker_env(self) -> dict:
+        return {"RESNET_LAB_LEASE_SECONDS": LEASE_SECONDS, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600}
+
+
+@pytest.fixture
+def lab(tmp_path, redis_url) -> Lab:
+    return Lab(tmp_path, redis_url)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_finished(lab: Lab, run_id: str, timeout: float = 120.0, worker=None) -> dict:
+    def finished():
+        if worker is not None and not worker.alive():
+            raise AssertionError(f"the worker died:\n{worker.log()[-3000:]}")
+        record = lab.registry.get(run_id)
+        return record if record and record["status"] in FINISHED else None
+
+    try:
+        return wait_for(finished, timeout, f"run {run_id} to finish")
+    except AssertionError:
+        if worker is not None:
+            print(worker.log()[-3000:])
+        raise
+
+
+def assert_store_and_registry_agree(lab: Lab, run_id: str) -> dict:
+    on_disk, in_redis = lab.store.status(run_id), lab.registry.get(run_id)
+    for field in STATUS_FIELDS:
+        assert on_disk.get(field) == in_redis.get(field), f"{field}: status.json {on_disk.get(field)!r} " \
+                                                           f"!= registry {in_redis.get(field)!r}"
+    return on_disk
+
+
+def epochs_of(records: list[dict]) -> list[int]:
+    return [r["epoch"] for r in records]
+
+
+def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
+    run_ids = lab.client.submit([lab.config(lr=lr) for lr in (1e-3, 2e-3, 3e-3)])
+    assert [lab.registry.get(r)["status"] for r in run_ids] == ["queued"] * 3
+    worker = start_worker(lab.models, **lab.worker_env())
+
+    live_progress, progress_state = set(), set()
+    deadline = time.monotonic() + 180
+    while not all(lab.registry.get(r)["status"] in FINISHED for r in run_ids):
+        assert time.monotonic() < deadline, f"runs did not finish:\n{worker.log()[-3000:]}"
+        assert worker.alive(), worker.log()[-3000:]
+        for record in lab.client.list_runs():
+            progress = record["progress"] or {}
+            if record["status"] == "running" and progress.get("phase") == "training" and progress.get("batch"):
+                live_progress.add(record["run_id"])
+                if lab.client.celery.AsyncResult(record["run_id"]).state == "PROGRESS":
+                    progress_state.add(record["run_id"])
+        time.sleep(0.05)
+
+    for run_id in run_ids:
+        status = assert_store_and_registry_agree(lab, run_id)
+        assert status["status"] == "succeeded", status
+        assert status["worker"].startswith("celery@") and status["task_id"] == run_id
+        assert 0 <= status["best"]["best_val_acc"] <= 1 and status["best"]["epochs_run"] == 2
+        assert epochs_of(lab.store.metrics(run_id)) == [1, 2]
+        progress = lab.registry.progress(run_id)
+        assert progress["phase"] == "succeeded" and epochs_of(progress["history"]) == [1, 2]
+        assert json.loads((lab.store.path(run_id) / "config.json").read_text())["env"]["torch_threads"] == 1
+        assert lab.client.celery.AsyncResult(run_id).get(timeout=10)["status"] == "succeeded"
+    assert live_progress, "no registry progress with phase 'training' and a batch counter was seen"
+    assert progress_state, "the Celery task state was never PROGRESS while a run trained"
+
+
+def test_cancel_queued_and_running_runs(lab, start_worker):
+    bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
+    running, queued = lab.client.submit([lab.config(bigger, epochs=20), lab.config()])
+    worker = start_worker(lab.models, **lab.worker_env())
+
+    wait_for(lambda: len(lab.store.metrics(running)) >= 1, 120, "the first epoch to finish")
+    assert lab.client.cancel(queued)["status"] == "cancelled"
+    cancelled_at = time.monotonic()
+    lab.client.cancel(running)
+
+    record = wait_finished(lab, running, timeout=30, worker=worker)
+    assert time.monotonic() - cancelled_at < 10, "a running run must stop within a batch or so"
+    assert record["status"] == "cancelled" and "cancelled while running" in record["error"]
+    assert (lab.store.path(running) / "last.pt").is_file(), "the last finished epoch's checkpoint is kept"
+    assert len(lab.store.metrics(running)) < 20
+    assert_store_and_registry_agree(lab, running)
+
+    # the queued run's message is delivered after the running one ends, and skipped
+    wait_for(lambda: f"skipping run {queued}" in worker.log(), 30, "the cancelled run's message to be skipped")
+    status = assert_store_and_registry_agree(lab, queued)
+    assert status["status"] == "cancelled" and status["started"] is None
+    assert not (lab.store.path(queued) / "metrics.jsonl").exists()
+    assert not (lab.store.path(queued) / "split.json").exists(), "a cancelled queued run must never start"
+    assert worker.alive()
+
+
+def test_kill9_mid_run_resumes_on_a_new_worker(lab, start_worker):
+    bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
+    [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
+    first = start_worker(lab.models, **lab.worker_env())
+
+    def in_epoch_2():
+        progress = lab.registry.progress(run_id) or {}
+        return progress.get("phase") == "training" and progress.get("epoch") == 2 and progress.get("batch")
+
+    wait_for(in_epoch_2, 120, "progress in epoch 2")
+    first.kill9()
+    assert epochs_of(lab.store.metrics(run_id)) == [1], "the kill must land during epoch 2"
+    assert lab.registry.get(run_id)["status"] == "running"
+    raw = redis.Redis.from_url(lab.redis_url)
+    assert raw.hlen("unacked") == 1, "the killed worker's message stays un-acknowledged (visibility 3600 s)"
+
+    second = start_worker(lab.models, **lab.worker_env())
+    record = wait_finished(lab, run_id, timeout=120, worker=second)
+    assert record["status"] == "succeeded", record
+    assert record["task_id"] == f"{run_id}~r1" and record["attempt"] == 2
+    assert epochs_of(lab.store.metrics(run_id)) == [1, 2, 3]
+    assert epochs_of(lab.registry.progress(run_id)["history"]) == [1, 2, 3]
+    assert lab.store.ids() == [run_id] and lab.registry.ids() == [run_id], "the run must not be duplicated"
+    assert_store_and_registry_agree(lab, run_id)
+    assert "resuming" in second.log()
+
+    # a late duplicate delivery (e.g. the original message after its visibility timeout) changes nothing
+    result = lab.client.celery.send_task(TRAIN_TASK, args=[run_id]).get(timeout=60)
+    assert result == {"run_id": run_id, "status": "skipped", "reason": "it is already succeeded"}
+    assert epochs_of(lab.store.metrics(run_id)) == [1, 2, 3]
+
+
+def test_failing_runs_end_failed_and_the_worker_serves_on(lab, start_worker, tmp_path):
+    doomed = make_image_folder(tmp_path / "doomed", classes=3, per_class=4, size=40)
+    bad_weights = tmp_path / "weights.pt"
+    bad_weights.write_bytes(b"this is not a state dict")
+    no_data, bad_file = lab.client.submit([lab.config(doomed), lab.config(weights=str(bad_weights))])
+    shutil.rmtree(doomed)  # the dataset disappears after submission
+    worker = start_worker(lab.models, **lab.worker_env())
+
+    record = wait_finished(lab, no_data, worker=worker)
+    assert record["status"] == "failed" and str(doomed) in record["error"] and "does not exist" in record["error"]
+    record = wait_finished(lab, bad_file, worker=worker)
+    assert record["status"] == "failed" and f"cannot load weights from {bad_weights}" in record["error"], record
+    for run_id in (no_data, bad_file):
+        assert_store_and_registry_agree(lab, run_id)
+        assert lab.registry.progress(run_id)["phase"] == "failed"
+    assert lab.client.celery.AsyncResult(no_data).state == "FAILURE"
+
+    submitted = time.monotonic()
+    [good] = lab.client.submit([lab.config()])
+    wait_for(lambda: lab.registry.get(good)["status"] != "queued", 10, "the next run to start")
+    latency = time.monotonic() - submitted
+    print(f"submit -> running on an idle worker: {latency * 1000:.0f} ms")
+    assert latency < 3.0
+    assert wait_finished(lab, good, worker=worker)["status"] == "succeeded"
+    assert worker.alive()
+
+
+class _WritesMarker:
+    """Unpickling this creates a file: proof that a worker decoded a pickled message."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickled_message_is_refused(lab, start_worker, tmp_path):
+    from celery import Celery
+
+    worker = start_worker(lab.models, **lab.worker_env())
+    run_id = lab.store.create(lab.config())  # in the run store only: no JSON message will ever be sent for it
+    marker = tmp_path / "unpickled"
+    evil = Celery("evil", broker=lab.redis_url)
+    evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    evil.send_task(TRAIN_TASK, args=[run_id, _WritesMarker(marker)], serializer="pickle")
+
+    wait_for(lambda: "ContentDisallowed" in worker.log() or "untrusted content" in worker.log(), 60,
+             "the worker to log the refusal")
+    [good] = lab.client.submit([lab.config()])
+    assert wait_finished(lab, good, worker=worker)["status"] == "succeeded"
+    assert not marker.exists(), "the worker unpickled the message"
+    assert lab.store.status(run_id)["status"] == "queued"
+    assert not (lab.store.path(run_id) / "metrics.jsonl").exists()
+    assert worker.alive()
+
+
+def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
+    bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
+    [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
+    first = start_worker(lab.models, **lab.worker_env())
+    wait_for(lambda: len(lab.store.metrics(run_id)) == 1, 120, "the first epoch to finish")
+
+    stopping = time.monotonic()
+    assert first.stop(timeout=30) == 0, first.log()[-3000:]
+    assert time.monotonic() - stopping < 15, "a warm shutdown must not wait for the whole run"
+    status = assert_store_and_registry_agree(lab, run_id)
+    assert status["status"] == "queued" and lab.registry.progress(run_id)["phase"] == "queued"
+    assert epochs_of(lab.store.metrics(run_id)) in ([1], [1, 2])
+
+    second = start_worker(lab.models, **lab.worker_env())
+    assert wait_finished(lab, run_id, worker=second)["status"] == "succeeded"
+    assert epochs_of(lab.store.metrics(run_id)) == [1, 2, 3]
+    assert epochs_of(lab.registry.progress(run_id)["history"]) == [1, 2, 3]
+
+
+def test_find_orphans_reads_leases_and_queued_messages(lab):
+    from worker.recovery import find_orphans, lease_key
+
+    def record(status, **fields):
+        run_id = lab.store.create(lab.config())
+        lab.store.set_status(run_id, status)
+        lab.registry.put({**lab.store.status(run_id), "created": time.time() - 60, **fields})
+        return run_id
+
+    dead = record("running", task_id="t1", worker="celery@gone")
+    alive = record("running", task_id="t2")
+    lab.registry.r.set(lease_key(alive), "someone", ex=30)
+    by_cli = record("running")  # `resnet-lab train` in a terminal: no task, no lease, not ours to take
+    lost = record("queued")
+    sent = record("queued")
+    lab.client.celery.send_task(TRAIN_TASK, args=[sent], task_id=sent)
+    cancelled = record("queued")
+    lab.registry.request_cancel(cancelled)
+    record("succeeded", task_id="t3")
+
+    assert sorted(run_id for run_id, _ in find_orphans(lab.registry, queued_grace=30)) == sorted([dead, lost])
+    assert [run_id for run_id, _ in find_orphans(lab.registry, queued_grace=120)] == [dead]

@@ -1,0 +1,235 @@
+"""The tasks: thin, like torchvision's `run_with_submitit.py` — take ids, load state, call `shared`, report, set
+the final status.
+
+`train(run_id)` runs `shared.engine.fit` (which resumes from `last.pt` by itself) and then the evaluation suite.
+Every status change is written to the run folder and the registry together (`transition`), so the two agree.
+A failing run ends FAILED with a readable reason and the task raises `RunFailed` (Celery marks it FAILURE; no
+retry, the worker takes the next run). Duplicate deliveries skip: see `worker/recovery.py`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from celery import shared_task
+
+from shared.checkpoint import CheckpointError
+from shared.config import ConfigError
+from shared.datasets import DatasetError
+from shared.engine import Cancelled, fit, pick_device
+from shared.images import is_image_name
+from shared.models import WeightsUnavailable
+from shared.registry import RunRegistry
+from shared.runs import FINISHED, RunNotFound, RunStore
+from shared.settings import Settings
+
+from .celery_app import settings_of
+from .progress import TaskReporter
+from .recovery import Lease, resend_train, shutdown_requested
+
+log = logging.getLogger(__name__)
+
+TRAIN_TASK = "resnet_lab.train"
+EVALUATE_TASK = "resnet_lab.evaluate"
+PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
+# errors whose message already says what to do: shown as they are, without the exception's class name
+USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError)
+
+# evaluation results copied into the run's `best` record (the full results stay in eval/eval.json)
+EVAL_SUMMARY = ("accuracy", "top_k_accuracy", "macro_f1", "loss", "n")
+
+
+class RunFailed(RuntimeError):
+    """A run ended FAILED; the message is the reason stored with the run."""
+
+
+@lru_cache(maxsize=4)
+def _services(settings: Settings) -> tuple[RunStore, RunRegistry]:
+    return RunStore(settings.models_dir), RunRegistry.from_url(settings.redis_url, timeout=10.0)
+
+
+def transition(store: RunStore, registry: RunRegistry, run_id: str, status: str, **fields: Any) -> dict:
+    """Set the status in the run folder, then copy the whole record into the registry."""
+    record = store.set_status(run_id, status, **fields)
+    registry.update(run_id, **{k: v for k, v in record.items() if k != "run_id"})
+    return record
+
+
+def failure_reason(exc: BaseException, config=None) -> str:
+    """One readable line saying what went wrong and, where we know it, what to do."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        size = getattr(config, "batch_size", "?")
+        return f"out of GPU memory at batch size {size}: lower the batch size (or the image size)"
+    if isinstance(exc, USER_ERRORS):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def free_gpu_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _skip_reason(store: RunStore, registry: RunRegistry, run_id: str) -> str | None:
+    """Why this delivery must not train the run (None: go ahead). Marks a cancelled, unfinished run CANCELLED."""
+    if not store.exists(run_id):
+        return "its run folder is gone (deleted)"
+    status = store.status(run_id)["status"]
+    if status in FINISHED:
+        return f"it is already {status}"
+    if registry.cancel_requested(run_id):
+        transition(store, registry, run_id, "cancelled", error="cancelled before it started")
+        return "it was cancelled before it started"
+    return None
+
+
+@shared_task(bind=True, name=TRAIN_TASK)
+def train(self, run_id: str) -> dict:
+    """Train a queued (or interrupted) run to the end; returns {run_id, status, best, eval}."""
+    store, registry = _services(settings_of(self.app))
+    skip = _skip_reason(store, registry, run_id)
+    if skip is None:
+        lease = Lease(registry.r, run_id, owner=self.request.hostname or "worker")
+        if not lease.acquire():
+            skip = f"another worker holds it ({lease.holder()})"
+        else:
+            try:
+                # re-read under the lease: a duplicate delivery may arrive just after the run finished
+                skip = _skip_reason(store, registry, run_id)
+                if skip is None:
+                    return _train(self, store, registry, run_id, lease)
+            finally:
+                lease.release()
+    log.info("skipping run %s: %s", run_id, skip)
+    return {"run_id": run_id, "status": "skipped", "reason": skip}
+
+
+def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lease) -> dict:
+    settings = settings_of(task.app)
+    run_dir = store.path(run_id)
+    record = registry.get(run_id) or {}
+    reporter = TaskReporter(task, run_id, registry, lease, run_dir=run_dir)
+    config, outcome, reason = None, None, None
+    try:
+        config = store.config(run_id)
+        transition(store, registry, run_id, "running", worker=task.request.hostname, task_id=task.request.id,
+                   attempt=int(record.get("attempt") or 0) + 1, error=None)
+        best = fit(config, run_dir, reporter, cache_dir=settings.cache_path)
+        reporter.phase("evaluating")
+        split = _eval_split(config)
+        device = str(pick_device(config.device))
+        outcome = {"best": best, "split": split, "eval": _evaluate(run_dir, split, None, device, reporter)}
+    except Cancelled:
+        outcome = "cancelled"
+    except Exception as exc:
+        log.exception("run %s failed", run_id)
+        reason = failure_reason(exc, config)
+    # out of the except blocks: the traceback (and the tensors its frames hold) is gone, so memory can go too
+    free_gpu_memory()
+
+    if lease.lost:
+        log.warning("run %s: another worker took it over; leaving its status alone", run_id)
+        return {"run_id": run_id, "status": "lost"}
+    if reason is not None:
+        transition(store, registry, run_id, "failed", error=reason)
+        reporter.finish("failed", error=reason)
+        raise RunFailed(reason)
+    if outcome == "cancelled":
+        return _stopped(task, store, registry, run_id, reporter)
+    best = {**outcome["best"], "eval_split": outcome["split"],
+            **{f"eval_{k}": outcome["eval"][k] for k in EVAL_SUMMARY if k in outcome["eval"]}}
+    transition(store, registry, run_id, "succeeded", best=best, error=None)
+    reporter.finish("succeeded")
+    return {"run_id": run_id, "status": "succeeded", "best": best, "eval": outcome["eval"]}
+
+
+def _stopped(task, store: RunStore, registry: RunRegistry, run_id: str, reporter: TaskReporter) -> dict:
+    """The engine stopped at a batch boundary: a user cancel, or this worker is shutting down."""
+    epochs = len(reporter.state["history"])
+    if reporter.cancel_requested or not shutdown_requested.is_set():
+        transition(store, registry, run_id, "cancelled",
+                   error=f"cancelled while running, after {epochs} finished epoch(s) (their checkpoint is kept)")
+        reporter.finish("cancelled")
+        return {"run_id": run_id, "status": "cancelled", "epochs": epochs}
+    # worker shutdown: back to the queue; whichever worker takes it next resumes from last.pt
+    transition(store, registry, run_id, "queued", error=None)
+    reporter.finish("queued", reason="its worker shut down; it resumes from its last finished epoch")
+    resend_train(task.app, registry, run_id, "its worker shut down mid-run")
+    return {"run_id": run_id, "status": "queued", "epochs": epochs}
+
+
+def _eval_split(config) -> str:
+    return "test" if config.test_ratio > 0 else "val"
+
+
+def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str, reporter: TaskReporter) -> dict:
+    """`evaluate_run`'s headline numbers (eval.json in the run folder has the tables, curves and figures)."""
+    from shared.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
+
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device,
+                          progress=reporter.evaluation_progress)
+    summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or v is None}
+    if isinstance(result.get("macro"), dict):
+        summary["macro_f1"] = result["macro"].get("f1")
+    return summary
+
+
+@shared_task(bind=True, name=EVALUATE_TASK)
+def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> dict:
+    """Re-evaluate a finished run's best checkpoint on one of its splits, or on another folder."""
+    store, registry = _services(settings_of(self.app))
+    run_dir = store.path(run_id)
+    if not (run_dir / "best.pt").is_file():
+        raise RunNotFound(f"run {run_id!r} has no best.pt in {store.root}: train it first")
+    reporter = TaskReporter(self, run_id, registry, run_dir=run_dir)
+    reporter.phase("evaluating")
+    try:
+        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), reporter)
+    finally:
+        free_gpu_memory()
+    return {"run_id": run_id, "split": split, "data_dir": data_dir, **result}
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files as given, folders replaced by the image files inside them (recursively, sorted)."""
+    files: list[str] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_name(p))
+        else:
+            files.append(str(path))
+    return files
+
+
+@shared_task(bind=True, name=PREDICT_BATCH_TASK)
+def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256) -> dict:
+    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run."""
+    from shared.predict import Predictor, write_predictions_csv
+
+    store, _ = _services(settings_of(self.app))
+    run_dir = store.path(run_id)
+    files = expand_sources(list(sources))
+    if not files:
+        raise ValueError(f"no image files in {sources}: give image files or folders that hold some")
+    device = "cuda" if pick_device("auto").type == "cuda" else "cpu"
+    try:
+        predictor = Predictor(run_dir, device=device)
+        results: list[dict] = []
+        for start in range(0, len(files), chunk):
+            results += predictor.predict_many(files[start:start + chunk], top_k=top_k)
+            self.update_state(state="PROGRESS", meta={"run_id": run_id, "phase": "predicting",
+                                                      "done": len(results), "total": len(files)})
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+        path = write_predictions_csv(results, run_dir / f"predictions-{stamp}.csv", top_k=top_k)
+    finally:
+        free_gpu_memory()
+    errors = sum(1 for r in results if r["error"])
+    return {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors}
