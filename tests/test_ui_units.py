@@ -1,0 +1,361 @@
+"""ui/formatting.py and ui/paths.py: pure helpers, path confinement and safe .zip extraction (with evil zips)."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.imagegen import make_image, make_image_folder
+from ui import formatting as fmt
+from ui.paths import PathError, confine_dataset_path, discover_datasets, extract_zip, safe_folder_name
+
+
+# --- formatting -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seconds, text", [(None, "—"), (-1, "—"), (0, "0s"), (44.6, "45s"), (61, "1m 01s"),
+                                           (3599, "59m 59s"), (3600, "1h 00m"), (90061, "1d 01h")])
+def test_fmt_duration(seconds, text):
+    assert fmt.fmt_duration(seconds) == text
+
+
+@pytest.mark.parametrize("lr, text", [(1e-3, "1e-3"), (3e-4, "3e-4"), (0.01, "1e-2"), (0.1, "0.1"), (2.5e-4, "2.5e-4"),
+                                      (None, "—")])
+def test_fmt_lr(lr, text):
+    assert fmt.fmt_lr(lr) == text
+
+
+def test_fmt_ago_and_pct():
+    assert fmt.fmt_ago(100.0, now=110.0) == "just now"
+    assert fmt.fmt_ago(0.0, now=110.0) == "—"
+    assert fmt.fmt_ago(1000.0, now=1000.0 + 7200) == "2 h ago"
+    assert fmt.fmt_ago(1.0, now=1.0 + 86400) == "1 day ago"
+    assert fmt.fmt_pct(0.9312) == "93.1%"
+    assert fmt.fmt_pct(None) == "—"
+    assert fmt.fmt_pct(float("nan")) == "—"
+
+
+def test_parse_lrs():
+    assert fmt.parse_lrs("3e-4, 0.002;1e-2 ") == [3e-4, 0.002, 1e-2]
+    assert fmt.parse_lrs("") == []
+    with pytest.raises(ValueError, match="'fast' is not a number"):
+        fmt.parse_lrs("1e-3, fast")
+    with pytest.raises(ValueError, match="positive"):
+        fmt.parse_lrs("-1")
+
+
+def test_grid_count_says_how_many_and_why():
+    n, text = fmt.grid_count(["resnet18"], [1e-3, 3e-4], [32])
+    assert n == 2 and "2 runs will be queued" in text and "1 model × 2 learning rates × 1 batch size" in text
+    n, text = fmt.grid_count(["resnet18", "resnet34"], [1e-3], [16, 32])
+    assert n == 4
+    n, text = fmt.grid_count([], [1e-3], [])
+    assert n == 0 and "a model" in text and "a batch size" in text
+
+
+def _record(status="running", **progress):
+    return {"run_id": "20240101-120000-resnet18-abc123", "status": status, "started": 1000.0,
+            "finished": 1300.0 if status in ("succeeded", "failed", "cancelled") else None, "worker": "celery@box",
+            "config": {"model": "resnet18", "lr": 1e-3, "batch_size": 32, "epochs": 4},
+            "progress": progress or None}
+
+
+def test_progress_mid_epoch_and_after_an_epoch():
+    mid = _record(epoch=2, epochs=4, batch=5, num_batches=10, eta_s=125, phase="training",
+                  history=[{"epoch": 1, "val_acc": 0.5}])
+    assert fmt.progress_fraction(mid) == pytest.approx((1 + 0.5) / 4)
+    assert fmt.progress_text(mid) == "38% · epoch 2/4 · 2m 05s left"
+    end_of_epoch = _record(epoch=2, epochs=4, batch=10, num_batches=10, phase="training",
+                           history=[{"epoch": 1}, {"epoch": 2}])
+    assert fmt.progress_fraction(end_of_epoch) == pytest.approx(0.5)
+    assert fmt.progress_fraction(_record("succeeded")) == 1.0
+    assert fmt.progress_text(_record("queued")) == "waiting for a worker"
+    preparing = _record(phase="preparing data", info={"decoded": 10, "total": 40}, epoch=0)
+    assert fmt.progress_text(preparing) == "preparing data 10/40"
+    assert fmt.progress_fraction(_record("running")) is None
+
+
+def test_run_row_and_summary():
+    record = _record("succeeded")
+    record["best"] = {"best_val_acc": 0.875, "best_epoch": 3}
+    row = fmt.run_row(record, now=2000.0)
+    assert row == ["20240101-120000-resnet18-abc123", "✔ succeeded", "resnet18", "1e-3", "32", "4", "100%",
+                   "87.5% (ep 3)", "5m 00s", "celery@box"]
+    assert len(row) == len(fmt.RUN_COLUMNS)
+    summary = fmt.run_summary(record)
+    assert summary["best_val_acc"] == 0.875 and summary["progress"] == 1.0 and summary["duration_s"] == 300.0
+    assert "history" not in str(summary)
+    live = _record(epoch=2, epochs=4, batch=1, num_batches=10,
+                   history=[{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.7}])
+    assert fmt.best_val_acc(live) == (0.7, 2)
+    live["cancel_requested"] = True
+    assert fmt.run_row(live, now=1060.0)[1] == "■ cancelling"
+
+
+def test_run_label_is_short_and_distinct():
+    a = fmt.run_label(_record())
+    assert a == "resnet18 lr 1e-3 bs 32 · abc123"
+
+
+def test_curves_frame_long_form():
+    loss, acc = fmt.curves_frame({"A": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4,
+                                         "val_acc": 0.5}, {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")}],
+                                  "B": []})
+    assert list(loss.columns) == ["epoch", "value", "series"]
+    assert len(loss) == 3 and set(loss["series"]) == {"A · train", "A · val"}
+    assert len(acc) == 2
+    empty_loss, _ = fmt.curves_frame({})
+    assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "series"]
+
+
+def test_markdown_and_html_escape_user_text():
+    assert "<script>" not in fmt.md_escape("<script>alert(1)</script>")
+    html = fmt.confusion_html([[3, 1], [0, 4]], ["<b>cat</b>", "dog"], normalized=False)
+    assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html
+    assert ">3<" in html and ">4<" in html
+    norm = fmt.confusion_html([[0.75, 0.25], [0.0, 1.0]], ["cat", "dog"], normalized=True)
+    assert ">75%<" in norm and ">100%<" in norm
+    assert "No confusion matrix" in fmt.confusion_html([], [], normalized=False)
+
+
+def test_problems_markdown_lists_findings():
+    report = {"problems": ["2 files could not be decoded"], "unreadable": [{"path": "cat/x.jpg", "reason": "empty"}],
+              "ignored": [{"path": "notes.txt", "reason": "not an image"}]}
+    text = fmt.problems_markdown(report)
+    assert "1 problem found" in text and "cat/x.jpg" in text and "notes.txt" in text
+    assert "No problems" in fmt.problems_markdown({"problems": []})
+
+
+def test_per_class_roc_tsne_frames():
+    headers, rows = fmt.per_class_rows({"cat": {"precision": 0.91234, "recall": 0.8, "support": 10},
+                                        "dog": {"precision": 0.5, "recall": 0.6, "support": 12}})
+    assert headers == ["class", "precision", "recall", "support"]
+    assert rows[0] == ["cat", 0.9123, 0.8, 10]
+    roc = fmt.roc_frames({"per_class": {"cat": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auc": 0.9}},
+                          "micro": {"fpr": [0, 1], "tpr": [0, 1]}}, "fpr", "tpr")
+    assert set(roc["curve"]) == {"cat (AUC 0.900)", "micro"}
+    assert fmt.roc_frames({}, "fpr", "tpr").empty
+    tsne = fmt.tsne_frame({"x": [0.0, 1.0], "y": [1.0, 0.0], "label": [0, 1], "pred": [0, 0]}, ["cat", "dog"])
+    assert list(tsne["true class"]) == ["cat", "dog"] and list(tsne["correct"]) == ["yes", "no"]
+    assert fmt.tsne_frame(None).empty
+
+
+def test_metrics_markdown_shows_known_numbers_only():
+    text = fmt.metrics_markdown({"accuracy": 0.9, "macro_f1": 0.85, "split": "test", "num_images": 40,
+                                 "secret_internal": {"a": 1}})
+    assert "90.0%" in text and "85.0%" in text and "test" in text and "secret_internal" not in text
+
+
+# --- path confinement -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def roots(tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data / "flowers", classes=2, per_class=2, size=16)
+    outside = make_image_folder(tmp_path / "outside", classes=2, per_class=2, size=16)
+    return data, outside
+
+
+def test_confine_accepts_folders_inside(roots):
+    data, _ = roots
+    assert confine_dataset_path("flowers", [data]) == (data / "flowers").resolve()
+    assert confine_dataset_path(str(data / "flowers"), [data]) == (data / "flowers").resolve()
+    assert confine_dataset_path(str(data / "flowers" / ".." / "flowers"), [data]) == (data / "flowers").resolve()
+
+
+def test_confine_refuses_escapes(roots, tmp_path):
+    data, outside = roots
+    with pytest.raises(PathError, match="outside the data folders"):
+        confine_dataset_path(str(data / ".." / "outside"), [data])
+    with pytest.raises(PathError, match="outside the data folders"):
+        confine_dataset_path("../outside", [data])
+    with pytest.raises(PathError, match="outside the data folders"):
+        confine_dataset_path("/etc", [data])
+    (data / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PathError, match="outside the data folders"):
+        confine_dataset_path("link", [data])
+
+
+def test_confine_refuses_files_missing_and_empty(roots):
+    data, _ = roots
+    (data / "archive.zip").write_bytes(b"PK")
+    with pytest.raises(PathError, match="is a file, not a folder — upload the .zip"):
+        confine_dataset_path("archive.zip", [data])
+    image = next((data / "flowers").rglob("*.png"), None) or next((data / "flowers").rglob("*.*"))
+    with pytest.raises(PathError, match="is a file, not a folder"):
+        confine_dataset_path(str(image), [data])
+    with pytest.raises(PathError, match="does not exist"):
+        confine_dataset_path("nope", [data])
+    with pytest.raises(PathError, match="no dataset folder given"):
+        confine_dataset_path("  ", [data])
+    with pytest.raises(PathError, match="NUL"):
+        confine_dataset_path("flow\x00ers", [data])
+
+
+def test_confine_symlink_loop_is_refused_not_crashing(roots):
+    data, _ = roots
+    (data / "loop").symlink_to(data / "loop")
+    with pytest.raises(PathError):
+        confine_dataset_path("loop", [data])
+
+
+def test_discover_datasets(roots, tmp_path):
+    data, outside = roots
+    make_image_folder(data / "nested" / "deeper" / "pets", classes=2, per_class=1, size=8)
+    (data / "lonely" / "only").mkdir(parents=True)
+    (data / ".hidden" / "a").mkdir(parents=True)
+    (data / "escape").symlink_to(outside, target_is_directory=True)
+    found = discover_datasets([data])
+    assert (data / "flowers").resolve() in found
+    assert (data / "nested" / "deeper" / "pets").resolve() in found
+    assert not any("lonely" in str(p) or ".hidden" in str(p) for p in found)
+    assert all(str(p).startswith(str(data.resolve())) for p in found)
+    assert discover_datasets([tmp_path / "missing"]) == []
+
+
+# --- zip extraction -------------------------------------------------------------------------------------------
+
+def _png_bytes(seed: int = 0) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (seed * 40 % 255, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _zip(path: Path, entries: dict[str, bytes], symlinks: dict[str, str] | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+        for name, target in (symlinks or {}).items():
+            info = zipfile.ZipInfo(name)
+            info.create_system = 3
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            zf.writestr(info, target)
+    return path
+
+
+def _leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir()) if root.exists() else []
+
+
+def test_zip_extracts_images_and_unwraps_single_top_folder(tmp_path):
+    dest = tmp_path / "data"
+    z = _zip(tmp_path / "My Flowers!.zip", {"flowers/daisy/a.png": _png_bytes(1), "flowers/daisy/b.png": _png_bytes(2),
+                                            "flowers/rose/c.PNG": _png_bytes(3), "flowers/README.html": b"<script>",
+                                            "__MACOSX/flowers/._a.png": b"junk", "flowers/rose/.DS_Store": b"x"})
+    done = extract_zip(z, dest)
+    assert done.folder == (dest / "My_Flowers" / "flowers").resolve()
+    assert sorted(p.name for p in done.folder.rglob("*") if p.is_file()) == ["a.png", "b.png", "c.PNG"]
+    assert done.images == 3 and done.skipped == ["flowers/README.html"]
+    assert not (dest / "My_Flowers" / "__MACOSX").exists()
+    # a second upload of the same name gets its own folder
+    again = extract_zip(z, dest)
+    assert again.folder == (dest / "My_Flowers-2" / "flowers").resolve()
+    assert _leftovers(dest) == ["My_Flowers", "My_Flowers-2"]
+
+
+@pytest.mark.parametrize("name", ["../evil.png", "a/../../evil.png", "/tmp/evil.png", "C:/evil.png",
+                                  "a\\..\\..\\evil.png"])
+def test_zip_slip_is_refused(tmp_path, name):
+    dest = tmp_path / "data"
+    z = tmp_path / "evil.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("ok/a.png", _png_bytes())
+        info = zipfile.ZipInfo("placeholder")
+        info.filename = name  # ZipInfo normalises separators in the constructor; set the raw name afterwards
+        zf.writestr(info, _png_bytes())
+    with pytest.raises(PathError, match="absolute path|climbs out"):
+        extract_zip(z, dest)
+    assert _leftovers(dest) == []
+    assert not (tmp_path / "evil.png").exists() and not Path("/tmp/evil.png").exists()
+
+
+def test_zip_with_symlink_is_refused(tmp_path):
+    dest = tmp_path / "data"
+    z = _zip(tmp_path / "link.zip", {"ds/a/x.png": _png_bytes()}, symlinks={"ds/b/passwd.png": "/etc/passwd"})
+    with pytest.raises(PathError, match="symbolic link"):
+        extract_zip(z, dest)
+    assert _leftovers(dest) == []
+
+
+def test_zip_caps_file_count_and_size(tmp_path):
+    dest = tmp_path / "data"
+    many = _zip(tmp_path / "many.zip", {f"ds/c{i % 2}/{i}.png": _png_bytes(i) for i in range(12)})
+    with pytest.raises(PathError, match="more than 10 files"):
+        extract_zip(many, dest, max_files=10)
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ds/a/zeros.png", b"\0" * 5_000_000)  # compresses to a few KB
+        zf.writestr("ds/b/zeros.png", b"\0" * 5_000_000)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(PathError, match="expands to more than"):
+        extract_zip(bomb, dest, max_bytes=8_000_000)
+    assert _leftovers(dest) == []
+
+
+def test_zip_entry_lying_about_its_size_is_refused(tmp_path):
+    """A crafted archive declares 10 bytes for an entry that inflates to 1 MB: the cap is on what is written."""
+    dest = tmp_path / "data"
+    z = tmp_path / "liar.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("ds/a/big.png", b"\0" * 1_000_000)
+        zf.writestr("ds/b/ok.png", _png_bytes())
+    raw = bytearray(z.read_bytes())
+    central = raw.find(b"PK\x01\x02")  # first central-directory record: ds/a/big.png
+    struct.pack_into("<I", raw, central + 24, 10)  # its uncompressed size
+    z.write_bytes(bytes(raw))
+    with pytest.raises(PathError):
+        extract_zip(z, dest)
+    assert _leftovers(dest) == []
+
+
+def test_not_a_zip_and_empty_zip(tmp_path):
+    dest = tmp_path / "data"
+    fake = tmp_path / "fake.zip"
+    fake.write_text("hello")
+    with pytest.raises(PathError, match="not a readable .zip"):
+        extract_zip(fake, dest)
+    only_text = _zip(tmp_path / "text.zip", {"notes.txt": b"hi", "page.html": b"<script>"})
+    with pytest.raises(PathError, match="no image files"):
+        extract_zip(only_text, dest)
+    assert _leftovers(dest) == []
+
+
+def test_duplicate_entries_are_refused(tmp_path):
+    dest = tmp_path / "data"
+    z = tmp_path / "dup.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.writestr("ds/a/x.png", _png_bytes(1))
+        with pytest.warns(UserWarning):
+            zf.writestr("ds/a/x.png", _png_bytes(2))
+    with pytest.raises(PathError, match="same file twice"):
+        extract_zip(z, dest)
+    assert _leftovers(dest) == []
+
+
+def test_safe_folder_name():
+    assert safe_folder_name("My Flowers (1).zip") == "My_Flowers_1"
+    assert safe_folder_name("../../etc.zip") == "etc"
+    assert safe_folder_name(".zip") == "dataset"
+    assert safe_folder_name("...hidden.zip") == "hidden"
+
+
+def test_extracted_files_are_not_executable(tmp_path):
+    dest = tmp_path / "data"
+    z = tmp_path / "x.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        info = zipfile.ZipInfo("ds/a/x.png")
+        info.create_system = 3
+        info.external_attr = (stat.S_IFREG | 0o4777) << 16  # setuid + world-writable in the archive
+        zf.writestr(info, _png_bytes())
+        zf.writestr("ds/b/y.png", _png_bytes(2))
+    done = extract_zip(z, dest)
+    mode = (done.folder / "a" / "x.png").stat().st_mode
+    assert not mode & (stat.S_ISUID | stat.S_IXUSR | stat.S_IWOTH)
+    assert os.access(done.folder / "a" / "x.png", os.R_OK)

@@ -1,0 +1,436 @@
+"""Pure helpers that turn run records, metrics and reports into what the page shows: table rows, short texts,
+long-form data frames for the plots. No gradio here, so all of it is unit-tested without a browser.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+RUN_COLUMNS = ["Run", "Status", "Model", "LR", "Batch", "Epochs", "Progress", "Best val acc", "Duration", "Worker"]
+# plain symbols that every system font has (emoji render as empty boxes in some browsers)
+STATUS_ICONS = {"queued": "○ queued", "running": "▶ running", "succeeded": "✔ succeeded",
+                "failed": "✖ failed", "cancelled": "■ cancelled"}
+DASH = "—"
+
+
+# --- numbers ------------------------------------------------------------------------------------------------
+
+def fmt_duration(seconds: float | None) -> str:
+    """45s, 3m 07s, 1h 05m, 2d 03h; a dash for unknown."""
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+        return DASH
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m {s:02d}s"
+    h, m = divmod(m, 60)
+    if h < 24:
+        return f"{h}h {m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d {h:02d}h"
+
+
+def fmt_ago(timestamp: float | None, now: float | None = None) -> str:
+    """'just now', '5 min ago', '3 h ago', '2 days ago'."""
+    if not timestamp:
+        return DASH
+    delta = max(0.0, (now if now is not None else time.time()) - timestamp)
+    if delta < 45:
+        return "just now"
+    if delta < 3600:
+        return f"{max(1, round(delta / 60))} min ago"
+    if delta < 86400:
+        return f"{round(delta / 3600)} h ago"
+    days = round(delta / 86400)
+    return f"{days} day{'s' if days != 1 else ''} ago"
+
+
+def fmt_pct(value: float | None, digits: int = 1) -> str:
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return DASH
+    return f"{100 * value:.{digits}f}%"
+
+
+def fmt_lr(lr: float | None) -> str:
+    """Learning rates the way people write them: 1e-3, 3e-4, 0.01 → 1e-2, 0.1."""
+    if lr is None:
+        return DASH
+    lr = float(lr)
+    if lr >= 0.1 or lr <= 0:
+        return f"{lr:g}"
+    exponent = math.floor(math.log10(lr))
+    mantissa = lr / 10 ** exponent
+    if abs(mantissa - round(mantissa)) < 1e-9:
+        return f"{int(round(mantissa))}e{exponent}"
+    return f"{mantissa:.3g}e{exponent}"
+
+
+def parse_lrs(text: str) -> list[float]:
+    """Extra learning rates typed as '3e-4, 0.002'; raises ValueError naming the bad item."""
+    values = []
+    for item in text.replace(";", ",").replace(" ", ",").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(f"learning rate {item!r} is not a number — write e.g. 3e-4 or 0.0003") from None
+        if not (0 < value < 10):
+            raise ValueError(f"learning rate {item} must be a positive number below 10")
+        values.append(value)
+    return values
+
+
+# --- runs ---------------------------------------------------------------------------------------------------
+
+def progress_fraction(record: Mapping[str, Any]) -> float | None:
+    """How far a run is, 0..1 (None when it has not started reporting)."""
+    status = record.get("status")
+    if status == "succeeded":
+        return 1.0
+    p = record.get("progress") or {}
+    epochs = p.get("epochs") or (record.get("config") or {}).get("epochs")
+    epoch = p.get("epoch")
+    if not epochs or not epoch:
+        history = p.get("history") or []
+        return (len(history) / epochs) if epochs and history else None
+    done_batches = (p.get("batch") or 0) / p["num_batches"] if p.get("num_batches") else 0.0
+    # `epoch` is the 1-based epoch in progress; when it is the last recorded one it may be complete
+    history = p.get("history") or []
+    if history and history[-1].get("epoch") == epoch:
+        done_batches = 0.0
+        completed = epoch
+    else:
+        completed = epoch - 1
+    return max(0.0, min(1.0, (completed + min(1.0, done_batches)) / epochs))
+
+
+def progress_text(record: Mapping[str, Any]) -> str:
+    status = record.get("status")
+    p = record.get("progress") or {}
+    if status == "queued":
+        return "waiting for a worker"
+    if status == "succeeded":
+        return "100%"
+    phase = p.get("phase") or ""
+    frac = progress_fraction(record)
+    if status == "running" and phase == "preparing data":
+        info = p.get("info") or p
+        total, done = info.get("total"), info.get("decoded")
+        return f"preparing data {done}/{total}" if total else "preparing data"
+    if status == "running" and phase.startswith("evaluat"):
+        return "evaluating"
+    if frac is None:
+        return "starting" if status == "running" else DASH
+    epochs = p.get("epochs") or (record.get("config") or {}).get("epochs")
+    text = f"{100 * frac:.0f}%"
+    if status == "running" and p.get("epoch") and epochs:
+        text += f" · epoch {p['epoch']}/{epochs}"
+        if p.get("eta_s"):
+            text += f" · {fmt_duration(p['eta_s'])} left"
+    return text
+
+
+def best_val_acc(record: Mapping[str, Any]) -> tuple[float | None, int | None]:
+    """(accuracy, epoch) of the best epoch so far, from the final `best` or the live history."""
+    best = record.get("best") or {}
+    if best.get("best_val_acc") is not None:
+        return best["best_val_acc"], best.get("best_epoch")
+    history = (record.get("progress") or {}).get("history") or []
+    if not history:
+        return None, None
+    top = max(history, key=lambda r: r.get("val_acc") or 0.0)
+    return top.get("val_acc"), top.get("epoch")
+
+
+def run_duration(record: Mapping[str, Any], now: float | None = None) -> float | None:
+    started = record.get("started")
+    if not started:
+        return None
+    end = record.get("finished") or (now if now is not None else time.time())
+    return max(0.0, end - started)
+
+
+def run_row(record: Mapping[str, Any], now: float | None = None) -> list[str]:
+    """One row of the Runs table, in RUN_COLUMNS order."""
+    config = record.get("config") or {}
+    acc, epoch = best_val_acc(record)
+    acc_text = fmt_pct(acc) + (f" (ep {epoch})" if acc is not None and epoch else "")
+    status = record.get("status") or "?"
+    status_text = STATUS_ICONS.get(status, status)
+    if status == "running" and record.get("cancel_requested"):
+        status_text = "■ cancelling"
+    return [
+        record.get("run_id", "?"),
+        status_text,
+        config.get("model", DASH),
+        fmt_lr(config.get("lr")),
+        str(config.get("batch_size", DASH)),
+        str(config.get("epochs", DASH)),
+        progress_text(record),
+        acc_text,
+        fmt_duration(run_duration(record, now)),
+        record.get("worker") or DASH,
+    ]
+
+
+def run_summary(record: Mapping[str, Any], now: float | None = None) -> dict:
+    """A small JSON-able dict per run for the `run_status` API (no history, no images)."""
+    config = record.get("config") or {}
+    acc, epoch = best_val_acc(record)
+    p = record.get("progress") or {}
+    frac = progress_fraction(record)
+    return {
+        "run_id": record.get("run_id"),
+        "status": record.get("status"),
+        "model": config.get("model"),
+        "lr": config.get("lr"),
+        "batch_size": config.get("batch_size"),
+        "epochs": config.get("epochs"),
+        "image_size": config.get("image_size"),
+        "data_dir": config.get("data_dir"),
+        "progress": None if frac is None else round(frac, 4),
+        "phase": p.get("phase"),
+        "epoch": p.get("epoch"),
+        "best_val_acc": acc,
+        "best_epoch": epoch,
+        "duration_s": run_duration(record, now),
+        "worker": record.get("worker"),
+        "error": record.get("error"),
+        "created": record.get("created"),
+        "finished": record.get("finished"),
+    }
+
+
+def run_label(record_or_config: Mapping[str, Any]) -> str:
+    """A short human label for a run in plot legends: 'resnet18 lr 1e-3 bs 32 · 1a2b3c'."""
+    config = record_or_config.get("config") or record_or_config
+    run_id = record_or_config.get("run_id") or ""
+    suffix = run_id.rsplit("-", 1)[-1] if run_id else ""
+    parts = [str(config.get("model", "?")), f"lr {fmt_lr(config.get('lr'))}", f"bs {config.get('batch_size', '?')}"]
+    return " ".join(parts) + (f" · {suffix}" if suffix else "")
+
+
+def run_choice_label(record: Mapping[str, Any], now: float | None = None) -> str:
+    """Dropdown label: model, lr, accuracy, when; the value stays the run id."""
+    acc, _ = best_val_acc(record)
+    when = fmt_ago(record.get("finished") or record.get("created"), now)
+    return f"{run_label(record)} — val {fmt_pct(acc)} — {when}"
+
+
+def grid_count(models: Sequence[str], lrs: Sequence[float], batch_sizes: Sequence[int]) -> tuple[int, str]:
+    """(runs, sentence) for the Train tab: how many runs a choice queues, and why."""
+    n = len(models) * len(lrs) * len(batch_sizes)
+    missing = [name for name, values in (("a model", models), ("a learning rate", lrs),
+                                         ("a batch size", batch_sizes)) if not values]
+    if missing:
+        return 0, "Choose " + " and ".join(missing) + " to queue runs."
+    detail = " × ".join([_plural(len(models), "model"), _plural(len(lrs), "learning rate"),
+                         _plural(len(batch_sizes), "batch size")])
+    return n, f"**{_plural(n, 'run')} will be queued** ({detail})"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+# --- data frames for plots ----------------------------------------------------------------------------------
+
+def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]]):
+    """Long-form frames (loss, accuracy) for the curves plots: columns epoch, value, series."""
+    import pandas as pd
+
+    loss_rows, acc_rows = [], []
+    for label, records in histories.items():
+        for r in records:
+            epoch = r.get("epoch")
+            if epoch is None:
+                continue
+            for key, split, rows in (("train_loss", "train", loss_rows), ("val_loss", "val", loss_rows),
+                                     ("train_acc", "train", acc_rows), ("val_acc", "val", acc_rows)):
+                value = r.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    rows.append({"epoch": int(epoch), "value": float(value), "series": f"{label} · {split}"})
+    columns = ["epoch", "value", "series"]
+    return pd.DataFrame(loss_rows, columns=columns), pd.DataFrame(acc_rows, columns=columns)
+
+
+def counts_frame(counts: Mapping[str, int]):
+    import pandas as pd
+
+    return pd.DataFrame({"class": list(counts), "images": [int(v) for v in counts.values()]})
+
+
+def size_stats_markdown(sizes: Mapping[str, Any] | None) -> str:
+    if not sizes:
+        return ""
+    rows = ["| | min | median | max |", "|---|---:|---:|---:|"]
+    for key, label, unit in (("width", "width", " px"), ("height", "height", " px"), ("aspect", "aspect (w/h)", "")):
+        s = sizes.get(key) or {}
+        rows.append(f"| {label} | {s.get('min', DASH)}{unit} | {s.get('median', DASH)}{unit} | "
+                    f"{s.get('max', DASH)}{unit} |")
+    return "\n".join(rows)
+
+
+def problems_markdown(report: Mapping[str, Any], limit: int = 8) -> str:
+    """The dataset check's findings as a short list, with examples of unreadable files."""
+    lines = []
+    problems = report.get("problems") or []
+    if not problems:
+        lines.append("✔ **No problems found.**")
+    else:
+        lines.append(f"**{_plural(len(problems), 'problem')} found:**")
+        lines += [f"- {md_escape(p)}" for p in problems]
+    unreadable = report.get("unreadable") or []
+    if unreadable:
+        lines.append("")
+        lines.append(f"**Unreadable files (skipped):** {len(unreadable)}")
+        lines += [f"- `{md_escape(u['path'])}` — {md_escape(u['reason'])}" for u in unreadable[:limit]]
+        if len(unreadable) > limit:
+            lines.append(f"- … and {len(unreadable) - limit} more")
+    ignored = report.get("ignored") or []
+    if ignored:
+        lines.append("")
+        lines.append(f"Ignored {_plural(len(ignored), 'file')} that are not images, e.g. "
+                     + ", ".join(f"`{md_escape(i['path'])}`" for i in ignored[:3]))
+    return "\n".join(lines)
+
+
+def md_escape(text: Any) -> str:
+    """Text safe to put inside Markdown (file names come from users)."""
+    text = html.escape(str(text), quote=False)
+    for ch in "\\`*_[]|<>#":
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
+# --- results ------------------------------------------------------------------------------------------------
+
+def per_class_rows(per_class: Any) -> tuple[list[str], list[list[Any]]]:
+    """(headers, rows) for the per-class table from eval.json's `per_class` (a dict by class or a list)."""
+    if isinstance(per_class, Mapping):
+        items = [{"class": name, **(values or {})} for name, values in per_class.items()]
+    else:
+        items = [dict(v) for v in (per_class or [])]
+    keys = ["class"]
+    for item in items:
+        keys += [k for k in item if k not in keys and isinstance(item[k], (int, float, str))]
+    headers = [k.replace("_", " ") for k in keys]
+    rows = []
+    for item in items:
+        row = []
+        for k in keys:
+            v = item.get(k)
+            row.append(round(v, 4) if isinstance(v, float) else v)
+        rows.append(row)
+    return headers, rows
+
+
+def confusion_html(matrix: Sequence[Sequence[float]], classes: Sequence[str], normalized: bool) -> str:
+    """The confusion matrix as an HTML table, cells shaded by their share of the row (true class)."""
+    if not matrix or not classes:
+        return "<p>No confusion matrix in this run's evaluation.</p>"
+    head = "".join(f"<th title='predicted {html.escape(c)}'>{html.escape(_short(c))}</th>" for c in classes)
+    body = []
+    for name, row in zip(classes, matrix):
+        total = sum(row) or 1
+        cells = []
+        for j, value in enumerate(row):
+            share = value if normalized else value / total
+            alpha = max(0.0, min(1.0, float(share)))
+            text = f"{100 * value:.0f}%" if normalized else f"{int(value)}"
+            colour = "#fff" if alpha > 0.55 else "inherit"
+            cells.append(f"<td style='background: rgba(37, 99, 235, {alpha:.2f}); color: {colour}'"
+                         f" title='true {html.escape(name)}, predicted {html.escape(classes[j])}'>{text}</td>")
+        body.append(f"<tr><th title='true {html.escape(name)}'>{html.escape(_short(name))}</th>{''.join(cells)}</tr>")
+    return ("<div class='confusion-wrap'><table class='confusion'><thead><tr><th class='corner'>true ↓ / "
+            f"predicted →</th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
+
+
+def _short(name: str, width: int = 14) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def metrics_markdown(report: Mapping[str, Any]) -> str:
+    """Headline numbers from eval.json; unknown keys are left out rather than dumped."""
+    parts = []
+    labels = [("accuracy", "Accuracy"), ("top5_accuracy", "Top-5 accuracy"), ("balanced_accuracy", "Balanced acc."),
+              ("macro_f1", "Macro F1"), ("loss", "Loss"), ("ece", "Calibration error (ECE)")]
+    for key, label in labels:
+        value = report.get(key)
+        if value is None and isinstance(report.get("calibration"), Mapping) and key == "ece":
+            value = report["calibration"].get("ece")
+        if isinstance(value, (int, float)):
+            shown = f"{value:.4f}" if key in ("loss", "ece") else fmt_pct(value)
+            parts.append(f"**{label}:** {shown}")
+    split = report.get("split")
+    n = report.get("num_images") or report.get("n")
+    head = f"Evaluated on the **{split}** split" if split else "Evaluation"
+    if n:
+        head += f" ({n} images)"
+    return head + "  \n" + " · ".join(parts) if parts else head
+
+
+def roc_frames(section: Any, x_key: str, y_key: str, max_points: int = 400):
+    """Long-form frame (x, y, curve) from an eval.json ROC/PR section keyed by class (or 'micro'/'macro').
+
+    Accepted shapes: {name: {x_key: [...], y_key: [...], 'auc'?: float}} or
+    {'per_class': {...}, 'micro': {...}}, or a list of {'class'|'name', x_key, y_key}.
+    """
+    import pandas as pd
+
+    curves = _curve_items(section, x_key, y_key)
+    rows = []
+    for name, xs, ys, area in curves:
+        step = max(1, len(xs) // max_points)
+        label = f"{name} (AUC {area:.3f})" if isinstance(area, (int, float)) else str(name)
+        for x, y in list(zip(xs, ys))[::step] + ([(xs[-1], ys[-1])] if len(xs) % step else []):
+            rows.append({"x": float(x), "y": float(y), "curve": label})
+    return pd.DataFrame(rows, columns=["x", "y", "curve"])
+
+
+def _curve_items(section: Any, x_key: str, y_key: str) -> list[tuple[str, list, list, Any]]:
+    out: list[tuple[str, list, list, Any]] = []
+    if isinstance(section, Mapping):
+        for name, value in section.items():
+            if isinstance(value, Mapping) and x_key in value and y_key in value:
+                out.append((str(name), list(value[x_key]), list(value[y_key]),
+                            value.get("auc", value.get("ap", value.get("average_precision")))))
+            elif isinstance(value, (Mapping, list)) and name in ("per_class", "classes", "curves"):
+                out += _curve_items(value, x_key, y_key)
+    elif isinstance(section, list):
+        for value in section:
+            if isinstance(value, Mapping) and x_key in value and y_key in value:
+                name = value.get("class", value.get("name", "?"))
+                out.append((str(name), list(value[x_key]), list(value[y_key]),
+                            value.get("auc", value.get("ap", value.get("average_precision")))))
+    return [item for item in out if item[1] and len(item[1]) == len(item[2])]
+
+
+def tsne_frame(tsne: Mapping[str, Any] | None, classes: Sequence[str] | None = None):
+    """Frame (x, y, true class, predicted, correct) from eval.json's `tsne` {x, y, label, pred, path}."""
+    import pandas as pd
+
+    if not tsne or not tsne.get("x"):
+        return pd.DataFrame(columns=["x", "y", "true class", "predicted", "correct"])
+
+    def name(i):
+        if classes and isinstance(i, int) and 0 <= i < len(classes):
+            return classes[i]
+        return str(i)
+
+    labels = [name(i) for i in tsne.get("label", [])]
+    preds = [name(i) for i in tsne.get("pred", labels)]
+    return pd.DataFrame({"x": tsne["x"], "y": tsne["y"], "true class": labels, "predicted": preds,
+                         "correct": ["yes" if a == b else "no" for a, b in zip(labels, preds)]})
+
+
+def top5_dict(top: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Predictor top-k list → {class: probability} for gr.Label."""
+    return {item["class"]: float(item["probability"]) for item in top}

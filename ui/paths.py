@@ -1,0 +1,299 @@
+"""Keep what users type or upload inside the data roots.
+
+Every dataset path that reaches `shared/` from the page goes through `confine_dataset_path`: symlinks are
+resolved first, so neither `../` nor a link can lead out of the configured data roots, and a file where a folder
+is expected gets a message that says what to pick instead. Uploaded .zip archives are unpacked by
+`extract_zip` into the first data root, entry by entry, refusing absolute names, `..`, symlinks and archives
+that expand past a size or file-count cap (zip bombs), and writing into a hidden temporary folder that is renamed
+into place only when everything went well. Only image files are extracted: the data roots are served by the
+page's file route, so an uploaded .html or .svg must never land there (it would run in the page's origin).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterable, Sequence
+
+from shared.images import is_image_name
+
+# Folders that are never offered as datasets (zip residue, caches, VCS).
+_SKIP = frozenset({"__MACOSX", "__pycache__", "node_modules"})
+# How deep below a data root `discover_datasets` looks for dataset folders.
+_DISCOVER_DEPTH = 3
+_MAX_ENTRY_DEPTH = 32
+
+
+class PathError(ValueError):
+    """A user path or upload was refused; the message says why and what to do."""
+
+
+def is_within(path: Path, root: Path) -> bool:
+    """True when `path` is `root` or lies below it (both already resolved)."""
+    return path == root or root in path.parents
+
+
+def confine_dataset_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
+    """The resolved dataset folder for `user_path`, which must lie inside one of `roots`.
+
+    A relative path is taken relative to the first root. Raises PathError for an empty path, a path outside
+    the roots (after following symlinks and `..`), a missing path, or a file instead of a folder.
+    """
+    text = str(user_path or "").strip()
+    if not text:
+        raise PathError("no dataset folder given — pick one from the list or type a folder inside "
+                        f"{_roots_text(roots)}")
+    if "\x00" in text:
+        raise PathError("the path contains a NUL character — type a plain folder path")
+    resolved_roots = [Path(r).resolve() for r in roots]
+    raw = Path(text).expanduser()
+    candidate = raw if raw.is_absolute() else resolved_roots[0] / raw
+    try:
+        resolved = candidate.resolve(strict=False)
+    except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
+        raise PathError(f"cannot resolve {text!r} ({exc}) — type a plain folder inside {_roots_text(roots)}") from None
+    if not any(is_within(resolved, root) for root in resolved_roots):
+        raise PathError(f"{text!r} is outside the data folders this page may read ({_roots_text(roots)}) — "
+                        "copy the dataset into one of them, upload it as a .zip, or start the page with "
+                        "RESNET_LAB_DATA_ROOTS pointing at its parent folder")
+    if not resolved.exists():
+        raise PathError(f"{text!r} does not exist — pick a folder from the list")
+    if not resolved.is_dir():
+        hint = ("upload the .zip on the Data tab to extract it" if resolved.suffix.lower() == ".zip"
+                else "pick the folder that holds one sub-folder of images per class")
+        raise PathError(f"{text!r} is a file, not a folder — {hint}")
+    return resolved
+
+
+def _roots_text(roots: Iterable[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
+def discover_datasets(roots: Sequence[Path], depth: int = _DISCOVER_DEPTH, limit: int = 200) -> list[Path]:
+    """Folders under the roots that look like datasets: at least two sub-folders holding image files.
+
+    Cheap: only directory listings, no image is opened. Symlinked folders are listed but not descended into.
+    """
+    found: list[Path] = []
+    for root in roots:
+        root = Path(root)
+        if root.is_dir():
+            _discover(root.resolve(), depth, found, limit)
+    return sorted(dict.fromkeys(found), key=lambda p: str(p).lower())
+
+
+def _discover(folder: Path, depth: int, found: list[Path], limit: int) -> None:
+    if len(found) >= limit:
+        return
+    subdirs = _visible_subdirs(folder)
+    with_images = [d for d in subdirs if _has_images(d)]
+    if len(with_images) >= 2:
+        found.append(folder)
+        return  # a dataset's class folders are not datasets themselves
+    if depth <= 0:
+        return
+    for sub in subdirs:
+        if not sub.is_symlink():
+            _discover(sub, depth - 1, found, limit)
+
+
+def _visible_subdirs(folder: Path) -> list[Path]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name in _SKIP:
+            continue
+        try:
+            if entry.is_dir():
+                out.append(Path(entry.path))
+        except OSError:
+            continue
+    return out
+
+
+def _has_images(folder: Path, peek: int = 200) -> bool:
+    """True when one of the first entries of the folder is an image file (a class folder, not a parent)."""
+    try:
+        with os.scandir(folder) as it:
+            for i, entry in enumerate(it):
+                if i >= peek:
+                    break
+                if not entry.name.startswith(".") and is_image_name(entry.name) and entry.is_file():
+                    return True
+    except OSError:
+        return False
+    return False
+
+
+# --- .zip upload --------------------------------------------------------------------------------------------
+
+def safe_folder_name(name: str) -> str:
+    """A folder name made from an upload's file name: letters, digits, `-`, `_`, `.` only, never hidden."""
+    stem = Path(name).name
+    for suffix in (".zip",):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._-")
+    return clean[:80] or "dataset"
+
+
+def _entry_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
+    """The checked path parts of one archive entry; raises PathError for names that could escape."""
+    name = info.filename.replace("\\", "/")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise PathError(f"the archive holds an absolute path ({info.filename!r}) — refusing to extract it")
+    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
+    if any(p == ".." for p in parts):
+        raise PathError(f"the archive holds a path that climbs out of its folder ({info.filename!r}) — "
+                        "refusing to extract it")
+    if any("\x00" in p for p in parts):
+        raise PathError(f"the archive holds a name with a NUL character ({info.filename!r})")
+    if len(parts) > _MAX_ENTRY_DEPTH:
+        raise PathError(f"the archive nests folders more than {_MAX_ENTRY_DEPTH} deep ({info.filename!r})")
+    return parts
+
+
+def _is_symlink(info: zipfile.ZipInfo) -> bool:
+    # Unix archivers keep st_mode in the high 16 bits of external_attr
+    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
+
+
+@dataclass
+class Extracted:
+    """What `extract_zip` did: the dataset folder, how many images it wrote, which entries it left out."""
+
+    folder: Path
+    images: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def _plan(zf: zipfile.ZipFile, max_bytes: int, max_files: int, skipped: list[str]
+          ) -> list[tuple[zipfile.ZipInfo, tuple[str, ...]]]:
+    """Check every entry before anything is written; returns (entry, parts) for the images to extract."""
+    plan, total = [], 0
+    for info in zf.infolist():
+        parts = _entry_parts(info)
+        if not parts or parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
+            continue
+        if _is_symlink(info):
+            raise PathError(f"the archive holds a symbolic link ({info.filename!r}) — links are refused; "
+                            "zip the real files instead")
+        if info.is_dir():
+            continue
+        if info.flag_bits & 0x1:
+            raise PathError(f"the archive is encrypted ({info.filename!r}) — upload an archive without a password")
+        if not is_image_name(parts[-1]) or parts[-1].startswith("."):
+            skipped.append("/".join(parts))
+            continue
+        total += info.file_size
+        plan.append((info, parts))
+        if len(plan) > max_files:
+            raise PathError(f"the archive holds more than {max_files} files — split it or copy the folder "
+                            "into the data folder instead")
+        if total > max_bytes:
+            raise PathError(f"the archive expands to more than {_mb(max_bytes)} — too big to extract here; "
+                            "copy the folder into the data folder instead")
+    if not plan:
+        raise PathError("the archive holds no image files — zip a folder with one sub-folder of images per class")
+    return plan
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.0f} MB"
+
+
+def _copy_capped(src, dst, limit: int) -> int:
+    """Copy at most `limit` bytes; more means the entry lied about its size (a crafted archive)."""
+    written = 0
+    while chunk := src.read(1 << 20):
+        written += len(chunk)
+        if written > limit:
+            raise PathError("an archive entry expands beyond the size it declares — refusing a crafted archive")
+        dst.write(chunk)
+    return written
+
+
+def extract_zip(zip_path: str | os.PathLike, dest_root: Path, *, name: str | None = None,
+                max_bytes: int = 2_000_000_000, max_files: int = 100_000) -> Extracted:
+    """Unpack the images of an uploaded .zip into a new folder under `dest_root`.
+
+    The folder is named after `name` (default: the zip's file name), made unique. When the archive wraps
+    everything in a single top folder (`flowers/daisy/...`), that folder is the dataset folder returned.
+    Entries that are not images are skipped and listed. Nothing is left behind when the archive is refused.
+    """
+    dest_root = Path(dest_root)
+    try:
+        dest_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PathError(f"cannot create the data folder {dest_root} ({exc.strerror or exc})") from None
+    dest_root = dest_root.resolve()
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PathError(f"{Path(name or zip_path).name} is not a readable .zip archive ({exc}) — "
+                        "upload a .zip of class folders") from None
+    skipped: list[str] = []
+    with zf:
+        plan = _plan(zf, max_bytes, max_files, skipped)
+        needed = sum(info.file_size for info, _ in plan)
+        free = shutil.disk_usage(dest_root).free
+        if needed > free - 100_000_000:
+            raise PathError(f"not enough disk space in {dest_root}: the archive needs {_mb(needed)}, "
+                            f"{_mb(free)} are free")
+        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=dest_root))
+        try:
+            for info, parts in plan:
+                target = tmp.joinpath(*parts)
+                # belt and braces: the parts were checked, but never write outside tmp whatever happens
+                if not is_within(target.resolve(strict=False), tmp.resolve()):
+                    raise PathError(f"refusing archive entry {info.filename!r}: it would land outside the folder")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as src, open(target, "xb") as dst:
+                    _copy_capped(src, dst, info.file_size)
+            final = _unique(dest_root / safe_folder_name(name or Path(zip_path).name))
+            os.replace(tmp, final)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, (zipfile.BadZipFile, EOFError)):
+                raise PathError(f"the archive is damaged ({exc}) — zip the folder again and re-upload") from None
+            if isinstance(exc, FileExistsError):
+                raise PathError(f"the archive lists the same file twice ({exc.filename}) — "
+                                "zip the folder again") from None
+            raise
+    os.chmod(final, 0o755)
+    return Extracted(_dataset_inside(final), len(plan), skipped)
+
+
+def _unique(path: Path) -> Path:
+    if not path.exists():
+        return path
+    for i in range(2, 10_000):
+        candidate = path.with_name(f"{path.name}-{i}")
+        if not candidate.exists():
+            return candidate
+    raise PathError(f"too many folders named {path.name} in {path.parent} — remove some")
+
+
+def _dataset_inside(folder: Path) -> Path:
+    """Descend through single wrapper folders (`upload/flowers/<classes>` → `upload/flowers`)."""
+    for _ in range(_MAX_ENTRY_DEPTH):
+        try:
+            entries = [e for e in os.scandir(folder) if not e.name.startswith(".") and e.name not in _SKIP]
+        except OSError:
+            return folder
+        dirs = [e for e in entries if e.is_dir(follow_symlinks=False)]
+        files = [e for e in entries if e.is_file(follow_symlinks=False)]
+        if len(dirs) == 1 and not files:
+            folder = Path(dirs[0].path)
+            continue
+        return folder
+    return folder
