@@ -1,0 +1,171 @@
+"""The page: `build_app(settings)` lays out five tabs (Data, Train, Runs, Results, Predict), then wires them.
+
+Each tab lives in `ui/tabs/<name>.py` with `build(lab)` (components only, returned in a small dataclass) and
+`wire(lab, ui, ...)` (event handlers). Tabs talk to the rest of the system only through `Lab`: the run store on
+disk, the queue client (Redis + Celery, by task name) and the predictor cache that answers Predict in this
+process, so prediction keeps working while the worker trains.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from shared.predict import PredictorCache
+from shared.runs import RunStore, read_json
+from shared.settings import Settings
+
+from .client import QueueClient, QueueUnavailable
+from .tabs import data, predict, results, runs, train
+
+log = logging.getLogger(__name__)
+
+TITLE = "ResNet Lab"
+THEME = gr.themes.Soft(primary_hue="blue", neutral_hue="slate")
+CSS = """
+#title h1 { margin-bottom: 0; }
+#title p { margin-top: 0.2em; color: var(--body-text-color-subdued); }
+#redis-banner { background: #fff4e5; border: 1px solid #f0a020; border-radius: 8px; padding: 0.6em 1em; }
+#redis-banner p { margin: 0; color: #6b4100; }
+.help { color: var(--body-text-color-subdued); margin-bottom: 0.4em; }
+#run-count { font-size: 1.05em; }
+.confusion-wrap { overflow-x: auto; }
+table.confusion { border-collapse: collapse; font-size: 0.85em; }
+table.confusion th, table.confusion td { border: 1px solid var(--border-color-primary); padding: 4px 8px;
+  text-align: center; min-width: 2.6em; }
+table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--body-text-color-subdued); }
+.toolbar { align-items: flex-end !important; }
+.toolbar button { max-height: 3.2em; }
+footer { display: none !important; }
+"""
+# Seconds between refreshes of the runs table / banner (issue 4: "about every 2 s, small payloads").
+POLL_SECONDS = 2.0
+# A registry that lost records (Redis restarted without its data) is rebuilt from the run folders at most this often.
+RESYNC_EVERY_S = 10.0
+
+
+class Lab:
+    """What the tabs share: settings, the run store, the queue client (lazy) and the predictor cache."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = RunStore(settings.models_dir)
+        self.predictors = PredictorCache(self.store, size=2, device="cpu")
+        self._client: QueueClient | None = None
+        self._lock = threading.Lock()
+        self._last_check = 0.0
+        self._redis_was_down = False
+
+    def client(self) -> QueueClient:
+        """The queue client; raises QueueUnavailable (with what to start) when REDIS_URL is unset."""
+        with self._lock:
+            if self._client is None:
+                self._client = QueueClient(self.settings)
+            return self._client
+
+    def snapshot(self) -> tuple[list[dict], str | None]:
+        """(run records newest first, problem). With Redis down the records come from the run folders and
+        `problem` says what to start; when Redis is back (possibly empty after a restart) it is resynced."""
+        try:
+            client = self.client()
+            records = client.list_runs()
+        except QueueUnavailable as exc:
+            self._redis_was_down = True
+            return self.disk_records(), str(exc)
+        self._maybe_resync(client, records)
+        return records, None
+
+    def _maybe_resync(self, client: QueueClient, records: list[dict]) -> None:
+        now = time.monotonic()
+        if not self._redis_was_down and now - self._last_check < RESYNC_EVERY_S:
+            return
+        self._last_check = now
+        if self._redis_was_down or len(records) < min(len(self.store.ids()), 500):
+            try:
+                added = client.resync()
+            except Exception as exc:  # noqa: BLE001 - Redis may drop again mid-resync; the next tick retries
+                log.warning("resync from the run folders failed: %s", exc)
+                return
+            if added:
+                log.info("registry rebuilt from the run folders: %d runs restored", added)
+        self._redis_was_down = False
+
+    def disk_records(self) -> list[dict]:
+        """Run records from the run folders (no live progress): the fallback while Redis is down."""
+        out = []
+        for status in self.store.list():
+            run_dir = self.store.root / status["run_id"]
+            record = dict(status)
+            record["config"] = read_json(run_dir / "config.json", {}) or {}
+            if status.get("status") == "running":
+                from shared.runs import read_metrics
+
+                record["progress"] = {"history": read_metrics(run_dir),
+                                      "epochs": record["config"].get("epochs")}
+            out.append(record)
+        return out
+
+    def record(self, run_id: str) -> dict:
+        """One run's record: from Redis when it answers, else from its folder."""
+        try:
+            return self.client().run(run_id)
+        except Exception:  # noqa: BLE001 - any registry trouble: the folder is the durable truth
+            status = self.store.status(run_id)
+            return {**status, "config": read_json(self.store.path(run_id) / "config.json", {}) or {}}
+
+    def succeeded_runs(self) -> list[dict]:
+        """Finished runs with a best checkpoint, newest first (from disk: works without Redis)."""
+        out = []
+        for status in self.store.list():
+            if status.get("status") == "succeeded" and (self.store.root / status["run_id"] / "best.pt").is_file():
+                record = dict(status)
+                record["config"] = read_json(self.store.root / status["run_id"] / "config.json", {}) or {}
+                out.append(record)
+        out.sort(key=lambda r: (r.get("finished") or 0.0, r["run_id"]), reverse=True)
+        return out
+
+
+def allowed_paths(settings: Settings) -> list[str]:
+    """What Gradio's file route may serve besides its own cache: the run folders and the data roots."""
+    return [str(Path(settings.models_dir).resolve())] + [str(Path(r).resolve()) for r in settings.data_roots]
+
+
+def build_app(settings: Settings, lab: Lab | None = None) -> gr.Blocks:
+    """The whole page. Layout first (every tab's `build`), then events (every tab's `wire`)."""
+    lab = lab or Lab(settings)
+    # Figures and checkpoints are served from the run folders as they are, not copied into Gradio's cache
+    # (a ResNet50 best.pt is ~95 MB). This is process-wide in Gradio; the page is the only app in its process.
+    gr.set_static_paths([str(Path(settings.models_dir).resolve())])
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {TITLE}\nTrain, compare and explain ResNet image classifiers — pick data, queue runs, "
+                    "watch them learn, study the results, and try the model on your own images.", elem_id="title")
+        banner = gr.Markdown(visible=False, elem_id="redis-banner")
+        active_tab = gr.State("data")
+        with gr.Tabs(elem_id="tabs") as tabs:
+            with gr.Tab("Data", id="data", elem_id="tab-data") as tab_data:
+                data_ui = data.build(lab)
+            with gr.Tab("Train", id="train", elem_id="tab-train") as tab_train:
+                train_ui = train.build(lab)
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs") as tab_runs:
+                runs_ui = runs.build(lab)
+            with gr.Tab("Results", id="results", elem_id="tab-results") as tab_results:
+                results_ui = results.build(lab)
+            with gr.Tab("Predict", id="predict", elem_id="tab-predict") as tab_predict:
+                predict_ui = predict.build(lab)
+        timer = gr.Timer(POLL_SECONDS)
+
+        for tab, name in ((tab_data, "data"), (tab_train, "train"), (tab_runs, "runs"),
+                          (tab_results, "results"), (tab_predict, "predict")):
+            tab.select(lambda name=name: name, None, active_tab, api_visibility="private", queue=False)
+
+        data.wire(lab, data_ui)
+        train.wire(lab, train_ui, data_dir=data_ui.data_dir, tab=tab_train)
+        runs.wire(lab, runs_ui, timer=timer, banner=banner, active_tab=active_tab, tab=tab_runs,
+                  train_ui=train_ui, data_dir=data_ui.data_dir, tabs=tabs)
+        results.wire(lab, results_ui, tab=tab_results)
+        predict.wire(lab, predict_ui, timer=timer, active_tab=active_tab, tab=tab_predict)
+    return demo

@@ -1,0 +1,229 @@
+"""Predict tab: drop one image → top-5 classes and a Grad-CAM overlay; drop many → a table and a CSV.
+
+Prediction runs in this (the page's) process through `PredictorCache`, so it answers while the worker is busy
+training. "Latest finished run" is resolved at every request, so a newer model is used as soon as it lands; the
+answer always names the run that gave it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from shared.images import ImageError, load_rgb
+from shared.predict import NoModelError, write_predictions_csv
+
+from .. import formatting as fmt
+
+log = logging.getLogger(__name__)
+
+HELP = ("Drop a photo (or paste one, or use the webcam) to see what the model thinks it is and where it looked. "
+        "Several photos at once go into a table you can download as CSV.")
+LATEST = "latest"
+LATEST_LABEL = "Latest finished run (switches automatically)"
+TABLE_COLUMNS = ["file", "prediction", "probability", "2nd", "3rd", "error"]
+
+
+@dataclass
+class PredictUI:
+    model: gr.Dropdown
+    model_info: gr.Markdown
+    image: gr.Image
+    label: gr.Label
+    cam: gr.Image
+    answer: gr.Markdown
+    files: gr.File
+    many_btn: gr.Button
+    table: gr.Dataframe
+    csv: gr.File
+    state: gr.State
+
+
+def model_choices(lab) -> list[tuple[str, str]]:
+    now = time.time()
+    return [(LATEST_LABEL, LATEST)] + [(fmt.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+
+
+def build(lab) -> PredictUI:
+    gr.Markdown(HELP, elem_classes="help")
+    with gr.Row(equal_height=True):
+        model = gr.Dropdown(choices=model_choices(lab), value=LATEST, label="Model", elem_id="predict-model",
+                            scale=2)
+        model_info = gr.Markdown(model_info_text(lab, LATEST), elem_id="predict-model-info")
+    with gr.Row(equal_height=False):
+        image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
+                         elem_id="predict-image", height=320)
+        with gr.Column():
+            label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
+            answer = gr.Markdown(elem_id="predict-info")
+        cam = gr.Image(label="Where the model looked (Grad-CAM)", interactive=False, elem_id="predict-cam",
+                       height=320, format="png")
+    with gr.Accordion("Many images at once", open=False, elem_id="predict-many"):
+        with gr.Row(equal_height=False):
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict-files",
+                            height=140)
+            with gr.Column():
+                many_btn = gr.Button("Classify all", variant="primary", elem_id="predict-many-btn")
+                csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="predict-csv", height=90)
+        table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
+                             elem_id="predict-table", max_height=360)
+    state = gr.State({})
+    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state)
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+
+def _predictor(lab, model: str | None):
+    try:
+        return lab.predictors.get(model or LATEST)
+    except NoModelError as exc:
+        if (model or LATEST) == LATEST:
+            raise gr.Error("No model yet: no run has finished. Train one on the Train tab, then come back — "
+                           "this page picks it up by itself.", title="No model yet") from None
+        raise gr.Error(str(exc), title="Model not available") from None
+
+
+def _describe_run(lab, run_id: str, latest: bool) -> str:
+    try:
+        record = lab.record(run_id)
+    except Exception:  # noqa: BLE001 - a missing record still names the run
+        record = {"run_id": run_id}
+    acc, _ = fmt.best_val_acc(record)
+    when = fmt.fmt_ago(record.get("finished"))
+    source = "the latest finished run" if latest else "the run you picked"
+    return (f"Answered by **{fmt.md_escape(fmt.run_label(record))}** (`{run_id}`, val accuracy {fmt.fmt_pct(acc)}, "
+            f"finished {when}) — {source}.")
+
+
+def model_info_text(lab, model: str | None) -> str:
+    model = model or LATEST
+    if model == LATEST:
+        run_id = lab.store.latest_succeeded()
+        if run_id is None:
+            return "No finished run yet — train one on the **Train** tab."
+        return "Now answering with " + _describe_run(lab, run_id, True).removeprefix("Answered by ")
+    return "Now answering with " + _describe_run(lab, model, False).removeprefix("Answered by ")
+
+
+def _max_bytes(lab) -> int:
+    return int(lab.settings.max_upload_mb) * 1_000_000
+
+
+def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
+    """(bytes, display name) of an uploaded image payload (FileData dict, path, or data: URL)."""
+    if isinstance(payload, dict):
+        url, path = payload.get("url") or "", payload.get("path")
+        name = payload.get("orig_name") or (Path(path).name if path else "image")
+        if not path and url.startswith("data:"):
+            data = base64.b64decode(url.split(",", 1)[1])
+            return data, name
+    else:
+        path, name = payload, Path(str(payload)).name
+    size = os.path.getsize(path)
+    if size > _max_bytes(lab):
+        raise gr.Error(f"{name} is {size / 1e6:.0f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
+                       "image.", title="File too large")
+    with open(path, "rb") as fh:
+        return fh.read(), name
+
+
+def _load(data: bytes, name: str):
+    buffer = io.BytesIO(data)
+    buffer.name = name  # ImageError messages then name the user's file, not a temporary path
+    try:
+        return load_rgb(buffer)
+    except ImageError as exc:
+        raise gr.Error(str(exc), title="Not a usable image") from None
+
+
+# --- handlers -----------------------------------------------------------------------------------------------
+
+def predict(lab, image: Any, model: str | None = LATEST):
+    """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered)."""
+    if image is None:
+        return None, None, ""
+    data, name = _upload_bytes(lab, image)
+    picture = _load(data, name)
+    predictor = _predictor(lab, model)
+    top, overlay = predictor.explain(picture)
+    return fmt.top5_dict(top), overlay, _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
+
+
+def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
+    """Many images → table, CSV file, and which run answered."""
+    if not files:
+        raise gr.Error("Add some images first.", title="No images")
+    predictor = _predictor(lab, model)
+    names = [Path(f).name for f in files]
+    sources: list[Any] = []
+    too_big = {}
+    for path, name in zip(files, names):
+        if os.path.getsize(path) > _max_bytes(lab):
+            too_big[name] = f"larger than {lab.settings.max_upload_mb} MB"
+            sources.append(b"")
+        else:
+            sources.append(path)
+    results = predictor.predict_many(sources, top_k=5)
+    for result, path, name in zip(results, files, names):
+        result["source"] = name
+        if name in too_big:
+            result["error"], result["top"] = too_big[name], []
+        elif result["error"]:
+            result["error"] = str(result["error"]).replace(str(path), name).replace("<uploaded bytes>", name)
+    rows = []
+    for r in results:
+        top = r["top"]
+        rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
+                     top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
+                     r["error"] or ""])
+    out_dir = Path(tempfile.mkdtemp(prefix="resnet-lab-predictions-"))
+    csv_path = write_predictions_csv(results, out_dir / "predictions.csv")
+    failed = sum(1 for r in results if r["error"])
+    if failed:
+        gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS), str(csv_path), _describe_run(
+        lab, predictor.run_id, (model or LATEST) == LATEST)
+
+
+def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, force: bool = False):
+    """Keep the model list and the "now answering with" line current (newer runs land while the page is open)."""
+    state = dict(state or {})
+    if active_tab != "predict" and not force:
+        return gr.skip(), gr.skip(), state
+    choices = model_choices(lab)
+    values = [v for _, v in choices]
+    info = model_info_text(lab, model)
+    dropdown = gr.skip()
+    if force or state.get("choices") != values:
+        dropdown = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
+        state["choices"] = values
+    info_out = gr.skip()
+    if force or state.get("info") != info:
+        info_out, state["info"] = info, info
+    return dropdown, info_out, state
+
+
+def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
+    # preprocess=False: the handler reads the upload itself, so a text file named .jpg or a decompression bomb
+    # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing
+    ui.image.change(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer], api_name="predict",
+                    preprocess=False, concurrency_limit=4, show_progress="minimal")
+    ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer],
+                      api_name="predict_many", concurrency_limit=2)
+    ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
+                   show_progress="hidden")
+    timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state], [ui.model, ui.model_info, ui.state],
+               api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
+    tab.select(lambda m, st: refresh_models(lab, m, "predict", st, force=True), [ui.model, ui.state],
+               [ui.model, ui.model_info, ui.state], api_visibility="private", show_progress="hidden")

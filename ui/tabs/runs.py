@@ -1,0 +1,367 @@
+"""Runs tab: every run in one table, refreshed by a timer; live loss/accuracy curves of the selected runs on
+one chart; cancel, delete (with its files) and clone-into-the-Train-form.
+
+The timer handler sends only what changed: the table when a row changed, the plots when a selected run gained
+an epoch, the banner when Redis went away or came back. Everything else answers `gr.skip()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from functools import lru_cache, partial
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from shared.runs import RunNotFound, read_metrics
+
+from .. import formatting as fmt
+from ..client import QueueUnavailable
+from . import train as train_tab
+
+log = logging.getLogger(__name__)
+
+HELP = ("All runs, newest first, refreshed every 2 seconds. Click rows (or use the selector) to compare their "
+        "curves, then cancel, delete or clone them into the Train form.")
+# Runs whose curves are drawn when nothing is selected: the newest few that have at least one epoch.
+DEFAULT_CURVES = 4
+MAX_CURVES = 12
+
+
+@dataclass
+class RunsUI:
+    table: gr.Dataframe
+    select: gr.Dropdown
+    cancel_btn: gr.Button
+    delete_btn: gr.Button
+    clone_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_text: gr.Markdown
+    confirm_btn: gr.Button
+    abort_btn: gr.Button
+    message: gr.Markdown
+    curves_note: gr.Markdown
+    loss_plot: gr.LinePlot
+    acc_plot: gr.LinePlot
+    detail: gr.Markdown
+    state: gr.State
+
+
+def build(lab) -> RunsUI:
+    gr.Markdown(HELP, elem_classes="help")
+    table = gr.Dataframe(headers=fmt.RUN_COLUMNS, value=pd.DataFrame(columns=fmt.RUN_COLUMNS), interactive=False,
+                         elem_id="runs-table", max_height=420, wrap=False, label="Runs", show_label=False)
+    with gr.Row(elem_classes="toolbar"):
+        select = gr.Dropdown(choices=[], value=[], multiselect=True, label="Selected runs", elem_id="runs-select",
+                             info="Curves, cancel, delete and clone apply to these.", scale=4)
+        cancel_btn = gr.Button("Cancel", elem_id="cancel-btn", scale=0, min_width=110)
+        delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn", scale=0, min_width=110)
+        clone_btn = gr.Button("Clone into Train form", elem_id="clone-btn", scale=0, min_width=200)
+    with gr.Row(visible=False, elem_id="delete-confirm", elem_classes="toolbar") as confirm_row:
+        confirm_text = gr.Markdown()
+        confirm_btn = gr.Button("Delete runs and their files", variant="stop", elem_id="delete-confirm-btn",
+                                scale=0, min_width=230)
+        abort_btn = gr.Button("Keep them", elem_id="delete-abort-btn", scale=0, min_width=120)
+    message = gr.Markdown(elem_id="runs-message")
+    detail = gr.Markdown(elem_id="run-detail")
+    curves_note = gr.Markdown(elem_id="curves-note")
+    with gr.Row(elem_id="curves"):
+        loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss", x_title="epoch",
+                                y_title="loss", height=320, elem_id="curves-loss", tooltip="all")
+        acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy", x_title="epoch",
+                               y_title="accuracy", y_lim=[0, 1], height=320, elem_id="curves-acc", tooltip="all")
+    state = gr.State({})
+    return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
+                  abort_btn, message, curves_note, loss_plot, acc_plot, detail, state)
+
+
+# --- data ---------------------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=256)
+def _disk_metrics(path: str, mtime: float, size: int) -> tuple[dict, ...]:
+    return tuple(read_metrics(Path(path)))
+
+
+def history_of(lab, record: dict) -> list[dict]:
+    """Epoch records of a run: the live history from Redis, else metrics.jsonl (cached by mtime)."""
+    live = (record.get("progress") or {}).get("history")
+    if live:
+        return list(live)
+    run_dir = lab.store.root / record["run_id"]
+    try:
+        st = (run_dir / "metrics.jsonl").stat()
+    except OSError:
+        return []
+    return list(_disk_metrics(str(run_dir), st.st_mtime, st.st_size))
+
+
+def _curve_runs(records: list[dict], selected: list[str]) -> list[dict]:
+    by_id = {r["run_id"]: r for r in records}
+    if selected:
+        return [by_id[rid] for rid in selected if rid in by_id][:MAX_CURVES]
+    started = [r for r in records if r.get("status") in ("running", "succeeded") or r.get("started")]
+    return started[:DEFAULT_CURVES]
+
+
+def curves(lab, records: list[dict], selected: list[str]) -> tuple[str, Any, Any, tuple]:
+    """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones)."""
+    chosen = _curve_runs(records, selected)
+    histories = {}
+    for record in chosen:
+        histories[fmt.run_label(record)] = history_of(lab, record)
+    sig = tuple((label, len(h), h[-1].get("epoch") if h else None) for label, h in histories.items())
+    loss, acc = fmt.curves_frame(histories)
+    if not records:
+        note = "No runs yet — queue some on the **Train** tab."
+    elif not chosen:
+        note = "No run has started yet; curves appear after the first epoch."
+    elif loss.empty:
+        note = "Waiting for the first epoch to finish…"
+    elif selected:
+        note = f"Curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}."
+    else:
+        note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''} — select runs above to "
+                "compare others.")
+    return note, loss, acc, sig
+
+
+def detail_text(records: list[dict], selected: list[str], now: float) -> str:
+    by_id = {r["run_id"]: r for r in records}
+    lines = []
+    for rid in selected[:MAX_CURVES]:
+        r = by_id.get(rid)
+        if r is None:
+            continue
+        status = r.get("status")
+        head = f"**{fmt.md_escape(fmt.run_label(r))}** — {fmt.STATUS_ICONS.get(status, status)}"
+        if status == "failed" and r.get("error"):
+            lines.append(f"{head}: {fmt.md_escape(_first_line(r['error']))}")
+        elif status == "running":
+            p = r.get("progress") or {}
+            speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
+            lines.append(f"{head}: {fmt.progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
+        elif status == "cancelled":
+            lines.append(f"{head}: {fmt.md_escape(r.get('error') or 'cancelled')}")
+        elif status == "succeeded":
+            acc, epoch = fmt.best_val_acc(r)
+            lines.append(f"{head}: best val accuracy {fmt.fmt_pct(acc)} at epoch {epoch}, took "
+                         f"{fmt.fmt_duration(fmt.run_duration(r, now))} — see **Results**")
+        else:
+            lines.append(head)
+    return "\n\n".join(lines)
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def banner_update(problem: str | None):
+    if not problem:
+        return gr.Markdown(value="", visible=False)
+    return gr.Markdown(value=f"⚠ **The run queue is unreachable.** {fmt.md_escape(problem)}. Runs below are read "
+                             "from the run folders; live progress comes back by itself, no reload needed.",
+                       visible=True)
+
+
+# --- handlers -----------------------------------------------------------------------------------------------
+
+def tick(lab, selected: list[str] | None, active_tab: str, state: dict | None, force: bool = False):
+    """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed."""
+    state = dict(state or {})
+    selected = list(selected or [])
+    records, problem = lab.snapshot()
+    banner = gr.skip()
+    if state.get("problem", "unset") != problem:
+        banner = banner_update(problem)
+        state["problem"] = problem
+    if active_tab != "runs" and not force:
+        return (gr.skip(),) * 6 + (banner, state)
+    now = time.time()
+    rows = [fmt.run_row(r, now) for r in records]
+    table = gr.skip()
+    if force or state.get("rows") != rows:
+        table = pd.DataFrame(rows, columns=fmt.RUN_COLUMNS)
+        state["rows"] = rows
+    choices = [(f"{fmt.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
+    select = gr.skip()
+    if force or state.get("choices") != choices:
+        known = {value for _, value in choices}
+        select = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
+        state["choices"] = choices
+    note, loss, acc, sig = curves(lab, records, selected)
+    loss_out = acc_out = note_out = gr.skip()
+    if force or state.get("curves") != (sig, note):
+        loss_out, acc_out, note_out = loss, acc, note
+        state["curves"] = (sig, note)
+    detail = detail_text(records, selected, now)
+    detail_out = gr.skip()
+    if force or state.get("detail") != detail:
+        detail_out = detail
+        state["detail"] = detail
+    return table, select, note_out, loss_out, acc_out, detail_out, banner, state
+
+
+def on_row_select(selected: list[str] | None, evt: gr.SelectData):
+    """Clicking a row toggles that run in the selection."""
+    row = evt.row_value or []
+    run_id = row[0] if row else None
+    selected = list(selected or [])
+    if not run_id:
+        return gr.skip()
+    if run_id in selected:
+        selected.remove(run_id)
+    else:
+        selected.append(run_id)
+    return gr.Dropdown(value=selected)
+
+
+def cancel_runs(lab, run_ids: list[str] | None) -> str:
+    if not run_ids:
+        raise gr.Error("Select one or more runs first (click their rows).", title="Nothing selected")
+    try:
+        client = lab.client()
+    except QueueUnavailable as exc:
+        raise gr.Error(str(exc), title="Queue unavailable") from None
+    done, skipped = [], []
+    for run_id in run_ids:
+        try:
+            record = client.run(run_id)
+        except (RunNotFound, QueueUnavailable):
+            skipped.append(f"`{run_id}` (not found)")
+            continue
+        if record.get("status") not in ("queued", "running"):
+            skipped.append(f"`{run_id}` (already {record.get('status')})")
+            continue
+        try:
+            client.cancel(run_id)
+        except QueueUnavailable as exc:
+            raise gr.Error(str(exc), title="Queue unavailable") from None
+        done.append(run_id)
+    parts = []
+    if done:
+        parts.append(f"Cancel requested for {len(done)} run{'s' if len(done) != 1 else ''}: running ones stop "
+                     "within one batch and keep their last finished epoch.")
+    if skipped:
+        parts.append("Not cancelled: " + ", ".join(skipped) + ".")
+    return " ".join(parts)
+
+
+def ask_delete(run_ids: list[str] | None):
+    if not run_ids:
+        raise gr.Error("Select one or more runs first (click their rows).", title="Nothing selected")
+    n = len(run_ids)
+    text = (f"**Delete {n} run{'s' if n != 1 else ''} and all {'their' if n != 1 else 'its'} files** "
+            "(checkpoints, metrics, figures)? This cannot be undone.")
+    return gr.Row(visible=True), text
+
+
+def delete_runs(lab, run_ids: list[str] | None):
+    if not run_ids:
+        return gr.Row(visible=False), "", gr.skip()
+    try:
+        client = lab.client()
+    except QueueUnavailable as exc:
+        raise gr.Error(str(exc), title="Queue unavailable") from None
+    deleted, refused = [], []
+    for run_id in run_ids:
+        try:
+            client.delete(run_id)
+            deleted.append(run_id)
+        except RunNotFound:
+            # already gone from disk: drop a stale registry record too
+            try:
+                client.registry.delete(run_id)
+            except Exception:  # noqa: BLE001 - best effort; the next resync settles it
+                pass
+            deleted.append(run_id)
+        except ValueError as exc:  # running: cancel first
+            refused.append(f"`{run_id}`: {fmt.md_escape(exc)}")
+        except Exception as exc:  # noqa: BLE001 - Redis dropped mid-way: say so, the folder may be gone already
+            log.warning("delete of %s failed: %s", run_id, exc)
+            refused.append(f"`{run_id}`: could not reach the queue — try again")
+    parts = []
+    if deleted:
+        parts.append(f"Deleted {len(deleted)} run{'s' if len(deleted) != 1 else ''}.")
+    if refused:
+        parts.append("Not deleted: " + "; ".join(refused))
+    remaining = [rid for rid in run_ids if rid not in deleted]
+    return gr.Row(visible=False), " ".join(parts), gr.Dropdown(value=remaining)
+
+
+def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
+    """Fill the Train form from the first selected run's config and switch to the Train tab."""
+    if not run_ids:
+        raise gr.Error("Select a run to clone (click its row).", title="Nothing selected")
+    run_id = run_ids[0]
+    try:
+        config = lab.store.config(run_id).to_dict()
+    except RunNotFound:
+        config = (lab.record(run_id) or {}).get("config") or {}
+    except Exception as exc:  # noqa: BLE001 - a damaged config.json: say which run
+        raise gr.Error(f"cannot read the settings of run {run_id}: {exc}", title="Cannot clone") from None
+    if not config:
+        raise gr.Error(f"run {run_id} has no saved settings", title="Cannot clone")
+    values = train_tab.config_to_form(config)
+    updates = [values.get(name, gr.skip()) for name in field_names]
+    gr.Info(f"The Train form now holds the settings of {run_id}; change what you like and queue.")
+    return [*updates, config.get("data_dir") or gr.skip(), gr.Tabs(selected="train")]
+
+
+# --- API ----------------------------------------------------------------------------------------------------
+
+def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
+         train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
+    outputs = [ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
+    timer.tick(partial(tick, lab), [ui.select, active_tab, ui.state], outputs, api_visibility="private",
+               show_progress="hidden", trigger_mode="once", concurrency_limit=None)
+    refresh_now = partial(tick, lab, force=True)
+    # .input, not .change: the timer itself rewrites the selector, which must not trigger another refresh
+    gr.on([tab.select, ui.select.input], lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state],
+          outputs, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
+    ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private", show_progress="hidden").then(
+        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
+        show_progress="hidden")
+    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(
+        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
+        show_progress="hidden")
+    ui.delete_btn.click(ask_delete, ui.select, [ui.confirm_row, ui.confirm_text], api_visibility="private")
+    ui.abort_btn.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private")
+    ui.confirm_btn.click(partial(delete_runs, lab), ui.select, [ui.confirm_row, ui.message, ui.select],
+                         api_visibility="private").then(
+        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
+        show_progress="hidden")
+    names = list(train_ui.fields)
+    ui.clone_btn.click(partial(clone_run, lab, field_names=names), ui.select,
+                       [*train_ui.fields.values(), data_dir, tabs], api_visibility="private")
+
+    def run_status() -> list[dict]:
+        """All runs, newest first, as small dicts: run_id, status, model, lr, batch_size, epochs, progress (0..1),
+        phase, epoch, best_val_acc, best_epoch, duration_s, worker, error, created, finished."""
+        records, problem = lab.snapshot()
+        if problem:
+            raise gr.Error(problem, title="Queue unavailable")
+        now = time.time()
+        return [fmt.run_summary(r, now) for r in records]
+
+    def run_curves(run_ids: list[str]) -> dict:
+        """Epoch records (epoch, train_loss, train_acc, val_loss, val_acc, lr, ...) for each run id."""
+        out = {}
+        for run_id in run_ids or []:
+            try:
+                out[run_id] = history_of(lab, lab.record(run_id))
+            except RunNotFound:
+                raise gr.Error(f"no run {run_id!r}", title="Unknown run") from None
+        return out
+
+    def cancel(run_ids: list[str]) -> str:
+        """Cancel queued or running runs; returns what was done."""
+        return cancel_runs(lab, run_ids)
+
+    gr.api(run_status, api_name="run_status", concurrency_limit=None)
+    gr.api(run_curves, api_name="run_curves", concurrency_limit=None)
+    gr.api(cancel, api_name="cancel_runs")
