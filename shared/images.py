@@ -176,11 +176,17 @@ def _describe_non_image(data: bytes) -> str:
         return "not a supported image — it is an SVG (vector) file; export it as PNG or JPEG"
     if head.startswith(b"<?xml"):
         return "not an image — it is an XML file"
-    try:
-        data[:512].decode("utf-8")
-        return "not an image — it contains text"
-    except UnicodeDecodeError:
-        return "not a recognised image format (unknown or corrupt content)"
+    sample = data[:512]
+    if not sample.strip(b"\x00"):
+        # space reserved by a downloader or copier that never wrote the content
+        return "not an image — it begins with nothing but zero bytes (an unfinished download or copy)"
+    if b"\x00" not in sample:  # NUL is valid UTF-8 but never part of text
+        try:
+            sample.decode("utf-8")
+            return "not an image — it contains text"
+        except UnicodeDecodeError:
+            pass
+    return "not a recognised image format (unknown or corrupt content)"
 
 
 # --- decoding and conversion ---------------------------------------------------------------------------
