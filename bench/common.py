@@ -1,0 +1,287 @@
+"""Shared helpers for the benchmarks: machine info, load average, argument parsing, interleaved timing, tables.
+
+Every benchmark records *where* and *under what load* a figure was taken (`machine_info()`), because this
+machine is shared and absolute timings drift run to run; comparisons therefore run both sides in one process,
+interleaved (A B A B ...), and report medians and ratios (`interleave`).
+
+Nothing here imports more than the standard library at import time: `bench_gpu.py` must run on a machine with
+only torch, torchvision, numpy and Pillow installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+# the photos live beside the repository, never inside it (read in place, never copied)
+DEFAULT_DATA_DIR = (REPO / ".." / "shared" / "datasets" / "flower_photos").resolve()
+DEFAULT_CACHE_DIR = REPO / ".cache" / "bench"  # .cache/ is git-ignored
+RESULTS_DIR = REPO / "bench" / "results"
+
+
+def ensure_repo_on_path() -> None:
+    """Let `python bench/x.py` import `shared` without installing (the venv has it editable anyway)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+
+
+def loadavg() -> tuple[float, float, float]:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return (float("nan"),) * 3
+
+
+def cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and model in ("unknown", "", "x86_64"):
+                model = value.strip()
+            elif key == "flags" and not flags:
+                flags = value.split()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return model, [f for f in wanted if f in flags]
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU model and vector flags, library versions, GPU, date and load: stored with every figure."""
+    model, flags = cpu_model_and_flags()
+    info: dict[str, Any] = {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "host": platform.node(),
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "cpu_flags": flags,
+        "python": platform.python_version(),
+        "loadavg": [round(x, 2) for x in loadavg()],
+    }
+    try:
+        with open("/proc/meminfo") as fh:
+            info["mem_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import numpy
+        import PIL
+        import torch
+        import torchvision
+
+        info.update(torch=torch.__version__, torchvision=torchvision.__version__, numpy=numpy.__version__,
+                    pillow=PIL.__version__, torch_threads=torch.get_num_threads(),
+                    torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["cuda"] = torch.version.cuda
+    except ImportError:
+        pass
+    return info
+
+
+def describe_machine(info: dict[str, Any]) -> str:
+    gpu = f", GPU {info['gpu']}" if info.get("gpu") else ", no GPU"
+    return (f"{info['cores']} cores {info['cpu']} [{' '.join(info['cpu_flags'])}]{gpu}; torch {info.get('torch')}, "
+            f"torchvision {info.get('torchvision')}; {info['date']}; loadavg {info['loadavg']}")
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes so the script runs in seconds (CI); figures are meaningless")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help="image folder with one sub-folder per class (read in place)")
+    parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def check_data_dir(path: Path) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_dir():
+        raise SystemExit(f"data dir {path} not found: pass --data-dir DIR (a folder with one sub-folder per class)")
+    return path
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def interleave(sides: dict[str, Callable[[], float]], repeats: int,
+               on_result: Callable[[str, int, float], None] | None = None) -> dict[str, list[float]]:
+    """Run each side once per round, round after round (A B C A B C ...), rotating who goes first.
+
+    Each callable returns one measurement (e.g. images/s). Rotating the order spreads drift in the machine's
+    load evenly over the sides instead of always penalising whoever runs last.
+    """
+    names = list(sides)
+    results: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            value = sides[name]()
+            results[name].append(value)
+            if on_result:
+                on_result(name, r, value)
+    return results
+
+
+class Stopwatch:
+    def __enter__(self) -> "Stopwatch":
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "-"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def print_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None, title: str | None = None,
+                digits: int = 1) -> None:
+    """A plain fixed-width table (right-aligned numbers) on stdout."""
+    if not rows:
+        return
+    columns = list(columns or rows[0].keys())
+    cells = [[fmt(r.get(c, ""), digits) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n{title}")
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(v.rjust(w) if _numeric(v) else v.ljust(w) for v, w in zip(row, widths)))
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(",", "").replace(".", "").replace("-", "").replace("x", "").replace("%", "").isdigit()
+
+
+def verdict(ok: bool, quick: bool = False) -> str:
+    """PASS/MISS against a target; quick runs are too small to judge, so they never claim either."""
+    if quick:
+        return "n/a (quick)"
+    return "PASS" if ok else "MISS"
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, script: str) -> argparse.Namespace:
+    """Parse `argv` (None: the command line) and remember the exact command for the record."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command = " ".join([".venv/bin/python", f"bench/{Path(script).name}", *argv])
+    args.data_dir = check_data_dir(args.data_dir)
+    if getattr(args, "quick", False) and args.threads == 0:
+        args.threads = 1  # quick runs share CI's cores: one thread avoids OpenMP threads waiting on each other
+    set_threads(args.threads)
+    return args
+
+
+def finish(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """Attach machine info and the command line, print where the figures came from, write --json if asked."""
+    result = {"benchmark": name, "quick": bool(getattr(args, "quick", False)),
+              "command": getattr(args, "command", name), "machine": machine_info(), **payload}
+    print(f"\ncommand: {result['command']}")
+    print(f"machine: {describe_machine(result['machine'])}")
+    if result["quick"]:
+        print("(--quick: tiny sizes for CI; these numbers are not benchmark figures)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"wrote {args.json}")
+    return result
+
+
+# ---- data for the engine-side benchmarks (imports torch lazily) ---------------------------------------------
+
+def make_manifest(data_dir: Path, seed: int = 0, ratios=(0.7, 0.15, 0.15)) -> tuple[dict, float]:
+    """The engine's split manifest for `data_dir` (check + hash every file: a one-time cost), and its seconds."""
+    ensure_repo_on_path()
+    from shared.datasets import make_split
+
+    with Stopwatch() as sw:
+        manifest = make_split(data_dir, ratios=ratios, seed=seed)
+    return manifest, sw.seconds
+
+
+def load_engine_splits(manifest: dict, image_size: int, cache_dir: Path) -> tuple[dict, dict[str, Any]]:
+    """The engine's train/val/test `ArraySplit`s from the decoded cache, and how long getting them took.
+
+    Returns (splits, {"cache_seconds", "cache_hit", "side"}): a miss decodes and resizes every photo once
+    (the one-time cost of the cache); a hit only maps the file.
+    """
+    ensure_repo_on_path()
+    from shared.cache import cache_key
+    from shared.engine import Reporter, load_splits
+    from shared.transforms import resize_size
+
+    side = resize_size(image_size)
+    key = cache_key([f["sha256"] for f in manifest["files"]], side)
+    hit = (Path(cache_dir) / f"{key}.json").is_file()
+    with Stopwatch() as sw:
+        splits = load_splits(manifest, side, Path(cache_dir), Reporter())
+    return splits, {"cache_seconds": sw.seconds, "cache_hit": hit, "side": side}
+
+
+def generate_photos(root: Path, count: int, classes: int = 5, seed: int = 0) -> Path:
+    """`count` photo-like JPEGs (320x240 or 240x320, ~30 KB like flower_photos) in `classes` folders.
+
+    For machines without the real photos (a lent GPU machine only gets the repository): smooth gradients,
+    coloured blobs per class and noise, so decoding costs about what a real photo of that size costs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(root)
+    for c in range(classes):
+        (root / f"class_{c}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(lambda i: _photo(root, i, classes, seed), range(count)))
+    return root
+
+
+def _photo(root: Path, i: int, classes: int, seed: int) -> None:
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng([seed, i])
+    hues = [(200, 60, 60), (60, 170, 70), (70, 90, 210), (220, 200, 50), (170, 70, 200), (60, 200, 200)]
+    c = i % classes
+    w, h = (320, 240) if rng.random() < 0.7 else (240, 320)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx / w * 120 + rng.uniform(40, 120), yy / h * 120 + rng.uniform(40, 120),
+                     (xx + yy) / (w + h) * 100 + rng.uniform(40, 120)], axis=-1)
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 8))):
+        x, y, r = int(rng.integers(0, w)), int(rng.integers(0, h)), int(rng.integers(10, 60))
+        colour = tuple(int(v) for v in np.clip(np.array(hues[c % len(hues)]) + rng.normal(0, 25, 3), 0, 255))
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=colour)
+    img = img.filter(ImageFilter.GaussianBlur(1.2))
+    arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 16, (h, w, 3)).astype(np.int16)
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(
+        root / f"class_{c}" / f"img_{i:05d}.jpg", quality=85)
