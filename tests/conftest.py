@@ -68,7 +68,10 @@ class WorkerProcess:
 
 @pytest.fixture
 def start_worker(redis_url, tmp_path):
-    """Factory: start_worker(models_dir, ready_timeout=120, **extra_env) -> WorkerProcess (ready to take tasks)."""
+    """Factory: start_worker(models_dir, args=(), ready=1, ready_timeout=120, **extra_env) -> WorkerProcess.
+
+    Returns once the log shows `ready` Celery workers ready (more than one with `args=["--gpus", ...]`).
+    """
     import os
     import subprocess
     import sys
@@ -79,19 +82,19 @@ def start_worker(redis_url, tmp_path):
 
     started: list[WorkerProcess] = []
 
-    def start(models_dir, *, ready_timeout: float = 120.0, **extra_env) -> WorkerProcess:
+    def start(models_dir, *, args=(), ready: int = 1, ready_timeout: float = 120.0, **extra_env) -> WorkerProcess:
         log_path = Path(tmp_path) / f"worker-{len(started)}.log"
         env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(models_dir),
                "RESNET_LAB_WORKER_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
                **{k: str(v) for k, v in extra_env.items()}}
         with open(log_path, "wb") as out:
-            proc = popen_in_own_group([sys.executable, "-m", "worker", "--loglevel", "info"], env=env,
+            proc = popen_in_own_group([sys.executable, "-m", "worker", "--loglevel", "info", *args], env=env,
                                       cwd=Path(__file__).resolve().parents[1], stdout=out,
                                       stderr=subprocess.STDOUT)
         worker = WorkerProcess(proc, log_path)
         started.append(worker)
         deadline = time.monotonic() + ready_timeout
-        while " ready." not in worker.log():
+        while worker.log().count(" ready.") < ready:
             if not worker.alive():
                 raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker.log()[-3000:]}")
             if time.monotonic() > deadline:

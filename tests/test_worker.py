@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -165,7 +166,7 @@ def test_kill9_mid_run_resumes_on_a_new_worker(lab, start_worker):
     second = start_worker(lab.models, **lab.worker_env())
     record = wait_finished(lab, run_id, timeout=120, worker=second)
     assert record["status"] == "succeeded", record
-    assert record["task_id"] == f"{run_id}~r1" and record["attempt"] == 2
+    assert record["task_id"] == f"{run_id}~r1" and record["attempt"] == 2 and record["crashes"] == 1
     assert epochs_of(lab.store.metrics(run_id)) == [1, 2, 3]
     assert epochs_of(lab.registry.progress(run_id)["history"]) == [1, 2, 3]
     assert lab.store.ids() == [run_id] and lab.registry.ids() == [run_id], "the run must not be duplicated"
@@ -182,7 +183,9 @@ def test_failing_runs_end_failed_and_the_worker_serves_on(lab, start_worker, tmp
     doomed = make_image_folder(tmp_path / "doomed", classes=3, per_class=4, size=40)
     bad_weights = tmp_path / "weights.pt"
     bad_weights.write_bytes(b"this is not a state dict")
-    no_data, bad_file = lab.client.submit([lab.config(doomed), lab.config(weights=str(bad_weights))])
+    no_data, bad_file, killer = lab.client.submit([lab.config(doomed), lab.config(weights=str(bad_weights)),
+                                                   lab.config()])
+    lab.registry.update(killer, crashes=3)  # as if three workers had died training it
     shutil.rmtree(doomed)  # the dataset disappears after submission
     worker = start_worker(lab.models, **lab.worker_env())
 
@@ -193,6 +196,9 @@ def test_failing_runs_end_failed_and_the_worker_serves_on(lab, start_worker, tmp
     for run_id in (no_data, bad_file):
         assert_store_and_registry_agree(lab, run_id)
         assert lab.registry.progress(run_id)["phase"] == "failed"
+    record = wait_finished(lab, killer, worker=worker)
+    assert record["status"] == "failed" and "died 3 times" in record["error"] and record["started"] is None
+    assert_store_and_registry_agree(lab, killer)
     assert lab.client.celery.AsyncResult(no_data).state == "FAILURE"
 
     submitted = time.monotonic()
@@ -274,5 +280,42 @@ def test_find_orphans_reads_leases_and_queued_messages(lab):
     lab.registry.request_cancel(cancelled)
     record("succeeded", task_id="t3")
 
-    assert sorted(run_id for run_id, _ in find_orphans(lab.registry, queued_grace=30)) == sorted([dead, lost])
-    assert [run_id for run_id, _ in find_orphans(lab.registry, queued_grace=120)] == [dead]
+    assert sorted(find_orphans(lab.registry, queued_grace=30)) == sorted([
+        (dead, "its worker celery@gone stopped renewing its lease", True),
+        (lost, "no queued message refers to it", False)])
+    assert [run_id for run_id, *_ in find_orphans(lab.registry, queued_grace=120)] == [dead]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker):
+    # ids given explicitly, so no GPU is needed: each child only sees "its" device and trains on the CPU here
+    env = {**lab.worker_env(), "RESNET_LAB_WORKER_THREADS": 2}  # --threads must win over it
+    parent = start_worker(lab.models, args=["--gpus", "0,1", "--threads", "1"], ready=2, **env)
+    log = parent.log()
+    assert "gpu0@" in log and "gpu1@" in log
+    children = _children(parent.proc.pid)
+    assert len(children) == 2
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert any(v in environ for v in (b"CUDA_VISIBLE_DEVICES=0", b"CUDA_VISIBLE_DEVICES=1"))
+
+    run_ids = lab.client.submit([lab.config(), lab.config(lr=2e-3)])
+    for run_id in run_ids:
+        status = wait_finished(lab, run_id, worker=parent)
+        assert status["status"] == "succeeded" and status["worker"].startswith("gpu")
+        assert json.loads((lab.store.path(run_id) / "config.json").read_text())["env"]["torch_threads"] == 1
+
+    parent.proc.send_signal(signal.SIGTERM)  # to the parent only: it must pass it on
+    assert parent.proc.wait(timeout=30) == 0, parent.log()[-3000:]
+    wait_for(lambda: not any(_running(pid) for pid in children), 10, "the GPU workers to exit")

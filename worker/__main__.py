@@ -22,6 +22,7 @@ import sys
 import time
 
 from shared.services import popen_in_own_group
+from shared.settings import Settings
 from shared.up import parse_gpus
 
 log = logging.getLogger("worker")
@@ -77,7 +78,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def run_gpu_workers(gpu_ids: list[str], args: argparse.Namespace) -> int:
     """Supervise one worker child per GPU until SIGTERM/SIGINT; returns the worst child exit code."""
-    threads = args.threads or max(1, (os.cpu_count() or 1) // len(gpu_ids))
+    threads = args.threads or Settings.from_env().worker_threads or max(1, (os.cpu_count() or 1) // len(gpu_ids))
 
     def start(gpu: str) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency),

@@ -28,6 +28,9 @@ from shared.registry import PREFIX, RunRegistry
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "resnet_lab.train"
+# a run whose worker died this many times while training it is failed instead of re-queued once more
+# (a process killed every time, e.g. by the kernel's out-of-memory killer, would take every worker down in turn)
+MAX_CRASHES = 3
 # kombu's Redis transport keeps un-acknowledged messages in this hash and splits a queue by priority step
 _UNACKED_KEY = "unacked"
 _PRIORITY_SEP = "\x06\x16"
@@ -147,8 +150,8 @@ def _train_message_run_id(raw: str) -> str | None:
 
 
 def find_orphans(registry: RunRegistry, queue: str = "celery", *, queued_grace: float = 300.0,
-                 now: float | None = None) -> list[tuple[str, str]]:
-    """(run id, why) for runs that no worker will ever pick up on its own.
+                 now: float | None = None) -> list[tuple[str, str, bool]]:
+    """(run id, why, crashed) for runs that no worker will ever pick up on its own.
 
     - `running` with a `task_id` (so a worker started it; `resnet-lab train` runs have none) and no lease: the
       worker died.
@@ -156,7 +159,7 @@ def find_orphans(registry: RunRegistry, queue: str = "celery", *, queued_grace: 
       broker: the message was lost (the page died between creating the run and sending, Redis lost data).
     """
     now = time.time() if now is None else now
-    orphans: list[tuple[str, str]] = []
+    orphans: list[tuple[str, str, bool]] = []
     waiting: list[str] = []
     run_ids = registry.ids()
     pipe = registry.r.pipeline(transaction=False)
@@ -169,27 +172,29 @@ def find_orphans(registry: RunRegistry, queue: str = "celery", *, queued_grace: 
         record = json.loads(raw) if raw else {}
         status = record.get("status")
         if status == "running" and record.get("task_id") and not leased:
-            orphans.append((run_id, f"its worker {record.get('worker') or '?'} stopped renewing its lease"))
+            orphans.append((run_id, f"its worker {record.get('worker') or '?'} stopped renewing its lease", True))
         elif status == "queued" and now - float(record.get("created") or now) > queued_grace \
                 and not registry.cancel_requested(run_id):
             waiting.append(run_id)
     if waiting:
         pending = queued_run_ids(registry.r, queue)
-        orphans += [(run_id, "no queued message refers to it") for run_id in waiting if run_id not in pending]
+        orphans += [(run_id, "no queued message refers to it", False) for run_id in waiting if run_id not in pending]
     return orphans
 
 
-def resend_train(app, registry: RunRegistry, run_id: str, why: str) -> str | None:
+def resend_train(app, registry: RunRegistry, run_id: str, why: str, crashed: bool = False) -> str | None:
     """Send `resnet_lab.train` for a run again; returns the new task id, or None when another worker just did.
 
-    A short Redis mutex keeps several workers that scan at the same time from each sending one.
+    A short Redis mutex keeps several workers that scan at the same time from each sending one. `crashed`
+    counts a dead worker against the run (`crashes`): the train task gives up on a run that kills its worker
+    every time (see MAX_CRASHES).
     """
     if not registry.r.set(f"{PREFIX}:recover:{run_id}", "1", nx=True, ex=max(2 * lease_seconds(), 30)):
         return None
     record = registry.get(run_id) or {}
     attempt = int(record.get("recoveries") or 0) + 1
     task_id = f"{run_id}~r{attempt}"
-    registry.update(run_id, recoveries=attempt)
+    registry.update(run_id, recoveries=attempt, crashes=int(record.get("crashes") or 0) + int(crashed))
     app.send_task(TRAIN_TASK, args=[run_id], task_id=task_id)
     log.warning("re-queued run %s as task %s: %s", run_id, task_id, why)
     return task_id
@@ -198,8 +203,8 @@ def resend_train(app, registry: RunRegistry, run_id: str, why: str) -> str | Non
 def recover_orphans(app, registry: RunRegistry, *, queued_grace: float = 300.0) -> list[str]:
     """One scan: re-send every orphan found; returns the run ids re-queued."""
     queue = app.conf.task_default_queue or "celery"
-    return [run_id for run_id, why in find_orphans(registry, queue, queued_grace=queued_grace)
-            if resend_train(app, registry, run_id, why)]
+    return [run_id for run_id, why, crashed in find_orphans(registry, queue, queued_grace=queued_grace)
+            if resend_train(app, registry, run_id, why, crashed)]
 
 
 class RecoveryScanner:

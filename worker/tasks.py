@@ -31,7 +31,7 @@ from shared.settings import Settings
 
 from .celery_app import settings_of
 from .progress import TaskReporter
-from .recovery import Lease, resend_train, shutdown_requested
+from .recovery import MAX_CRASHES, Lease, resend_train, shutdown_requested
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +87,12 @@ def _skip_reason(store: RunStore, registry: RunRegistry, run_id: str) -> str | N
     if registry.cancel_requested(run_id):
         transition(store, registry, run_id, "cancelled", error="cancelled before it started")
         return "it was cancelled before it started"
+    crashes = int((registry.get(run_id) or {}).get("crashes") or 0)
+    if crashes >= MAX_CRASHES:
+        transition(store, registry, run_id, "failed",
+                   error=f"its worker process died {crashes} times while training it (killed for lack of memory? "
+                         "see the worker's log and `dmesg`): lower the batch size or image size and run it again")
+        return f"its worker died {crashes} times"
     return None
 
 
