@@ -238,7 +238,15 @@ def test_pickled_message_is_refused(lab, start_worker, tmp_path):
     assert not marker.exists(), "the worker unpickled the message"
     assert lab.store.status(run_id)["status"] == "queued"
     assert not (lab.store.path(run_id) / "metrics.jsonl").exists()
-    assert worker.alive()
+
+    # the worker serves on: a background prediction over a folder (plus one missing file) with the new model
+    task_id = lab.client.submit_predict_batch(good, [str(lab.data), str(lab.data / "missing.jpg")])
+    result = lab.client.celery.AsyncResult(task_id).get(timeout=60)
+    assert result["count"] == 31 and result["errors"] == 1
+    csv_path = Path(result["path"])
+    assert csv_path.parent == lab.store.path(good) and csv_path.name.startswith("predictions-")
+    rows = csv_path.read_text().splitlines()
+    assert len(rows) == 32 and rows[0].startswith("source,error,class_1,probability_1")
 
 
 def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
@@ -319,3 +327,16 @@ def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker
     parent.proc.send_signal(signal.SIGTERM)  # to the parent only: it must pass it on
     assert parent.proc.wait(timeout=30) == 0, parent.log()[-3000:]
     wait_for(lambda: not any(_running(pid) for pid in children), 10, "the GPU workers to exit")
+
+
+def test_failure_reasons_are_readable(tmp_path):
+    import torch
+
+    from shared.datasets import DatasetError
+    from worker.tasks import failure_reason
+
+    config = TrainConfig(data_dir=str(tmp_path), batch_size=64)
+    oom = failure_reason(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), config)
+    assert oom == "out of GPU memory at batch size 64: lower the batch size (or the image size)"
+    assert failure_reason(DatasetError("no class folders in /data — add some")) == "no class folders in /data — add some"
+    assert failure_reason(KeyError("model")) == "KeyError: 'model'"
