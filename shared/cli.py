@@ -196,11 +196,25 @@ def cmd_train(args, settings: Settings) -> int:
     except Exception as exc:
         store.set_status(run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
+    _print_skipped(run_dir)
     if not args.skip_eval:
         _evaluate(run_dir, "test", None)
     store.set_status(run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
     return 0
+
+
+def _print_skipped(run_dir: Path, limit: int = 20) -> None:
+    """Name the files the run left out (unreadable), so nobody has to open split.json to learn of them."""
+    skipped = json.loads((run_dir / "split.json").read_text()).get("skipped") or []
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} unreadable file{'s' if len(skipped) != 1 else ''} (not trained on):",
+          file=sys.stderr)
+    for item in skipped[:limit]:
+        print(f"  {item['path']}: {item['reason']}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"  ... and {len(skipped) - limit} more, all listed in {run_dir / 'split.json'}", file=sys.stderr)
 
 
 def _evaluate(run_dir: Path, split: str, data_dir: str | None) -> dict:

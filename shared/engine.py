@@ -349,8 +349,12 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     meta = {"classes": classes, "image_size": config.image_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "model_name": config.model, "config": config.to_dict(),
             "split_hash": manifest["split_hash"]}
+    if manifest.get("skipped"):
+        log.warning("%s: %d unreadable file(s) skipped, listed with reasons in %s", run_dir.name,
+                    len(manifest["skipped"]), run_dir / "split.json")
     trainer = _Trainer(config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta)
-    return trainer.run()
+    # the count goes into the run's status (`best`); the files and reasons stay in split.json
+    return {**trainer.run(), "skipped_files": len(manifest.get("skipped", []))}
 
 
 class _Trainer:
