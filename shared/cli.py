@@ -259,9 +259,10 @@ def _expand_files(items: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for item in items:
         path = Path(item)
+        # a broken or looping link is passed on (not dropped, not "no such file"): it gets its own message
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p))
-        elif path.exists():
+            files += sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
+        elif path.exists() or path.is_symlink():
             files.append(path)
         else:
             raise FileNotFoundError(f"no such file or folder: {item}")
