@@ -21,6 +21,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
+from shared.checkpoint import CheckpointError
 from shared.images import ImageError, load_rgb
 from shared.predict import NoModelError, write_predictions_csv
 
@@ -87,6 +88,8 @@ def build(lab) -> PredictUI:
 def _predictor(lab, model: str | None):
     try:
         return lab.predictors.get(model or LATEST)
+    except CheckpointError as exc:  # damaged, or carrying code (never run: weights_only=True)
+        raise gr.Error(str(exc), title="Model refused") from None
     except NoModelError as exc:
         if (model or LATEST) == LATEST:
             raise gr.Error("No model yet: no run has finished. Train one on the Train tab, then come back — "
