@@ -67,7 +67,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     argv = ["worker", f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
     if args.concurrency == 1:
-        argv.append("--pool=solo")
+        argv += ["--pool=solo", "--concurrency=1"]
     else:
         argv += ["--pool=prefork", f"--concurrency={args.concurrency}"]
     hostname = args.hostname or default_hostname()

@@ -143,16 +143,17 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
     if lease.lost:
         log.warning("run %s: another worker took it over; leaving its status alone", run_id)
         return {"run_id": run_id, "status": "lost"}
+    # below, the final progress goes out before the final status: whoever sees the status finds the progress
     if reason is not None:
-        transition(store, registry, run_id, "failed", error=reason)
         reporter.finish("failed", error=reason)
+        transition(store, registry, run_id, "failed", error=reason)
         raise RunFailed(reason)
     if outcome == "cancelled":
         return _stopped(task, store, registry, run_id, reporter)
     best = {**outcome["best"], "eval_split": outcome["split"],
             **{f"eval_{k}": outcome["eval"][k] for k in EVAL_SUMMARY if k in outcome["eval"]}}
-    transition(store, registry, run_id, "succeeded", best=best, error=None)
     reporter.finish("succeeded")
+    transition(store, registry, run_id, "succeeded", best=best, error=None)
     return {"run_id": run_id, "status": "succeeded", "best": best, "eval": outcome["eval"]}
 
 
@@ -160,13 +161,13 @@ def _stopped(task, store: RunStore, registry: RunRegistry, run_id: str, reporter
     """The engine stopped at a batch boundary: a user cancel, or this worker is shutting down."""
     epochs = len(reporter.state["history"])
     if reporter.cancel_requested or not shutdown_requested.is_set():
+        reporter.finish("cancelled")
         transition(store, registry, run_id, "cancelled",
                    error=f"cancelled while running, after {epochs} finished epoch(s) (their checkpoint is kept)")
-        reporter.finish("cancelled")
         return {"run_id": run_id, "status": "cancelled", "epochs": epochs}
     # worker shutdown: back to the queue; whichever worker takes it next resumes from last.pt
-    transition(store, registry, run_id, "queued", error=None)
     reporter.finish("queued", reason="its worker shut down; it resumes from its last finished epoch")
+    transition(store, registry, run_id, "queued", error=None)
     resend_train(task.app, registry, run_id, "its worker shut down mid-run")
     return {"run_id": run_id, "status": "queued", "epochs": epochs}
 
@@ -204,12 +205,16 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
 
 
 def expand_sources(sources: list[str]) -> list[str]:
-    """Files as given, folders replaced by the image files inside them (recursively, sorted)."""
+    """Files as given, folders replaced by the image files inside them (recursively, sorted).
+
+    Like `resnet-lab predict`, except that a missing path is not fatal: it gets an error row in the CSV, as
+    broken links and unreadable files do, so one bad entry does not cost a long batch.
+    """
     files: list[str] = []
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if p.is_file() and is_image_name(p))
+            files += sorted(str(p) for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
         else:
             files.append(str(path))
     return files
