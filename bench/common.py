@@ -285,3 +285,165 @@ def _photo(root: Path, i: int, classes: int, seed: int) -> None:
     arr = np.asarray(img, dtype=np.int16) + rng.normal(0, 16, (h, w, 3)).astype(np.int16)
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB").save(
         root / f"class_{c}" / f"img_{i:05d}.jpg", quality=85)
+
+
+# ---- the running system: private Redis + `python -m worker` + `python -m ui` ----------------------------------
+
+class Stack:
+    """A private Redis, a worker and the page as separate process groups, as `resnet-lab up` runs them.
+
+    Logs go to `work/*.log`; `close()` stops what was started (SIGTERM to each group, then SIGKILL). The page
+    and Redis bind 127.0.0.1 only.
+    """
+
+    def __init__(self, work: Path, models_dir: Path, data_roots: Sequence[Path], worker_threads: int = 0):
+        self.work, self.models_dir, self.data_roots = Path(work), Path(models_dir), list(data_roots)
+        self.worker_threads = worker_threads
+        self.redis = None
+        self.procs: dict[str, Any] = {}
+        self.url: str | None = None
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(self.models_dir), "PYTHONUNBUFFERED": "1",
+               "RESNET_LAB_DATA_ROOTS": os.pathsep.join(map(str, self.data_roots)), "CUDA_VISIBLE_DEVICES": "",
+               "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO),
+               "GRADIO_TEMP_DIR": str(self.work / "gradio-tmp")}
+        if self.redis is not None:
+            env["REDIS_URL"] = self.redis.url
+        if self.worker_threads:
+            env["RESNET_LAB_WORKER_THREADS"] = str(self.worker_threads)
+        return env
+
+    def start_redis(self) -> None:
+        ensure_repo_on_path()
+        from shared.services import start_redis
+
+        self.redis = start_redis(self.work / "redis", appendonly=False)
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]):
+        import subprocess
+
+        from shared.services import popen_in_own_group
+
+        log_path = self.work / f"{name}.log"
+        with open(log_path, "ab") as out:
+            proc = popen_in_own_group([sys.executable, "-m", *args], env=env, cwd=REPO, stdout=out,
+                                      stderr=subprocess.STDOUT)
+        self.procs[name] = (proc, log_path)
+        return proc
+
+    def log(self, name: str) -> str:
+        path = self.procs[name][1]
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def _wait(self, name: str, ready: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.procs[name][0]
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log(name)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} not ready within {timeout:.0f} s:\n{self.log(name)[-3000:]}")
+            time.sleep(0.1)
+
+    def start_worker(self, timeout: float = 180.0):
+        """`python -m worker`; returns its Popen once Celery logs that it is ready."""
+        proc = self._spawn("worker", ["worker", "--loglevel", "info"], self.env())
+        self._wait("worker", lambda: " ready." in self.log("worker"), timeout)
+        return proc
+
+    def start_page(self, timeout: float = 180.0):
+        """`python -m ui` on a free loopback port; returns its Popen once the API answers."""
+        from shared.services import find_free_port, http_ok
+
+        port = find_free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        proc = self._spawn("page", ["ui", "--port", str(port)], self.env())
+        self._wait("page", lambda: http_ok(self.url + "/gradio_api/info", timeout=1.0), timeout)
+        return proc
+
+    def client(self):
+        from gradio_client import Client
+
+        return Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
+
+    def close(self) -> None:
+        from shared.services import stop_group
+
+        for name, (proc, _) in reversed(list(self.procs.items())):
+            if proc.poll() is None:
+                stop_group(proc, timeout=20)
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    def __enter__(self) -> "Stack":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) — no interpolation, so p95 of 100 samples is the 95th value."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+def make_run(models_dir: Path, data_dir: str, classes: list[str], image_size: int, model=None,
+             manifest: dict | None = None) -> str:
+    """A finished run folder (best.pt + status 'succeeded') holding `model` (default: random ResNet18 weights).
+
+    Prediction, evaluation and memory benchmarks time the machinery, which does not depend on the weights.
+    """
+    ensure_repo_on_path()
+    import torch
+
+    from shared.checkpoint import save_checkpoint
+    from shared.config import TrainConfig
+    from shared.datasets import write_manifest
+    from shared.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from shared.runs import RunStore
+
+    config = TrainConfig(data_dir=str(data_dir), weights="none", image_size=image_size, device="cpu")
+    store = RunStore(models_dir)
+    run_id = store.create(config)
+    if model is None:
+        torch.manual_seed(0)
+        model = create_model("resnet18", len(classes), "none")
+    save_checkpoint({"classes": classes, "image_size": image_size, "mean": list(IMAGENET_MEAN),
+                     "std": list(IMAGENET_STD), "model_name": "resnet18", "config": config.to_dict(),
+                     "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "epoch": 1,
+                     "val_acc": 0.0, "split_hash": (manifest or {}).get("split_hash")},
+                    store.path(run_id) / "best.pt")
+    if manifest is not None:
+        write_manifest(manifest, store.path(run_id) / "split.json")
+    store.set_status(run_id, "running")
+    store.set_status(run_id, "succeeded", best={"val_acc": 0.0, "epoch": 1})
+    return run_id
+
+
+def rss_mb(pid: int, children: bool = True) -> float:
+    """Resident memory of a process (plus its children) in MB, from /proc (psutil when present)."""
+    try:
+        import psutil
+
+        proc = psutil.Process(pid)
+        procs = [proc] + (proc.children(recursive=True) if children else [])
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total / 2**20
+    except ImportError:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return float("nan")

@@ -76,3 +76,31 @@ def test_gpu_script_on_cpu_with_generated_photos(tmp_path):
                        "--generate", "15")
     assert result["generated_photos"] is True and result["summary"]
     assert result["linear_probe"]["speedup"] > 0
+
+
+def test_evaluation(tmp_path, images):
+    result = run_quick("bench_evaluation", tmp_path, "--data-dir", str(images))
+    assert result["evaluate_run"][0]["n"] > 0 and result["figures"] and result["tsne_median_s"] > 0
+
+
+# --- the running system: Redis + page (+ worker) as real processes; each starts its own, so these take longer ---
+
+@pytest.mark.slow
+def test_predict_latency(tmp_path, images):
+    result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images))
+    for call in ("top5_http", "top5_cam_http", "top5_local", "top5_cam_local"):
+        assert result["results"][call]["p95_ms"] > 0
+
+
+@pytest.mark.slow
+def test_queue_latency(tmp_path, images):
+    result = run_quick("bench_queue_latency", tmp_path, "--data-dir", str(images))
+    assert result["results"]["submit_to_running"]["n"] == 1
+    assert result["results"]["epoch_end_to_visible"]["n"] >= 1
+
+
+@pytest.mark.slow
+def test_memory(tmp_path, images):
+    result = run_quick("bench_memory", tmp_path, "--data-dir", str(images))
+    assert len(result["worker"]) == 3 and all(w["rss_mb"] > 0 for w in result["worker"])
+    assert result["page"]["rss_end_mb"] > 0

@@ -1,0 +1,125 @@
+"""Item 4 — prediction latency through the page's HTTP API (gradio_client), ResNet18 at 224 px, CPU, warm model.
+
+Starts a private Redis and the page (`python -m ui`) on a free loopback port with one finished run (ResNet18,
+224 px, random weights: latency does not depend on them), then calls the page's named endpoints the way a
+script would, alternating the two kinds of call, after a few warm-up calls:
+
+  top-5            `/predict_many` with one image: the page's path that returns top-5 without Grad-CAM
+                   (it also writes the one-row CSV the page offers for download).
+  top-5 + CAM      `/predict`: one image → top-5 and the Grad-CAM overlay (what the Predict tab shows).
+
+Each call uploads the photo (gradio_client's handle_file) and waits for the answer: the latency a client sees.
+For where the time goes, the same model is also timed in this process without HTTP (`Predictor.predict` and
+`Predictor.explain`). p50/p95 (nearest rank) over `--calls` calls each. Targets: p95 <= 100 ms (top-5) and
+<= 250 ms (top-5 + CAM).
+
+Run (full):  .venv/bin/python bench/bench_predict_latency.py --json bench/results/predict_latency.json
+     quick:  .venv/bin/python bench/bench_predict_latency.py --quick --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGETS_MS = {"top5_http": 100.0, "top5_cam_http": 250.0}
+
+
+def sample_images(data_dir: Path, count: int) -> tuple[list[str], list[Path]]:
+    """(class names, up to `count` image paths spread over the classes), read in place."""
+    common.ensure_repo_on_path()
+    from shared.images import is_image_name
+
+    classes = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    per_class = [sorted(f for f in (data_dir / c).iterdir() if is_image_name(f.name)) for c in classes]
+    picks: list[Path] = []
+    for i in range(count):
+        files = per_class[i % len(per_class)]
+        if files:
+            picks.append(files[(i // len(per_class)) % len(files)])
+    return classes, picks
+
+
+def main(argv=None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=100, help="calls of each kind")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = common.parse(parser, argv, __file__)
+    if args.quick:
+        args.calls, args.warmup, args.image_size = 4, 1, 64
+
+    from gradio_client import handle_file
+
+    common.ensure_repo_on_path()
+    from shared.predict import Predictor
+
+    print(f"load before: {common.loadavg()}")
+    classes, photos = sample_images(args.data_dir, 20)
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        work = Path(tmp)
+        models = work / "models"
+        run_id = common.make_run(models, str(args.data_dir), classes, args.image_size)
+        with common.Stack(work, models, [args.data_dir]) as stack:
+            stack.start_redis()
+            t0 = time.perf_counter()
+            stack.start_page()
+            page_start_s = time.perf_counter() - t0
+            client = stack.client()
+            local = Predictor(models / run_id)
+            calls = {
+                "top5_http": lambda p: client.predict([handle_file(str(p))], "latest", api_name="/predict_many"),
+                "top5_cam_http": lambda p: client.predict(handle_file(str(p)), "latest", api_name="/predict"),
+                "top5_local": lambda p: local.predict(p),
+                "top5_cam_local": lambda p: local.explain(p),
+            }
+            first_call_ms = {}
+            for name, call in calls.items():
+                t = time.perf_counter()
+                call(photos[0])
+                first_call_ms[name] = (time.perf_counter() - t) * 1000
+                for i in range(args.warmup - 1):
+                    call(photos[(i + 1) % len(photos)])
+            times: dict[str, list[float]] = {name: [] for name in calls}
+            loads = []
+            for i in range(args.calls):
+                photo = photos[i % len(photos)]
+                names = list(calls) if i % 2 == 0 else list(reversed(calls))  # alternate who goes first
+                for name in names:
+                    t = time.perf_counter()
+                    calls[name](photo)
+                    times[name].append((time.perf_counter() - t) * 1000)
+                if i % 10 == 0:
+                    loads.append(common.loadavg()[0])
+            page_rss = common.rss_mb(stack.procs["page"][0].pid)
+
+    rows, summary = [], {}
+    for name, values in times.items():
+        p50, p95 = common.percentile(values, 50), common.percentile(values, 95)
+        target = TARGETS_MS.get(name)
+        summary[name] = {"p50_ms": p50, "p95_ms": p95, "max_ms": max(values), "first_call_ms": first_call_ms[name],
+                         "target_p95_ms": target, "calls": len(values)}
+        rows.append({"call": name, "p50 ms": p50, "p95 ms": p95, "max ms": max(values),
+                     "first call ms": first_call_ms[name],
+                     "target p95": f"<= {target:g} ms" if target else "-",
+                     "verdict": common.verdict(p95 <= target, args.quick) if target else "-"})
+    common.print_table(rows, title=f"Prediction latency, ResNet18 {args.image_size}px, CPU, {args.calls} calls each "
+                                   f"(http = through the page with gradio_client; local = same model in-process)")
+    print(f"\npage start-up {page_start_s:.1f} s; page RSS after the calls {page_rss:.0f} MB; "
+          f"load during {min(loads):.1f}..{max(loads):.1f}")
+    return common.finish(args, "predict_latency", {
+        "settings": {"image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
+                     "photos": len(photos)},
+        "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
+        "results": summary, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})
+
+
+if __name__ == "__main__":
+    main()
