@@ -248,6 +248,11 @@ def test_pickled_message_is_refused(lab, start_worker, tmp_path):
     rows = csv_path.read_text().splitlines()
     assert len(rows) == 32 and rows[0].startswith("source,error,class_1,probability_1")
 
+    # and re-evaluates a finished run on another split, leaving the run's training progress alone
+    result = lab.client.celery.AsyncResult(lab.client.submit_evaluate(good, split="val")).get(timeout=120)
+    assert result["run_id"] == good and result["split"] == "val" and 0 <= result["accuracy"] <= 1
+    assert lab.registry.progress(good)["phase"] == "succeeded"
+
 
 def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)

@@ -27,11 +27,12 @@ class TaskReporter(Reporter):
     def __init__(self, task, run_id: str, registry: RunRegistry, lease: Lease | None = None, *,
                  run_dir: Path | None = None, min_interval: float = 1.0, cancel_interval: float = 0.5):
         self.task, self.run_id, self.registry, self.lease = task, run_id, registry, lease
+        # a resumed run shows its earlier epochs at once; the 'training' phase re-reads them after fit resumed
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.min_interval, self.cancel_interval = min_interval, cancel_interval
         self.state: dict[str, Any] = {"run_id": run_id, "phase": "starting", "epoch": 0, "epochs": None,
                                       "batch": 0, "num_batches": None, "images_per_s": None, "eta_s": None,
-                                      "info": {}, "history": []}
+                                      "info": {}, "history": read_metrics(run_dir) if run_dir else []}
         self._last_publish = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False

@@ -194,7 +194,14 @@ def resend_train(app, registry: RunRegistry, run_id: str, why: str, crashed: boo
     record = registry.get(run_id) or {}
     attempt = int(record.get("recoveries") or 0) + 1
     task_id = f"{run_id}~r{attempt}"
-    registry.update(run_id, recoveries=attempt, crashes=int(record.get("crashes") or 0) + int(crashed))
+    crashes, crash_epochs = int(record.get("crashes") or 0), record.get("crash_epochs")
+    if crashed:
+        # only deaths with no epoch finished in between count: a run that moves on between crashes (a machine
+        # restarted three times overnight) is not what kills its worker, one killed at the same place every time is
+        epochs = len((registry.progress(run_id) or {}).get("history") or [])
+        crashes = crashes + 1 if crash_epochs is None or epochs <= int(crash_epochs) else 1
+        crash_epochs = epochs
+    registry.update(run_id, recoveries=attempt, crashes=crashes, crash_epochs=crash_epochs)
     app.send_task(TRAIN_TASK, args=[run_id], task_id=task_id)
     log.warning("re-queued run %s as task %s: %s", run_id, task_id, why)
     return task_id

@@ -14,7 +14,7 @@ import logging
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from celery import shared_task
@@ -131,7 +131,8 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
         reporter.phase("evaluating")
         split = _eval_split(config)
         device = str(pick_device(config.device))
-        outcome = {"best": best, "split": split, "eval": _evaluate(run_dir, split, None, device, reporter)}
+        outcome = {"best": best, "split": split,
+                   "eval": _evaluate(run_dir, split, None, device, reporter.evaluation_progress)}
     except Cancelled:
         outcome = "cancelled"
     except Exception as exc:
@@ -176,12 +177,12 @@ def _eval_split(config) -> str:
     return "test" if config.test_ratio > 0 else "val"
 
 
-def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str, reporter: TaskReporter) -> dict:
+def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str,
+              progress: Callable[[int, int], None]) -> dict:
     """`evaluate_run`'s headline numbers (eval.json in the run folder has the tables, curves and figures)."""
     from shared.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
 
-    result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device,
-                          progress=reporter.evaluation_progress)
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device, progress=progress)
     summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if isinstance(result.get("macro"), dict):
         summary["macro_f1"] = result["macro"].get("f1")
@@ -191,14 +192,18 @@ def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str, repo
 @shared_task(bind=True, name=EVALUATE_TASK)
 def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> dict:
     """Re-evaluate a finished run's best checkpoint on one of its splits, or on another folder."""
-    store, registry = _services(settings_of(self.app))
+    store, _ = _services(settings_of(self.app))
     run_dir = store.path(run_id)
     if not (run_dir / "best.pt").is_file():
         raise RunNotFound(f"run {run_id!r} has no best.pt in {store.root}: train it first")
-    reporter = TaskReporter(self, run_id, registry, run_dir=run_dir)
-    reporter.phase("evaluating")
+
+    def progress(done: int, total: int) -> None:
+        # this task's own state only: the run's registry progress keeps describing its training
+        self.update_state(state="PROGRESS", meta={"run_id": run_id, "phase": "evaluating", "split": split,
+                                                  "done": done, "total": total})
+
     try:
-        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), reporter)
+        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), progress)
     finally:
         free_gpu_memory()
     return {"run_id": run_id, "split": split, "data_dir": data_dir, **result}
