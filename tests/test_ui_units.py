@@ -85,7 +85,7 @@ def test_run_row_and_summary():
     record["best"] = {"best_val_acc": 0.875, "best_epoch": 3}
     row = fmt.run_row(record, now=2000.0)
     assert row == ["20240101-120000-resnet18-abc123", "✔ succeeded", "resnet18", "1e-3", "32", "4", "100%",
-                   "87.5% (ep 3)", "5m 00s", "celery@box"]
+                   "87.5% (ep 3)", "5m 00s", "box"]
     assert len(row) == len(fmt.RUN_COLUMNS)
     summary = fmt.run_summary(record)
     assert summary["best_val_acc"] == 0.875 and summary["progress"] == 1.0 and summary["duration_s"] == 300.0
@@ -99,18 +99,27 @@ def test_run_row_and_summary():
 
 def test_run_label_is_short_and_distinct():
     a = fmt.run_label(_record())
-    assert a == "resnet18 lr 1e-3 bs 32 · abc123"
+    assert a == "abc123 resnet18 lr 1e-3 bs 32"
 
 
 def test_curves_frame_long_form():
-    loss, acc = fmt.curves_frame({"A": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4,
-                                         "val_acc": 0.5}, {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")}],
-                                  "B": []})
-    assert list(loss.columns) == ["epoch", "value", "series"]
-    assert len(loss) == 3 and set(loss["series"]) == {"A · train", "A · val"}
+    histories = {"A": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4, "val_acc": 0.5},
+                       {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")}],
+                 "B": [{"epoch": 1, "val_loss": 2.0, "val_acc": 0.3}]}
+    loss, acc = fmt.curves_frame(histories, "val")
+    assert list(loss.columns) == ["epoch", "value", "run"]
+    assert loss.to_dict("records") == [{"epoch": 1, "value": 1.2, "run": "A"}, {"epoch": 1, "value": 2.0, "run": "B"}]
     assert len(acc) == 2
+    train_loss, train_acc = fmt.curves_frame(histories, "train")
+    assert list(train_loss["value"]) == [1.0, 0.8] and list(train_acc["value"]) == [0.4]
     empty_loss, _ = fmt.curves_frame({})
-    assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "series"]
+    assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "run"]
+
+
+def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
+    assert fmt.robust_upper([1.0, 0.8, 0.6, 0.5]) is None
+    assert fmt.robust_upper([2e6, 0.9, 0.7, 0.6, 0.5, 0.5, 0.4, 0.4, 0.4, 0.3]) == pytest.approx(1.35)
+    assert fmt.robust_upper([5.0]) is None
 
 
 def test_markdown_and_html_escape_user_text():
@@ -146,9 +155,20 @@ def test_per_class_roc_tsne_frames():
 
 
 def test_metrics_markdown_shows_known_numbers_only():
-    text = fmt.metrics_markdown({"accuracy": 0.9, "macro_f1": 0.85, "split": "test", "num_images": 40,
-                                 "secret_internal": {"a": 1}})
-    assert "90.0%" in text and "85.0%" in text and "test" in text and "secret_internal" not in text
+    text = fmt.metrics_markdown({"accuracy": 0.9, "macro": {"f1": 0.85}, "top_k": 3, "top_k_accuracy": 1.0,
+                                 "calibration": {"ece": 0.05, "bins": []}, "split": "test", "n": 40,
+                                 "notes": ["t-SNE skipped: too few images"], "secret_internal": {"a": 1}})
+    assert "**Accuracy:** 90.0%" in text and "Macro F1:** 0.850" in text and "Top-3 accuracy:** 100.0%" in text
+    assert "(40 images)" in text and "ECE):** 0.050" in text and "t-SNE skipped" in text
+    assert "secret_internal" not in text
+
+
+def test_calibration_frame_uses_filled_bins():
+    frame = fmt.calibration_frame({"bins": [{"count": 0, "accuracy": None, "confidence": None},
+                                            {"count": 3, "accuracy": 0.5, "confidence": 0.6}]})
+    assert frame.to_dict("records")[0] == {"x": 0.6, "y": 0.5, "curve": "model"}
+    assert set(frame["curve"]) == {"model", "perfectly calibrated"}
+    assert fmt.calibration_frame(None).empty
 
 
 # --- path confinement -----------------------------------------------------------------------------------------

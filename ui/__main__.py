@@ -54,7 +54,7 @@ def launch_kwargs(settings: Settings) -> dict:
         server_port=settings.port,
         auth=settings.auth_pair(),
         auth_message="ResNet Lab — sign in with the user and password set in RESNET_LAB_AUTH.",
-        max_file_size=f"{int(settings.max_upload_mb)}mb",
+        max_file_size=int(settings.max_upload_mb) * 1024 * 1024,  # same MiB as Gradio's "200mb"
         allowed_paths=allowed_paths(settings),
         show_error=False,  # gr.Error messages still reach users; other exceptions show no traceback
         share=False,

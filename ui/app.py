@@ -38,6 +38,7 @@ table.confusion { border-collapse: collapse; font-size: 0.85em; }
 table.confusion th, table.confusion td { border: 1px solid var(--border-color-primary); padding: 4px 8px;
   text-align: center; min-width: 2.6em; }
 table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--body-text-color-subdued); }
+#runs-table table { font-size: 0.86em; }
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }
 footer { display: none !important; }
@@ -75,24 +76,35 @@ class Lab:
             records = client.list_runs()
         except QueueUnavailable as exc:
             self._redis_was_down = True
-            return self.disk_records(), str(exc)
-        self._maybe_resync(client, records)
+            problem = str(exc)
+            if "resnet-lab up" not in problem:
+                problem += " — start Redis (`resnet-lab up` starts Redis, a worker and this page together)"
+            return self.disk_records(), problem
+        if self._maybe_resync(client, records):
+            try:
+                records = client.list_runs()
+            except QueueUnavailable as exc:
+                return self.disk_records(), str(exc)
         return records, None
 
-    def _maybe_resync(self, client: QueueClient, records: list[dict]) -> None:
+    def _maybe_resync(self, client: QueueClient, records: list[dict]) -> bool:
+        """Rebuild missing registry records from the run folders when Redis was down or holds fewer runs than
+        the disk (it lost its data); checked at most every RESYNC_EVERY_S. True when records were added."""
         now = time.monotonic()
         if not self._redis_was_down and now - self._last_check < RESYNC_EVERY_S:
-            return
+            return False
         self._last_check = now
+        added = 0
         if self._redis_was_down or len(records) < min(len(self.store.ids()), 500):
             try:
                 added = client.resync()
             except Exception as exc:  # noqa: BLE001 - Redis may drop again mid-resync; the next tick retries
                 log.warning("resync from the run folders failed: %s", exc)
-                return
+                return False
             if added:
                 log.info("registry rebuilt from the run folders: %d runs restored", added)
         self._redis_was_down = False
+        return added > 0
 
     def disk_records(self) -> list[dict]:
         """Run records from the run folders (no live progress): the fallback while Redis is down."""

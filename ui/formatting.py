@@ -176,8 +176,16 @@ def run_row(record: Mapping[str, Any], now: float | None = None) -> list[str]:
         progress_text(record),
         acc_text,
         fmt_duration(run_duration(record, now)),
-        record.get("worker") or DASH,
+        _host(record.get("worker")),
     ]
+
+
+def _host(worker: str | None) -> str:
+    """'celery@gpu-box' → 'gpu-box'; 'gpu0@box' stays (the prefix names the GPU)."""
+    if not worker:
+        return DASH
+    name, _, host = worker.partition("@")
+    return host if name == "celery" and host else worker
 
 
 def run_summary(record: Mapping[str, Any], now: float | None = None) -> dict:
@@ -209,12 +217,14 @@ def run_summary(record: Mapping[str, Any], now: float | None = None) -> dict:
 
 
 def run_label(record_or_config: Mapping[str, Any]) -> str:
-    """A short human label for a run in plot legends: 'resnet18 lr 1e-3 bs 32 · 1a2b3c'."""
+    """A short human label for a run in plot legends: '1a2b3c resnet18 lr 1e-3 bs 32' (id suffix first, so
+    truncated legends still tell runs apart)."""
     config = record_or_config.get("config") or record_or_config
     run_id = record_or_config.get("run_id") or ""
     suffix = run_id.rsplit("-", 1)[-1] if run_id else ""
-    parts = [str(config.get("model", "?")), f"lr {fmt_lr(config.get('lr'))}", f"bs {config.get('batch_size', '?')}"]
-    return " ".join(parts) + (f" · {suffix}" if suffix else "")
+    parts = [suffix] if suffix else []
+    parts += [str(config.get("model", "?")), f"lr {fmt_lr(config.get('lr'))}", f"bs {config.get('batch_size', '?')}"]
+    return " ".join(parts)
 
 
 def run_choice_label(record: Mapping[str, Any], now: float | None = None) -> str:
@@ -242,8 +252,9 @@ def _plural(n: int, word: str) -> str:
 
 # --- data frames for plots ----------------------------------------------------------------------------------
 
-def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]]):
-    """Long-form frames (loss, accuracy) for the curves plots: columns epoch, value, series."""
+def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]], split: str = "val"):
+    """Long-form frames (loss, accuracy) of one split ("val" or "train") for the curves plots: one line per run,
+    columns epoch, value, run."""
     import pandas as pd
 
     loss_rows, acc_rows = [], []
@@ -252,13 +263,24 @@ def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]]):
             epoch = r.get("epoch")
             if epoch is None:
                 continue
-            for key, split, rows in (("train_loss", "train", loss_rows), ("val_loss", "val", loss_rows),
-                                     ("train_acc", "train", acc_rows), ("val_acc", "val", acc_rows)):
+            for key, rows in ((f"{split}_loss", loss_rows), (f"{split}_acc", acc_rows)):
                 value = r.get(key)
                 if isinstance(value, (int, float)) and math.isfinite(value):
-                    rows.append({"epoch": int(epoch), "value": float(value), "series": f"{label} · {split}"})
-    columns = ["epoch", "value", "series"]
+                    rows.append({"epoch": int(epoch), "value": float(value), "run": label})
+    columns = ["epoch", "value", "run"]
     return pd.DataFrame(loss_rows, columns=columns), pd.DataFrame(acc_rows, columns=columns)
+
+
+def robust_upper(values: Sequence[float], spike: float = 4.0) -> float | None:
+    """An axis top that keeps one exploding epoch from flattening every other curve: None (automatic) unless
+    the largest value is more than `spike` times the 90th percentile, else 1.5x that percentile."""
+    finite = sorted(v for v in values if isinstance(v, (int, float)) and math.isfinite(v))
+    if len(finite) < 3:
+        return None
+    p90 = finite[min(len(finite) - 1, int(0.9 * (len(finite) - 1) + 0.5))]
+    if p90 <= 0 or finite[-1] <= spike * p90:
+        return None
+    return 1.5 * p90
 
 
 def counts_frame(counts: Mapping[str, int]):
@@ -360,21 +382,48 @@ def _short(name: str, width: int = 14) -> str:
 def metrics_markdown(report: Mapping[str, Any]) -> str:
     """Headline numbers from eval.json; unknown keys are left out rather than dumped."""
     parts = []
-    labels = [("accuracy", "Accuracy"), ("top5_accuracy", "Top-5 accuracy"), ("balanced_accuracy", "Balanced acc."),
-              ("macro_f1", "Macro F1"), ("loss", "Loss"), ("ece", "Calibration error (ECE)")]
-    for key, label in labels:
-        value = report.get(key)
-        if value is None and isinstance(report.get("calibration"), Mapping) and key == "ece":
-            value = report["calibration"].get("ece")
-        if isinstance(value, (int, float)):
-            shown = f"{value:.4f}" if key in ("loss", "ece") else fmt_pct(value)
-            parts.append(f"**{label}:** {shown}")
-    split = report.get("split")
-    n = report.get("num_images") or report.get("n")
-    head = f"Evaluated on the **{split}** split" if split else "Evaluation"
+    if isinstance(report.get("accuracy"), (int, float)):
+        parts.append(f"**Accuracy:** {fmt_pct(report['accuracy'])}")
+    k = report.get("top_k")
+    if isinstance(report.get("top_k_accuracy"), (int, float)) and k and k > 1:
+        parts.append(f"**Top-{k} accuracy:** {fmt_pct(report['top_k_accuracy'])}")
+    macro = report.get("macro") if isinstance(report.get("macro"), Mapping) else {}
+    f1 = macro.get("f1", report.get("macro_f1"))
+    if isinstance(f1, (int, float)):
+        parts.append(f"**Macro F1:** {f1:.3f}")
+    if isinstance(report.get("loss"), (int, float)):
+        parts.append(f"**Loss:** {report['loss']:.3f}")
+    calibration = report.get("calibration") if isinstance(report.get("calibration"), Mapping) else {}
+    if isinstance(calibration.get("ece"), (int, float)):
+        parts.append(f"**Calibration error (ECE):** {calibration['ece']:.3f}")
+    split, n = report.get("split"), report.get("n") or report.get("num_images")
+    head = f"Evaluated on the **{md_escape(split)}** split" if split else "Evaluation"
     if n:
         head += f" ({n} images)"
-    return head + "  \n" + " · ".join(parts) if parts else head
+    lines = [head + (":  " + " · ".join(parts) if parts else "")]
+    for note in (report.get("notes") or [])[:5]:
+        lines.append(f"- {md_escape(note)}")
+    skipped = report.get("skipped") or []
+    if skipped:
+        lines.append(f"- {len(skipped)} unreadable image(s) were skipped.")
+    return "\n".join(lines)
+
+
+def calibration_frame(section: Any):
+    """Reliability diagram points (x = mean confidence, y = accuracy per bin) plus the diagonal."""
+    import pandas as pd
+
+    columns = ["x", "y", "curve"]
+    rows = []
+    if isinstance(section, Mapping) and isinstance(section.get("bins"), list):
+        for b in section["bins"]:
+            if isinstance(b, Mapping) and b.get("count") and b.get("confidence") is not None \
+                    and b.get("accuracy") is not None:
+                rows.append({"x": float(b["confidence"]), "y": float(b["accuracy"]), "curve": "model"})
+    if not rows:
+        return pd.DataFrame(columns=columns)
+    rows += [{"x": 0.0, "y": 0.0, "curve": "perfectly calibrated"}, {"x": 1.0, "y": 1.0, "curve": "perfectly calibrated"}]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def roc_frames(section: Any, x_key: str, y_key: str, max_points: int = 400):

@@ -120,7 +120,7 @@ def model_info_text(lab, model: str | None) -> str:
 
 
 def _max_bytes(lab) -> int:
-    return int(lab.settings.max_upload_mb) * 1_000_000
+    return int(lab.settings.max_upload_mb) * 1024 * 1024  # as the launch's max_file_size
 
 
 def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
@@ -135,7 +135,7 @@ def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
         path, name = payload, Path(str(payload)).name
     size = os.path.getsize(path)
     if size > _max_bytes(lab):
-        raise gr.Error(f"{name} is {size / 1e6:.0f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
+        raise gr.Error(f"{name} is {size / 2**20:.1f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
                        "image.", title="File too large")
     with open(path, "rb") as fh:
         return fh.read(), name

@@ -24,6 +24,7 @@ from shared.predict import NoModelError
 
 from .. import formatting as fmt
 from ..client import QueueUnavailable
+from ..paths import PathError, confine_dataset_path
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class ResultsUI:
     tsne: gr.ScatterPlot
     cams: gr.Gallery
     top_losses: gr.Gallery
+    act_pick: gr.Dropdown
     act_image: gr.Image
     activations: gr.Gallery
     report_btn: gr.Button
@@ -73,16 +75,16 @@ def build(lab) -> ResultsUI:
     with gr.Row(elem_classes="toolbar"):
         run = gr.Dropdown(choices=choices, value=choices[0][1] if choices else None, label="Finished run",
                           elem_id="results-run", scale=4)
-        refresh_btn = gr.Button("Refresh list", elem_id="results-refresh-btn", scale=0, min_width=130)
-        evaluate_btn = gr.Button("Evaluate again", elem_id="results-eval-btn", scale=0, min_width=150)
+        refresh_btn = gr.Button("Refresh list", elem_id="results-refresh-btn", scale=0, min_width=140)
+        evaluate_btn = gr.Button("Evaluate again", elem_id="results-eval-btn", scale=0, min_width=170)
     metrics = gr.Markdown(elem_id="results-metrics")
     with gr.Column(visible=False, elem_id="results-body") as body:
         with gr.Row(elem_classes="toolbar"):
-            report_btn = gr.Button("Build the HTML report", elem_id="report-btn", scale=0, min_width=210)
+            report_btn = gr.Button("Build HTML report", elem_id="report-btn", scale=0, min_width=220)
             report_file = gr.DownloadButton("Download report.html", visible=False, elem_id="report-download",
-                                            scale=0, min_width=210)
+                                            scale=0, min_width=240)
             checkpoint_file = gr.DownloadButton("Download checkpoint (best.pt)", visible=False,
-                                                elem_id="checkpoint-download", scale=0, min_width=250)
+                                                elem_id="checkpoint-download", scale=0, min_width=300)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 per_class = gr.Dataframe(interactive=False, label="Per class", elem_id="per-class",
@@ -105,21 +107,25 @@ def build(lab) -> ResultsUI:
             tsne = gr.ScatterPlot(EMPTY_TSNE, x="x", y="y", color="true class", title="t-SNE of the test features",
                                   tooltip=["true class", "predicted", "correct"], height=320, elem_id="tsne",
                                   x_axis_labels_visible="hidden", x_title=" ", y_title=" ")
-        cams = gr.Gallery(label="Grad-CAM: where the model looked (test images)", columns=6, height=260,
-                          elem_id="cam-gallery", object_fit="contain")
-        top_losses = gr.Gallery(label="Most confidently wrong test images (top losses)", columns=6, height=260,
-                                elem_id="toploss-gallery", object_fit="contain")
+        with gr.Row():
+            # the evaluation writes one grid figure per kind; one column shows each whole (click to enlarge)
+            cams = gr.Gallery(label="Grad-CAM: where the model looked (test images)", columns=1, height=520,
+                              elem_id="cam-gallery", object_fit="contain")
+            top_losses = gr.Gallery(label="Most confidently wrong test images (top losses)", columns=1, height=520,
+                                    elem_id="toploss-gallery", object_fit="contain")
         with gr.Accordion("Layer activations for an image", open=False, elem_id="activations-panel"):
-            gr.Markdown("Drop an image (or click one in the galleries above) to see the strongest feature maps of "
-                        "each stage, from edges in conv1 to object parts in layer4.", elem_classes="help")
+            gr.Markdown("Pick a test image (or drop your own) to see the strongest feature maps of each stage, from "
+                        "edges in conv1 to object parts in layer4.", elem_classes="help")
             with gr.Row(equal_height=False):
-                act_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image", height=240,
-                                     elem_id="act-image", scale=1)
+                with gr.Column(scale=1):
+                    act_pick = gr.Dropdown(choices=[], value=None, label="Test image", elem_id="act-pick")
+                    act_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
+                                         height=240, elem_id="act-image")
                 activations = gr.Gallery(label="Strongest 8 feature maps per stage", columns=1, height=420,
                                          elem_id="activations", object_fit="contain", scale=3)
     state = gr.State({})
     return ResultsUI(run, refresh_btn, evaluate_btn, metrics, body, per_class, confusion_mode, confusion, roc, pr,
-                     calibration, tsne, cams, top_losses, act_image, activations, report_btn, report_file,
+                     calibration, tsne, cams, top_losses, act_pick, act_image, activations, report_btn, report_file,
                      checkpoint_file, state)
 
 
@@ -212,20 +218,6 @@ def _inside(run_dir: Path, path: Path) -> Path | None:
     return resolved if resolved.is_file() and root in resolved.parents else None
 
 
-def _calibration_frame(section: Any) -> pd.DataFrame:
-    if not isinstance(section, dict):
-        return EMPTY_CURVE
-    conf = section.get("confidence") or section.get("mean_confidence") or section.get("bin_confidence")
-    acc = section.get("accuracy") or section.get("bin_accuracy")
-    if not conf or not acc:
-        return EMPTY_CURVE
-    counts = section.get("counts") or section.get("count") or [1] * len(conf)
-    rows = [{"x": float(c), "y": float(a), "curve": "model"} for c, a, n in zip(conf, acc, counts)
-            if n and c is not None and a is not None]
-    rows += [{"x": 0.0, "y": 0.0, "curve": "perfectly calibrated"}, {"x": 1.0, "y": 1.0, "curve": "perfectly calibrated"}]
-    return pd.DataFrame(rows, columns=["x", "y", "curve"])
-
-
 # --- handlers -----------------------------------------------------------------------------------------------
 
 def _download(path: Path) -> gr.DownloadButton:
@@ -233,10 +225,11 @@ def _download(path: Path) -> gr.DownloadButton:
 
 
 def show_run(lab, run_id: str | None, mode: str):
-    """All outputs for one run (13): metrics, body, per-class, confusion, roc, pr, calibration, tsne, galleries,
-    checkpoint and report downloads, state."""
+    """All outputs for one run (14): metrics, body, per-class, confusion, roc, pr, calibration, tsne, galleries,
+    test-image choices, checkpoint and report downloads, state."""
     hidden = (gr.Column(visible=False), None, "", EMPTY_CURVE, EMPTY_CURVE, EMPTY_CURVE, EMPTY_TSNE, [], [],
-              gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), {})
+              gr.Dropdown(choices=[], value=None), gr.DownloadButton(visible=False), gr.DownloadButton(visible=False),
+              {})
     if not run_id:
         return ("No finished run yet — train one on the **Train** tab; its results appear here.",) + hidden
     try:
@@ -247,20 +240,23 @@ def show_run(lab, run_id: str | None, mode: str):
     if report is None:
         text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
                 "one.")
-        return (text,) + hidden[:9] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False),
-                                       {"run_id": run_id})
+        return (text,) + hidden[:10] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False),
+                                        {"run_id": run_id})
     classes = _classes(report, run_dir)
     headers, rows = fmt.per_class_rows(report.get("per_class"))
     per_class = pd.DataFrame(rows, columns=headers) if rows else None
     confusion = fmt.confusion_html(_matrix(report, mode), classes, mode == "normalized")
     roc = fmt.roc_frames(report.get("roc") or {}, "fpr", "tpr")
     pr = fmt.roc_frames(report.get("pr") or {}, "recall", "precision")
-    calibration = _calibration_frame(report.get("calibration"))
+    calibration = fmt.calibration_frame(report.get("calibration"))
     tsne = fmt.tsne_frame(report.get("tsne"), classes)
     cams = _gallery_items(report, run_dir, CAM_KEYS, "cam")
     losses = _gallery_items(report, run_dir, TOP_LOSS_KEYS, "loss")
+    paths = list(dict.fromkeys((report.get("tsne") or {}).get("path") or []))
+    picks = gr.Dropdown(choices=[(p, p) for p in paths[:500]], value=None)
     return (fmt.metrics_markdown(report), gr.Column(visible=True), per_class, confusion, roc, pr, calibration, tsne,
-            cams, losses, _download(run_dir / "best.pt"), _download(run_dir / "report.html"), {"run_id": run_id})
+            cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"),
+            {"run_id": run_id})
 
 
 def switch_confusion(lab, run_id: str | None, mode: str) -> str:
@@ -352,17 +348,27 @@ def montage(stage_maps: list[np.ndarray], tile: int = 96, gap: int = 4) -> np.nd
     return out
 
 
-def pick_from_gallery(evt: gr.SelectData):
-    value = evt.value or {}
-    image = value.get("image") if isinstance(value, dict) else None
-    path = image.get("path") if isinstance(image, dict) else None
-    return path or gr.skip()
+def pick_test_image(lab, run_id: str | None, rel: str | None):
+    """The file of a test image listed in eval.json, confined to the run's dataset inside the data roots."""
+    if not run_id or not rel:
+        return gr.skip()
+    try:
+        data_dir = lab.store.config(run_id).data_dir
+        root = confine_dataset_path(data_dir, lab.settings.data_roots)
+    except PathError as exc:
+        raise gr.Error(str(exc), title="Folder not allowed") from None
+    except Exception:  # noqa: BLE001 - missing or damaged config.json
+        raise gr.Error(f"cannot read the settings of run {run_id}", title="Unknown run") from None
+    path = (root / rel).resolve()
+    if root not in path.parents or not path.is_file():
+        raise gr.Error(f"{rel} is not an image of this run's dataset", title="Not found")
+    return str(path)
 
 
 def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     outputs = [ui.metrics, ui.body, ui.per_class, ui.confusion, ui.roc, ui.pr, ui.calibration, ui.tsne, ui.cams,
-               ui.top_losses, ui.checkpoint_file, ui.report_file, ui.state]
-    gr.on([ui.run.change], partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private",
+               ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file, ui.state]
+    gr.on([ui.run.input], partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private",
           trigger_mode="always_last")
     tab.select(partial(refresh, lab), ui.run, ui.run, api_visibility="private", show_progress="hidden").then(
         partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private")
@@ -375,8 +381,7 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
                         concurrency_limit=1)
     ui.act_image.change(partial(activations, lab), [ui.run, ui.act_image], ui.activations, api_visibility="private",
                         concurrency_limit=2)
-    for gallery in (ui.cams, ui.top_losses):
-        gallery.select(pick_from_gallery, None, ui.act_image, api_visibility="private")
+    ui.act_pick.input(partial(pick_test_image, lab), [ui.run, ui.act_pick], ui.act_image, api_visibility="private")
 
     def run_results(run_id: str) -> dict:
         """A finished run's evaluation summary: accuracy, per_class, classes, confusion counts and the names of

@@ -45,6 +45,7 @@ class RunsUI:
     abort_btn: gr.Button
     message: gr.Markdown
     curves_note: gr.Markdown
+    split: gr.Radio
     loss_plot: gr.LinePlot
     acc_plot: gr.LinePlot
     detail: gr.Markdown
@@ -60,7 +61,7 @@ def build(lab) -> RunsUI:
                              info="Curves, cancel, delete and clone apply to these.", scale=4)
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn", scale=0, min_width=110)
         delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn", scale=0, min_width=110)
-        clone_btn = gr.Button("Clone into Train form", elem_id="clone-btn", scale=0, min_width=200)
+        clone_btn = gr.Button("Clone into Train form", elem_id="clone-btn", scale=0, min_width=230)
     with gr.Row(visible=False, elem_id="delete-confirm", elem_classes="toolbar") as confirm_row:
         confirm_text = gr.Markdown()
         confirm_btn = gr.Button("Delete runs and their files", variant="stop", elem_id="delete-confirm-btn",
@@ -68,15 +69,19 @@ def build(lab) -> RunsUI:
         abort_btn = gr.Button("Keep them", elem_id="delete-abort-btn", scale=0, min_width=120)
     message = gr.Markdown(elem_id="runs-message")
     detail = gr.Markdown(elem_id="run-detail")
-    curves_note = gr.Markdown(elem_id="curves-note")
+    with gr.Row(elem_classes="toolbar"):
+        curves_note = gr.Markdown(elem_id="curves-note")
+        split = gr.Radio([("Validation", "val"), ("Training", "train")], value="val", show_label=False,
+                         elem_id="curves-split", scale=0, min_width=260, container=False)
     with gr.Row(elem_id="curves"):
-        loss_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Loss", x_title="epoch",
-                                y_title="loss", height=320, elem_id="curves-loss", tooltip="all")
-        acc_plot = gr.LinePlot(x="epoch", y="value", color="series", title="Accuracy", x_title="epoch",
-                               y_title="accuracy", y_lim=[0, 1], height=320, elem_id="curves-acc", tooltip="all")
+        loss_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Loss", x_title="epoch",
+                                y_title="loss", height=340, elem_id="curves-loss", tooltip="all", x_axis_format="d")
+        acc_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Accuracy", x_title="epoch",
+                               y_title="accuracy", y_lim=[0, 1], height=340, elem_id="curves-acc", tooltip="all",
+                               x_axis_format="d")
     state = gr.State({})
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
-                  abort_btn, message, curves_note, loss_plot, acc_plot, detail, state)
+                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state)
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -107,14 +112,15 @@ def _curve_runs(records: list[dict], selected: list[str]) -> list[dict]:
     return started[:DEFAULT_CURVES]
 
 
-def curves(lab, records: list[dict], selected: list[str]) -> tuple[str, Any, Any, tuple]:
+def curves(lab, records: list[dict], selected: list[str], split: str = "val") -> tuple[str, Any, Any, tuple]:
     """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones)."""
     chosen = _curve_runs(records, selected)
     histories = {}
     for record in chosen:
         histories[fmt.run_label(record)] = history_of(lab, record)
-    sig = tuple((label, len(h), h[-1].get("epoch") if h else None) for label, h in histories.items())
-    loss, acc = fmt.curves_frame(histories)
+    sig = (split,) + tuple((label, len(h), h[-1].get("epoch") if h else None) for label, h in histories.items())
+    loss, acc = fmt.curves_frame(histories, split)
+    which = "validation" if split == "val" else "training"
     if not records:
         note = "No runs yet — queue some on the **Train** tab."
     elif not chosen:
@@ -122,10 +128,10 @@ def curves(lab, records: list[dict], selected: list[str]) -> tuple[str, Any, Any
     elif loss.empty:
         note = "Waiting for the first epoch to finish…"
     elif selected:
-        note = f"Curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}."
+        note = f"{which.capitalize()} curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}."
     else:
-        note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''} — select runs above to "
-                "compare others.")
+        note = (f"{which.capitalize()} curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''} — "
+                "select runs above to compare others.")
     return note, loss, acc, sig
 
 
@@ -170,7 +176,7 @@ def banner_update(problem: str | None):
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
-def tick(lab, selected: list[str] | None, active_tab: str, state: dict | None, force: bool = False):
+def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: dict | None, force: bool = False):
     """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed."""
     state = dict(state or {})
     selected = list(selected or [])
@@ -193,10 +199,16 @@ def tick(lab, selected: list[str] | None, active_tab: str, state: dict | None, f
         known = {value for _, value in choices}
         select = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
         state["choices"] = choices
-    note, loss, acc, sig = curves(lab, records, selected)
+    note, loss, acc, sig = curves(lab, records, selected, split or "val")
     loss_out = acc_out = note_out = gr.skip()
     if force or state.get("curves") != (sig, note):
-        loss_out, acc_out, note_out = loss, acc, note
+        top = fmt.robust_upper(list(loss["value"]))
+        if top is not None:
+            worst = loss.loc[loss["value"].idxmax()]
+            note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
+                     f"at epoch {int(worst['epoch'])}.")
+        loss_out = gr.LinePlot(value=loss, y_lim=[0, top] if top is not None else None)
+        acc_out, note_out = acc, note
         state["curves"] = (sig, note)
     detail = detail_text(records, selected, now)
     detail_out = gr.skip()
@@ -317,24 +329,23 @@ def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
     outputs = [ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
-    timer.tick(partial(tick, lab), [ui.select, active_tab, ui.state], outputs, api_visibility="private",
+    timer.tick(partial(tick, lab), [ui.select, ui.split, active_tab, ui.state], outputs, api_visibility="private",
                show_progress="hidden", trigger_mode="once", concurrency_limit=None)
-    refresh_now = partial(tick, lab, force=True)
+
+    def refresh_now(selected, split, state):
+        return tick(lab, selected, split, "runs", state, force=True)
+
+    refresh = dict(fn=refresh_now, inputs=[ui.select, ui.split, ui.state], outputs=outputs,
+                   api_visibility="private", show_progress="hidden")
     # .input, not .change: the timer itself rewrites the selector, which must not trigger another refresh
-    gr.on([tab.select, ui.select.input], lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state],
-          outputs, api_visibility="private", show_progress="hidden", trigger_mode="always_last")
-    ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private", show_progress="hidden").then(
-        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
-        show_progress="hidden")
-    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(
-        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
-        show_progress="hidden")
+    gr.on([tab.select, ui.select.input, ui.split.input], trigger_mode="always_last", **refresh)
+    ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private",
+                    show_progress="hidden").then(**refresh)
+    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(**refresh)
     ui.delete_btn.click(ask_delete, ui.select, [ui.confirm_row, ui.confirm_text], api_visibility="private")
     ui.abort_btn.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private")
     ui.confirm_btn.click(partial(delete_runs, lab), ui.select, [ui.confirm_row, ui.message, ui.select],
-                         api_visibility="private").then(
-        lambda sel, st: refresh_now(sel, "runs", st), [ui.select, ui.state], outputs, api_visibility="private",
-        show_progress="hidden")
+                         api_visibility="private").then(**refresh)
     names = list(train_ui.fields)
     ui.clone_btn.click(partial(clone_run, lab, field_names=names), ui.select,
                        [*train_ui.fields.values(), data_dir, tabs], api_visibility="private")

@@ -1,0 +1,300 @@
+"""The page end to end: `python -m ui` and `python -m worker` as real processes on a real Redis, driven through
+the page's named API with `gradio_client` — submit two tiny runs, poll them to success, read their curves and
+results, predict an uploaded image (top-5 + CAM) while another run trains, and get the right errors for bad
+uploads and paths. Plus the parts of the page process that need no server (Redis down, resync, bind guard).
+
+Tiny runs: resnet18 from scratch at 32 px on 3 x 12 generated images with one torch thread.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared.config import TrainConfig
+from shared.runs import FINISHED, RunStore
+from shared.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
+from shared.settings import Settings
+from tests.imagegen import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"models": ["resnet18"], "weights": "none", "image_size": 32, "batch_sizes": [8], "epochs": 2,
+        "augment": "none", "device": "cpu", "amp": False, "val_ratio": 0.2, "test_ratio": 0.2}
+
+
+# --- the page process without a server ------------------------------------------------------------------------
+# (these come first: the `redis_url` fixture empties every Redis database, the module's stack below included)
+
+def _lab(tmp_path, redis_url):
+    from ui.app import Lab
+
+    data = make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=3, size=16)
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",), redis_url=redis_url)
+    lab = Lab(settings)
+    run_id = lab.store.create(TrainConfig(data_dir=str(data), weights="none"))
+    return lab, run_id
+
+
+def test_runs_come_from_the_run_folders_while_redis_is_down(tmp_path):
+    lab, run_id = _lab(tmp_path, f"redis://127.0.0.1:{find_free_port()}/0")
+    records, problem = lab.snapshot()
+    assert [r["run_id"] for r in records] == [run_id]
+    assert records[0]["config"]["model"] == "resnet18"
+    assert "cannot reach Redis" in problem and "resnet-lab up" in problem
+
+
+def test_no_redis_url_says_what_to_start(tmp_path):
+    lab, run_id = _lab(tmp_path, None)
+    records, problem = lab.snapshot()
+    assert [r["run_id"] for r in records] == [run_id]
+    assert "REDIS_URL is not set" in problem
+
+
+def test_registry_is_rebuilt_after_redis_lost_its_data(tmp_path, redis_url):
+    import redis
+
+    lab, run_id = _lab(tmp_path, redis_url)
+    records, problem = lab.snapshot()  # registry empty, one run on disk: resync at once
+    assert problem is None and [r["run_id"] for r in records] == [run_id]
+    assert lab.snapshot()[0][0]["run_id"] == run_id
+    redis.Redis.from_url(redis_url).flushall()  # a restart without persistence
+    lab._redis_was_down = True  # what a tick during the outage leaves behind
+    assert [r["run_id"] for r in lab.snapshot()[0]] == [run_id]
+
+
+def test_binding_beyond_loopback_needs_credentials(tmp_path):
+    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(tmp_path / "m"), "RESNET_LAB_DATA_ROOTS": str(tmp_path / "d")}
+    env.pop("RESNET_LAB_AUTH", None)
+    proc = subprocess.run([sys.executable, "-m", "ui", "--host", "0.0.0.0", "--port", "1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "RESNET_LAB_AUTH=user:password" in proc.stderr and "refusing to serve on 0.0.0.0" in proc.stderr
+    from ui.__main__ import check_bind
+
+    check_bind(Settings(host="0.0.0.0", auth="me:secret"))  # with credentials it may
+    with pytest.raises(SystemExit, match="user:password"):
+        check_bind(Settings(host="0.0.0.0", auth="no-colon"))
+
+
+def test_file_route_may_serve_only_the_models_folder_and_data_roots(tmp_path):
+    from ui.__main__ import launch_kwargs
+
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "a", tmp_path / "b"))
+    kwargs = launch_kwargs(settings)
+    assert kwargs["allowed_paths"] == [str(tmp_path / "models"), str(tmp_path / "a"), str(tmp_path / "b")]
+    assert kwargs["server_name"] == "127.0.0.1" and kwargs["show_error"] is False and kwargs["share"] is False
+    assert kwargs["max_file_size"] == 200 * 1024 * 1024
+
+
+# --- the launched page + worker -------------------------------------------------------------------------------
+
+class Stack:
+    def __init__(self, root: Path, redis_url: str):
+        self.root = root
+        self.models = root / "models"
+        self.data_root = root / "data"
+        self.data = make_image_folder(self.data_root / "shapes", classes=["circle", "square", "stripe"],
+                                      per_class=12, size=40)
+        self.port = find_free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(self.models),
+                    "RESNET_LAB_DATA_ROOTS": str(self.data_root), "RESNET_LAB_PORT": str(self.port),
+                    "RESNET_LAB_HOST": "127.0.0.1", "RESNET_LAB_WORKER_THREADS": "1", "RESNET_LAB_MAX_UPLOAD_MB": "1",
+                    "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(root / "gradio")}
+        self.env.pop("RESNET_LAB_AUTH", None)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, module: str, *args: str) -> None:
+        log = open(self.root / f"{name}.log", "wb")
+        self.procs[name] = popen_in_own_group([sys.executable, "-m", module, *args], env=self.env, cwd=REPO,
+                                              stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self, name: str) -> str:
+        path = self.root / f"{name}.log"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while " ready." not in self.log("worker"):
+            assert self.procs["worker"].poll() is None, f"worker died:\n{self.log('worker')}"
+            assert time.monotonic() < deadline, f"worker not ready:\n{self.log('worker')}"
+            time.sleep(0.2)
+        try:
+            wait_for_http(self.url, timeout=max(1.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise AssertionError(f"page did not come up:\n{self.log('page')}") from None
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                stop_group(proc, timeout=20)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()
+    s = Stack(tmp_path_factory.mktemp("page"), redis_server.url)
+    s.start("worker", "worker", "--loglevel", "info")
+    s.start("page", "ui")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    from gradio_client import Client
+
+    return Client(stack.url, verbose=False, download_files=str(stack.root / "downloads"))
+
+
+def _wait(client, run_ids, statuses, timeout, stack):
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = {r["run_id"]: r for r in client.predict(api_name="/run_status")}
+        if all(runs.get(rid, {}).get("status") in statuses for rid in run_ids):
+            return runs
+        if time.monotonic() > deadline:
+            raise AssertionError(f"runs {run_ids} not {statuses} after {timeout} s: "
+                                 f"{[runs.get(r) for r in run_ids]}\nworker log:\n{stack.log('worker')}")
+        time.sleep(1.0)
+
+
+def _image(stack) -> str:
+    return str(sorted((stack.data / "square").iterdir())[0])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_named_endpoints_and_no_model_yet(client, stack):
+    from gradio_client import handle_file
+
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/predict", "/submit_runs", "/run_status", "/run_curves", "/run_results", "/predict_many",
+                 "/cancel_runs"):
+        assert name in endpoints
+    assert client.predict(api_name="/run_status") == []
+    with pytest.raises(Exception, match="No model yet"):
+        client.predict(handle_file(_image(stack)), api_name="/predict")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_paths_outside_the_data_roots_are_refused(client, stack):
+    with pytest.raises(Exception, match="outside the data folders"):
+        client.predict("/etc", api_name="/check_dataset")
+    with pytest.raises(Exception, match="outside the data folders"):
+        client.predict({**TINY, "data_dir": "../"}, api_name="/submit_runs")
+    with pytest.raises(Exception, match="is a file, not a folder"):
+        client.predict({**TINY, "data_dir": _image(stack)}, api_name="/submit_runs")
+    summary, *_ = client.predict("shapes", api_name="/check_dataset")
+    assert "3 classes, 36 usable images" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_runs_train_to_success_with_curves_and_results(client, stack):
+    run_ids = client.predict({**TINY, "data_dir": "shapes", "lrs": [1e-3, 3e-3]}, api_name="/submit_runs")
+    assert len(run_ids) == 2
+    queued = {r["run_id"]: r for r in client.predict(api_name="/run_status")}
+    assert set(run_ids) <= set(queued) and {queued[r]["lr"] for r in run_ids} == {1e-3, 3e-3}
+    runs = _wait(client, run_ids, FINISHED, 240, stack)
+    assert all(runs[r]["status"] == "succeeded" for r in run_ids), [runs[r] for r in run_ids]
+    assert all(runs[r]["progress"] == 1.0 and runs[r]["best_val_acc"] is not None for r in run_ids)
+    curves = client.predict(run_ids, api_name="/run_curves")
+    for rid in run_ids:
+        assert [e["epoch"] for e in curves[rid]] == [1, 2]
+        assert all(0 <= e["val_acc"] <= 1 and e["train_loss"] > 0 for e in curves[rid])
+    results = client.predict(run_ids[0], api_name="/run_results")
+    assert 0 <= results["accuracy"] <= 1
+    assert results["classes"] == ["circle", "square", "stripe"]
+    assert np.asarray(results["confusion"]["counts"]).shape == (3, 3)
+    assert any("cam" in name for name in results["figures"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_predict_answers_while_a_run_trains_then_cancel(client, stack):
+    from gradio_client import handle_file
+
+    latest = RunStore(stack.models).latest_succeeded()
+    assert latest is not None, "needs the runs of the previous test"
+    (long_run,) = client.predict({**TINY, "data_dir": "shapes", "epochs": 200}, api_name="/submit_runs")
+    _wait(client, [long_run], ("running",), 120, stack)
+    deadline = time.monotonic() + 60
+    while not (RunStore(stack.models).path(long_run) / "metrics.jsonl").exists():  # past data preparation
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    started = time.monotonic()
+    label, cam, answer = client.predict(handle_file(_image(stack)), api_name="/predict")
+    elapsed = time.monotonic() - started
+    assert {c["label"] for c in label["confidences"]} == {"circle", "square", "stripe"}
+    assert abs(sum(c["confidence"] for c in label["confidences"]) - 1) < 1e-3
+    assert label["label"] == label["confidences"][0]["label"]
+    overlay = Image.open(cam)
+    assert overlay.size == (32, 32) and overlay.mode == "RGB"
+    assert latest in answer and "latest finished run" in answer
+    status = {r["run_id"]: r for r in client.predict(api_name="/run_status")}[long_run]
+    assert status["status"] == "running", "the long run should still be training while the page predicted"
+    assert elapsed < 30
+    # many images at once: a table and a CSV
+    table, csv_path, _ = client.predict([handle_file(_image(stack)), handle_file(_image(stack))],
+                                        api_name="/predict_many")
+    assert len(table["data"]) == 2 and Path(csv_path).read_text().startswith("source,error,class_1")
+    message = client.predict([long_run], api_name="/cancel_runs")
+    assert "Cancel requested for 1 run" in message
+    runs = _wait(client, [long_run], FINISHED, 120, stack)
+    assert runs[long_run]["status"] == "cancelled"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_bad_uploads_get_clear_errors(client, stack, tmp_path):
+    from gradio_client import handle_file
+
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not a picture\n" * 10)
+    with pytest.raises(Exception, match="notes.jpg: not an image — it contains text"):
+        client.predict(handle_file(str(text)), api_name="/predict")
+    html = tmp_path / "page.png"
+    html.write_text("<!doctype html><html><body>login</body></html>")
+    with pytest.raises(Exception, match="HTML page"):
+        client.predict(handle_file(str(html)), api_name="/predict")
+    big = tmp_path / "big.png"  # ~1.9 MB of noise; the page was started with a 1 MB upload limit
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big)
+    assert big.stat().st_size > 1024 * 1024
+    with pytest.raises(Exception, match="exceeds the maximum file size"):
+        client.predict(handle_file(str(big)), api_name="/predict")
+    assert "Traceback" not in stack.log("page")[-200:]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_file_route_refuses_files_outside(stack):
+    import urllib.error
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"{stack.url}gradio_api/file={path}", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert status("/etc/passwd") == 403
+    assert status(str(REPO / "pyproject.toml")) == 403
+    assert status(str(stack.root / "page.log")) == 403
+    assert status(_image(stack)) == 200  # the data roots are served (thumbnails, test images)
+    run_dir = next(p for p in stack.models.iterdir() if (p / "best.pt").exists())
+    assert status(str(run_dir / "config.json")) == 200
