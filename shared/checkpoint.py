@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,10 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint in place."""
+    """Write to a temp file in the same folder, then rename: a crash never leaves half a checkpoint in place.
+
+    A failed write (disk full, read-only folder) raises CheckpointError saying so; the previous file is untouched.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -26,9 +31,29 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError "[enforce fail ...]"
+        raise CheckpointError(_write_failure(path, exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _write_failure(path: Path, exc: BaseException) -> str:
+    kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 16 * 2**20):
+        room = f" ({free / 2**20:.1f} MB free)" if free is not None else ""
+        return (f"cannot write checkpoint {path}: no space left on the disk{room} — free some space or point "
+                f"RESNET_LAB_MODELS_DIR at a bigger disk, then train again; {kept}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write checkpoint {path}: {os.strerror(code).lower()} — make {path.parent} writable, "
+                f"then train again; {kept}")
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"cannot write checkpoint {path} ({type(exc).__name__}: {first}); {kept}"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
