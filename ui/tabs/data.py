@@ -68,8 +68,9 @@ def build(lab) -> DataUI:
     summary = gr.Markdown(elem_id="data-summary")
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
+            # y from 0: with equal counts the automatic axis would span a single value and draw no bars
             class_counts = gr.BarPlot(x="class", y="images", title="Images per class", elem_id="class-counts",
-                                      height=280, x_label_angle=-30, y_axis_format="d")
+                                      height=280, x_label_angle=-30, y_axis_format="d", y_lim=[0, None])
         with gr.Column(scale=2):
             problems = gr.Markdown(elem_id="data-problems")
             sizes = gr.Markdown(elem_id="data-sizes")
@@ -109,10 +110,10 @@ def _samples(root: Path, scan) -> list[tuple]:
     return out
 
 
-def counts_plot(counts: dict[str, int]) -> gr.BarPlot:
-    # bars start at 0 (with equal counts the automatic axis would span a single value and draw no bars)
-    top = max(counts.values(), default=1)
-    return gr.BarPlot(value=fmt.counts_frame(counts), y_lim=[0, max(1, int(top * 1.1) + 1)])
+def counts_plot(counts: dict[str, int]):
+    # The data alone, not gr.BarPlot(value=..., y_lim=...): Gradio 6.31 applies such an update's y_lim but keeps
+    # drawing the previous data, so picking another dataset left the old classes' bars on screen.
+    return fmt.counts_frame(counts)
 
 
 def preview(lab, path: str | None):
