@@ -9,8 +9,10 @@ retry, the worker takes the next run). Duplicate deliveries skip: see `worker/re
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
+import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +70,10 @@ def failure_reason(exc: BaseException, config=None) -> str:
         return f"out of GPU memory at batch size {size}: lower the batch size (or the image size)"
     if isinstance(exc, USER_ERRORS):
         return str(exc)
+    if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+        where = Path(exc.filename).parent if exc.filename else "the models folder"
+        return (f"cannot write to {where}: {exc.strerror} — make the models folder writable and free some disk "
+                "space, then queue the run again")
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -147,7 +153,13 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
     # below, the final progress goes out before the final status: whoever sees the status finds the progress
     if reason is not None:
         reporter.finish("failed", error=reason)
-        transition(store, registry, run_id, "failed", error=reason)
+        try:
+            transition(store, registry, run_id, "failed", error=reason)
+        except OSError as exc:
+            # the run folder itself cannot be written (read-only, disk full): the registry still tells the page,
+            # and a run left 'queued' there would be re-sent by the recovery scan forever
+            log.error("run %s: cannot write its failure into %s: %s", run_id, run_dir, exc)
+            registry.update(run_id, status="failed", error=reason, finished=time.time())
         raise RunFailed(reason)
     if outcome == "cancelled":
         return _stopped(task, store, registry, run_id, reporter)
