@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import sys
@@ -393,6 +394,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValueError as exc:  # invalid settings/values (e.g. an unknown weights name)
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+        # the machine, not a bug: a read-only or full disk under the models folder
+        print(f"error: cannot write {exc.filename or 'to the models folder'}: {exc.strerror} — make the models "
+              "folder writable and free some disk space (or use --models-dir)", file=sys.stderr)
         return 2
 
 
