@@ -70,6 +70,17 @@ def test_registry_is_rebuilt_after_redis_lost_its_data(tmp_path, redis_url):
     assert [r["run_id"] for r in lab.snapshot()[0]] == [run_id]
 
 
+def test_a_stale_running_record_takes_the_finished_status_of_its_folder(tmp_path, redis_url):
+    """The worker wrote `succeeded` into the folder and died before copying it to Redis."""
+    lab, run_id = _lab(tmp_path, redis_url)
+    lab.snapshot()
+    lab.client().registry.update(run_id, status="running", started=1.0)
+    lab.store.set_status(run_id, "succeeded", best={"best_val_acc": 0.5, "best_epoch": 1})
+    (record,), _ = lab.snapshot()
+    assert record["status"] == "succeeded" and record["best"]["best_val_acc"] == 0.5
+    assert lab.client().registry.get(run_id)["status"] == "succeeded"
+
+
 def test_binding_beyond_loopback_needs_credentials(tmp_path):
     env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(tmp_path / "m"), "RESNET_LAB_DATA_ROOTS": str(tmp_path / "d")}
     env.pop("RESNET_LAB_AUTH", None)
@@ -244,7 +255,7 @@ def test_predict_answers_while_a_run_trains_then_cancel(client, stack):
     assert abs(sum(c["confidence"] for c in label["confidences"]) - 1) < 1e-3
     assert label["label"] == label["confidences"][0]["label"]
     overlay = Image.open(cam)
-    assert overlay.size == (32, 32) and overlay.mode == "RGB"
+    assert overlay.size == (320, 320) and overlay.mode == "RGB"  # the 32 px CAM, enlarged for reading
     assert latest in answer and "latest finished run" in answer
     status = {r["run_id"]: r for r in client.predict(api_name="/run_status")}[long_run]
     assert status["status"] == "running", "the long run should still be training while the page predicted"

@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from shared.predict import PredictorCache
-from shared.runs import RunStore, read_json
+from shared.runs import FINISHED, RunStore, read_json
 from shared.settings import Settings
 
 from .client import QueueClient, QueueUnavailable
@@ -38,6 +38,7 @@ table.confusion { border-collapse: collapse; font-size: 0.85em; }
 table.confusion th, table.confusion td { border: 1px solid var(--border-color-primary); padding: 4px 8px;
   text-align: center; min-width: 2.6em; }
 table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--body-text-color-subdued); }
+#predict-image img { width: 100%; height: 100%; object-fit: contain; }
 #runs-table table { font-size: 0.86em; }
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }
@@ -85,7 +86,24 @@ class Lab:
                 records = client.list_runs()
             except QueueUnavailable as exc:
                 return self.disk_records(), str(exc)
-        return records, None
+        return [self._reconcile(client, r) for r in records], None
+
+    def _reconcile(self, client: QueueClient, record: dict) -> dict:
+        """A queued/running record whose folder says it finished (the worker died between writing the folder
+        and Redis) takes the folder's status, in Redis too: the folder is the durable truth."""
+        if record.get("status") not in ("queued", "running"):
+            return record
+        try:
+            status = self.store.status(record["run_id"])
+        except Exception:  # noqa: BLE001 - folder gone or unreadable: nothing better to show
+            return record
+        if status.get("status") not in FINISHED:
+            return record
+        try:
+            client.registry.update(record["run_id"], **{k: v for k, v in status.items() if k != "run_id"})
+        except Exception as exc:  # noqa: BLE001 - shown from the folder anyway; the next tick retries
+            log.warning("could not repair the registry record of %s: %s", record["run_id"], exc)
+        return {**record, **status}
 
     def _maybe_resync(self, client: QueueClient, records: list[dict]) -> bool:
         """Rebuild missing registry records from the run folders when Redis was down or holds fewer runs than

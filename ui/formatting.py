@@ -293,10 +293,12 @@ def size_stats_markdown(sizes: Mapping[str, Any] | None) -> str:
     if not sizes:
         return ""
     rows = ["| | min | median | max |", "|---|---:|---:|---:|"]
+    def num(v):
+        return f"{v:g}" if isinstance(v, (int, float)) else DASH
+
     for key, label, unit in (("width", "width", " px"), ("height", "height", " px"), ("aspect", "aspect (w/h)", "")):
         s = sizes.get(key) or {}
-        rows.append(f"| {label} | {s.get('min', DASH)}{unit} | {s.get('median', DASH)}{unit} | "
-                    f"{s.get('max', DASH)}{unit} |")
+        rows.append(f"| {label} | {num(s.get('min'))}{unit} | {num(s.get('median'))}{unit} | {num(s.get('max'))}{unit} |")
     return "\n".join(rows)
 
 

@@ -111,12 +111,16 @@ def _describe_run(lab, run_id: str, latest: bool) -> str:
 
 def model_info_text(lab, model: str | None) -> str:
     model = model or LATEST
-    if model == LATEST:
-        run_id = lab.store.latest_succeeded()
-        if run_id is None:
-            return "No finished run yet — train one on the **Train** tab."
-        return "Now answering with " + _describe_run(lab, run_id, True).removeprefix("Answered by ")
-    return "Now answering with " + _describe_run(lab, model, False).removeprefix("Answered by ")
+    run_id = lab.store.latest_succeeded() if model == LATEST else model
+    if run_id is None:
+        return "No finished run yet — train one on the **Train** tab."
+    try:
+        record = lab.record(run_id)
+    except Exception:  # noqa: BLE001 - a deleted run: say so
+        return f"Run `{run_id}` is no longer available — pick another."
+    acc, _ = fmt.best_val_acc(record)
+    return (f"Now answering with **{fmt.md_escape(fmt.run_label(record))}** (val accuracy {fmt.fmt_pct(acc)}, "
+            f"finished {fmt.fmt_ago(record.get('finished'))}).")
 
 
 def _max_bytes(lab) -> int:
@@ -150,6 +154,16 @@ def _load(data: bytes, name: str):
         raise gr.Error(str(exc), title="Not a usable image") from None
 
 
+def _display_size(image, side: int = 320):
+    """The overlay is at the model's input size (often 128 px or less): enlarge it so it can be read."""
+    from PIL import Image
+
+    if min(image.size) >= side:
+        return image
+    scale = side / min(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+
+
 # --- handlers -----------------------------------------------------------------------------------------------
 
 def predict(lab, image: Any, model: str | None = LATEST):
@@ -160,7 +174,7 @@ def predict(lab, image: Any, model: str | None = LATEST):
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    return fmt.top5_dict(top), overlay, _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
+    return fmt.top5_dict(top), _display_size(overlay), _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
 
 
 def predict_many(lab, files: list[str] | None, model: str | None = LATEST):

@@ -111,7 +111,7 @@ def build(lab) -> ResultsUI:
             # the evaluation writes one grid figure per kind; one column shows each whole (click to enlarge)
             cams = gr.Gallery(label="Grad-CAM: where the model looked (test images)", columns=1, height=520,
                               elem_id="cam-gallery", object_fit="contain")
-            top_losses = gr.Gallery(label="Most confidently wrong test images (top losses)", columns=1, height=520,
+            top_losses = gr.Gallery(label="Hardest test images (highest loss first)", columns=1, height=520,
                                     elem_id="toploss-gallery", object_fit="contain")
         with gr.Accordion("Layer activations for an image", open=False, elem_id="activations-panel"):
             gr.Markdown("Pick a test image (or drop your own) to see the strongest feature maps of each stage, from "

@@ -7,6 +7,7 @@ an epoch, the banner when Redis went away or came back. Everything else answers 
 
 from __future__ import annotations
 
+import html
 import logging
 import time
 from dataclasses import dataclass
@@ -64,9 +65,8 @@ def build(lab) -> RunsUI:
         clone_btn = gr.Button("Clone into Train form", elem_id="clone-btn", scale=0, min_width=230)
     with gr.Row(visible=False, elem_id="delete-confirm", elem_classes="toolbar") as confirm_row:
         confirm_text = gr.Markdown()
-        confirm_btn = gr.Button("Delete runs and their files", variant="stop", elem_id="delete-confirm-btn",
-                                scale=0, min_width=230)
-        abort_btn = gr.Button("Keep them", elem_id="delete-abort-btn", scale=0, min_width=120)
+        confirm_btn = gr.Button("Yes, delete", variant="stop", elem_id="delete-confirm-btn", scale=0, min_width=160)
+        abort_btn = gr.Button("Keep them", elem_id="delete-abort-btn", scale=0, min_width=140)
     message = gr.Markdown(elem_id="runs-message")
     detail = gr.Markdown(elem_id="run-detail")
     with gr.Row(elem_classes="toolbar"):
@@ -169,9 +169,10 @@ def _first_line(text: str, limit: int = 300) -> str:
 def banner_update(problem: str | None):
     if not problem:
         return gr.Markdown(value="", visible=False)
-    return gr.Markdown(value=f"⚠ **The run queue is unreachable.** {fmt.md_escape(problem)}. Runs below are read "
-                             "from the run folders; live progress comes back by itself, no reload needed.",
-                       visible=True)
+    # our own message (the Redis URL has its password removed); its `code` spans are meant as code
+    text = html.escape(problem.rstrip(". "), quote=False)
+    return gr.Markdown(value=f"⚠ **The run queue is unreachable** — {text}. Runs below are read from the run "
+                             "folders; live progress comes back by itself, no reload needed.", visible=True)
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
