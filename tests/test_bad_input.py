@@ -1,0 +1,249 @@
+"""The files users really drop (issue 8), pushed through `resnet-lab data check`, `train` and `predict`, the page's
+Predict tab and dataset picker: each gets a specific message or is handled correctly, nothing crashes, and a run
+on a folder holding them finishes and lists what it skipped.
+
+The corpus is generated here (tests/imagegen.py for the broken files); a 50 MB file is a sparse file, and the
+decompression bomb is a 100-byte PNG header claiming 30000x30000 pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.imagegen import (make_image, make_image_folder, write_bomb_png, write_exif_rotated_jpeg,
+                            write_text_as_image, write_truncated_jpeg, write_zero_byte)
+from tests.procs import REPO, Processes
+
+pytestmark = pytest.mark.timeout(300)
+
+NON_ASCII = "été photo ñ 1.jpg"  # spaces and non-ASCII letters
+
+# file (relative to the dataset) → a piece of the message it must get; these are skipped, never trained on
+BAD = {
+    "class_0/empty.jpg": "empty file (0 bytes)",
+    "class_0/truncated.jpg": "truncated image",
+    "class_0/notes.jpg": "not an image — it contains text",
+    "class_1/login page.png": "it is an HTML page",
+    "class_1/bomb.png": "decompression bomb",
+    "class_1/drawing.png": "it is an SVG",
+    "class_2/huge.jpg": "nothing but zero bytes",
+    "class_2/loop_a.jpg": "Too many levels of symbolic links",
+    "class_2/loop_b.jpg": "Too many levels of symbolic links",
+}
+# odd but valid: decoded (EXIF applied, 16-bit scaled, CMYK/palette/alpha converted, first frame) and trained on
+ODD = ["class_0/deep16.png", "class_0/cmyk.jpg", "class_1/palette_alpha.png", "class_1/animated.gif",
+       "class_2/rotated.jpg", "class_2/one_pixel.png", f"class_2/{NON_ASCII}"]
+# not images at all by name, or folders that are not followed: listed under `ignored`
+IGNORED = {"class_1/drawing.svg": "not an image file (.svg)", "class_2/loop_dir/": "symlinked folder not followed"}
+
+
+def write_corpus(root: Path) -> Path:
+    """3 learnable classes of 12 images each plus every kind of bad and odd file."""
+    make_image_folder(root, classes=3, per_class=12, size=40)
+    write_zero_byte(root / "class_0/empty.jpg")
+    write_truncated_jpeg(root / "class_0/truncated.jpg")
+    write_text_as_image(root / "class_0/notes.jpg", "text")
+    write_text_as_image(root / "class_1/login page.png", "html")
+    write_bomb_png(root / "class_1/bomb.png")
+    write_text_as_image(root / "class_1/drawing.png", "svg")
+    write_text_as_image(root / "class_1/drawing.svg", "svg")
+    with open(root / "class_2/huge.jpg", "wb") as fh:  # 50 MB of nothing, allocated lazily
+        fh.truncate(50 * 1024 * 1024)
+    os.symlink("loop_b.jpg", root / "class_2/loop_a.jpg")
+    os.symlink("loop_a.jpg", root / "class_2/loop_b.jpg")
+    os.symlink(".", root / "class_2/loop_dir")
+
+    deep = (np.linspace(0, 65535, 40 * 40).reshape(40, 40)).astype(np.uint16)
+    Image.fromarray(deep).save(root / "class_0/deep16.png")
+    make_image(root / "class_0/cmyk.jpg", 40, colour=(220, 40, 40), mode="CMYK")
+    palette = Image.open(make_image(root / "class_1/palette_alpha.png", 40, colour=(40, 180, 60), pattern="vstripes"))
+    palette.convert("P", palette=Image.Palette.ADAPTIVE, colors=16).save(root / "class_1/palette_alpha.png",
+                                                                         transparency=0)
+    frames = [Image.fromarray(np.full((40, 40, 3), c, np.uint8)) for c in ((40, 180, 60), (200, 0, 0))]
+    frames[0].save(root / "class_1/animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    write_exif_rotated_jpeg(root / "class_2/rotated.jpg")
+    Image.new("RGB", (1, 1), (50, 80, 220)).save(root / "class_2/one_pixel.png")
+    make_image(root / "class_2" / NON_ASCII, 40, colour=(50, 80, 220), pattern="checker")
+    return root
+
+
+def cli(*args: str, models: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RESNET_LAB_MODELS_DIR": str(models),
+           "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8"}
+    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=REPO)
+
+
+def no_crash(done: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode in (0, 1, 2), (done.returncode, done.stderr[-3000:])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("bad") / "data")
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """One tiny `resnet-lab train` on the corpus: (models dir, run id, CLI result)."""
+    models = tmp_path_factory.mktemp("models")
+    done = cli("train", "--data-dir", str(corpus), "--epochs", "1", "--weights", "none", "--image-size", "32",
+               "--batch-size", "8", "--augment", "none", "--device", "cpu", "--no-amp", "--skip-eval",
+               models=models)
+    no_crash(done)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [run_id] = [p.name for p in models.iterdir() if (p / "status.json").is_file()]
+    return models, run_id, done
+
+
+def test_data_check_names_every_bad_file_with_its_problem(corpus, tmp_path):
+    done = cli("data", "check", str(corpus), "--json", models=tmp_path)
+    no_crash(done)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    reasons = {u["path"]: u["reason"] for u in report["unreadable"]}
+    assert set(reasons) == set(BAD), reasons
+    for path, expected in BAD.items():
+        assert expected in reasons[path], (path, reasons[path])
+    ignored = {i["path"]: i["reason"] for i in report["ignored"]}
+    for path, expected in IGNORED.items():
+        assert ignored.get(path) == expected, (path, ignored)
+    assert set(ODD) <= set(report["hashes"]), "odd but valid images must be usable"
+    assert report["counts"] == {"class_0": 14, "class_1": 14, "class_2": 15}
+
+    text = cli("data", "check", str(corpus), models=tmp_path)
+    no_crash(text)
+    assert f"Unreadable (skipped) ({len(BAD)})" in text.stdout and "class_1/bomb.png: refused" in text.stdout
+
+
+def test_an_empty_class_folder_is_refused_by_name(corpus, tmp_path):
+    data = tmp_path / "data"
+    make_image_folder(data, classes=2, per_class=4, size=40)
+    (data / "empty_class").mkdir()
+    for args in (("data", "check", str(data)),
+                 ("train", "--data-dir", str(data), "--epochs", "1", "--weights", "none", "--device", "cpu")):
+        done = cli(*args, models=tmp_path / "models")
+        no_crash(done)
+        assert done.returncode == 2, done.stderr
+        assert "empty_class" in done.stderr and "add images" in done.stderr and "or remove the folder" in done.stderr
+
+
+def test_training_on_the_corpus_finishes_and_lists_what_it_skipped(trained, corpus):
+    models, run_id, done = trained
+    status = json.loads((models / run_id / "status.json").read_text())
+    assert status["status"] == "succeeded", status
+    split = json.loads((models / run_id / "split.json").read_text())
+    assert {s["path"] for s in split["skipped"]} == set(BAD)
+    assert set(ODD) <= {f["path"] for f in split["files"]}
+    # the user sees what was left out, with the reason, without opening split.json
+    output = done.stdout + done.stderr
+    assert f"skipped {len(BAD)} unreadable files (not trained on)" in output, output[-3000:]
+    for path, reason in BAD.items():
+        assert f"  {path}: " in output and reason in output, path
+    assert status["best"]["skipped_files"] == len(BAD)
+
+
+def test_predict_cli_gives_each_bad_file_its_own_message(trained, corpus):
+    models, run_id, _ = trained
+    files = [str(corpus / p) for p in list(BAD) + ODD] + [str(corpus / "class_1/drawing.svg")]
+    done = cli("predict", run_id, *files, "--top-k", "2", models=models)
+    no_crash(done)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
+    for path, expected in {**BAD, "class_1/drawing.svg": "it is an SVG"}.items():
+        answer = lines[str(corpus / path)]
+        assert answer.startswith("skipped:") and expected in answer, (path, answer)
+    for path in ODD:
+        assert lines[str(corpus / path)].startswith("class_"), (path, lines[str(corpus / path)])
+    # a folder: its images, bad ones included, each answered
+    folder = cli("predict", run_id, str(corpus / "class_2"), models=models)
+    no_crash(folder)
+    assert folder.stdout.count("skipped:") == 3 and folder.stdout.count(": class_") >= 12, folder.stdout
+
+
+# --- the page ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def page(trained, corpus, tmp_path_factory):
+    """`python -m ui` (no Redis needed to predict or check) over the trained run, with the corpus's parent as the
+    only data root, plus an outside folder and links that point out of it."""
+    models, run_id, _ = trained
+    root = tmp_path_factory.mktemp("page")
+    outside = make_image_folder(root / "outside", classes=2, per_class=3, size=40)
+    data_root = corpus.parent
+    for name, target in (("escape", outside), ("etc", Path("/etc"))):
+        if not (data_root / name).exists():
+            os.symlink(target, data_root / name)
+    (data_root / "a_file.txt").write_text("not a folder")
+    procs = Processes(root / "logs")
+    try:
+        yield procs.page(models, data_root), outside
+    finally:
+        procs.close()
+
+
+@pytest.mark.slow
+def test_predict_tab_answers_bad_uploads_with_a_message(page, corpus):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    server, _ = page
+    client = server.client()
+    expected = {"class_0/notes.jpg": "it contains text", "class_1/login page.png": "HTML page",
+                "class_1/bomb.png": "decompression bomb", "class_0/truncated.jpg": "truncated",
+                "class_1/drawing.svg": "SVG", "class_0/empty.jpg": "empty file"}
+    for path, message in expected.items():
+        with pytest.raises(AppError, match=message):
+            client.predict(handle_file(str(corpus / path)), "latest", api_name="/predict")
+    for path in ("class_0/cmyk.jpg", "class_0/deep16.png", "class_1/animated.gif", f"class_2/{NON_ASCII}"):
+        label, _, answer = client.predict(handle_file(str(corpus / path)), "latest", api_name="/predict")
+        assert label["label"].startswith("class_") and "Answered by" in answer, (path, label)
+    assert server.alive()
+
+
+@pytest.mark.slow
+def test_dataset_paths_outside_the_data_roots_are_refused(page, corpus, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    server, outside = page
+    client = server.client()
+    params = dict(models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=1, weights="none", image_size=32)
+    refused = {
+        f"{corpus}/{os.path.relpath(outside, corpus)}": "outside the data folders",   # ../ traversal
+        "../" * 12 + "etc": "outside the data folders",
+        str(corpus.parent / "escape"): "outside the data folders",   # a link out of the root
+        str(corpus.parent / "etc"): "outside the data folders",
+        str(outside): "outside the data folders",
+        str(corpus.parent / "a_file.txt"): "is a file, not a folder",
+        str(corpus / "class_0" / "cmyk.jpg"): "is a file, not a folder",
+        str(corpus.parent / "missing"): "does not exist",
+    }
+    for path, message in refused.items():
+        with pytest.raises(AppError, match=message):
+            client.predict(path, api_name="/check_dataset")
+        with pytest.raises(AppError, match=message):
+            client.predict({**params, "data_dir": path}, api_name="/submit_runs")
+    # inside the root it works (the check needs no Redis)
+    result = client.predict(str(corpus), api_name="/check_dataset")
+    assert "43 usable images" in result[0]
+
+
+def test_cli_refuses_a_file_or_a_missing_folder_as_dataset(corpus, tmp_path):
+    # the CLI runs as the local user, who may read any folder: it has no data roots to confine to, but it must
+    # still refuse what is not a dataset folder with one line that says what to do
+    for path, message in ((corpus / "class_0" / "cmyk.jpg", "is a file, not a folder"),
+                          (corpus / "class_2" / "loop_dir" / "loop_dir" / "missing", "does not exist")):
+        for args in (("data", "check", str(path)),
+                     ("train", "--data-dir", str(path), "--epochs", "1", "--weights", "none", "--device", "cpu")):
+            done = cli(*args, models=tmp_path / "models")
+            no_crash(done)
+            assert done.returncode == 2 and message in done.stderr, (args, done.stderr)

@@ -1,0 +1,388 @@
+"""Faults against real processes (issue 8): workers killed mid-epoch, Redis and the page restarted, a full or
+read-only models folder, and 20 concurrent predictions while a run trains.
+
+Everything is tiny (resnet18 from scratch at 32 px, a few dozen generated 40 px images, batch 8, one torch thread)
+and loopback-only; every process a test starts is stopped in a finalizer. Latency figures from the load test are
+printed (run with `-s` to see them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared.checkpoint import load_checkpoint, load_model_from_run, save_checkpoint
+from shared.config import TrainConfig
+from shared.registry import RunRegistry
+from shared.runs import FINISHED, RunStore
+from shared.services import start_redis
+from shared.settings import Settings
+from tests.imagegen import make_image, make_image_folder
+from tests.procs import Processes, wait_for
+from ui.client import TRAIN_TASK, QueueClient
+
+pytestmark = pytest.mark.timeout(420)
+
+TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
+            device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2, optimizer="sgd")
+# workers here take over a dead worker's run after 3 s (production: 30 s) and never redeliver by timeout
+WORKER_ENV = {"RESNET_LAB_LEASE_SECONDS": 3, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600}
+PASSWORD = "s3cret pass/word"  # a space and a slash: the URL must quote it
+
+
+def epochs_of(records) -> list[int]:
+    return [r["epoch"] for r in records]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def in_epoch(registry: RunRegistry, run_id: str, epoch: int) -> bool:
+    progress = registry.progress(run_id) or {}
+    return progress.get("phase") == "training" and progress.get("epoch") == epoch and bool(progress.get("batch"))
+
+
+def wait_finished(registry: RunRegistry, run_id: str, timeout: float, *watch) -> dict:
+    def finished():
+        for proc in watch:
+            assert proc.alive(), f"{proc.name} died:\n{proc.log()[-3000:]}"
+        record = registry.get(run_id)
+        return record if record and record["status"] in FINISHED else None
+
+    try:
+        return wait_for(finished, timeout, f"run {run_id} to finish", interval=0.2)
+    except AssertionError:
+        for proc in watch:
+            print(f"--- {proc.name} log ---\n{proc.log()[-4000:]}")
+        raise
+
+
+def assert_intact_run(store: RunStore, registry: RunRegistry, run_id: str, epochs: int) -> None:
+    """Succeeded; each epoch exactly once on disk and in the registry; best.pt a safe, loadable checkpoint."""
+    status, record = store.status(run_id), registry.get(run_id)
+    assert status["status"] == record["status"] == "succeeded", (status, record)
+    assert epochs_of(store.metrics(run_id)) == list(range(1, epochs + 1))
+    assert epochs_of(registry.progress(run_id)["history"]) == list(range(1, epochs + 1))
+    run_dir = store.path(run_id)
+    best = load_checkpoint(run_dir / "best.pt")  # weights_only=True inside
+    assert best["epoch"] == status["best"]["best_epoch"] and best["val_acc"] == status["best"]["best_val_acc"]
+    load_model_from_run(run_dir)  # the weights fit the architecture
+    leftovers = [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+
+@pytest.fixture
+def procs(tmp_path):
+    processes = Processes(tmp_path / "logs")
+    yield processes
+    processes.close()
+
+
+# --- 1. worker killed with SIGKILL mid-epoch, three times in one run ---------------------------------------------
+
+@pytest.mark.slow
+def test_worker_killed_mid_epoch_three_times_still_finishes_each_epoch_once(tmp_path, redis_url, procs):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=40, size=40)
+    models = tmp_path / "models"
+    client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
+    [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=4, **TINY)])
+
+    for k in (1, 2, 3):
+        worker = procs.worker(redis_url, models, **WORKER_ENV)
+        wait_for(lambda: in_epoch(client.registry, run_id, k) or not worker.alive(), 120,
+                 f"the run to train in epoch {k}")
+        worker.kill9()
+        assert epochs_of(client.store.metrics(run_id)) == list(range(1, k)), f"the kill must land inside epoch {k}"
+        if k > 1:  # the checkpoint of the last finished epoch survived the kill
+            assert load_checkpoint(client.store.path(run_id) / "best.pt")["epoch"] <= k - 1
+
+    last = procs.worker(redis_url, models, **WORKER_ENV)
+    record = wait_finished(client.registry, run_id, 180, last)
+    assert record["status"] == "succeeded", record
+    assert record["attempt"] == 4 and record["task_id"] == f"{run_id}~r3" and record["crashes"] == 1, record
+    assert_intact_run(client.store, client.registry, run_id, epochs=4)
+    assert client.store.ids() == [run_id] and client.registry.ids() == [run_id], "the run must not be duplicated"
+
+
+def test_only_worker_deaths_without_progress_count_as_a_crash_loop(redis_url):
+    """Three kills in one run that moves on between them must not fail it as a run that kills its worker (an
+    out-of-memory kill at the same place every time); three deaths with no epoch finished in between do."""
+    from types import SimpleNamespace
+
+    from shared.registry import PREFIX
+    from worker.recovery import MAX_CRASHES, resend_train
+
+    registry = RunRegistry.from_url(redis_url)
+    registry.put({"run_id": "r1", "status": "running", "created": time.time()})
+    app = SimpleNamespace(send_task=lambda *args, **kwargs: None)
+
+    def die_after(epochs: int) -> int:
+        registry.set_progress("r1", {"history": [{"epoch": e} for e in range(1, epochs + 1)]})
+        registry.r.delete(f"{PREFIX}:recover:r1")
+        assert resend_train(app, registry, "r1", "test", crashed=True)
+        return registry.get("r1")["crashes"]
+
+    assert [die_after(0), die_after(1), die_after(2)] == [1, 1, 1]
+    assert [die_after(2), die_after(2)] == [2, MAX_CRASHES]
+
+
+# --- 2-4. one stack (Redis with AOF and a password, a worker, the page) restarted piece by piece -----------------
+
+class Stack:
+    """Redis (append-only, password), one worker and the page, with their folders; parts can be restarted."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "models"
+        self.data_root = root / "data"
+        self.small = make_image_folder(self.data_root / "small", classes=3, per_class=12, size=40)
+        self.bigger = make_image_folder(self.data_root / "bigger", classes=3, per_class=40, size=40, seed=1)
+        self.procs = Processes(root / "logs")
+        self.redis = start_redis(root / "redis", password=PASSWORD, appendonly=True)
+        self.worker = self.procs.worker(self.redis.url, self.models, **{**WORKER_ENV, "RESNET_LAB_LEASE_SECONDS": 5})
+        self.page = self.procs.page(self.models, self.data_root, redis_url=self.redis.url)
+        self.client = QueueClient(Settings(models_dir=self.models, redis_url=self.redis.url,
+                                           visibility_timeout=3600))
+
+    def config(self, data: Path, **changes) -> TrainConfig:
+        return TrainConfig(data_dir=str(data), **{**TINY, "epochs": 2, **changes})
+
+    def restart_redis(self) -> None:
+        port = self.redis.port
+        self.redis.stop()
+        self.redis = start_redis(self.root / "redis", port=port, password=PASSWORD, appendonly=True)
+
+    def close(self) -> None:
+        self.procs.close()
+        self.redis.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("stack"))
+    yield s
+    s.close()
+
+
+def page_runs(page) -> dict[str, dict]:
+    return {r["run_id"]: r for r in page.client().predict(api_name="/run_status")}
+
+
+@pytest.mark.slow
+def test_redis_restart_loses_no_queued_run_and_the_page_recovers_by_itself(stack):
+    page = stack.page.client()
+    params = dict(TINY, data_dir=str(stack.bigger), models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=3)
+    [running] = page.predict(params, api_name="/submit_runs")
+    queued = page.predict({**params, "data_dir": "small", "lrs": [1e-3, 2e-3], "epochs": 2},
+                          api_name="/submit_runs")
+    registry = stack.client.registry
+    wait_for(lambda: in_epoch(registry, running, 1), 120, "the first run to train")
+    assert [registry.get(r)["status"] for r in queued] == ["queued", "queued"]
+
+    port = stack.redis.port
+    stack.redis.stop()  # SIGTERM: Redis writes its append-only file and exits
+    with pytest.raises(Exception, match="Redis") as down:
+        page.predict(api_name="/run_status")
+    assert "***" in str(down.value) or PASSWORD not in str(down.value), "the page must not show the password"
+    time.sleep(1.0)  # the worker trains on while Redis is away
+    stack.redis = start_redis(stack.root / "redis", port=port, password=PASSWORD, appendonly=True)
+
+    # the same page process answers again, without a reload, and still lists every run
+    listed = wait_for(lambda: _try(lambda: page_runs(stack.page)), 30, "the page to reach Redis again", interval=0.5)
+    assert {running, *queued} <= set(listed)
+    for run_id, epochs in ((running, 3), (queued[0], 2), (queued[1], 2)):
+        record = wait_finished(registry, run_id, 180, stack.worker)
+        assert record["status"] == "succeeded", record
+        assert_intact_run(stack.client.store, registry, run_id, epochs)
+    assert {r["status"] for r in page_runs(stack.page).values()} == {"succeeded"}
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001 - polled until it works
+        return None
+
+
+@pytest.mark.slow
+def test_page_restart_while_a_run_trains_brings_back_the_runs_and_their_curves(stack):
+    [run_id] = stack.client.submit([stack.config(stack.bigger, epochs=4, lr=5e-3)])
+    wait_for(lambda: in_epoch(stack.client.registry, run_id, 2), 120, "the run to train in epoch 2")
+
+    port = stack.page.url.rsplit(":", 1)[1]
+    stack.page.stop()
+    stack.page = stack.procs.page(stack.models, stack.data_root, redis_url=stack.redis.url, port=int(port))
+
+    client = stack.page.client()
+    listed = {r["run_id"]: r for r in client.predict(api_name="/run_status")}
+    assert run_id in listed and listed[run_id]["status"] in ("running", "succeeded"), listed.get(run_id)
+    curves = client.predict([run_id], api_name="/run_curves")[run_id]
+    assert epochs_of(curves)[:1] == [1] and all("val_acc" in r for r in curves), curves
+    assert wait_finished(stack.client.registry, run_id, 180, stack.worker)["status"] == "succeeded"
+    assert epochs_of(client.predict([run_id], api_name="/run_curves")[run_id]) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_twenty_concurrent_predictions_while_a_run_trains(stack, tmp_path):
+    from gradio_client import handle_file
+
+    if stack.client.store.latest_succeeded() is None:  # alone (-k): make the model to predict with first
+        [first] = stack.client.submit([stack.config(stack.small, epochs=1)])
+        assert wait_finished(stack.client.registry, first, 120, stack.worker)["status"] == "succeeded"
+    [training] = stack.client.submit([stack.config(stack.bigger, epochs=30)])
+    wait_for(lambda: in_epoch(stack.client.registry, training, 1), 120, "the run to train")
+    images = [make_image(tmp_path / f"probe_{i}.jpg", 40, seed=i) for i in range(20)]
+    client = stack.page.client()
+
+    def one(path):
+        start = time.perf_counter()
+        label, _cam, answer = client.predict(handle_file(str(path)), "latest", api_name="/predict")
+        return time.perf_counter() - start, label, answer
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, images))
+    wall = time.perf_counter() - started
+    progress = stack.client.registry.progress(training)
+    stack.client.cancel(training)
+
+    latencies = sorted(r[0] for r in results)
+    p50 = statistics.median(latencies)
+    p95 = latencies[min(len(latencies) - 1, round(0.95 * len(latencies)) - 1)]
+    print(f"\n20 concurrent predictions (page queue limit 4) while a run trains on the same 2 cores: "
+          f"p50 {p50:.2f} s, p95 {p95:.2f} s, max {latencies[-1]:.2f} s, wall {wall:.2f} s")
+    for _, label, answer in (r for r in results):
+        assert label["label"] in ("class_0", "class_1", "class_2") and len(label["confidences"]) == 3, label
+        assert "Answered by" in answer
+    assert progress["phase"] == "training", "the run must have been training during the burst"
+    record = wait_finished(stack.client.registry, training, 60, stack.worker)
+    assert record["status"] == "cancelled" and stack.worker.alive()
+
+
+# --- 5. a full or read-only models folder ------------------------------------------------------------------------
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(path, size_mb) → a fresh tmpfs there (root only); skips the test where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size_mb: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({(done.stderr or done.stdout).strip()}); "
+                        "test_checkpoint_never_half_written_on_enospc covers the atomic save in-process")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def remount(path: Path, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def fill(path: Path, leave_bytes: int) -> Path:
+    """A real (not sparse) file taking all free space of path's filesystem but `leave_bytes`."""
+    st = os.statvfs(path)
+    filler = path / ".filler"
+    size = st.f_bavail * st.f_frsize - leave_bytes
+    assert size > 0, "the tmpfs is too small for this test"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.slow
+def test_disk_full_fails_the_run_clearly_and_never_replaces_a_good_checkpoint(tmpfs, procs, tmp_path, redis_url):
+    models = tmpfs(tmp_path / "models", 400)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=12, size=40)
+    client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
+    worker = procs.worker(redis_url, models, **WORKER_ENV)
+
+    [earlier] = client.submit([TrainConfig(data_dir=str(data), epochs=1, **TINY)])
+    assert wait_finished(client.registry, earlier, 120, worker)["status"] == "succeeded"
+    earlier_files = folder_digest(models / earlier)
+    best_size = (models / earlier / "best.pt").stat().st_size
+    last_size = (models / earlier / "last.pt").stat().st_size
+    # room for epoch 1's best.pt + last.pt, not for epoch 2's next checkpoint next to them
+    fill(models, leave_bytes=best_size + last_size + best_size // 2)
+
+    [doomed] = client.submit([TrainConfig(data_dir=str(data), epochs=3, **TINY)])
+    record = wait_finished(client.registry, doomed, 120, worker)
+    assert record["status"] == "failed", record
+    error = record["error"]
+    assert "space" in error.lower() and str(models) in error and "enforce fail" not in error, error
+    assert client.store.status(doomed)["status"] == "failed" and client.store.status(doomed)["error"] == error
+    run_dir = models / doomed
+    assert epochs_of(client.store.metrics(doomed)) == [1]
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 1, "epoch 1's best.pt must survive the failed save"
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name], "the half-written file must be removed"
+    assert folder_digest(models / earlier) == earlier_files, "an earlier run was touched"
+    assert worker.alive()
+
+    # the same folder turned read-only (as Linux does after disk errors) under a queued run
+    (models / ".filler").unlink()
+    pending = client.store.create(TrainConfig(data_dir=str(data), epochs=1, **TINY))
+    remount(models, "ro")
+    try:
+        client.registry.put({**client.store.status(pending), "config": client.store.config(pending).to_dict()})
+        client.celery.send_task(TRAIN_TASK, args=[pending], task_id=pending)
+        record = wait_finished(client.registry, pending, 60, worker)
+        assert record["status"] == "failed" and "read-only" in record["error"].lower(), record
+        assert folder_digest(models / earlier) == earlier_files
+        # the CLI says the same in one line, without a traceback
+        cli = subprocess.run([sys.executable, "-m", "shared.cli", "--models-dir", str(models), "train",
+                              "--data-dir", str(data), "--epochs", "1", "--weights", "none", "--image-size", "32",
+                              "--device", "cpu", "--skip-eval"], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 2 and "read-only" in cli.stderr.lower(), cli.stderr
+        assert "Traceback" not in cli.stderr, cli.stderr
+    finally:
+        remount(models, "rw")
+
+
+def test_checkpoint_never_half_written_on_enospc(tmp_path, monkeypatch):
+    """The same guarantee without a tmpfs (any user, any OS): a write failing with ENOSPC half-way keeps the old
+    file and leaves no temporary file; the error names the file and says what to do."""
+    import errno
+
+    import torch
+
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+    good = sha256(path)
+    real_save = torch.save
+
+    def save_half_then_fail(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        with open(f, "r+b") as fh:  # leave a torn file behind, as a full disk would
+            fh.truncate(os.path.getsize(f) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", save_half_then_fail)
+    with pytest.raises(Exception, match="(?i)space") as failure:
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    assert str(path) in str(failure.value)
+    assert sha256(path) == good and load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
