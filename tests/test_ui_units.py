@@ -112,6 +112,8 @@ def test_curves_frame_long_form():
     assert len(acc) == 2
     train_loss, train_acc = fmt.curves_frame(histories, "train")
     assert list(train_loss["value"]) == [1.0, 0.8] and list(train_acc["value"]) == [0.4]
+    both_loss, _ = fmt.curves_frame(histories)
+    assert set(both_loss["run"]) == {"A · train", "A · val", "B · val"} and len(both_loss) == 4
     empty_loss, _ = fmt.curves_frame({})
     assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "run"]
 

@@ -252,21 +252,24 @@ def _plural(n: int, word: str) -> str:
 
 # --- data frames for plots ----------------------------------------------------------------------------------
 
-def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]], split: str = "val"):
-    """Long-form frames (loss, accuracy) of one split ("val" or "train") for the curves plots: one line per run,
-    columns epoch, value, run."""
+def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]], split: str = "both"):
+    """Long-form frames (loss, accuracy) for the curves plots, columns epoch, value, run: one line per run and
+    split; `split` "val" or "train" keeps one split (and the plain run label), "both" draws both."""
     import pandas as pd
 
+    splits = ("train", "val") if split == "both" else (split,)
     loss_rows, acc_rows = [], []
     for label, records in histories.items():
         for r in records:
             epoch = r.get("epoch")
             if epoch is None:
                 continue
-            for key, rows in ((f"{split}_loss", loss_rows), (f"{split}_acc", acc_rows)):
-                value = r.get(key)
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    rows.append({"epoch": int(epoch), "value": float(value), "run": label})
+            for part in splits:
+                name = f"{label} · {part}" if split == "both" else label
+                for key, rows in ((f"{part}_loss", loss_rows), (f"{part}_acc", acc_rows)):
+                    value = r.get(key)
+                    if isinstance(value, (int, float)) and math.isfinite(value):
+                        rows.append({"epoch": int(epoch), "value": float(value), "run": name})
     columns = ["epoch", "value", "run"]
     return pd.DataFrame(loss_rows, columns=columns), pd.DataFrame(acc_rows, columns=columns)
 

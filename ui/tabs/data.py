@@ -12,6 +12,7 @@ import gradio as gr
 
 from .. import formatting as fmt
 from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip
+from . import user_error
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _confine(lab, path: str) -> Path:
     try:
         return confine_dataset_path(path, lab.settings.data_roots)
     except PathError as exc:
-        raise gr.Error(str(exc), title="Folder not allowed") from None
+        raise user_error(str(exc), title="Folder not allowed") from None
 
 
 def _samples(root: Path, scan) -> list[tuple]:
@@ -138,7 +139,7 @@ def preview(lab, path: str | None):
 def check(lab, path: str | None, progress=gr.Progress()):
     """The full check (every image decoded and hashed): counts, problems, sizes."""
     if not path:
-        raise gr.Error("Pick a dataset folder first.", title="No dataset")
+        raise user_error("Pick a dataset folder first.", title="No dataset")
     from shared.datasets import DatasetError, check_dataset
 
     root = _confine(lab, path)
@@ -146,7 +147,7 @@ def check(lab, path: str | None, progress=gr.Progress()):
     try:
         report = check_dataset(root)
     except DatasetError as exc:
-        raise gr.Error(str(exc), title="Dataset not usable") from None
+        raise user_error(str(exc), title="Dataset not usable") from None
     summary = (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
                f"`{fmt.md_escape(root)}` (largest / smallest class: {report['imbalance_ratio']:.1f}).")
     sizes = fmt.size_stats_markdown(report.get("sizes"))
@@ -170,7 +171,7 @@ def upload_zip(lab, file_path: str | None):
         done = extract_zip(file_path, settings.upload_root, name=Path(file_path).name,
                            max_bytes=settings.max_upload_mb * 4 * 1_000_000)
     except PathError as exc:
-        raise gr.Error(str(exc), title="Archive refused") from None
+        raise user_error(str(exc), title="Archive refused") from None
     folder = done.folder
     gr.Info(f"Extracted {done.images} images into {folder}.")
     if done.skipped:
@@ -185,12 +186,12 @@ def download(lab, progress=gr.Progress()):
     try:
         from shared.download import DownloadError, download_flowers
     except ImportError:
-        raise gr.Error("The download helper is not installed in this version.", title="Not available") from None
+        raise user_error("The download helper is not installed in this version.", title="Not available") from None
     progress(0, desc="downloading the flowers set (about 230 MB)…")
     try:
         folder = download_flowers(lab.settings.upload_root, progress=False)
     except DownloadError as exc:
-        raise gr.Error(str(exc), title="Download failed") from None
+        raise user_error(str(exc), title="Download failed") from None
     choices = dataset_choices(lab)
     return gr.Dropdown(choices=choices, value=str(folder))
 

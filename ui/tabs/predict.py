@@ -26,6 +26,7 @@ from shared.images import ImageError, load_rgb
 from shared.predict import NoModelError, write_predictions_csv
 
 from .. import formatting as fmt
+from . import user_error
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,12 @@ def _predictor(lab, model: str | None):
     try:
         return lab.predictors.get(model or LATEST)
     except CheckpointError as exc:  # damaged, or carrying code (never run: weights_only=True)
-        raise gr.Error(str(exc), title="Model refused") from None
+        raise user_error(str(exc), title="Model refused") from None
     except NoModelError as exc:
         if (model or LATEST) == LATEST:
-            raise gr.Error("No model yet: no run has finished. Train one on the Train tab, then come back — "
+            raise user_error("No model yet: no run has finished. Train one on the Train tab, then come back — "
                            "this page picks it up by itself.", title="No model yet") from None
-        raise gr.Error(str(exc), title="Model not available") from None
+        raise user_error(str(exc), title="Model not available") from None
 
 
 def _describe_run(lab, run_id: str, latest: bool) -> str:
@@ -139,7 +140,7 @@ def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
         path, name = payload, Path(str(payload)).name
     size = os.path.getsize(path)
     if size > _max_bytes(lab):
-        raise gr.Error(f"{name} is {size / 2**20:.1f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
+        raise user_error(f"{name} is {size / 2**20:.1f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
                        "image.", title="File too large")
     with open(path, "rb") as fh:
         return fh.read(), name
@@ -151,7 +152,7 @@ def _load(data: bytes, name: str):
     try:
         return load_rgb(buffer)
     except ImageError as exc:
-        raise gr.Error(str(exc), title="Not a usable image") from None
+        raise user_error(str(exc), title="Not a usable image") from None
 
 
 def _display_size(image, side: int = 320):
@@ -180,7 +181,7 @@ def predict(lab, image: Any, model: str | None = LATEST):
 def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     """Many images → table, CSV file, and which run answered."""
     if not files:
-        raise gr.Error("Add some images first.", title="No images")
+        raise user_error("Add some images first.", title="No images")
     predictor = _predictor(lab, model)
     names = [Path(f).name for f in files]
     sources: list[Any] = []

@@ -25,6 +25,7 @@ from shared.predict import NoModelError
 from .. import formatting as fmt
 from ..client import QueueUnavailable
 from ..paths import PathError, confine_dataset_path
+from . import user_error
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ def show_run(lab, run_id: str | None, mode: str):
     try:
         run_dir = lab.store.path(run_id)
     except Exception:  # noqa: BLE001 - an id typed into the dropdown
-        raise gr.Error(f"no run {run_id!r}", title="Unknown run") from None
+        raise user_error(f"no run {run_id!r}", title="Unknown run") from None
     report = load_eval(lab, run_id)
     if report is None:
         text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
@@ -276,26 +277,26 @@ def refresh(lab, current: str | None):
 
 def evaluate_again(lab, run_id: str | None) -> str:
     if not run_id:
-        raise gr.Error("Pick a finished run first.", title="No run")
+        raise user_error("Pick a finished run first.", title="No run")
     try:
         lab.client().submit_evaluate(run_id)
     except QueueUnavailable as exc:
-        raise gr.Error(str(exc), title="Queue unavailable") from None
+        raise user_error(str(exc), title="Queue unavailable") from None
     gr.Info("Evaluation queued; press Refresh list when the worker is done.")
     return "Evaluation queued — the worker runs it after the current training step; reload this run when it is done."
 
 
 def build_report(lab, run_id: str | None):
     if not run_id:
-        raise gr.Error("Pick a finished run first.", title="No run")
+        raise user_error("Pick a finished run first.", title="No run")
     try:
         from shared.report import write_report
     except ImportError:
-        raise gr.Error("The HTML report is not available in this version.", title="Not available") from None
+        raise user_error("The HTML report is not available in this version.", title="Not available") from None
     try:
         path = write_report(lab.store.path(run_id))
     except FileNotFoundError as exc:
-        raise gr.Error(f"cannot build the report yet: {exc}", title="Report unavailable") from None
+        raise user_error(f"cannot build the report yet: {exc}", title="Report unavailable") from None
     gr.Info("Report ready — press Download report.html.")
     return gr.DownloadButton(value=str(path), visible=True)
 
@@ -305,17 +306,17 @@ def activations(lab, run_id: str | None, image: str | None):
     if not image:
         return []
     if not run_id:
-        raise gr.Error("Pick a finished run first.", title="No run")
+        raise user_error("Pick a finished run first.", title="No run")
     from shared.explain import layer_activations
 
     try:
         predictor = lab.predictors.get(run_id)
     except NoModelError as exc:
-        raise gr.Error(str(exc), title="Model not available") from None
+        raise user_error(str(exc), title="Model not available") from None
     try:
         picture = load_rgb(image)
     except ImageError as exc:
-        raise gr.Error(str(exc).replace(str(image), Path(image).name), title="Not a usable image") from None
+        raise user_error(str(exc).replace(str(image), Path(image).name), title="Not a usable image") from None
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
         maps = layer_activations(predictor.model, x, top=8)
@@ -356,12 +357,12 @@ def pick_test_image(lab, run_id: str | None, rel: str | None):
         data_dir = lab.store.config(run_id).data_dir
         root = confine_dataset_path(data_dir, lab.settings.data_roots)
     except PathError as exc:
-        raise gr.Error(str(exc), title="Folder not allowed") from None
+        raise user_error(str(exc), title="Folder not allowed") from None
     except Exception:  # noqa: BLE001 - missing or damaged config.json
-        raise gr.Error(f"cannot read the settings of run {run_id}", title="Unknown run") from None
+        raise user_error(f"cannot read the settings of run {run_id}", title="Unknown run") from None
     path = (root / rel).resolve()
     if root not in path.parents or not path.is_file():
-        raise gr.Error(f"{rel} is not an image of this run's dataset", title="Not found")
+        raise user_error(f"{rel} is not an image of this run's dataset", title="Not found")
     return str(path)
 
 
@@ -388,7 +389,7 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
         the figures (no images)."""
         report = load_eval(lab, run_id)
         if report is None:
-            raise gr.Error(f"run {run_id!r} has no evaluation (eval/eval.json) yet", title="No results")
+            raise user_error(f"run {run_id!r} has no evaluation (eval/eval.json) yet", title="No results")
         keep = ("accuracy", "top5_accuracy", "macro_f1", "balanced_accuracy", "loss", "split", "classes",
                 "per_class", "num_images")
         out = {k: report[k] for k in keep if k in report}

@@ -23,6 +23,7 @@ from shared.runs import RunNotFound, read_metrics
 from .. import formatting as fmt
 from ..client import QueueUnavailable
 from . import train as train_tab
+from . import user_error
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ def build(lab) -> RunsUI:
     detail = gr.Markdown(elem_id="run-detail")
     with gr.Row(elem_classes="toolbar"):
         curves_note = gr.Markdown(elem_id="curves-note")
-        split = gr.Radio([("Validation", "val"), ("Training", "train")], value="val", show_label=False,
-                         elem_id="curves-split", scale=0, min_width=260, container=False)
+        split = gr.Radio([("Training + validation", "both"), ("Validation", "val"), ("Training", "train")],
+                         value="both", show_label=False, elem_id="curves-split", scale=0, min_width=420,
+                         container=False)
     with gr.Row(elem_id="curves"):
         loss_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Loss", x_title="epoch",
                                 y_title="loss", height=340, elem_id="curves-loss", tooltip="all", x_axis_format="d")
@@ -112,7 +114,7 @@ def _curve_runs(records: list[dict], selected: list[str]) -> list[dict]:
     return started[:DEFAULT_CURVES]
 
 
-def curves(lab, records: list[dict], selected: list[str], split: str = "val") -> tuple[str, Any, Any, tuple]:
+def curves(lab, records: list[dict], selected: list[str], split: str = "both") -> tuple[str, Any, Any, tuple]:
     """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones)."""
     chosen = _curve_runs(records, selected)
     histories = {}
@@ -120,7 +122,7 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "val") ->
         histories[fmt.run_label(record)] = history_of(lab, record)
     sig = (split,) + tuple((label, len(h), h[-1].get("epoch") if h else None) for label, h in histories.items())
     loss, acc = fmt.curves_frame(histories, split)
-    which = "validation" if split == "val" else "training"
+    which = {"val": " (validation)", "train": " (training)"}.get(split, "")
     if not records:
         note = "No runs yet — queue some on the **Train** tab."
     elif not chosen:
@@ -128,10 +130,10 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "val") ->
     elif loss.empty:
         note = "Waiting for the first epoch to finish…"
     elif selected:
-        note = f"{which.capitalize()} curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}."
+        note = f"Curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}{which}."
     else:
-        note = (f"{which.capitalize()} curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''} — "
-                "select runs above to compare others.")
+        note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''}{which} — select runs "
+                "above to compare others.")
     return note, loss, acc, sig
 
 
@@ -200,7 +202,7 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
         known = {value for _, value in choices}
         select = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
         state["choices"] = choices
-    note, loss, acc, sig = curves(lab, records, selected, split or "val")
+    note, loss, acc, sig = curves(lab, records, selected, split or "both")
     loss_out = acc_out = note_out = gr.skip()
     if force or state.get("curves") != (sig, note):
         top = fmt.robust_upper(list(loss["value"]))
@@ -235,11 +237,11 @@ def on_row_select(selected: list[str] | None, evt: gr.SelectData):
 
 def cancel_runs(lab, run_ids: list[str] | None) -> str:
     if not run_ids:
-        raise gr.Error("Select one or more runs first (click their rows).", title="Nothing selected")
+        raise user_error("Select one or more runs first (click their rows).", title="Nothing selected")
     try:
         client = lab.client()
     except QueueUnavailable as exc:
-        raise gr.Error(str(exc), title="Queue unavailable") from None
+        raise user_error(str(exc), title="Queue unavailable") from None
     done, skipped = [], []
     for run_id in run_ids:
         try:
@@ -253,7 +255,7 @@ def cancel_runs(lab, run_ids: list[str] | None) -> str:
         try:
             client.cancel(run_id)
         except QueueUnavailable as exc:
-            raise gr.Error(str(exc), title="Queue unavailable") from None
+            raise user_error(str(exc), title="Queue unavailable") from None
         done.append(run_id)
     parts = []
     if done:
@@ -266,7 +268,7 @@ def cancel_runs(lab, run_ids: list[str] | None) -> str:
 
 def ask_delete(run_ids: list[str] | None):
     if not run_ids:
-        raise gr.Error("Select one or more runs first (click their rows).", title="Nothing selected")
+        raise user_error("Select one or more runs first (click their rows).", title="Nothing selected")
     n = len(run_ids)
     text = (f"**Delete {n} run{'s' if n != 1 else ''} and all {'their' if n != 1 else 'its'} files** "
             "(checkpoints, metrics, figures)? This cannot be undone.")
@@ -279,7 +281,7 @@ def delete_runs(lab, run_ids: list[str] | None):
     try:
         client = lab.client()
     except QueueUnavailable as exc:
-        raise gr.Error(str(exc), title="Queue unavailable") from None
+        raise user_error(str(exc), title="Queue unavailable") from None
     deleted, refused = [], []
     for run_id in run_ids:
         try:
@@ -309,16 +311,16 @@ def delete_runs(lab, run_ids: list[str] | None):
 def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
     """Fill the Train form from the first selected run's config and switch to the Train tab."""
     if not run_ids:
-        raise gr.Error("Select a run to clone (click its row).", title="Nothing selected")
+        raise user_error("Select a run to clone (click its row).", title="Nothing selected")
     run_id = run_ids[0]
     try:
         config = lab.store.config(run_id).to_dict()
     except RunNotFound:
         config = (lab.record(run_id) or {}).get("config") or {}
     except Exception as exc:  # noqa: BLE001 - a damaged config.json: say which run
-        raise gr.Error(f"cannot read the settings of run {run_id}: {exc}", title="Cannot clone") from None
+        raise user_error(f"cannot read the settings of run {run_id}: {exc}", title="Cannot clone") from None
     if not config:
-        raise gr.Error(f"run {run_id} has no saved settings", title="Cannot clone")
+        raise user_error(f"run {run_id} has no saved settings", title="Cannot clone")
     values = train_tab.config_to_form(config)
     updates = [values.get(name, gr.skip()) for name in field_names]
     gr.Info(f"The Train form now holds the settings of {run_id}; change what you like and queue.")
@@ -356,7 +358,7 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
         phase, epoch, best_val_acc, best_epoch, duration_s, worker, error, created, finished."""
         records, problem = lab.snapshot()
         if problem:
-            raise gr.Error(problem, title="Queue unavailable")
+            raise user_error(problem, title="Queue unavailable")
         now = time.time()
         return [fmt.run_summary(r, now) for r in records]
 
@@ -367,7 +369,7 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
             try:
                 out[run_id] = history_of(lab, lab.record(run_id))
             except RunNotFound:
-                raise gr.Error(f"no run {run_id!r}", title="Unknown run") from None
+                raise user_error(f"no run {run_id!r}", title="Unknown run") from None
         return out
 
     def cancel(run_ids: list[str]) -> str:

@@ -19,6 +19,7 @@ from shared.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHEDULERS, Co
 from .. import formatting as fmt
 from ..client import QueueUnavailable
 from ..paths import PathError, confine_dataset_path
+from . import user_error
 
 log = logging.getLogger(__name__)
 
@@ -267,13 +268,13 @@ def queue_runs(lab, params: dict[str, Any]) -> list[str]:
     try:
         configs = params_to_configs(lab, params)
     except PathError as exc:
-        raise gr.Error(str(exc), title="Folder not allowed") from None
+        raise user_error(str(exc), title="Folder not allowed") from None
     except (ConfigError, ValueError, TypeError) as exc:
-        raise gr.Error(str(exc), title="Check the settings") from None
+        raise user_error(str(exc), title="Check the settings") from None
     try:
         return lab.client().submit(configs)
     except QueueUnavailable as exc:
-        raise gr.Error(str(exc), title="Queue unavailable") from None
+        raise user_error(str(exc), title="Queue unavailable") from None
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
