@@ -112,6 +112,8 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
         assert status["status"] == "succeeded", status
         assert status["worker"].startswith("celery@") and status["task_id"] == run_id
         assert 0 <= status["best"]["best_val_acc"] <= 1 and status["best"]["epochs_run"] == 2
+        assert status["best"]["eval_split"] == "test" and 0 <= status["best"]["eval_accuracy"] <= 1
+        assert (lab.store.path(run_id) / "eval" / "eval.json").is_file()
         assert epochs_of(lab.store.metrics(run_id)) == [1, 2]
         progress = lab.registry.progress(run_id)
         assert progress["phase"] == "succeeded" and epochs_of(progress["history"]) == [1, 2]
@@ -119,6 +121,20 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
         assert lab.client.celery.AsyncResult(run_id).get(timeout=10)["status"] == "succeeded"
     assert live_progress, "no registry progress with phase 'training' and a batch counter was seen"
     assert progress_state, "the Celery task state was never PROGRESS while a run trained"
+
+    # a background prediction over a folder (plus one missing file) with the new model
+    task_id = lab.client.submit_predict_batch(run_ids[0], [str(lab.data), str(lab.data / "missing.jpg")])
+    result = lab.client.celery.AsyncResult(task_id).get(timeout=60)
+    assert result["count"] == 31 and result["errors"] == 1
+    csv_path = Path(result["path"])
+    assert csv_path.parent == lab.store.path(run_ids[0]) and csv_path.name.startswith("predictions-")
+    rows = csv_path.read_text().splitlines()
+    assert len(rows) == 32 and rows[0].startswith("source,error,class_1,probability_1")
+
+    # re-evaluation of a finished run on another split leaves the run's training progress alone
+    result = lab.client.celery.AsyncResult(lab.client.submit_evaluate(run_ids[0], split="val")).get(timeout=120)
+    assert result["run_id"] == run_ids[0] and result["split"] == "val" and 0 <= result["accuracy"] <= 1
+    assert lab.registry.progress(run_ids[0])["phase"] == "succeeded"
 
 
 def test_cancel_queued_and_running_runs(lab, start_worker):
@@ -238,20 +254,7 @@ def test_pickled_message_is_refused(lab, start_worker, tmp_path):
     assert not marker.exists(), "the worker unpickled the message"
     assert lab.store.status(run_id)["status"] == "queued"
     assert not (lab.store.path(run_id) / "metrics.jsonl").exists()
-
-    # the worker serves on: a background prediction over a folder (plus one missing file) with the new model
-    task_id = lab.client.submit_predict_batch(good, [str(lab.data), str(lab.data / "missing.jpg")])
-    result = lab.client.celery.AsyncResult(task_id).get(timeout=60)
-    assert result["count"] == 31 and result["errors"] == 1
-    csv_path = Path(result["path"])
-    assert csv_path.parent == lab.store.path(good) and csv_path.name.startswith("predictions-")
-    rows = csv_path.read_text().splitlines()
-    assert len(rows) == 32 and rows[0].startswith("source,error,class_1,probability_1")
-
-    # and re-evaluates a finished run on another split, leaving the run's training progress alone
-    result = lab.client.celery.AsyncResult(lab.client.submit_evaluate(good, split="val")).get(timeout=120)
-    assert result["run_id"] == good and result["split"] == "val" and 0 <= result["accuracy"] <= 1
-    assert lab.registry.progress(good)["phase"] == "succeeded"
+    assert worker.alive()
 
 
 def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
@@ -323,11 +326,16 @@ def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert any(v in environ for v in (b"CUDA_VISIBLE_DEVICES=0", b"CUDA_VISIBLE_DEVICES=1"))
 
-    run_ids = lab.client.submit([lab.config(), lab.config(lr=2e-3)])
-    for run_id in run_ids:
-        status = wait_finished(lab, run_id, worker=parent)
-        assert status["status"] == "succeeded" and status["worker"].startswith("gpu")
-        assert json.loads((lab.store.path(run_id) / "config.json").read_text())["env"]["torch_threads"] == 1
+    # one child busy with a long run, so the other must take the next one (which fails at once: no data)
+    [long_run] = lab.client.submit([lab.config(epochs=50)])
+    wait_for(lambda: lab.registry.get(long_run)["status"] == "running", 60, "the long run to start")
+    [no_data] = lab.client.submit([lab.config(lab.models.parent / "missing")])
+    assert wait_finished(lab, no_data, worker=parent)["status"] == "failed"
+    lab.client.cancel(long_run)
+    assert wait_finished(lab, long_run, worker=parent)["status"] == "cancelled"
+    workers = {lab.registry.get(r)["worker"] for r in (long_run, no_data)}
+    assert {w.split("@")[0] for w in workers} == {"gpu0", "gpu1"}, workers
+    assert json.loads((lab.store.path(long_run) / "config.json").read_text())["env"]["torch_threads"] == 1
 
     parent.proc.send_signal(signal.SIGTERM)  # to the parent only: it must pass it on
     assert parent.proc.wait(timeout=30) == 0, parent.log()[-3000:]
