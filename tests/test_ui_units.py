@@ -100,6 +100,10 @@ def test_run_row_and_summary():
 def test_run_label_is_short_and_distinct():
     a = fmt.run_label(_record())
     assert a == "abc123 resnet18 lr 1e-3 bs 32"
+    assert fmt.curve_label(_record()) == "abc123 lr 1e-3"
+    other = _record()
+    other["config"]["model"] = "resnet50"
+    assert fmt.curve_label(other) == "abc123 r50 lr 1e-3"
 
 
 def test_curves_frame_long_form():

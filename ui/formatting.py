@@ -227,6 +227,16 @@ def run_label(record_or_config: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
+def curve_label(record: Mapping[str, Any]) -> str:
+    """The legend name of a run's curves, short enough not to be cut: '1a2b3c lr 1e-3' (+ 'r50' when not a resnet18).
+    The id suffix ties it to the run's full label in the selector and the details."""
+    config = record.get("config") or {}
+    suffix = (record.get("run_id") or "").rsplit("-", 1)[-1]
+    model = config.get("model")
+    extra = f" r{model.removeprefix('resnet')}" if model and model != "resnet18" else ""
+    return f"{suffix}{extra} lr {fmt_lr(config.get('lr'))}"
+
+
 def run_choice_label(record: Mapping[str, Any], now: float | None = None) -> str:
     """Dropdown label: model, lr, accuracy, when; the value stays the run id."""
     acc, _ = best_val_acc(record)

@@ -17,3 +17,31 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     """
     log.info("refused (%s): %s", title, message)
     return gr.Error(message, title=title, print_exception=False)
+
+
+# --- native plots ---------------------------------------------------------------------------------------------
+# Gradio 6.31's LinePlot/BarPlot/ScatterPlot (Vega) keep the colour legend of their first data: a new DataFrame
+# redraws the lines but not the legend, and an update that sets the value and other props in one message is not
+# applied at all. What works (checked in Chromium): send the DataFrame, then, in a chained `.then` step, change a
+# prop the plot rebuilds on (caption, y_lim). So handlers return plain DataFrames and park the props in their
+# session state under "plots"; `plot_props_step` sends them once, after the data.
+
+def park_plot_props(state: dict, name: str, **props) -> None:
+    """Remember props (caption=..., y_lim=...) to send to plot `name` after its new data."""
+    state.setdefault("plots", {})[name] = props
+
+
+def plot_props_step(state: dict | None, names: list[str], kinds: list[type]):
+    """The chained step: for each plot, its parked props when they changed since last sent, else gr.skip()."""
+    state = dict(state or {})
+    parked, sent = state.get("plots", {}), dict(state.get("plots_sent", {}))
+    out = []
+    for name, kind in zip(names, kinds):
+        props = parked.get(name)
+        if props is None or sent.get(name) == props:
+            out.append(gr.skip())
+        else:
+            out.append(kind(**props))
+            sent[name] = props
+    state["plots_sent"] = sent
+    return (*out, state)

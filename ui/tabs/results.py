@@ -25,7 +25,7 @@ from shared.predict import NoModelError
 from .. import formatting as fmt
 from ..client import QueueUnavailable
 from ..paths import PathError, confine_dataset_path
-from . import user_error
+from . import park_plot_props, plot_props_step, user_error
 
 log = logging.getLogger(__name__)
 
@@ -225,12 +225,17 @@ def _download(path: Path) -> gr.DownloadButton:
     return gr.DownloadButton(value=str(path), visible=True) if path.is_file() else gr.DownloadButton(visible=False)
 
 
-def show_run(lab, run_id: str | None, mode: str):
+PLOTS = ["roc", "pr", "calibration", "tsne"]
+PLOT_KINDS = [gr.LinePlot, gr.LinePlot, gr.LinePlot, gr.ScatterPlot]
+
+
+def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
     """All outputs for one run (14): metrics, body, per-class, confusion, roc, pr, calibration, tsne, galleries,
-    test-image choices, checkpoint and report downloads, state."""
+    test-image choices, checkpoint and report downloads, state (with the plots' captions parked)."""
+    state = {**(state or {}), "run_id": run_id}
     hidden = (gr.Column(visible=False), None, "", EMPTY_CURVE, EMPTY_CURVE, EMPTY_CURVE, EMPTY_TSNE, [], [],
               gr.Dropdown(choices=[], value=None), gr.DownloadButton(visible=False), gr.DownloadButton(visible=False),
-              {})
+              state)
     if not run_id:
         return ("No finished run yet — train one on the **Train** tab; its results appear here.",) + hidden
     try:
@@ -241,8 +246,7 @@ def show_run(lab, run_id: str | None, mode: str):
     if report is None:
         text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
                 "one.")
-        return (text,) + hidden[:10] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False),
-                                        {"run_id": run_id})
+        return (text,) + hidden[:10] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
     classes = _classes(report, run_dir)
     headers, rows = fmt.per_class_rows(report.get("per_class"))
     per_class = pd.DataFrame(rows, columns=headers) if rows else None
@@ -255,9 +259,14 @@ def show_run(lab, run_id: str | None, mode: str):
     losses = _gallery_items(report, run_dir, TOP_LOSS_KEYS, "loss")
     paths = list(dict.fromkeys((report.get("tsne") or {}).get("path") or []))
     picks = gr.Dropdown(choices=[(p, p) for p in paths[:500]], value=None)
+    suffix, n = run_id.rsplit("-", 1)[-1], report.get("n") or len(tsne)
+    park_plot_props(state, "roc", caption=f"run {suffix}: each class against the rest, with micro and macro averages")
+    park_plot_props(state, "pr", caption=f"run {suffix}: average precision (AP) per class in the legend")
+    park_plot_props(state, "calibration", caption=f"run {suffix}: points on the diagonal are calibrated; below it, "
+                                                  "over-confident")
+    park_plot_props(state, "tsne", caption=f"run {suffix}: {n} test images; hover a point for its predicted class")
     return (fmt.metrics_markdown(report), gr.Column(visible=True), per_class, confusion, roc, pr, calibration, tsne,
-            cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"),
-            {"run_id": run_id})
+            cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"), state)
 
 
 def switch_confusion(lab, run_id: str | None, mode: str) -> str:
@@ -369,12 +378,16 @@ def pick_test_image(lab, run_id: str | None, rel: str | None):
 def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     outputs = [ui.metrics, ui.body, ui.per_class, ui.confusion, ui.roc, ui.pr, ui.calibration, ui.tsne, ui.cams,
                ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file, ui.state]
-    gr.on([ui.run.input], partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private",
-          trigger_mode="always_last")
+    show = dict(fn=partial(show_run, lab), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
+                api_visibility="private")
+    # the plots' captions after their data (see ui/tabs/__init__.py: why it takes two steps)
+    props = dict(fn=lambda st: plot_props_step(st, PLOTS, PLOT_KINDS), inputs=ui.state,
+                 outputs=[ui.roc, ui.pr, ui.calibration, ui.tsne, ui.state], api_visibility="private",
+                 show_progress="hidden")
+    gr.on([ui.run.input], trigger_mode="always_last", **show).then(**props)
     tab.select(partial(refresh, lab), ui.run, ui.run, api_visibility="private", show_progress="hidden").then(
-        partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private")
-    ui.refresh_btn.click(partial(refresh, lab), ui.run, ui.run, api_visibility="private").then(
-        partial(show_run, lab), [ui.run, ui.confusion_mode], outputs, api_visibility="private")
+        **show).then(**props)
+    ui.refresh_btn.click(partial(refresh, lab), ui.run, ui.run, api_visibility="private").then(**show).then(**props)
     ui.confusion_mode.change(partial(switch_confusion, lab), [ui.run, ui.confusion_mode], ui.confusion,
                              api_visibility="private", queue=False, show_progress="hidden")
     ui.evaluate_btn.click(partial(evaluate_again, lab), ui.run, ui.metrics, api_visibility="private")

@@ -23,7 +23,7 @@ from shared.runs import RunNotFound, read_metrics
 from .. import formatting as fmt
 from ..client import QueueUnavailable
 from . import train as train_tab
-from . import user_error
+from . import park_plot_props, plot_props_step, user_error
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,8 @@ def build(lab) -> RunsUI:
     detail = gr.Markdown(elem_id="run-detail")
     with gr.Row(elem_classes="toolbar"):
         curves_note = gr.Markdown(elem_id="curves-note")
-        split = gr.Radio([("Training + validation", "both"), ("Validation", "val"), ("Training", "train")],
-                         value="both", show_label=False, elem_id="curves-split", scale=0, min_width=420,
-                         container=False)
+        split = gr.Radio([("Both", "both"), ("Validation", "val"), ("Training", "train")], value="both",
+                         show_label=False, elem_id="curves-split", scale=0, min_width=340, container=False)
     with gr.Row(elem_id="curves"):
         loss_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Loss", x_title="epoch",
                                 y_title="loss", height=340, elem_id="curves-loss", tooltip="all", x_axis_format="d")
@@ -115,12 +114,14 @@ def _curve_runs(records: list[dict], selected: list[str]) -> list[dict]:
 
 
 def curves(lab, records: list[dict], selected: list[str], split: str = "both") -> tuple[str, Any, Any, tuple]:
-    """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones)."""
+    """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones).
+
+    The signature's first two items (split, runs) name the plotted series: the plots' caption is made of them."""
     chosen = _curve_runs(records, selected)
     histories = {}
     for record in chosen:
-        histories[fmt.run_label(record)] = history_of(lab, record)
-    sig = (split,) + tuple((label, len(h), h[-1].get("epoch") if h else None) for label, h in histories.items())
+        histories[fmt.curve_label(record)] = history_of(lab, record)
+    sig = (split, tuple(histories)) + tuple((len(h), h[-1].get("epoch") if h else None) for h in histories.values())
     loss, acc = fmt.curves_frame(histories, split)
     which = {"val": " (validation)", "train": " (training)"}.get(split, "")
     if not records:
@@ -135,6 +136,11 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
         note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''}{which} — select runs "
                 "above to compare others.")
     return note, loss, acc, sig
+
+
+def curves_caption(split: str, labels: tuple[str, ...]) -> str:
+    which = {"val": "validation", "train": "training"}.get(split, "training and validation")
+    return f"{which}: {', '.join(label.split(' ', 1)[0] for label in labels)}" if labels else ""
 
 
 def detail_text(records: list[dict], selected: list[str], now: float) -> str:
@@ -210,9 +216,11 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
             worst = loss.loc[loss["value"].idxmax()]
             note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
                      f"at epoch {int(worst['epoch'])}.")
-        loss_out = gr.LinePlot(value=loss, y_lim=[0, top] if top is not None else None)
-        acc_out, note_out = acc, note
+        loss_out, acc_out, note_out = loss, acc, note
         state["curves"] = (sig, note)
+        caption = curves_caption(sig[0], sig[1])
+        park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
+        park_plot_props(state, "acc", caption=caption)
     detail = detail_text(records, selected, now)
     detail_out = gr.skip()
     if force or state.get("detail") != detail:
@@ -332,8 +340,11 @@ def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
     outputs = [ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
+    # after new curve data, the plots' caption / axis (see ui/tabs/__init__.py: why it takes two steps)
+    props = dict(fn=lambda st: plot_props_step(st, ["loss", "acc"], [gr.LinePlot, gr.LinePlot]), inputs=ui.state,
+                 outputs=[ui.loss_plot, ui.acc_plot, ui.state], api_visibility="private", show_progress="hidden")
     timer.tick(partial(tick, lab), [ui.select, ui.split, active_tab, ui.state], outputs, api_visibility="private",
-               show_progress="hidden", trigger_mode="once", concurrency_limit=None)
+               show_progress="hidden", trigger_mode="once", concurrency_limit=None).then(**props)
 
     def refresh_now(selected, split, state):
         return tick(lab, selected, split, "runs", state, force=True)
@@ -341,14 +352,15 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     refresh = dict(fn=refresh_now, inputs=[ui.select, ui.split, ui.state], outputs=outputs,
                    api_visibility="private", show_progress="hidden")
     # .input, not .change: the timer itself rewrites the selector, which must not trigger another refresh
-    gr.on([tab.select, ui.select.input, ui.split.input], trigger_mode="always_last", **refresh)
+    gr.on([tab.select, ui.select.input, ui.split.input], trigger_mode="always_last", **refresh).then(**props)
     ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private",
-                    show_progress="hidden").then(**refresh)
-    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(**refresh)
+                    show_progress="hidden").then(**refresh).then(**props)
+    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(
+        **refresh).then(**props)
     ui.delete_btn.click(ask_delete, ui.select, [ui.confirm_row, ui.confirm_text], api_visibility="private")
     ui.abort_btn.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private")
     ui.confirm_btn.click(partial(delete_runs, lab), ui.select, [ui.confirm_row, ui.message, ui.select],
-                         api_visibility="private").then(**refresh)
+                         api_visibility="private").then(**refresh).then(**props)
     names = list(train_ui.fields)
     ui.clone_btn.click(partial(clone_run, lab, field_names=names), ui.select,
                        [*train_ui.fields.values(), data_dir, tabs], api_visibility="private")
