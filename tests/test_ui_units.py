@@ -130,6 +130,9 @@ def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
 
 def test_markdown_and_html_escape_user_text():
     assert "<script>" not in fmt.md_escape("<script>alert(1)</script>")
+    # a code span shows its text as written: no backslashes, no entities; backticks cannot close it early
+    assert fmt.md_code("/data/my_photos & more") == "`/data/my_photos & more`"
+    assert fmt.md_code("a`b") == "``a`b``" and fmt.md_code("`x") == "`` `x ``"
     html = fmt.confusion_html([[3, 1], [0, 4]], ["<b>cat</b>", "dog"], normalized=False)
     assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html
     assert ">3<" in html and ">4<" in html

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -328,14 +329,14 @@ def problems_markdown(report: Mapping[str, Any], limit: int = 8) -> str:
     if unreadable:
         lines.append("")
         lines.append(f"**Unreadable files (skipped):** {len(unreadable)}")
-        lines += [f"- `{md_escape(u['path'])}` — {md_escape(u['reason'])}" for u in unreadable[:limit]]
+        lines += [f"- {md_code(u['path'])} — {md_escape(u['reason'])}" for u in unreadable[:limit]]
         if len(unreadable) > limit:
             lines.append(f"- … and {len(unreadable) - limit} more")
     ignored = report.get("ignored") or []
     if ignored:
         lines.append("")
         lines.append(f"Ignored {_plural(len(ignored), 'file')} that are not images, e.g. "
-                     + ", ".join(f"`{md_escape(i['path'])}`" for i in ignored[:3]))
+                     + ", ".join(f"{md_code(i['path'])}" for i in ignored[:3]))
     return "\n".join(lines)
 
 
@@ -345,6 +346,16 @@ def md_escape(text: Any) -> str:
     for ch in "\\`*_[]|<>#":
         text = text.replace(ch, "\\" + ch)
     return text
+
+
+def md_code(text: Any) -> str:
+    """`text` as a Markdown code span, shown exactly as written. Inside a code span Markdown undoes no escapes, so
+    md_escape there showed `my\\_data` and `&amp;`; a fence longer than any run of backticks in the text keeps
+    it closed (file names come from users)."""
+    text = " ".join(str(text).splitlines())
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 # --- results ------------------------------------------------------------------------------------------------

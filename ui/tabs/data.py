@@ -131,7 +131,7 @@ def preview(lab, path: str | None):
     counts = {name: 0 for name in scan.classes}
     for _, label in scan.files:
         counts[scan.classes[label]] += 1
-    summary = (f"**{len(scan.classes)} classes, {len(scan.files)} image files** in `{fmt.md_escape(root)}`. "
+    summary = (f"**{len(scan.classes)} classes, {len(scan.files)} image files** in {fmt.md_code(root)}. "
                "Press **Check all images** to decode every file and find broken ones, duplicates and label conflicts.")
     return summary, counts_plot(counts), "", "", _samples(root, scan)
 
@@ -149,7 +149,7 @@ def check(lab, path: str | None, progress=gr.Progress()):
     except DatasetError as exc:
         raise user_error(str(exc), title="Dataset not usable") from None
     summary = (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
-               f"`{fmt.md_escape(root)}` (largest / smallest class: {report['imbalance_ratio']:.1f}).")
+               f"{fmt.md_code(root)} (largest / smallest class: {report['imbalance_ratio']:.1f}).")
     sizes = fmt.size_stats_markdown(report.get("sizes"))
     return (summary, counts_plot(report["counts"]), fmt.problems_markdown(report),
             ("**Image sizes**\n\n" + sizes) if sizes else "")

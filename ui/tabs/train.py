@@ -96,7 +96,7 @@ def weights_note(models: list[str], weights: str) -> str:
         return "✔ ImageNet weights are on this machine."
     lines = ["⚠ **ImageNet weights are not on this machine** — runs download them when they start, which "
              "fails without network. Copy the file(s) by hand, or choose *None*:"]
-    lines += [f"- {m}: `{fmt.md_escape(p)}`" for m, p in missing]
+    lines += [f"- {m}: {fmt.md_code(p)}" for m, p in missing]
     return "\n".join(lines)
 
 
@@ -294,7 +294,7 @@ def dataset_text(lab, data_dir: str | None) -> str:
         path = confine_dataset_path(data_dir, lab.settings.data_roots)
     except PathError as exc:
         return f"⚠ {fmt.md_escape(exc)}"
-    return f"Training data: **{fmt.md_escape(path.name)}** (`{fmt.md_escape(path)}`) — change it on the Data tab."
+    return f"Training data: **{fmt.md_escape(path.name)}** ({fmt.md_code(path)}) — change it on the Data tab."
 
 
 def on_weights(models, weights):
