@@ -81,6 +81,14 @@ def test_a_stale_running_record_takes_the_finished_status_of_its_folder(tmp_path
     assert lab.client().registry.get(run_id)["status"] == "succeeded"
 
 
+def test_activation_sheet_has_one_row_per_stage():
+    from ui.tabs.results import activation_sheet
+
+    maps = {"conv1": [np.random.rand(32, 32) for _ in range(8)], "layer4": [np.zeros((2, 2)) for _ in range(8)]}
+    sheet = activation_sheet(maps, tile=40, gap=4, label_width=100)
+    assert sheet.size == (100 + 8 * 44, 2 * 44) and sheet.mode == "RGB"
+
+
 def test_binding_beyond_loopback_needs_credentials(tmp_path):
     env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(tmp_path / "m"), "RESNET_LAB_DATA_ROOTS": str(tmp_path / "d")}
     env.pop("RESNET_LAB_AUTH", None)

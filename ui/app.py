@@ -38,7 +38,7 @@ table.confusion { border-collapse: collapse; font-size: 0.85em; }
 table.confusion th, table.confusion td { border: 1px solid var(--border-color-primary); padding: 4px 8px;
   text-align: center; min-width: 2.6em; }
 table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--body-text-color-subdued); }
-#predict-image img { width: 100%; height: 100%; object-fit: contain; }
+#predict-image img, #act-image img { width: 100%; height: 100%; object-fit: contain; }
 #runs-table table { font-size: 0.86em; }
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }

@@ -56,7 +56,7 @@ class ResultsUI:
     top_losses: gr.Gallery
     act_pick: gr.Dropdown
     act_image: gr.Image
-    activations: gr.Gallery
+    activations: gr.Image
     report_btn: gr.Button
     report_file: gr.DownloadButton
     checkpoint_file: gr.DownloadButton
@@ -122,8 +122,8 @@ def build(lab) -> ResultsUI:
                     act_pick = gr.Dropdown(choices=[], value=None, label="Test image", elem_id="act-pick")
                     act_image = gr.Image(type="filepath", sources=["upload", "clipboard"], label="Image",
                                          height=240, elem_id="act-image")
-                activations = gr.Gallery(label="Strongest 8 feature maps per stage", columns=1, height=420,
-                                         elem_id="activations", object_fit="contain", scale=3)
+                activations = gr.Image(label="Strongest 8 feature maps per stage (brighter = stronger)",
+                                       interactive=False, height=440, elem_id="activations", scale=3, format="png")
     state = gr.State({})
     return ResultsUI(run, refresh_btn, evaluate_btn, metrics, body, per_class, confusion_mode, confusion, roc, pr,
                      calibration, tsne, cams, top_losses, act_pick, act_image, activations, report_btn, report_file,
@@ -311,9 +311,9 @@ def build_report(lab, run_id: str | None):
 
 
 def activations(lab, run_id: str | None, image: str | None):
-    """The 8 strongest feature maps of each ResNet stage, one montage per stage."""
+    """One picture: a row per ResNet stage (conv1 … layer4) of its 8 strongest feature maps."""
     if not image:
-        return []
+        return None
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
     from shared.explain import layer_activations
@@ -329,33 +329,35 @@ def activations(lab, run_id: str | None, image: str | None):
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
         maps = layer_activations(predictor.model, x, top=8)
-    return [(montage(stage_maps), f"{stage} — {maps_shape(stage_maps)}") for stage, stage_maps in maps.items()]
+    return activation_sheet(maps)
 
 
-def maps_shape(stage_maps: list[np.ndarray]) -> str:
-    return f"{stage_maps[0].shape[1]}×{stage_maps[0].shape[0]} each" if stage_maps else "empty"
-
-
-def montage(stage_maps: list[np.ndarray], tile: int = 96, gap: int = 4) -> np.ndarray:
-    """Feature maps side by side, each scaled to [0, 1] on its own and coloured (viridis)."""
+def activation_sheet(maps: dict[str, list[np.ndarray]], tile: int = 88, gap: int = 4, label_width: int = 120):
+    """Feature maps as a grid: one labelled row per stage, each map scaled to [0, 1] on its own (viridis)."""
     from matplotlib import colormaps
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     cmap = colormaps["viridis"]
-    tiles = []
-    for m in stage_maps:
-        m = np.asarray(m, dtype=np.float32)
-        lo, hi = float(m.min()), float(m.max())
-        norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-        rgb = (cmap(norm)[..., :3] * 255).astype(np.uint8)
-        tiles.append(np.asarray(Image.fromarray(rgb).resize((tile, tile), Image.NEAREST)))
-    if not tiles:
-        return np.full((tile, tile, 3), 255, np.uint8)
-    width = len(tiles) * tile + (len(tiles) - 1) * gap
-    out = np.full((tile, width, 3), 255, np.uint8)
-    for i, t in enumerate(tiles):
-        out[:, i * (tile + gap): i * (tile + gap) + tile] = t
-    return out
+    try:
+        font = ImageFont.load_default(size=15)
+    except TypeError:  # Pillow < 10.1: the bitmap font has one size
+        font = ImageFont.load_default()
+    columns = max((len(v) for v in maps.values()), default=1)
+    width = label_width + columns * (tile + gap)
+    sheet = Image.new("RGB", (width, max(1, len(maps)) * (tile + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for row, (stage, stage_maps) in enumerate(maps.items()):
+        top = row * (tile + gap)
+        size = f"{stage_maps[0].shape[1]} x {stage_maps[0].shape[0]}" if stage_maps else ""
+        draw.text((8, top + tile // 2 - 18), stage, fill=(30, 30, 30), font=font)
+        draw.text((8, top + tile // 2 + 2), size, fill=(110, 110, 110), font=font)
+        for col, m in enumerate(stage_maps):
+            m = np.asarray(m, dtype=np.float32)
+            lo, hi = float(m.min()), float(m.max())
+            norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+            rgb = Image.fromarray((cmap(norm)[..., :3] * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+            sheet.paste(rgb, (label_width + col * (tile + gap), top))
+    return sheet
 
 
 def pick_test_image(lab, run_id: str | None, rel: str | None):
