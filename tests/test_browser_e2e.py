@@ -1,0 +1,288 @@
+"""The real page in Chromium, clicked through as a user would (issue 7).
+
+`resnet-lab up` starts embedded Redis, a CPU worker and the page on a tiny generated dataset; Playwright drives
+Debian's Chromium through the five tabs:
+
+1. Data: pick the dataset, see its class counts;
+2. Train: ResNet18 with two learning rates ("2 runs"), queue them; queue a third run, cancel it on Runs;
+3. Runs: both runs train to success with their curves drawn, the third ends cancelled;
+4. Results: open one run — confusion matrix, ROC, t-SNE and Grad-CAM images load;
+5. Predict: drop an image — top classes with probabilities and the CAM overlay; drop a text file named .jpg —
+   a clear error toast, and the page still answers.
+
+Finally SIGTERM to `up`, which must exit cleanly and leave no process behind. Screenshots of every step (and of
+the page at a failure, plus `up`'s log) go to tests/artifacts/e2e/, which CI keeps.
+
+Tiny on purpose (the smallest settings the form offers): resnet18 from scratch, 64 px, batch 16, 2 epochs on
+3 classes x 12 images of 48 px, one torch thread.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests import browser as b
+from tests.imagegen import make_image_folder
+
+CLASSES = ["circle", "square", "stripe"]
+TRAIN_TIMEOUT_S = 200  # both runs trained and evaluated (typically well under half of this)
+
+
+def _skip_without_browser() -> None:
+    if not Path(b.CHROMIUM).is_file():
+        pytest.skip(f"{b.CHROMIUM} is missing: `apt-get install -y chromium` (.ci/run installs it)")
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
+
+
+@pytest.fixture
+def app(tmp_path):
+    _skip_without_browser()
+    data_root = tmp_path / "data"
+    make_image_folder(data_root / "shapes", classes=CLASSES, per_class=12, size=48)
+    # a second dataset, first in the list, so that picking "shapes" is a real choice
+    make_image_folder(data_root / "animals", classes=["cat", "dog"], per_class=3, size=48, seed=1)
+    up = b.UpApp(tmp_path, data_root).start()
+    try:
+        up.wait_ready(timeout=120)
+        yield up
+    finally:
+        if up.proc.poll() is None:  # the test failed before its own shutdown check
+            up.stop(timeout=30)
+        up.kill_all()
+        b.ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        shutil.copy(up.log_path, b.ARTIFACTS / "up.log")
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=b.CHROMIUM, args=b.CHROMIUM_ARGS)
+        try:
+            context = chromium.new_context(viewport={"width": 1400, "height": 1000})
+            context.set_default_timeout(20_000)
+            pg = context.new_page()
+            pg.js_errors = []
+            pg.on("pageerror", lambda exc: pg.js_errors.append(str(exc)))
+            yield pg
+        finally:
+            chromium.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_user_clicks_through_the_page(app, page, tmp_path):
+    shots = b.Shots(page)
+    started = time.monotonic()
+
+    @contextmanager
+    def step(name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+            print(f"step '{name}': {time.monotonic() - t0:.0f} s")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # assertions, Playwright timeouts and pytest-timeout's failure alike
+            shot = shots.failure(name)
+            raise AssertionError(f"step '{name}' failed after {time.monotonic() - started:.0f} s: {exc}\n"
+                                 f"screenshot: {shot}\nlog of `resnet-lab up` (tail):\n{app.log(3000)}") from exc
+
+    with step("1 data"):
+        page.goto(app.url)
+        page.wait_for_selector("#data-dir input[role=combobox]", timeout=60_000)
+        b.pick_option(page, "#data-dir", "shapes")
+        b.wait_text(page, "#data-summary", "3 classes, 36 image files")
+        b.wait_until(lambda: [h > 10 for h in b.vega_bar_heights(page, "#class-counts")] == [True] * 3, 20,
+                     "3 visible bars in 'Images per class'", page=page,
+                     describe=lambda: f"bar heights {b.vega_bar_heights(page, '#class-counts')}, "
+                                      f"text {b.md_text(page, '#class-counts')!r}")
+        counts_text = b.md_text(page, "#class-counts")
+        assert all(name in counts_text for name in CLASSES), counts_text
+        page.click("#check-btn")
+        summary = b.wait_text(page, "#data-summary", "3 classes, 36 usable images", 60)
+        assert str(app.data_root / "shapes") in summary, f"the folder is not shown as written: {summary!r}"
+        shots.take("data")
+
+    with step("2 train"):
+        b.open_tab(page, "train")
+        b.wait_text(page, "#train-dataset", "shapes")
+        _set_checkboxes(page, "#models", {"resnet18"})
+        page.click("#weights label:has-text('None (train from scratch)')")
+        _set_checkboxes(page, "#lrs", {"1e-3", "3e-3"})
+        _set_checkboxes(page, "#batch-sizes", {"16"})
+        page.fill("#epochs input[type=number]", "2")
+        page.press("#epochs input[type=number]", "Enter")
+        b.pick_option(page, "#image-size", "64")
+        b.wait_text(page, "#run-count", "2 runs will be queued")
+        shots.take("train-two-runs")
+        page.click("#queue-btn")
+        b.wait_text(page, "#queue-result", "Queued 2 runs", 30)
+        two = re.findall(r"\d{8}-\d{6}-resnet18-[0-9a-f]{6}", b.md_text(page, "#queue-result"))
+        assert len(two) == 2, b.md_text(page, "#queue-result")
+        # the third run: long enough that it cannot finish before it is cancelled
+        _set_checkboxes(page, "#lrs", {"1e-2"})
+        page.fill("#epochs input[type=number]", "30")
+        page.press("#epochs input[type=number]", "Enter")
+        b.wait_text(page, "#run-count", "1 run will be queued")
+        page.click("#queue-btn")
+        b.wait_text(page, "#queue-result", "Queued 1 run", 30)
+        (third,) = re.findall(r"\d{8}-\d{6}-resnet18-[0-9a-f]{6}", b.md_text(page, "#queue-result"))
+        shots.take("train-third-queued")
+
+    with step("2 cancel the third run"):
+        b.open_tab(page, "runs")
+        _toggle_row(page, third, selected=True)
+        page.click("#cancel-btn")
+        b.wait_text(page, "#runs-message", "Cancel requested for 1 run")
+        shots.take("runs-third-cancelled")
+        _toggle_row(page, third, selected=False)
+
+    with step("3 runs train to success"):
+        seen_running = set()
+
+        def finished():
+            rows = {r[0]: r for r in b.table_rows(page, "#runs-table") if r}
+            for rid in two:
+                if "running" in (rows.get(rid) or ["", ""])[1]:
+                    if not seen_running:
+                        shots.take("runs-training")
+                    seen_running.add(rid)
+            status = {rid: (rows.get(rid) or ["", "(missing)"])[1] for rid in [*two, third]}
+            if any("failed" in s for s in status.values()):
+                raise AssertionError(f"a run failed: {status}; worker log in up.log")
+            return all("succeeded" in status[r] for r in two) and "cancelled" in status[third]
+
+        b.wait_until(finished, TRAIN_TIMEOUT_S, "both runs ✔ succeeded and the third ■ cancelled", interval=1.0,
+                     page=page, describe=lambda: b.table_rows(page, "#runs-table"))
+        assert seen_running, "never saw a run in the ▶ running state (progress was not shown while training)"
+        rows = {r[0]: r for r in b.table_rows(page, "#runs-table")}
+        for rid in two:
+            assert rows[rid][5] == "2" and rows[rid][2] == "resnet18", rows[rid]  # epochs, model from the form
+            assert "%" in rows[rid][7], f"no best val accuracy shown: {rows[rid]}"
+        for rid in two:
+            _toggle_row(page, rid, selected=True)
+        b.wait_text(page, "#curves-note", "Curves of the 2 selected runs")
+        # lines of both runs (train and val each by default) in each chart, coloured and named in the legend
+        # (Gradio 6.31 draws series that appear after a plot's first render uncoloured and leaves them out of its
+        # legend unless the page works around it: ui/tabs/runs.py)
+        suffixes = [rid.rsplit("-", 1)[1] for rid in two]
+        for plot in ("#curves-loss", "#curves-acc"):
+            def visible(plot=plot):
+                lines, legend = b.vega_series(page, plot), b.vega_legend(page, plot)
+                return all(any(s in line["name"] and line["stroke"] not in (None, "", "none") for line in lines)
+                           and any(s in label for label in legend) for s in suffixes)
+
+            b.wait_until(visible, 20, f"coloured curves of both runs, named in the legend, in {plot}", page=page,
+                         describe=lambda plot=plot: f"lines {b.vega_series(page, plot)}, "
+                                                    f"legend {b.vega_legend(page, plot)}")
+        assert b.md_text(page, "#run-detail").count("best val accuracy") == 2, b.md_text(page, "#run-detail")
+        shots.take("runs-done")
+
+    with step("4 results"):
+        b.open_tab(page, "results")
+        b.pick_option(page, "#results-run", two[0].rsplit("-", 1)[1])
+        b.wait_until(lambda: "Evaluated on the" in b.md_text(page, "#results-metrics"), 30,
+                     "the evaluation summary of the run", page=page,
+                     describe=lambda: b.md_text(page, "#results-metrics"))
+        page.wait_for_selector("#results-body", state="visible")
+        confusion = page.locator("#confusion table.confusion")
+        confusion.wait_for()
+        assert all(name in confusion.inner_text() for name in CLASSES), confusion.inner_text()
+        assert confusion.locator("tbody tr").count() == 3
+        b.wait_until(lambda: b.vega_marks(page, "#roc", "line") >= 1, 20, "ROC curves drawn", page=page)
+        b.wait_until(lambda: b.vega_marks(page, "#tsne", "symbol") >= 3, 20, "t-SNE points drawn", page=page,
+                     describe=lambda: f"{b.vega_marks(page, '#tsne', 'symbol')} points")
+        page.locator("#cam-gallery").scroll_into_view_if_needed()
+        b.wait_until(lambda: b.loaded_images(page, "#cam-gallery"), 20, "a Grad-CAM image to load", page=page,
+                     describe=lambda: b.images(page, "#cam-gallery"))
+        broken = b.broken_images(page, "#tab-results")
+        assert not broken, f"broken images on Results: {broken}"
+        shots.take("results")
+
+    with step("5 predict"):
+        b.open_tab(page, "predict")
+        b.wait_text(page, "#predict-model-info", "Now answering with")
+        good = sorted((app.data_root / "shapes" / "square").iterdir())[0]
+        page.set_input_files("#predict-image input[type=file]", str(good))
+        _wait_prediction(page)
+        shots.take("predict")
+
+        notes = tmp_path / "notes.jpg"
+        notes.write_text("this is not a picture\n" * 10)
+        page.set_input_files("#predict-image input[type=file]", str(notes))  # dropped over the first image
+        b.wait_until(lambda: b.toasts(page), 30, "an error toast for the text file", page=page)
+        errors = b.toasts(page)
+        assert any("notes.jpg: not an image" in t and "contains text" in t for t in errors), errors
+        assert not any("Traceback" in t or "Error:" in t for t in errors), errors
+        assert "Error" in b.md_text(page, "#predict-label"), "the old answer still shows next to the bad file"
+        shots.take("predict-text-file")
+        # no crash: the same page still answers for a real image
+        page.set_input_files("#predict-image input[type=file]", str(good))
+        _wait_prediction(page)
+        assert not page.js_errors, f"uncaught errors in the page: {page.js_errors}"
+
+    with step("stop"):
+        assert app.proc.poll() is None, f"`resnet-lab up` died during the test:\n{app.log()}"
+        code = app.stop(timeout=60)
+        assert code == 0, f"`resnet-lab up` exited with {code} on SIGTERM:\n{app.log()}"
+        b.wait_until(lambda: not app.leftovers(), 10, "every process started by `up` to exit",
+                     describe=lambda: "\n".join(app.leftovers()))
+        assert "Traceback" not in app.log(0), f"a traceback in the app's output:\n{app.log()}"
+    print(f"browser e2e: {time.monotonic() - started:.0f} s, screenshots in {b.ARTIFACTS}")
+
+
+# --- page actions -------------------------------------------------------------------------------------------
+
+def _set_checkboxes(page, group: str, wanted: set[str]) -> None:
+    """Tick exactly the options of a CheckboxGroup whose labels are in `wanted`."""
+    labels = page.locator(f"{group} label")
+    names = [t.strip() for t in labels.all_inner_texts()]
+    missing = wanted - set(names)
+    assert not missing, f"{group} offers {names}, not {sorted(missing)}"
+    for i, name in enumerate(names):
+        box = labels.nth(i).locator("input[type=checkbox]")
+        if box.is_checked() != (name in wanted):
+            box.click()
+    for i, name in enumerate(names):
+        assert labels.nth(i).locator("input[type=checkbox]").is_checked() == (name in wanted), (group, name)
+
+
+def _toggle_row(page, run_id: str, *, selected: bool) -> None:
+    """Click a run's row in the Runs table until the selector shows it (de)selected; the table refreshes itself."""
+    suffix = run_id.rsplit("-", 1)[1]
+
+    def chosen() -> bool:
+        return suffix in b.md_text(page, "#runs-select")
+
+    def attempt() -> bool:
+        if chosen() == selected:
+            return True
+        b.table_cell(page, "#runs-table", run_id).click()
+        page.wait_for_timeout(1500)
+        return chosen() == selected
+
+    b.wait_until(attempt, 30, f"run {run_id} {'selected' if selected else 'deselected'} by clicking its row",
+                 interval=0.5, page=page, describe=lambda: b.md_text(page, "#runs-select"))
+
+
+def _wait_prediction(page) -> None:
+    """Top classes with percentages in the label, a 'which run answered' line and the Grad-CAM overlay loaded."""
+    def answered():  # ("Error" is the badge Gradio leaves on the outputs of a failed call)
+        text = b.md_text(page, "#predict-label")
+        return (all(name in text for name in CLASSES) and len(re.findall(r"\d+(?:\.\d+)?\s?%", text)) >= 3
+                and "Error" not in text + b.md_text(page, "#predict-cam"))
+
+    b.wait_until(answered, 30, "the top classes with probabilities", page=page,
+                 describe=lambda: b.md_text(page, "#predict-label"))
+    b.wait_text(page, "#predict-info", "Answered by")
+    b.wait_until(lambda: b.loaded_images(page, "#predict-cam"), 20, "the Grad-CAM overlay to load", page=page,
+                 describe=lambda: b.images(page, "#predict-cam"))
