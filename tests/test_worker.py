@@ -22,7 +22,7 @@ from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from ui.client import TRAIN_TASK, QueueClient
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = pytest.mark.timeout(300)
 
 TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, epochs=2, augment="none",
             warmup_epochs=0, device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2)
@@ -89,6 +89,7 @@ def epochs_of(records: list[dict]) -> list[int]:
     return [r["epoch"] for r in records]
 
 
+@pytest.mark.slow  # real worker processes
 def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
     run_ids = lab.client.submit([lab.config(lr=lr) for lr in (1e-3, 2e-3, 3e-3)])
     assert [lab.registry.get(r)["status"] for r in run_ids] == ["queued"] * 3
@@ -137,6 +138,7 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
     assert lab.registry.progress(run_ids[0])["phase"] == "succeeded"
 
 
+@pytest.mark.slow  # real worker processes
 def test_cancel_queued_and_running_runs(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
     running, queued = lab.client.submit([lab.config(bigger, epochs=20), lab.config()])
@@ -163,6 +165,7 @@ def test_cancel_queued_and_running_runs(lab, start_worker):
     assert worker.alive()
 
 
+@pytest.mark.slow  # real worker processes
 def test_kill9_mid_run_resumes_on_a_new_worker(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
     [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
@@ -195,6 +198,7 @@ def test_kill9_mid_run_resumes_on_a_new_worker(lab, start_worker):
     assert epochs_of(lab.store.metrics(run_id)) == [1, 2, 3]
 
 
+@pytest.mark.slow  # real worker processes
 def test_failing_runs_end_failed_and_the_worker_serves_on(lab, start_worker, tmp_path):
     doomed = make_image_folder(tmp_path / "doomed", classes=3, per_class=4, size=40)
     bad_weights = tmp_path / "weights.pt"
@@ -237,6 +241,7 @@ class _WritesMarker:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow  # real worker processes
 def test_pickled_message_is_refused(lab, start_worker, tmp_path):
     from celery import Celery
 
@@ -257,6 +262,7 @@ def test_pickled_message_is_refused(lab, start_worker, tmp_path):
     assert worker.alive()
 
 
+@pytest.mark.slow  # real worker processes
 def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
     [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
@@ -314,6 +320,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # real worker processes
 def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker):
     # ids given explicitly, so no GPU is needed: each child only sees "its" device and trains on the CPU here
     env = {**lab.worker_env(), "RESNET_LAB_WORKER_THREADS": 2}  # --threads must win over it
