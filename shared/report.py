@@ -150,6 +150,7 @@ def _eval_section(run_dir: Path, eval_dir: Path, result: dict) -> str:
     out.append("<h3>Figures</h3>")
     figures = result.get("figures") or {}
     order = [k for k in FIGURE_CAPTIONS if k in figures] + sorted(k for k in figures if k not in FIGURE_CAPTIONS)
+    order = [k for k in order if k != "curves"]  # already shown under Training
     for key in order:
         out.append(_figure_from_file(run_dir, key, figures[key]))
     timings = result.get("timings")
