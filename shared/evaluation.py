@@ -557,11 +557,16 @@ def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:
 def _class_sample_figure(ctx, y, pred, paths, rng) -> None:
     from . import plots
 
-    images, titles = [], []
+    picks = []
     for k in range(len(ctx.classes)):
         idx = np.nonzero(y == k)[0]
-        pick = sorted(rng.choice(idx, min(CLASS_SAMPLES, len(idx)), replace=False).tolist()) if len(idx) else []
-        for col in range(CLASS_SAMPLES):
+        picks.append(sorted(rng.choice(idx, min(CLASS_SAMPLES, len(idx)), replace=False).tolist()) if len(idx) else [])
+    ncols = max(len(p) for p in picks)
+    images, titles = [], []
+    for k, pick in enumerate(picks):
+        if not pick:
+            continue  # a class absent from this set gets no empty row
+        for col in range(ncols):
             if col < len(pick):
                 i = pick[col]
                 images.append(ctx.view(ctx.tensor(paths[i])))
@@ -571,5 +576,5 @@ def _class_sample_figure(ctx, y, pred, paths, rng) -> None:
                 images.append(None)
                 titles.append("")
     ctx.save("class_samples", plots.image_grid(
-        images, titles, ncols=CLASS_SAMPLES,
+        images, titles, ncols=ncols,
         suptitle="Samples per class as the model sees them (resized, centre-cropped; ✗ = misclassified as)"))

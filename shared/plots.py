@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -256,7 +257,10 @@ def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
     lines = max((t.count("\n") + 1 for t in titles or [] if t), default=1)
-    fig = _figure(cell * ncols, (cell + 0.18 * lines) * nrows + (0.4 if suptitle else 0))
+    if suptitle:  # wrap to the figure's width (about 0.085 inch per character at 11 pt)
+        suptitle = textwrap.fill(suptitle, width=max(20, int(cell * ncols / 0.085)))
+    head = 0.25 * (suptitle.count("\n") + 1) + 0.15 if suptitle else 0
+    fig = _figure(cell * ncols, (cell + 0.18 * lines) * nrows + head)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         ax.set_axis_off()
