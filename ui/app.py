@@ -39,6 +39,10 @@ table.confusion th, table.confusion td { border: 1px solid var(--border-color-pr
   text-align: center; min-width: 2.6em; }
 table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--body-text-color-subdued); }
 #predict-image img, #act-image img { width: 100%; height: 100%; object-fit: contain; }
+/* native plots: the chart fills the block's fixed height, so a caption would be clipped half-way; captions are
+   set only to make Gradio rebuild the legend (ui/tabs/__init__.py), the titles and notes say the same */
+#curves-loss .caption, #curves-acc .caption, #roc .caption, #pr .caption, #calibration .caption, #tsne .caption,
+#class-counts .caption { display: none; }
 #runs-table table { font-size: 0.86em; }
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }
