@@ -275,6 +275,10 @@ def queue_runs(lab, params: dict[str, Any]) -> list[str]:
         return lab.client().submit(configs)
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue unavailable") from None
+    except OSError as exc:  # the run folder cannot be created: a read-only or full models folder
+        raise user_error(f"cannot create the run folder {exc.filename or lab.settings.models_dir}: {exc.strerror} — "
+                         "make the models folder writable and free some disk space, then queue again",
+                         title="Models folder not writable") from None
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
