@@ -125,7 +125,8 @@ def test_data_check_names_every_bad_file_with_its_problem(corpus, tmp_path):
     assert f"Unreadable (skipped) ({len(BAD)})" in text.stdout and "class_1/bomb.png: refused" in text.stdout
 
 
-def test_an_empty_class_folder_is_refused_by_name(corpus, tmp_path):
+@pytest.mark.slow
+def test_an_empty_class_folder_is_refused_by_name(tmp_path):
     data = tmp_path / "data"
     make_image_folder(data, classes=2, per_class=4, size=40)
     (data / "empty_class").mkdir()
@@ -137,6 +138,7 @@ def test_an_empty_class_folder_is_refused_by_name(corpus, tmp_path):
         assert "empty_class" in done.stderr and "add images" in done.stderr and "or remove the folder" in done.stderr
 
 
+@pytest.mark.slow
 def test_training_on_the_corpus_finishes_and_lists_what_it_skipped(trained, corpus):
     models, run_id, done = trained
     status = json.loads((models / run_id / "status.json").read_text())
@@ -152,10 +154,13 @@ def test_training_on_the_corpus_finishes_and_lists_what_it_skipped(trained, corp
     assert status["best"]["skipped_files"] == len(BAD)
 
 
+@pytest.mark.slow
 def test_predict_cli_gives_each_bad_file_its_own_message(trained, corpus):
     models, run_id, _ = trained
-    files = [str(corpus / p) for p in list(BAD) + ODD] + [str(corpus / "class_1/drawing.svg")]
-    done = cli("predict", run_id, *files, "--top-k", "2", models=models)
+    # files one by one, and a folder (class_2) whose images, bad ones included, are each answered
+    named = [p for p in list(BAD) + ODD if not p.startswith("class_2/")] + ["class_1/drawing.svg"]
+    done = cli("predict", run_id, *(str(corpus / p) for p in named), str(corpus / "class_2"), "--top-k", "2",
+               models=models)
     no_crash(done)
     assert done.returncode == 0, done.stderr
     lines = dict(line.split(": ", 1) for line in done.stdout.splitlines())
@@ -164,10 +169,8 @@ def test_predict_cli_gives_each_bad_file_its_own_message(trained, corpus):
         assert answer.startswith("skipped:") and expected in answer, (path, answer)
     for path in ODD:
         assert lines[str(corpus / path)].startswith("class_"), (path, lines[str(corpus / path)])
-    # a folder: its images, bad ones included, each answered
-    folder = cli("predict", run_id, str(corpus / "class_2"), models=models)
-    no_crash(folder)
-    assert folder.stdout.count("skipped:") == 3 and folder.stdout.count(": class_") >= 12, folder.stdout
+    class_2 = [line for line in lines if line.startswith(str(corpus / "class_2"))]
+    assert len(class_2) == 12 + 3 + 3, class_2  # generated + odd + bad (the looping folder is not entered)
 
 
 # --- the page ---------------------------------------------------------------------------------------------------
@@ -239,11 +242,10 @@ def test_dataset_paths_outside_the_data_roots_are_refused(page, corpus, tmp_path
 
 def test_cli_refuses_a_file_or_a_missing_folder_as_dataset(corpus, tmp_path):
     # the CLI runs as the local user, who may read any folder: it has no data roots to confine to, but it must
-    # still refuse what is not a dataset folder with one line that says what to do
+    # still refuse what is not a dataset folder with one line that says what to do (`train` reads the folder the
+    # same way: see test_an_empty_class_folder_is_refused_by_name)
     for path, message in ((corpus / "class_0" / "cmyk.jpg", "is a file, not a folder"),
                           (corpus / "class_2" / "loop_dir" / "loop_dir" / "missing", "does not exist")):
-        for args in (("data", "check", str(path)),
-                     ("train", "--data-dir", str(path), "--epochs", "1", "--weights", "none", "--device", "cpu")):
-            done = cli(*args, models=tmp_path / "models")
-            no_crash(done)
-            assert done.returncode == 2 and message in done.stderr, (args, done.stderr)
+        done = cli("data", "check", str(path), models=tmp_path / "models")
+        no_crash(done)
+        assert done.returncode == 2 and message in done.stderr, (path, done.stderr)
