@@ -28,7 +28,7 @@ from shared.registry import PREFIX, RunRegistry
 log = logging.getLogger(__name__)
 
 TRAIN_TASK = "resnet_lab.train"
-# a run whose worker died this many times while training it is failed instead of re-queued once more
+# a run whose worker died this many times in a row without finishing an epoch is failed instead of re-queued again
 # (a process killed every time, e.g. by the kernel's out-of-memory killer, would take every worker down in turn)
 MAX_CRASHES = 3
 # kombu's Redis transport keeps un-acknowledged messages in this hash and splits a queue by priority step
