@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import redis
 
 from shared.checkpoint import load_checkpoint, load_model_from_run, save_checkpoint
 from shared.config import TrainConfig

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import pickle
 import socket
 import subprocess
 import sys
