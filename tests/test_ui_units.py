@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.imagegen import make_image, make_image_folder
+from tests.imagegen import make_image_folder
 from ui import formatting as fmt
 from ui.paths import PathError, confine_dataset_path, discover_datasets, extract_zip, safe_folder_name
 

@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import numpy as np
