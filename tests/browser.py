@@ -257,6 +257,15 @@ def broken_images(page, selector: str) -> list[str]:
     return [i["src"] for i in images(page, selector) if i["complete"] and i["width"] == 0]
 
 
+def record_event_calls(page) -> list[str]:
+    """Bodies of the event calls the page sends from now on: each POST to the queue's `join` runs one handler once
+    (count the ones that carry a file's name to see how often an upload was handled)."""
+    bodies: list[str] = []
+    page.on("request", lambda r: bodies.append(r.post_data or "")
+            if r.method == "POST" and "/queue/join" in r.url else None)
+    return bodies
+
+
 def toasts(page, kind: str = "error") -> list[str]:
     """Texts of Gradio's toast messages of `kind` (error, warning, info) now on the page."""
     return [t.strip() for t in page.locator(f"[data-testid=toast-body].{kind} [data-testid=toast-text]")

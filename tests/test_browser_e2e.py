@@ -211,6 +211,7 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
     with step("5 predict"):
         b.open_tab(page, "predict")
         b.wait_text(page, "#predict-model-info", "Now answering with")
+        calls = b.record_event_calls(page)
         good = sorted((app.data_root / "shapes" / "square").iterdir())[0]
         page.set_input_files("#predict-image input[type=file]", str(good))
         _wait_prediction(page)
@@ -220,7 +221,10 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         notes.write_text("this is not a picture\n" * 10)
         page.set_input_files("#predict-image input[type=file]", str(notes))  # dropped over the first image
         b.wait_until(lambda: b.toasts(page), 30, "an error toast for the text file", page=page)
+        page.wait_for_timeout(1500)  # time for a second (duplicate) call to answer
         errors = b.toasts(page)
+        assert len(errors) == 1, f"one bad file, one toast (Gradio's `change` fires twice over an image): {errors}"
+        assert sum("notes.jpg" in c for c in calls) == 1, "the text file was sent to a handler more than once"
         assert any("notes.jpg: not an image" in t and "contains text" in t for t in errors), errors
         assert not any("Traceback" in t or "Error:" in t for t in errors), errors
         assert "Error" in b.md_text(page, "#predict-label"), "the old answer still shows next to the bad file"
@@ -228,6 +232,8 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         # no crash: the same page still answers for a real image
         page.set_input_files("#predict-image input[type=file]", str(good))
         _wait_prediction(page)
+        page.wait_for_timeout(1000)
+        assert sum(good.name in c for c in calls) == 2, "an image dropped over another was predicted more than once"
         assert not page.js_errors, f"uncaught errors in the page: {page.js_errors}"
 
     with step("stop"):

@@ -233,10 +233,14 @@ def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, 
 
 
 def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
+    # `upload`, not `change`: in Gradio 6.31 `upload` fires once per new picture (a file picked or dropped, a paste,
+    # a webcam capture; checked in Chromium), while `change` fires twice when a file replaces the image — Grad-CAM
+    # ran twice and a bad file got two identical toasts. always_last: a picture dropped while the previous one is
+    # still being explained is answered next, not ignored.
     # preprocess=False: the handler reads the upload itself, so a text file named .jpg or a decompression bomb
     # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing
-    ui.image.change(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer], api_name="predict",
-                    preprocess=False, concurrency_limit=4, show_progress="minimal")
+    ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer], api_name="predict",
+                    preprocess=False, trigger_mode="always_last", concurrency_limit=4, show_progress="minimal")
     ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer],
                       api_name="predict_many", concurrency_limit=2)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
