@@ -227,7 +227,11 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         assert sum("notes.jpg" in c for c in calls) == 1, "the text file was sent to a handler more than once"
         assert any("notes.jpg: not an image" in t and "contains text" in t for t in errors), errors
         assert not any("Traceback" in t or "Error:" in t for t in errors), errors
-        assert "Error" in b.md_text(page, "#predict-label"), "the old answer still shows next to the bad file"
+        # the previous image's answer is gone: no classes, no CAM, no "answered by" next to the bad file
+        label = b.md_text(page, "#predict-label")
+        assert "Error" in label and not any(name in label for name in CLASSES), f"old answer still shown: {label!r}"
+        assert not b.loaded_images(page, "#predict-cam"), "the previous image's Grad-CAM still shows"
+        assert "Answered by" not in b.md_text(page, "#predict-info"), b.md_text(page, "#predict-info")
         shots.take("predict-text-file")
         # no crash: the same page still answers for a real image
         page.set_input_files("#predict-image input[type=file]", str(good))

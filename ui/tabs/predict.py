@@ -167,15 +167,23 @@ def _display_size(image, side: int = 320):
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
+NO_ANSWER = (None, None, "")  # label, CAM, "answered by": what the outputs show while there is no answer
+
+
 def predict(lab, image: Any, model: str | None = LATEST):
-    """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered)."""
+    """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered).
+
+    A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
+    next to a new one, least of all one that turns out unreadable (its error toast is the only answer then).
+    API clients get the final value only."""
+    yield NO_ANSWER
     if image is None:
-        return None, None, ""
+        return
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    return fmt.top5_dict(top), _display_size(overlay), _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
+    yield fmt.top5_dict(top), _display_size(overlay), _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
 
 
 def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
@@ -241,6 +249,9 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing
     ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer], api_name="predict",
                     preprocess=False, trigger_mode="always_last", concurrency_limit=4, show_progress="minimal")
+    # removing the picture (its ✕, or switching to the webcam) takes its answer away too
+    ui.image.clear(lambda: NO_ANSWER, None, [ui.label, ui.cam, ui.answer], api_visibility="private", queue=False,
+                   show_progress="hidden")
     ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer],
                       api_name="predict_many", concurrency_limit=2)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
