@@ -293,6 +293,9 @@ def _wait_prediction(page) -> None:
 
     b.wait_until(answered, 30, "the top classes with probabilities", page=page,
                  describe=lambda: b.md_text(page, "#predict-label"))
-    b.wait_text(page, "#predict-info", "Answered by")
+    answer = b.wait_text(page, "#predict-info", "Answered by")
+    # the model line above names the same run (it follows the answer, not the last poll of the runs)
+    suffix = re.search(r"\d{8}-\d{6}-resnet\d+-([0-9a-f]{6})", answer).group(1)
+    b.wait_text(page, "#predict-model-info", f"Now answering with {suffix} ")
     b.wait_until(lambda: b.loaded_images(page, "#predict-cam"), 20, "the Grad-CAM overlay to load", page=page,
                  describe=lambda: b.images(page, "#predict-cam"))

@@ -180,6 +180,21 @@ def test_calibration_frame_uses_filled_bins():
     assert fmt.calibration_frame(None).empty
 
 
+def test_predict_model_line_names_the_run_that_answered():
+    """The timer last saw run A as the latest; B finished and answered: the model line follows the answer."""
+    from types import SimpleNamespace
+
+    from ui.tabs import predict
+
+    runs = {rid: {"run_id": rid, "config": {"model": "resnet18", "lr": 1e-3, "batch_size": 32}, "finished": 1.0}
+            for rid in ("20240101-120000-resnet18-aaaaaa", "20240101-130000-resnet18-bbbbbb")}
+    lab = SimpleNamespace(store=SimpleNamespace(latest_succeeded=lambda: "20240101-120000-resnet18-aaaaaa"),
+                          record=runs.__getitem__)
+    assert "with **aaaaaa resnet18" in predict.model_info_text(lab, "latest")
+    info, state = predict.answered_info(lab, "20240101-130000-resnet18-bbbbbb", "latest", {"info": "old line"})
+    assert "with **bbbbbb resnet18" in info and state["info"] == info
+
+
 # --- path confinement -----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -50,6 +50,7 @@ class PredictUI:
     table: gr.Dataframe
     csv: gr.File
     state: gr.State
+    answered: gr.State  # the run id of the last answer, for the model line
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -81,7 +82,7 @@ def build(lab) -> PredictUI:
         table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
-    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state)
+    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State())
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -110,9 +111,10 @@ def _describe_run(lab, run_id: str, latest: bool) -> str:
             f"finished {when}) — {source}.")
 
 
-def model_info_text(lab, model: str | None) -> str:
+def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
+    """The "now answering with" line: the run `model` resolves to now, or `run_id` when a run has just answered."""
     model = model or LATEST
-    run_id = lab.store.latest_succeeded() if model == LATEST else model
+    run_id = run_id or (lab.store.latest_succeeded() if model == LATEST else model)
     if run_id is None:
         return "No finished run yet — train one on the **Train** tab."
     try:
@@ -175,19 +177,20 @@ def predict(lab, image: Any, model: str | None = LATEST):
 
     A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
     next to a new one, least of all one that turns out unreadable (its error toast is the only answer then).
-    API clients get the final value only."""
-    yield NO_ANSWER
+    API clients get the final value only; the page also gets the id of the run that answered (a State)."""
+    yield *NO_ANSWER, gr.skip()
     if image is None:
         return
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    yield fmt.top5_dict(top), _display_size(overlay), _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST)
+    yield (fmt.top5_dict(top), _display_size(overlay),
+           _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id)
 
 
 def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
-    """Many images → table, CSV file, and which run answered."""
+    """Many images → table, CSV file, which run answered (and its id, a State for the model line)."""
     if not files:
         raise user_error("Add some images first.", title="No images")
     predictor = _predictor(lab, model)
@@ -219,7 +222,16 @@ def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
     return pd.DataFrame(rows, columns=TABLE_COLUMNS), str(csv_path), _describe_run(
-        lab, predictor.run_id, (model or LATEST) == LATEST)
+        lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id
+
+
+def answered_info(lab, run_id: str | None, model: str | None, state: dict | None):
+    """After an answer, the model line names the run that gave it: the timer's last look at the runs can be a
+    poll old, so while runs were finishing it could name another run than "Answered by" did."""
+    state = dict(state or {})
+    info = model_info_text(lab, model, run_id)
+    state["info"] = info  # the timer then sends the line again only when the latest run changes
+    return info, state
 
 
 def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, force: bool = False):
@@ -247,13 +259,16 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # still being explained is answered next, not ignored.
     # preprocess=False: the handler reads the upload itself, so a text file named .jpg or a decompression bomb
     # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing
-    ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer], api_name="predict",
-                    preprocess=False, trigger_mode="always_last", concurrency_limit=4, show_progress="minimal")
+    answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
+                    outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
+    ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
+                    api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
+                    show_progress="minimal").success(**answered)
     # removing the picture (its ✕, or switching to the webcam) takes its answer away too
     ui.image.clear(lambda: NO_ANSWER, None, [ui.label, ui.cam, ui.answer], api_visibility="private", queue=False,
                    show_progress="hidden")
-    ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer],
-                      api_name="predict_many", concurrency_limit=2)
+    ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer, ui.answered],
+                      api_name="predict_many", concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
     timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state], [ui.model, ui.model_info, ui.state],
