@@ -235,6 +235,15 @@ def vega_legend(page, selector: str) -> list[str]:
         selector)
 
 
+def vega_axis_labels(page, selector: str, axis: str = "X") -> list[str]:
+    """Tick labels of a Vega plot's x ("X") or y ("Y") axis (found by the axis' aria-label, 'X-axis titled …')."""
+    return page.evaluate(
+        """([sel, axis]) => Array.from(document.querySelectorAll(`${sel} g.role-axis`))
+               .filter(g => (g.getAttribute('aria-label') || '').startsWith(axis + '-axis'))
+               .flatMap(g => Array.from(g.querySelectorAll('.role-axis-label text')).map(t => t.textContent))""",
+        [selector, axis])
+
+
 def vega_bar_heights(page, selector: str) -> list[float]:
     """Heights in pixels of the bars of a Gradio BarPlot (a bar of height 0 is drawn but invisible)."""
     return page.evaluate(

@@ -184,6 +184,8 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
             b.wait_until(visible, 20, f"coloured curves of both runs, named in the legend, in {plot}", page=page,
                          describe=lambda plot=plot: f"lines {b.vega_series(page, plot)}, "
                                                     f"legend {b.vega_legend(page, plot)}")
+            # whole epochs only, each once (a numeric axis over 1..2 showed "1, 2, 2")
+            assert b.vega_axis_labels(page, plot, "X") == ["1", "2"], b.vega_axis_labels(page, plot, "X")
         assert b.md_text(page, "#run-detail").count("best val accuracy") == 2, b.md_text(page, "#run-detail")
         shots.take("runs-done")
 

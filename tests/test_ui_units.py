@@ -122,6 +122,20 @@ def test_curves_frame_long_form():
     assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "run"]
 
 
+def test_epochs_are_categories_until_the_numeric_axis_steps_by_whole_epochs():
+    """Epochs 1..2 on a numeric axis got ticks "1, 2, 2" (1.5 shown as an integer): short runs plot categories."""
+    history = [{"epoch": e, "val_loss": 1.0 / e, "val_acc": 0.4 + e / 100} for e in (1, 2, 10)]
+    loss, acc = fmt.epochs_as_categories(*fmt.curves_frame({"A": history}, "val"))
+    assert list(loss["epoch"]) == list(acc["epoch"]) == ["1", "2", "10"]
+    assert list(loss["value"]) == [1.0, 0.5, 0.1]
+    assert fmt.EPOCH_ORDER[:3] == ["1", "2", "3"] and fmt.EPOCH_ORDER[-1] == str(fmt.CATEGORICAL_EPOCHS)  # "10" after "9"
+    long = [{"epoch": e, "val_loss": 1.0} for e in range(1, fmt.CATEGORICAL_EPOCHS + 2)]
+    loss, _ = fmt.epochs_as_categories(*fmt.curves_frame({"A": long, "B": history}, "val"))
+    assert loss["epoch"].tolist()[:3] == [1, 2, 3]  # numbers: that axis steps by whole epochs by itself
+    empty = fmt.curves_frame({})
+    assert all(f.empty for f in fmt.epochs_as_categories(*empty))
+
+
 def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
     assert fmt.robust_upper([1.0, 0.8, 0.6, 0.5]) is None
     assert fmt.robust_upper([2e6, 0.9, 0.7, 0.6, 0.5, 0.5, 0.4, 0.4, 0.4, 0.3]) == pytest.approx(1.35)

@@ -285,6 +285,24 @@ def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]], split: st
     return pd.DataFrame(loss_rows, columns=columns), pd.DataFrame(acc_rows, columns=columns)
 
 
+# Epoch axes. Vega puts about one tick per 40 px and Gradio's LinePlot cannot ask for whole-number steps, so a
+# numeric axis over epochs 1..2 gets ticks 1, 1.5, 2 — shown as "1, 2, 2" with the integer format. Up to this
+# many epochs the epochs are categories instead (exactly one tick each; the plots sort them by EPOCH_ORDER).
+# Beyond it the numeric axis steps by whole epochs by itself: Vega's step is >= 1 once (span / ticks) >= 0.71,
+# true for 20+ epochs on plots up to ~1100 px wide.
+CATEGORICAL_EPOCHS = 20
+EPOCH_ORDER = [str(e) for e in range(1, CATEGORICAL_EPOCHS + 1)]
+
+
+def epochs_as_categories(*frames):
+    """The curves frames with `epoch` as text ("1", "2", …) when no epoch exceeds CATEGORICAL_EPOCHS, else as
+    they are; a tuple either way."""
+    top = max((int(f["epoch"].max()) for f in frames if not f.empty), default=0)
+    if top > CATEGORICAL_EPOCHS:
+        return frames
+    return tuple(f.assign(epoch=f["epoch"].astype(int).astype(str)) for f in frames)
+
+
 def robust_upper(values: Sequence[float], spike: float = 4.0) -> float | None:
     """An axis top that keeps one exploding epoch from flattening every other curve: None (automatic) unless
     the largest value is more than `spike` times the 90th percentile, else 1.5x that percentile."""

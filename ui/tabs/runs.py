@@ -74,12 +74,13 @@ def build(lab) -> RunsUI:
         curves_note = gr.Markdown(elem_id="curves-note")
         split = gr.Radio([("Both", "both"), ("Validation", "val"), ("Training", "train")], value="both",
                          show_label=False, elem_id="curves-split", scale=0, min_width=340, container=False)
+    # epochs are categories up to fmt.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
+    # category axis averages a run's points per epoch (y_aggregate), so an epoch logged twice is not summed
+    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=fmt.EPOCH_ORDER,
+                y_aggregate="mean", height=340, tooltip="all")
     with gr.Row(elem_id="curves"):
-        loss_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Loss", x_title="epoch",
-                                y_title="loss", height=340, elem_id="curves-loss", tooltip="all", x_axis_format="d")
-        acc_plot = gr.LinePlot(x="epoch", y="value", color="run", title="Accuracy", x_title="epoch",
-                               y_title="accuracy", y_lim=[0, 1], height=340, elem_id="curves-acc", tooltip="all",
-                               x_axis_format="d")
+        loss_plot = gr.LinePlot(title="Loss", y_title="loss", elem_id="curves-loss", **axis)
+        acc_plot = gr.LinePlot(title="Accuracy", y_title="accuracy", y_lim=[0, 1], elem_id="curves-acc", **axis)
     state = gr.State({})
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
                   abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state)
@@ -216,7 +217,7 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
             worst = loss.loc[loss["value"].idxmax()]
             note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
                      f"at epoch {int(worst['epoch'])}.")
-        loss_out, acc_out, note_out = loss, acc, note
+        (loss_out, acc_out), note_out = fmt.epochs_as_categories(loss, acc), note
         state["curves"] = (sig, note)
         caption = curves_caption(sig[0], sig[1])
         park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
