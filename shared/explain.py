@@ -204,16 +204,16 @@ class FeatureRecorder:
         return np.concatenate(self._chunks) if self._chunks else np.zeros((0, 0), np.float32)
 
 
-def tsne_embed(features: np.ndarray, seed: int = 0, n_jobs: int | None = None) -> np.ndarray:
-    """2-D t-SNE of (N, D) features → (N, 2) float32, deterministic for a seed and thread count.
+def tsne_embed(features: np.ndarray, seed: int = 0, n_jobs: int = 1) -> np.ndarray:
+    """2-D t-SNE of (N, D) features → (N, 2) float32, deterministic for a seed.
 
     PCA to 50 dimensions first (standard practice; it makes the neighbour search cheap), then openTSNE
     (Barnes-Hut below 10,000 points, PCA initialisation), or scikit-learn's TSNE(init="pca") when openTSNE is not
-    installed. bench/bench_tsne.py on 3,000 x 512 features (this 2-core machine, equal quality: trustworthiness
-    0.989 vs 0.989, 10-NN accuracy in 2-D 0.385 vs 0.389): openTSNE 6.4 s vs scikit-learn 12.9 s with 2 threads,
-    11.2 vs 22.2 CPU-seconds with 1 thread on resnet18 features of the flower photos.
-    n_jobs: threads (default: torch's thread count, which the CLI and worker configure). On a busy machine more
-    threads than free cores makes both libraries much slower (OpenMP threads spin), so keep it at the cores you own.
+    installed. bench/bench_tsne.py, 3,000 x 512 resnet18 features of the flower photos on this 2-core machine, equal
+    quality (trustworthiness@10 0.989 vs 0.989, 10-NN accuracy in 2-D 0.385 vs 0.389): openTSNE 10-12 CPU-seconds,
+    scikit-learn 21-22, one thread each; 6.4 s vs 12.9 s wall with two threads on a quiet machine.
+    n_jobs defaults to 1: on a busy machine a second thread made openTSNE slower (468 points: 1.2 → 9 CPU-seconds;
+    3,000 points: no gain), and one thread keeps 3,000 points near 11 s.
     """
     from sklearn.decomposition import PCA
 
@@ -235,7 +235,7 @@ def tsne_embed(features: np.ndarray, seed: int = 0, n_jobs: int | None = None) -
     if x.shape[1] > dims:
         x = PCA(n_components=dims, random_state=seed).fit_transform(x).astype(np.float32)
     perplexity = float(min(30.0, (n - 1) / 3.0))
-    threads = max(1, int(n_jobs if n_jobs is not None else torch.get_num_threads()))
+    threads = max(1, int(n_jobs))
     try:
         import openTSNE
     except ImportError:

@@ -175,8 +175,15 @@ def plot_reliability(calibration: Mapping[str, Any]) -> Figure:
     acc = np.array([bins[i]["accuracy"] for i in filled], dtype=float)
     conf = np.array([bins[i]["confidence"] for i in filled], dtype=float)
     if filled:
-        ax.bar(lo[filled], acc, width=width[filled], align="edge", color="#3b528b", edgecolor="white",
-               label="accuracy in bin")
+        total = sum(b.get("count", 0) for b in bins)
+        # a tall bar from one or two images is noise: bins with under 1% of the images (or < 5) are drawn faint
+        faint = np.array([bins[i]["count"] < max(5, 0.01 * total) for i in filled])
+        idx = np.asarray(filled)
+        ax.bar(lo[idx[~faint]], acc[~faint], width=width[idx[~faint]], align="edge", color="#3b528b",
+               edgecolor="white", label="accuracy in bin")
+        if faint.any():
+            ax.bar(lo[idx[faint]], acc[faint], width=width[idx[faint]], align="edge", color="#3b528b", alpha=0.3,
+                   edgecolor="white", label="accuracy, bins with few images")
         # the gap is hatch only (no fill): an accuracy bar under it stays visible when the model is under-confident
         ax.bar(lo[filled], conf - acc, bottom=acc, width=width[filled], align="edge", facecolor="none",
                edgecolor="#e66101", hatch="//", linewidth=1.0, label="gap to mean confidence")
@@ -189,7 +196,9 @@ def plot_reliability(calibration: Mapping[str, Any]) -> Figure:
     ax.grid(alpha=0.3)
     counts = np.array([b.get("count", 0) for b in bins], dtype=float)
     if len(bins):
-        ax_hist.bar(lo, counts, width=width, align="edge", color="#5ec962", edgecolor="white")
+        hist = ax_hist.bar(lo, counts, width=width, align="edge", color="#5ec962", edgecolor="white")
+        ax_hist.bar_label(hist, labels=[str(int(c)) if c else "" for c in counts], fontsize=7, padding=1)
+        ax_hist.margins(y=0.2)
     ax_hist.set(xlabel="Confidence (top-1 probability)", ylabel="Images")
     ax_hist.grid(alpha=0.3)
     return fig
