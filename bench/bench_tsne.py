@@ -14,7 +14,24 @@ Feature sets (pick with --features, default both):
 Quality: trustworthiness (k=10, sklearn.manifold.trustworthiness, 1.0 = local neighbourhoods preserved) and
 10-NN accuracy in the 2-D embedding (5-fold CV), next to 10-NN accuracy in the PCA-50 input for reference.
 
-Run: .venv/bin/python bench/bench_tsne.py [--features synthetic flowers] [--threads 2] [--repeats 1]
+Run: .venv/bin/python bench/bench_tsne.py [--features synthetic flowers] [--threads 1] [--repeats 1]
+
+Measured on the 2-core dev machine (shared with other jobs, so wall seconds vary; CPU seconds are steadier):
+
+  features        backend          threads  wall s  CPU s  trust@10  10NN acc 2D  (PCA50 ref)
+  flowers 3000    scikit-learn     2         12.9     -     0.989     0.386        0.458   (load ~1.5)
+  flowers 3000    openTSNE         2          6.4     -     0.989     0.381        0.458
+  flowers 3000    scikit-learn     1         96.2   22.2    0.989     0.389        0.458   (load ~7)
+  flowers 3000    openTSNE         1         53.6   11.2    0.989     0.385        0.458
+  flowers 3000    scikit-learn     1         29-36  20.6-21.2                              (load ~3)
+  flowers 3000    openTSNE         1         16-17  10.3-11.6
+  synthetic 3000  scikit-learn     1         30.9   13.9    0.810     0.768        0.809   (load ~7)
+  synthetic 3000  openTSNE         1         35.2   12.1    0.808     0.765        0.809
+  synthetic 3000  scikit-learn     2        165.3   33.8    0.811     0.769        0.809   (load ~6-11)
+  synthetic 3000  openTSNE         2         69.2   20.7    0.807     0.768        0.809
+
+Same quality; openTSNE needs about half the CPU on realistic features, so shared.explain.tsne_embed uses it
+(scikit-learn when openTSNE is not installed), on one thread: on a busy machine the second thread made both slower.
 """
 
 from __future__ import annotations
@@ -117,7 +134,7 @@ def quality(x_in, emb, y):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", nargs="+", default=["synthetic", "flowers"])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
 
