@@ -91,8 +91,8 @@ def build_report_html(run_dir: Path) -> str:
 def _status_line(status: dict) -> str:
     if not status:
         return '<p class="muted">no status.json</p>'
-    fields = [("status", status.get("status")), ("created", status.get("created")),
-              ("started", status.get("started")), ("finished", status.get("finished")),
+    fields = [("status", status.get("status")), ("created", _when(status.get("created"))),
+              ("started", _when(status.get("started"))), ("finished", _when(status.get("finished"))),
               ("worker", status.get("worker"))]
     text = " · ".join(f"{_e(k)}: <b>{_e(v)}</b>" for k, v in fields if v not in (None, ""))
     out = f'<p class="muted">{text}</p>'
@@ -235,6 +235,15 @@ def _f(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     return f"{value:.4g}" if abs(value) < 1e-3 and value != 0 else f"{value:.4f}".rstrip("0").rstrip(".")
+
+
+def _when(value: Any) -> Any:
+    """status.json stores times as Unix seconds: show them as local date and time."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1e9:
+        from datetime import datetime
+
+        return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+    return value
 
 
 def _e(value: Any) -> str:
