@@ -47,8 +47,8 @@ class GradCAM:
     first is what made the original system's CAM a flat tint).
 
     Why not the `grad-cam` package: for one method on ResNets it is ~40 lines here, while the package would add
-    opencv-python (and ttach, scikit-image-style extras) to the core install, and computes the same formula; the
-    location test in tests/test_explain.py checks this implementation against known object positions.
+    opencv-python and ttach to the core install, and computes the same formula. tests/test_explain.py checks
+    this implementation against the formula written out by hand and against known object positions.
     """
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
@@ -78,8 +78,8 @@ class GradCAM:
         captured: dict[str, torch.Tensor] = {}
 
         def hook(module, inp, out):
-            # Detach and re-attach: the gradient we need stops at this layer, so no graph through earlier layers is
-            # built and frozen (requires_grad=False) backbones still work.
+            # Detach and re-attach: the gradient we need stops at this layer, so backward never walks the earlier
+            # layers, and frozen (requires_grad=False) backbones still work.
             out = out.detach().requires_grad_(True)
             captured["acts"] = out
             return out
