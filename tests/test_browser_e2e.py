@@ -143,6 +143,9 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         _toggle_row(page, third, selected=True)
         page.click("#cancel-btn")
         b.wait_text(page, "#runs-message", "Cancel requested for 1 run")
+        # it will never finish an epoch: the note says so rather than "Waiting for the first epoch to finish…"
+        note = b.wait_text(page, "#curves-note", "was cancelled before")
+        assert "Waiting" not in note and third.rsplit("-", 1)[1] in note, note
         shots.take("runs-third-cancelled")
         _toggle_row(page, third, selected=False)
 

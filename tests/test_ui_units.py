@@ -97,6 +97,35 @@ def test_run_row_and_summary():
     assert fmt.run_row(live, now=1060.0)[1] == "■ cancelling"
 
 
+def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
+    """A run cancelled before it started showed "Waiting for the first epoch to finish…", which never happens."""
+    from types import SimpleNamespace
+
+    from ui.tabs import runs
+
+    cancelled = {**_record("cancelled"), "started": None, "error": "cancelled before it started"}
+    stopped = {**_record("cancelled"), "run_id": "20240101-120000-resnet18-def456",
+               "error": "cancelled while running, after 0 finished epoch(s) (their checkpoint is kept)"}
+    failed = {**_record("failed"), "run_id": "20240101-120000-resnet18-fed789",
+              "error": "RuntimeError: CUDA out of memory\nTraceback (most recent call last): ..."}
+    assert fmt.no_curves_reason(cancelled) == ("**abc123 resnet18 lr 1e-3 bs 32** was cancelled before it started, "
+                                               "so it has no curves.")
+    assert "cancelled before its first epoch finished" in fmt.no_curves_reason(stopped)
+    assert fmt.no_curves_reason(failed).endswith("failed before its first epoch: RuntimeError: CUDA out of memory")
+    assert fmt.no_curves_reason(_record("running")) is None and fmt.no_curves_reason(_record("queued")) is None
+
+    lab = SimpleNamespace(store=SimpleNamespace(root=tmp_path))  # no metrics.jsonl anywhere: no epochs
+    note, loss, _, _ = runs.curves(lab, [cancelled], [cancelled["run_id"]])
+    assert loss.empty and "cancelled before it started" in note and "Waiting" not in note
+    note, *_ = runs.curves(lab, [failed, _record("running")], [failed["run_id"], _record()["run_id"]])
+    assert note.startswith("Waiting for the first epoch") and "CUDA out of memory" in note
+    trained = {**_record("succeeded"), "run_id": "20240101-120000-resnet18-aaa111",
+               "progress": {"history": [{"epoch": 1, "val_loss": 1.0, "val_acc": 0.5}]}}
+    note, loss, _, _ = runs.curves(lab, [trained, cancelled], [trained["run_id"], cancelled["run_id"]])
+    assert note.startswith("Curves of the 2 selected runs.") and "cancelled before it started" in note
+    assert len(loss) == 1
+
+
 def test_run_label_is_short_and_distinct():
     a = fmt.run_label(_record())
     assert a == "abc123 resnet18 lr 1e-3 bs 32"

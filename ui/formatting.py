@@ -217,6 +217,28 @@ def run_summary(record: Mapping[str, Any], now: float | None = None) -> dict:
     }
 
 
+def first_line(text: Any, limit: int = 300) -> str:
+    """The first line of a (possibly multi-line) error, at most `limit` characters."""
+    text = str(text or "").strip()
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def no_curves_reason(record: Mapping[str, Any]) -> str | None:
+    """Why a finished run that recorded no epoch has no curves (Markdown); None while it may still get some."""
+    status, error = record.get("status"), str(record.get("error") or "")
+    name = f"**{md_escape(run_label(record))}**"
+    if status == "cancelled":
+        if "before it started" in error or not record.get("started"):
+            return f"{name} was cancelled before it started, so it has no curves."
+        return f"{name} was cancelled before its first epoch finished, so it has no curves."
+    if status == "failed":
+        return f"{name} failed before its first epoch: {md_escape(first_line(error) or 'no error was recorded')}"
+    if status == "succeeded":
+        return f"{name} recorded no epochs."
+    return None
+
+
 def run_label(record_or_config: Mapping[str, Any]) -> str:
     """A short human label for a run in plot legends: '1a2b3c resnet18 lr 1e-3 bs 32' (id suffix first, so
     truncated legends still tell runs apart)."""

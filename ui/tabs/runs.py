@@ -120,8 +120,12 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     The signature's first two items (split, runs) name the plotted series: the plots' caption is made of them."""
     chosen = _curve_runs(records, selected)
     histories = {}
+    ended = []  # why finished runs without a single epoch will never have curves
     for record in chosen:
-        histories[fmt.curve_label(record)] = history_of(lab, record)
+        histories[fmt.curve_label(record)] = history = history_of(lab, record)
+        reason = None if history else fmt.no_curves_reason(record)
+        if reason:
+            ended.append(reason)
     sig = (split, tuple(histories)) + tuple((len(h), h[-1].get("epoch") if h else None) for h in histories.values())
     loss, acc = fmt.curves_frame(histories, split)
     which = {"val": " (validation)", "train": " (training)"}.get(split, "")
@@ -129,6 +133,8 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
         note = "No runs yet — queue some on the **Train** tab."
     elif not chosen:
         note = "No run has started yet; curves appear after the first epoch."
+    elif loss.empty and len(ended) == len(chosen):
+        note = ""  # none of them will ever have curves: the reasons below say why
     elif loss.empty:
         note = "Waiting for the first epoch to finish…"
     elif selected:
@@ -136,7 +142,7 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     else:
         note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''}{which} — select runs "
                 "above to compare others.")
-    return note, loss, acc, sig
+    return " ".join(part for part in (note, *ended) if part), loss, acc, sig
 
 
 def curves_caption(split: str, labels: tuple[str, ...]) -> str:
@@ -154,7 +160,7 @@ def detail_text(records: list[dict], selected: list[str], now: float) -> str:
         status = r.get("status")
         head = f"**{fmt.md_escape(fmt.run_label(r))}** — {fmt.STATUS_ICONS.get(status, status)}"
         if status == "failed" and r.get("error"):
-            lines.append(f"{head}: {fmt.md_escape(_first_line(r['error']))}")
+            lines.append(f"{head}: {fmt.md_escape(fmt.first_line(r['error']))}")
         elif status == "running":
             p = r.get("progress") or {}
             speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
@@ -168,11 +174,6 @@ def detail_text(records: list[dict], selected: list[str], now: float) -> str:
         else:
             lines.append(head)
     return "\n\n".join(lines)
-
-
-def _first_line(text: str, limit: int = 300) -> str:
-    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def banner_update(problem: str | None):
