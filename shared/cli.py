@@ -219,12 +219,12 @@ def _print_skipped(run_dir: Path, limit: int = 20) -> None:
 
 
 def _evaluate(run_dir: Path, split: str, data_dir: str | None) -> dict:
-    from .evaluation import evaluate_run
+    from .evaluation import eval_dir_for, evaluate_run
 
     print("[evaluating]", file=sys.stderr)
     result = evaluate_run(run_dir, split=split, data_dir=data_dir)
     print(f"{split if not data_dir else data_dir}: accuracy {result['accuracy']:.3f} on {result['n']} images; "
-          f"figures in {run_dir / 'eval'}", file=sys.stderr)
+          f"figures in {eval_dir_for(run_dir, split, data_dir)}", file=sys.stderr)
     return result
 
 
