@@ -262,6 +262,20 @@ def loaded_images(page, selector: str) -> list[dict]:
     return [i for i in images(page, selector) if i["complete"] and i["width"] > 0]
 
 
+def clipped_images(page, selector: str) -> list[dict]:
+    """<img>s under `selector` that an ancestor with hidden/scrolling overflow cuts (src, and by how many px)."""
+    return page.evaluate(
+        """sel => Array.from(document.querySelectorAll(sel + ' img')).flatMap(img => {
+               const r = img.getBoundingClientRect(), out = [];
+               for (let el = img.parentElement; el && el !== document.body; el = el.parentElement) {
+                   if (getComputedStyle(el).overflowY === 'visible') continue;
+                   const c = el.getBoundingClientRect();
+                   const top = c.top - r.top, bottom = r.bottom - c.bottom;
+                   if (top > 1 || bottom > 1) { out.push({src: img.currentSrc, top, bottom}); break; }
+               }
+               return out; })""", selector)
+
+
 def broken_images(page, selector: str) -> list[str]:
     return [i["src"] for i in images(page, selector) if i["complete"] and i["width"] == 0]
 

@@ -209,6 +209,8 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         page.locator("#cam-gallery").scroll_into_view_if_needed()
         b.wait_until(lambda: b.loaded_images(page, "#cam-gallery"), 20, "a Grad-CAM image to load", page=page,
                      describe=lambda: b.images(page, "#cam-gallery"))
+        clipped = b.clipped_images(page, "#cam-gallery") + b.clipped_images(page, "#toploss-gallery")
+        assert not clipped, f"gallery figures cut by their box: {clipped}"
         broken = b.broken_images(page, "#tab-results")
         assert not broken, f"broken images on Results: {broken}"
         shots.take("results")

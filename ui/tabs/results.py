@@ -108,10 +108,11 @@ def build(lab) -> ResultsUI:
                                   tooltip=["true class", "predicted", "correct"], height=320, elem_id="tsne",
                                   x_axis_labels_visible="hidden", x_title=" ", y_title=" ")
         with gr.Row():
-            # the evaluation writes one grid figure per kind; one column shows each whole (click to enlarge)
-            cams = gr.Gallery(label="Grad-CAM: where the model looked (test images)", columns=1, height=520,
+            # the evaluation writes one grid figure per kind; one column shows each whole (click to enlarge). The
+            # height grows with it: a fixed height scrolled a tall grid and cut it at the top and bottom
+            cams = gr.Gallery(label="Grad-CAM: where the model looked (test images)", columns=1, height="fit-content",
                               elem_id="cam-gallery", object_fit="contain")
-            top_losses = gr.Gallery(label="Hardest test images (highest loss first)", columns=1, height=520,
+            top_losses = gr.Gallery(label="Hardest test images (highest loss first)", columns=1, height="fit-content",
                                     elem_id="toploss-gallery", object_fit="contain")
         with gr.Accordion("Layer activations for an image", open=False, elem_id="activations-panel"):
             gr.Markdown("Pick a test image (or drop your own) to see the strongest feature maps of each stage, from "
