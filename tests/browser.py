@@ -244,6 +244,17 @@ def vega_axis_labels(page, selector: str, axis: str = "X") -> list[str]:
         [selector, axis])
 
 
+def vega_legend_cut(page, selector: str) -> list[str]:
+    """Legend labels of a Vega plot that are not shown whole: shortened with '…' or reaching past the plot's edge."""
+    return page.evaluate(
+        """sel => { const svg = document.querySelector(`${sel} svg`); if (!svg) return [];
+               const box = svg.getBoundingClientRect();
+               return Array.from(svg.querySelectorAll('.role-legend-label text'))
+                   .filter(t => t.textContent.includes('…') || t.getBoundingClientRect().right > box.right + 1
+                                || t.getBoundingClientRect().left < box.left - 1)
+                   .map(t => t.textContent); }""", selector)
+
+
 def vega_bar_heights(page, selector: str) -> list[float]:
     """Heights in pixels of the bars of a Gradio BarPlot (a bar of height 0 is drawn but invisible)."""
     return page.evaluate(

@@ -204,6 +204,11 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         assert all(name in confusion.inner_text() for name in CLASSES), confusion.inner_text()
         assert confusion.locator("tbody tr").count() == 3
         b.wait_until(lambda: b.vega_marks(page, "#roc", "line") >= 1, 20, "ROC curves drawn", page=page)
+        for plot in ("#roc", "#pr"):  # every curve named in full, the averages included
+            legend = b.vega_legend(page, plot)
+            assert any(label.startswith("micro avg") for label in legend), legend
+            assert not b.vega_legend_cut(page, plot), f"legend labels cut: {b.vega_legend_cut(page, plot)} of {legend}"
+        assert any(label.startswith("macro avg") for label in b.vega_legend(page, "#roc")), b.vega_legend(page, "#roc")
         b.wait_until(lambda: b.vega_marks(page, "#tsne", "symbol") >= 3, 20, "t-SNE points drawn", page=page,
                      describe=lambda: f"{b.vega_marks(page, '#tsne', 'symbol')} points")
         page.locator("#cam-gallery").scroll_into_view_if_needed()

@@ -157,7 +157,8 @@ def test_epochs_are_categories_until_the_numeric_axis_steps_by_whole_epochs():
     loss, acc = fmt.epochs_as_categories(*fmt.curves_frame({"A": history}, "val"))
     assert list(loss["epoch"]) == list(acc["epoch"]) == ["1", "2", "10"]
     assert list(loss["value"]) == [1.0, 0.5, 0.1]
-    assert fmt.EPOCH_ORDER[:3] == ["1", "2", "3"] and fmt.EPOCH_ORDER[-1] == str(fmt.CATEGORICAL_EPOCHS)  # "10" after "9"
+    # the plots sort by EPOCH_ORDER: "10" after "9"
+    assert fmt.EPOCH_ORDER[:3] == ["1", "2", "3"] and fmt.EPOCH_ORDER[-1] == str(fmt.CATEGORICAL_EPOCHS)
     long = [{"epoch": e, "val_loss": 1.0} for e in range(1, fmt.CATEGORICAL_EPOCHS + 2)]
     loss, _ = fmt.epochs_as_categories(*fmt.curves_frame({"A": long, "B": history}, "val"))
     assert loss["epoch"].tolist()[:3] == [1, 2, 3]  # numbers: that axis steps by whole epochs by itself
@@ -197,9 +198,12 @@ def test_per_class_roc_tsne_frames():
                                         "dog": {"precision": 0.5, "recall": 0.6, "support": 12}})
     assert headers == ["class", "precision", "recall", "support"]
     assert rows[0] == ["cat", 0.9123, 0.8, 10]
-    roc = fmt.roc_frames({"per_class": {"cat": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auc": 0.9}},
-                          "micro": {"fpr": [0, 1], "tpr": [0, 1]}}, "fpr", "tpr")
-    assert set(roc["curve"]) == {"cat (AUC 0.900)", "micro"}
+    roc = fmt.roc_frames({"per_class": {"cat": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auc": 0.9},
+                                        "dog": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}},
+                          "micro": {"fpr": [0, 1], "tpr": [0, 1]},
+                          "macro": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.7}}, "fpr", "tpr")
+    # short labels, averages first: a legend Vega cannot wrap loses its last entries ("macro (AUC …)" did)
+    assert list(dict.fromkeys(roc["curve"])) == ["micro avg", "macro avg 0.700", "cat 0.900", "dog 0.500"]
     assert fmt.roc_frames({}, "fpr", "tpr").empty
     tsne = fmt.tsne_frame({"x": [0.0, 1.0], "y": [1.0, 0.0], "label": [0, 1], "pred": [0, 0]}, ["cat", "dog"])
     assert list(tsne["true class"]) == ["cat", "dog"] and list(tsne["correct"]) == ["yes", "no"]

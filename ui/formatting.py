@@ -492,19 +492,28 @@ def calibration_frame(section: Any):
     return pd.DataFrame(rows, columns=columns)
 
 
+AVERAGE_CURVES = {"micro": "micro avg", "macro": "macro avg"}  # eval.json's names → legend names
+
+
 def roc_frames(section: Any, x_key: str, y_key: str, max_points: int = 400):
     """Long-form frame (x, y, curve) from an eval.json ROC/PR section keyed by class (or 'micro'/'macro').
 
     Accepted shapes: {name: {x_key: [...], y_key: [...], 'auc'?: float}} or
     {'per_class': {...}, 'micro': {...}}, or a list of {'class'|'name', x_key, y_key}.
+
+    Legend labels are short — "circle 0.987", "micro avg 0.986" — and the averages come first: Vega cannot wrap a
+    legend below the plot, so whatever does not fit is cut at the right edge ("macro (AUC …)" was, with three
+    classes); the plot titles say the number is the AUC / AP.
     """
     import pandas as pd
 
     curves = _curve_items(section, x_key, y_key)
+    curves.sort(key=lambda item: item[0] not in AVERAGE_CURVES)  # stable: classes keep their order
     rows = []
     for name, xs, ys, area in curves:
         step = max(1, len(xs) // max_points)
-        label = f"{name} (AUC {area:.3f})" if isinstance(area, (int, float)) else str(name)
+        name = AVERAGE_CURVES.get(name, name)
+        label = f"{name} {area:.3f}" if isinstance(area, (int, float)) else str(name)
         for x, y in list(zip(xs, ys))[::step] + ([(xs[-1], ys[-1])] if len(xs) % step else []):
             rows.append({"x": float(x), "y": float(y), "curve": label})
     return pd.DataFrame(rows, columns=["x", "y", "curve"])

@@ -95,11 +95,12 @@ def build(lab) -> ResultsUI:
                                           elem_id="confusion-mode")
                 confusion = gr.HTML(elem_id="confusion")
         with gr.Row():
-            roc = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="ROC (one class vs rest)",
+            roc = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="ROC, one class vs rest (AUC in legend)",
                               x_title="false positive rate", y_title="true positive rate", height=320,
                               elem_id="roc", x_lim=[0, 1], y_lim=[0, 1])
-            pr = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="Precision–recall", x_title="recall",
-                             y_title="precision", height=320, elem_id="pr", x_lim=[0, 1], y_lim=[0, 1])
+            pr = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="Precision–recall (AP in legend)",
+                             x_title="recall", y_title="precision", height=320, elem_id="pr", x_lim=[0, 1],
+                             y_lim=[0, 1])
         with gr.Row():
             calibration = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="Calibration (reliability)",
                                       x_title="confidence", y_title="accuracy", height=320, elem_id="calibration",
