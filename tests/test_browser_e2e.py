@@ -203,6 +203,11 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         confusion.wait_for()
         assert all(name in confusion.inner_text() for name in CLASSES), confusion.inner_text()
         assert confusion.locator("tbody tr").count() == 3
+        # no blank cells in the per-class table: an undefined score is a dash, and the note under it says why
+        per_class = b.table_rows(page, "#per-class")
+        assert len(per_class) == 3 and all(cell for row in per_class for cell in row), per_class
+        if any(row[1] == "—" for row in per_class):  # a class the tiny model never predicted
+            assert "never predicted" in b.md_text(page, "#per-class-note"), b.md_text(page, "#per-class-note")
         b.wait_until(lambda: b.vega_marks(page, "#roc", "line") >= 1, 20, "ROC curves drawn", page=page)
         for plot in ("#roc", "#pr"):  # every curve named in full, the averages included
             legend = b.vega_legend(page, plot)

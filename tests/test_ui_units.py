@@ -198,6 +198,20 @@ def test_per_class_roc_tsne_frames():
                                         "dog": {"precision": 0.5, "recall": 0.6, "support": 12}})
     assert headers == ["class", "precision", "recall", "support"]
     assert rows[0] == ["cat", 0.9123, 0.8, 10]
+    assert fmt.per_class_note({"cat": {"precision": 0.9}}) == ""
+
+
+def test_undefined_per_class_scores_show_a_dash_and_say_why():
+    """eval.json has null for the precision of a class never predicted (and the recall of a class with no test
+    images); the table showed a blank cell. Now a dash, and a note that matches the macro average's zero_division=0."""
+    per_class = [{"class": "circle", "precision": 0.3333, "recall": 1.0, "support": 2},
+                 {"class": "square", "precision": None, "recall": 0.0, "support": 2},
+                 {"class": "stripe", "precision": None, "recall": None, "support": 0}]
+    headers, rows = fmt.per_class_rows(per_class)
+    assert rows[1] == ["square", fmt.DASH, 0.0, 2] and rows[2] == ["stripe", fmt.DASH, fmt.DASH, 0]
+    note = fmt.per_class_note(per_class)
+    assert "precision: never predicted (square, stripe)" in note and "counts it as 0" in note
+    assert "recall: no test images of stripe" in note
     roc = fmt.roc_frames({"per_class": {"cat": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auc": 0.9},
                                         "dog": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}},
                           "micro": {"fpr": [0, 1], "tpr": [0, 1]},

@@ -415,9 +415,26 @@ def per_class_rows(per_class: Any) -> tuple[list[str], list[list[Any]]]:
         row = []
         for k in keys:
             v = item.get(k)
-            row.append(round(v, 4) if isinstance(v, float) else v)
+            # eval.json has null where a score is undefined (per_class_note says why); a blank cell looked missing
+            row.append(round(v, 4) if isinstance(v, float) else DASH if v is None and k != "class" else v)
         rows.append(row)
     return headers, rows
+
+
+def per_class_note(per_class: Any) -> str:
+    """What the dashes in the per-class table mean (Markdown; '' when there are none)."""
+    items = list(per_class.values()) if isinstance(per_class, Mapping) else list(per_class or [])
+    names = list(per_class) if isinstance(per_class, Mapping) else [i.get("class") for i in items]
+    never = [str(n) for n, i in zip(names, items) if isinstance(i, Mapping) and "precision" in i
+             and i["precision"] is None]
+    absent = [str(n) for n, i in zip(names, items) if isinstance(i, Mapping) and "recall" in i and i["recall"] is None]
+    notes = []
+    if never:
+        notes.append(f"{DASH} precision: never predicted ({md_escape(', '.join(never))}), so it is undefined; the "
+                     "macro average counts it as 0 (scikit-learn's zero_division=0).")
+    if absent:
+        notes.append(f"{DASH} recall: no test images of {md_escape(', '.join(absent))}.")
+    return "  \n".join(notes)
 
 
 def confusion_html(matrix: Sequence[Sequence[float]], classes: Sequence[str], normalized: bool) -> str:

@@ -45,6 +45,7 @@ class ResultsUI:
     metrics: gr.Markdown
     body: gr.Column
     per_class: gr.Dataframe
+    per_class_note: gr.Markdown
     confusion_mode: gr.Radio
     confusion: gr.HTML
     roc: gr.LinePlot
@@ -89,6 +90,7 @@ def build(lab) -> ResultsUI:
             with gr.Column(scale=2):
                 per_class = gr.Dataframe(interactive=False, label="Per class", elem_id="per-class",
                                          max_height=380)
+                per_class_note = gr.Markdown(elem_id="per-class-note", elem_classes="help")
             with gr.Column(scale=3):
                 confusion_mode = gr.Radio([("Counts", "counts"), ("Normalised by true class", "normalized")],
                                           value="counts", label="Confusion matrix (rows: true class)",
@@ -126,9 +128,9 @@ def build(lab) -> ResultsUI:
                 activations = gr.Image(label="Strongest 8 feature maps per stage (brighter = stronger)",
                                        interactive=False, height=440, elem_id="activations", scale=3, format="png")
     state = gr.State({})
-    return ResultsUI(run, refresh_btn, evaluate_btn, metrics, body, per_class, confusion_mode, confusion, roc, pr,
-                     calibration, tsne, cams, top_losses, act_pick, act_image, activations, report_btn, report_file,
-                     checkpoint_file, state)
+    return ResultsUI(run, refresh_btn, evaluate_btn, metrics, body, per_class, per_class_note, confusion_mode,
+                     confusion, roc, pr, calibration, tsne, cams, top_losses, act_pick, act_image, activations,
+                     report_btn, report_file, checkpoint_file, state)
 
 
 # --- reading eval.json --------------------------------------------------------------------------------------
@@ -231,10 +233,10 @@ PLOT_KINDS = [gr.LinePlot, gr.LinePlot, gr.LinePlot, gr.ScatterPlot]
 
 
 def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
-    """All outputs for one run (14): metrics, body, per-class, confusion, roc, pr, calibration, tsne, galleries,
-    test-image choices, checkpoint and report downloads, state (with the plots' captions parked)."""
+    """All outputs for one run (15): metrics, body, per-class table and its note, confusion, roc, pr, calibration,
+    tsne, galleries, test-image choices, checkpoint and report downloads, state (with the plots' captions parked)."""
     state = {**(state or {}), "run_id": run_id}
-    hidden = (gr.Column(visible=False), None, "", EMPTY_CURVE, EMPTY_CURVE, EMPTY_CURVE, EMPTY_TSNE, [], [],
+    hidden = (gr.Column(visible=False), None, "", "", EMPTY_CURVE, EMPTY_CURVE, EMPTY_CURVE, EMPTY_TSNE, [], [],
               gr.Dropdown(choices=[], value=None), gr.DownloadButton(visible=False), gr.DownloadButton(visible=False),
               state)
     if not run_id:
@@ -247,7 +249,7 @@ def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
     if report is None:
         text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
                 "one.")
-        return (text,) + hidden[:10] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
+        return (text,) + hidden[:11] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
     classes = _classes(report, run_dir)
     headers, rows = fmt.per_class_rows(report.get("per_class"))
     per_class = pd.DataFrame(rows, columns=headers) if rows else None
@@ -266,8 +268,9 @@ def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
     park_plot_props(state, "calibration", caption=f"run {suffix}: points on the diagonal are calibrated; below it, "
                                                   "over-confident")
     park_plot_props(state, "tsne", caption=f"run {suffix}: {n} test images; hover a point for its predicted class")
-    return (fmt.metrics_markdown(report), gr.Column(visible=True), per_class, confusion, roc, pr, calibration, tsne,
-            cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"), state)
+    note = fmt.per_class_note(report.get("per_class"))
+    return (fmt.metrics_markdown(report), gr.Column(visible=True), per_class, note, confusion, roc, pr, calibration,
+            tsne, cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"), state)
 
 
 def switch_confusion(lab, run_id: str | None, mode: str) -> str:
@@ -379,8 +382,8 @@ def pick_test_image(lab, run_id: str | None, rel: str | None):
 
 
 def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
-    outputs = [ui.metrics, ui.body, ui.per_class, ui.confusion, ui.roc, ui.pr, ui.calibration, ui.tsne, ui.cams,
-               ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file, ui.state]
+    outputs = [ui.metrics, ui.body, ui.per_class, ui.per_class_note, ui.confusion, ui.roc, ui.pr, ui.calibration,
+               ui.tsne, ui.cams, ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file, ui.state]
     show = dict(fn=partial(show_run, lab), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
                 api_visibility="private")
     # the plots' captions after their data (see ui/tabs/__init__.py: why it takes two steps)
