@@ -116,7 +116,17 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         b.open_tab(page, "train")
         b.wait_text(page, "#train-dataset", "shapes")
         _set_checkboxes(page, "#models", {"resnet18"})
+        page.click("#weights label:has-text('ImageNet')")
+        head_only = page.locator("#finetune label", has_text="head only").locator("input")
+        b.wait_until(head_only.is_enabled, 10, "Fine-tuning to open with pretrained weights", page=page)
+        head_only.check()
         page.click("#weights label:has-text('None (train from scratch)')")
+        # from scratch only full fine-tuning exists: chosen for the user, greyed out, and the form says why
+        b.wait_text(page, "#finetune", "no pretrained layers to freeze")
+        finetune = page.locator("#finetune input[type=radio]")
+        assert page.locator("#finetune label", has_text="Fine-tune the whole").locator("input").is_checked()
+        assert all(finetune.nth(i).is_disabled() for i in range(finetune.count()))
+        assert float(page.locator("#finetune label").first.evaluate("l => getComputedStyle(l).opacity")) < 0.8
         _set_checkboxes(page, "#lrs", {"1e-3", "3e-3"})
         _set_checkboxes(page, "#batch-sizes", {"16"})
         page.fill("#epochs input[type=number]", "2")

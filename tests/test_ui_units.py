@@ -256,6 +256,16 @@ def test_predict_model_line_names_the_run_that_answered():
     assert "with **bbbbbb resnet18" in info and state["info"] == info
 
 
+def test_finetune_is_full_greyed_out_and_says_why_when_training_from_scratch():
+    from ui.tabs import train
+
+    radio, _ = train.on_weights(["resnet18"], "none")
+    assert radio.value == "full" and radio.interactive is False and "no pretrained layers" in radio.info
+    radio, _ = train.on_weights(["resnet18"], "DEFAULT")
+    assert radio.interactive is True and not radio.info  # the user's choice is kept (no value sent)
+    assert "value" not in train.finetune_state("DEFAULT")
+
+
 # --- path confinement -----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -43,6 +43,8 @@ table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--
    set only to make Gradio rebuild the legend (ui/tabs/__init__.py), the titles and notes say the same */
 #curves-loss .caption, #curves-acc .caption, #roc .caption, #pr .caption, #calibration .caption, #tsne .caption,
 #class-counts .caption { display: none; }
+/* a disabled choice (Fine-tuning while training from scratch) must not look selected and active */
+#finetune label:has(input:disabled) { opacity: 0.55; filter: grayscale(1); cursor: not-allowed; }
 #runs-table table { font-size: 0.86em; }
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }

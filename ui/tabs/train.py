@@ -31,6 +31,8 @@ IMAGE_SIZES = [64, 96, 128, 160, 192, 224]
 MAX_RUNS_PER_SUBMIT = 48
 FINETUNE_CHOICES = [("Fine-tune the whole network", "full"), ("Train the new head only (fastest)", "head"),
                     ("Head first, then the whole network", "probe_then_unfreeze")]
+# Shown under Fine-tuning while weights are "None": the head-only choices freeze pretrained layers, and there are none.
+FINETUNE_SCRATCH_INFO = "From scratch only the whole network can be trained: there are no pretrained layers to freeze."
 WEIGHTS_CHOICES = [("ImageNet (pretrained)", "DEFAULT"), ("None (train from scratch)", "none")]
 OPTIMIZER_LABELS = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD (Nesterov)"}
 SCHEDULER_LABELS = {"cosine": "Cosine decay", "onecycle": "One-cycle", "plateau": "Reduce on plateau",
@@ -115,8 +117,8 @@ def build(lab) -> TrainUI:
                                            elem_id="models")
             f["weights"] = gr.Radio(WEIGHTS_CHOICES, value=weights, label="Pretrained weights", elem_id="weights")
             ui.weights_note = gr.Markdown(weights_note(["resnet18"], weights), elem_id="weights-note")
-            f["finetune"] = gr.Radio(FINETUNE_CHOICES, value="full", label="Fine-tuning",
-                                     interactive=weights != "none", elem_id="finetune")
+            f["finetune"] = gr.Radio(FINETUNE_CHOICES, label="Fine-tuning", elem_id="finetune",
+                                     **{"value": "full", **finetune_state(weights)})
         with gr.Column():
             f["lrs"] = gr.CheckboxGroup(LR_CHOICES, value=[1e-3], label="Learning rates",
                                         info="Tick several to compare them.", elem_id="lrs")
@@ -301,10 +303,16 @@ def dataset_text(lab, data_dir: str | None) -> str:
     return f"Training data: **{fmt.md_escape(path.name)}** ({fmt.md_code(path)}) — change it on the Data tab."
 
 
+def finetune_state(weights: str) -> dict[str, Any]:
+    """Fine-tuning's props for a weights choice: from scratch it is fixed to "full", greyed out (app.CSS), and says
+    why; with pretrained weights every choice is open."""
+    if weights == "none":
+        return {"value": "full", "interactive": False, "info": FINETUNE_SCRATCH_INFO}
+    return {"interactive": True, "info": ""}
+
+
 def on_weights(models, weights):
-    pretrained = weights != "none"
-    finetune = gr.Radio(interactive=pretrained) if pretrained else gr.Radio(value="full", interactive=False)
-    return finetune, weights_note(models, weights)
+    return gr.Radio(**finetune_state(weights)), weights_note(models, weights)
 
 
 def wire(lab, ui: TrainUI, *, data_dir: gr.Dropdown, tab: gr.Tab) -> None:
