@@ -287,6 +287,24 @@ def clipped_images(page, selector: str) -> list[dict]:
                return out; })""", selector)
 
 
+def covered_images(page, selector: str) -> list[dict]:
+    """<img>s under `selector` whose drawn picture (object-fit: contain, so maybe inset in its box) lies partly under
+    the component's floating label (Gradio's block-label); src and the overlap in px."""
+    return page.evaluate(
+        """sel => { const label = document.querySelector(sel + ' [data-testid=block-label]'); if (!label) return [];
+               const l = label.getBoundingClientRect();
+               return Array.from(document.querySelectorAll(sel + ' img')).flatMap(img => {
+                   const r = img.getBoundingClientRect();
+                   if (!img.naturalWidth || !img.naturalHeight) return [];
+                   const scale = Math.min(r.width / img.naturalWidth, r.height / img.naturalHeight);
+                   const w = img.naturalWidth * scale, h = img.naturalHeight * scale;
+                   const left = r.left + (r.width - w) / 2, top = r.top + (r.height - h) / 2;
+                   const dx = Math.min(l.right, left + w) - Math.max(l.left, left);
+                   const dy = Math.min(l.bottom, top + h) - Math.max(l.top, top);
+                   return dx > 1 && dy > 1 ? [{src: img.currentSrc, overlap: [Math.round(dx), Math.round(dy)]}] : [];
+               }); }""", selector)
+
+
 def broken_images(page, selector: str) -> list[str]:
     return [i["src"] for i in images(page, selector) if i["complete"] and i["width"] == 0]
 

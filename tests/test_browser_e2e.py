@@ -229,8 +229,10 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         page.locator("#cam-gallery").scroll_into_view_if_needed()
         b.wait_until(lambda: b.loaded_images(page, "#cam-gallery"), 20, "a Grad-CAM image to load", page=page,
                      describe=lambda: b.images(page, "#cam-gallery"))
-        clipped = b.clipped_images(page, "#cam-gallery") + b.clipped_images(page, "#toploss-gallery")
-        assert not clipped, f"gallery figures cut by their box: {clipped}"
+        for gallery in ("#cam-gallery", "#toploss-gallery"):  # each figure whole: not cut, not under the label
+            assert not b.clipped_images(page, gallery), f"{gallery} figure cut: {b.clipped_images(page, gallery)}"
+            assert not b.covered_images(page, gallery), f"{gallery} figure under its label: " \
+                                                        f"{b.covered_images(page, gallery)}"
         broken = b.broken_images(page, "#tab-results")
         assert not broken, f"broken images on Results: {broken}"
         shots.take("results")

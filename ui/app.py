@@ -43,6 +43,9 @@ table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--
    set only to make Gradio rebuild the legend (ui/tabs/__init__.py), the titles and notes say the same */
 #curves-loss .caption, #curves-acc .caption, #roc .caption, #pr .caption, #calibration .caption, #tsne .caption,
 #class-counts .caption { display: none; }
+/* the Results galleries grow with their figure; Gradio marks a labelled grid pt-6 for room under the floating
+   label but ships no rule for it, so a tall figure's top row sat under the label */
+#cam-gallery .pt-6, #toploss-gallery .pt-6 { padding-top: 2.4rem; }
 /* a disabled choice (Fine-tuning while training from scratch) must not look selected and active */
 #finetune label:has(input:disabled) { opacity: 0.55; filter: grayscale(1); cursor: not-allowed; }
 #runs-table table { font-size: 0.86em; }
