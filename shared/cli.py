@@ -182,7 +182,10 @@ def cmd_train(args, settings: Settings) -> int:
         run_id = args.resume
         config = store.config(run_id)
     else:
+        from .datasets import scan_dataset
+
         config = _train_config(args)
+        scan_dataset(config.data_dir)  # a mistyped folder is refused before a run folder is made for it
         run_id = store.create(config)
     run_dir = store.path(run_id)
     print(f"run {run_id} in {run_dir}", file=sys.stderr)
