@@ -120,7 +120,12 @@ def counts_plot(counts: dict[str, int]):
 def preview(lab, path: str | None):
     """Quick look when a folder is picked: class counts from file names and a few thumbnails (no full decode)."""
     if not path:
-        return ("Pick a dataset folder to see its classes.", None, "", "", [])
+        if dataset_choices(lab):
+            return ("Pick a dataset folder to see its classes.", None, "", "", [])
+        roots = ", ".join(fmt.md_code(str(r)) for r in lab.settings.data_roots)
+        return (f"No dataset found yet in the data folders ({roots}). Put a folder with one sub-folder of images "
+                "per class there and press **Refresh list**, upload a .zip of class folders, or download the "
+                "flowers sample set.", None, "", "", [])
     from shared.datasets import DatasetError, scan_dataset
 
     root = _confine(lab, path)
