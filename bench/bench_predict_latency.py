@@ -10,7 +10,7 @@ script would, alternating the two kinds of call, after a few warm-up calls:
 
 Each call uploads the photo (gradio_client's handle_file) and waits for the answer: the latency a client sees.
 For where the time goes, the same model is also timed in this process without HTTP (`Predictor.predict` and
-`Predictor.explain`). p50/p95 (nearest rank) over `--calls` calls each. Targets: p95 <= 100 ms (top-5) and
+`Predictor.explain`), and `/run_status` (no upload, no model) gives the floor of one API call. p50/p95 (nearest rank) over `--calls` calls each. Targets: p95 <= 100 ms (top-5) and
 <= 250 ms (top-5 + CAM).
 
 Run (full):  .venv/bin/python bench/bench_predict_latency.py --json bench/results/predict_latency.json
@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
             calls = {
                 "top5_http": lambda p: client.predict([handle_file(str(p))], "latest", api_name="/predict_many"),
                 "top5_cam_http": lambda p: client.predict(handle_file(str(p)), "latest", api_name="/predict"),
+                "floor_http": lambda p: client.predict(api_name="/run_status"),  # no model, no upload
                 "top5_local": lambda p: local.predict(p),
                 "top5_cam_local": lambda p: local.explain(p),
             }

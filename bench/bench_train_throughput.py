@@ -13,7 +13,10 @@ grad-norm clip 1.0 — the engine's defaults), measured in one process and inter
 
 Each side's figure is images/s over N batches of a fresh epoch, timed from creating the epoch's batch iterator
 (so a loader's start-up cost counts, as it does in a real epoch) to the end of the N-th step; the median over
-the rounds is reported, with the steady rate that leaves out the first batch. One-time costs (dataset check
+the rounds is reported, with the steady rate that leaves out the first batch, and images per CPU-second (all
+threads and loader processes: a measure of work per image that preemption by other users does not distort).
+Rounds are short for the in-process sides (6 batches) and longer for plain (20 batches, since its loader
+processes start with every epoch). One-time costs (dataset check
 and split, decoded-cache build) are reported separately. Target: engine >= 90% of bare at every size.
 
 Run (full):  .venv/bin/python bench/bench_train_throughput.py --json bench/results/train_throughput.json
@@ -23,6 +26,7 @@ Run (full):  .venv/bin/python bench/bench_train_throughput.py --json bench/resul
 from __future__ import annotations
 
 import itertools
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -86,14 +90,30 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its finished children (DataLoader workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 class Timed:
-    """One measured segment: its start, the end of its first batch and of its last one (GPU work finished)."""
+    """One measured segment: its start, the end of its first batch and of its last one (GPU work finished).
+
+    Also the CPU seconds the segment used (call `close()` once its loader's workers have exited): images per
+    CPU-second is a measure of work per image that a busy machine's preemption does not distort.
+    """
 
     def __init__(self, batch_size: int):
         self.batch_size = batch_size
         self.batches = 0
         self.first = self.end = float("nan")
+        self.cpu = float("nan")
+        self.cpu_start = cpu_seconds()
         self.start = time.perf_counter()
+
+    def close(self) -> "Timed":
+        self.cpu = cpu_seconds() - self.cpu_start
+        return self
 
     def tick(self, device=None, last: bool = False) -> None:
         """Call after each batch; syncs the GPU only after the first and the last batch."""
@@ -116,6 +136,10 @@ class Timed:
             return float("nan")
         return (self.batches - 1) * self.batch_size / (self.end - self.first)
 
+    def per_cpu(self) -> float:
+        """Images per CPU-second (all threads and loader processes)."""
+        return self.batches * self.batch_size / self.cpu
+
 
 def bare_side(size: int, batch: int, n: int, channels_last: bool, num_classes: int, device,
               amp_dtype=None) -> Callable[[], Timed]:
@@ -128,12 +152,12 @@ def bare_side(size: int, batch: int, n: int, channels_last: bool, num_classes: i
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, num_classes, (batch,), generator=g).to(device)
 
-    def measure() -> Timed:
+    def measure(count: int = n) -> Timed:
         timed = Timed(batch)
-        for i in range(n):
+        for i in range(count):
             step(inputs, labels)
-            timed.tick(device, last=i == n - 1)
-        return timed
+            timed.tick(device, last=i == count - 1)
+        return timed.close()
 
     return measure
 
@@ -159,17 +183,18 @@ def engine_side(splits: dict, size: int, batch: int, n: int, num_classes: int, d
         def batch(self, epoch, batch, num_batches, images_per_s):
             self.timed.tick(device, last=batch == num_batches)
 
-    def measure() -> Timed:
+    def measure(count: int = n) -> Timed:
         e = next(epoch)
         generator = epoch_generator(0, e)
         timed = Timed(batch)
         batches = iterate_batches(splits["train"], batch, device, shuffle=True, generator=generator,
                                   drop_last=len(splits["train"]) > batch)
-        train_one_epoch(model, itertools.islice(batches, n), transform, optimizer, scheduler, criterion, device,
-                        epoch=e, num_batches=min(n, len(splits["train"]) // batch or 1), reporter=Ticks(timed),
+        train_one_epoch(model, itertools.islice(batches, count), transform, optimizer, scheduler, criterion,
+                        device, epoch=e, num_batches=min(count, len(splits["train"]) // batch or 1),
+                        reporter=Ticks(timed),
                         generator=generator, scaler=scaler, amp_dtype=amp_dtype, grad_clip=1.0)
         batches.close()
-        return timed
+        return timed.close()
 
     return measure
 
@@ -195,22 +220,22 @@ def plain_side(data_dir: Path, size: int, batch: int, n: int, workers: int, crop
     generator = torch.Generator().manual_seed(2)
     n = min(n, len(dataset) // batch or 1)
 
-    def measure() -> Timed:
+    def measure(count: int = n) -> Timed:
         timed = Timed(batch)
         loader = DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
                             generator=generator, pin_memory=device.type == "cuda")
-        for i, (inputs, labels) in enumerate(itertools.islice(loader, n)):
+        for i, (inputs, labels) in enumerate(itertools.islice(loader, count)):
             step(inputs, labels)
-            timed.tick(device, last=i == n - 1)
-        del loader
-        return timed
+            timed.tick(device, last=i == count - 1)
+        del loader  # its workers exit here, so their CPU time is counted
+        return timed.close()
 
     return measure
 
 
-def warm(measure: Callable[[], Timed]) -> None:
-    """One untimed segment per side: oneDNN builds its kernels for a shape on first use."""
-    measure()
+def warm(measure: Callable[..., Timed]) -> None:
+    """A short untimed segment per side: oneDNN builds its kernels for a shape on first use."""
+    measure(3)
 
 
 def run_size(args, size: int, splits: dict, num_classes: int, device, amp_dtype) -> dict:
@@ -220,7 +245,8 @@ def run_size(args, size: int, splits: dict, num_classes: int, device, amp_dtype)
         "bare_nchw": lambda: bare_side(size, args.batch_size, n, False, num_classes, device, amp_dtype),
         "bare_fp32": lambda: bare_side(size, args.batch_size, n, False, num_classes, device, None),
         "engine": lambda: engine_side(splits, size, args.batch_size, n, num_classes, device, amp_dtype),
-        "plain": lambda: plain_side(args.data_dir, size, args.batch_size, n, args.workers, args.plain_crop, device),
+        "plain": lambda: plain_side(args.data_dir, size, args.batch_size, args.plain_batches, args.workers,
+                                    args.plain_crop, device),
     }
     sides = {name: makers[name]() for name in args.sides}
     for name in args.sides:
@@ -234,37 +260,46 @@ def run_size(args, size: int, splits: dict, num_classes: int, device, amp_dtype)
             timings[name].append(timed)
             loads.append(common.loadavg()[0])
             print(f"  {size}px round {len(timings[name])} {name:9s} {timed.rate():7.1f} img/s "
-                  f"(steady {timed.steady():7.1f})  load {loads[-1]:.2f}", flush=True)
+                  f"(steady {timed.steady():7.1f}, {timed.per_cpu():6.1f} img/cpu-s)  load {loads[-1]:.2f}",
+                  flush=True)
             return timed.rate()
         return once
 
     common.interleave({name: run(name) for name in args.sides}, args.rounds)
-    out = {"size": size, "batches_per_round": n, "rounds": args.rounds,
+    out = {"size": size, "batches_per_round": n, "plain_batches_per_round": args.plain_batches,
+           "rounds": args.rounds,
            "loadavg_during": [min(loads), common.median(loads), max(loads)]}
     for name, segs in timings.items():
         out[name] = {"images_per_s": common.median([t.rate() for t in segs]),
                      "steady_images_per_s": common.median([t.steady() for t in segs]),
+                     "images_per_cpu_s": common.median([t.per_cpu() for t in segs]),
                      "rounds": [round(t.rate(), 2) for t in segs]}
     return out
 
 
 def ratios(result: dict) -> dict:
-    def r(a: str, b: str) -> float:
+    def r(a: str, b: str, key: str = "images_per_s") -> float:
         if a in result and b in result:
-            return result[a]["images_per_s"] / result[b]["images_per_s"]
+            return result[a][key] / result[b][key]
         return float("nan")
 
     return {"engine_vs_bare": r("engine", "bare"), "engine_vs_plain": r("engine", "plain"),
             "plain_vs_bare": r("plain", "bare"), "channels_last_vs_nchw": r("bare", "bare_nchw"),
-            "bare_vs_bare_fp32": r("bare", "bare_fp32")}
+            "bare_vs_bare_fp32": r("bare", "bare_fp32"),
+            "engine_vs_bare_per_cpu": r("engine", "bare", "images_per_cpu_s")}
 
 
 def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=None, help="batches per side per round (default 20)")
-    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3)")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="batches per round for bare/engine (default 6: short rounds, many of them, so a burst "
+                             "of load on the shared machine hits few)")
+    parser.add_argument("--plain-batches", type=int, default=None,
+                        help="batches per round for plain (default 20: its 4 loader processes start every epoch, "
+                             "a cost a real epoch spreads over its batches)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 6)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the plain recipe")
     parser.add_argument("--plain-crop", choices=["resize", "rrc"], default="resize",
                         help="plain recipe's first transform: Resize((s, s)) squash or RandomResizedCrop(s)")
@@ -281,10 +316,12 @@ def main(argv=None) -> dict:
         args.sizes = [s for s in args.sizes if s <= 64] or [32]
         args.batch_size = min(args.batch_size, 4)
         args.batches = args.batches or 2
+        args.plain_batches = args.plain_batches or 2
         args.rounds = args.rounds or 1
         args.workers = min(args.workers, 1)
-    args.batches = args.batches or 20
-    args.rounds = args.rounds or 3
+    args.batches = args.batches or 6
+    args.plain_batches = args.plain_batches or 20
+    args.rounds = args.rounds or 6
 
     import torch
 
@@ -319,6 +356,7 @@ def main(argv=None) -> dict:
         for name in args.sides:
             rows.append({"size": res["size"], "side": name, "img/s (median)": res[name]["images_per_s"],
                          "steady img/s": res[name]["steady_images_per_s"],
+                         "img/cpu-s": res[name]["images_per_cpu_s"],
                          "rounds": " ".join(f"{x:.1f}" for x in res[name]["rounds"])})
     common.print_table(rows, title=f"Training throughput, ResNet18, batch {args.batch_size}, {device}"
                                    f"{', autocast ' + str(amp_dtype) if amp_dtype else ''}")
@@ -330,13 +368,15 @@ def main(argv=None) -> dict:
                         "target": f">= {TARGET_ENGINE_VS_BARE:.0%}", "verdict": common.verdict(ok, args.quick),
                         "engine/plain": f"{rr['engine_vs_plain']:.2f}x", "plain/bare": f"{rr['plain_vs_bare']:.1%}",
                         "channels_last/nchw": f"{rr['channels_last_vs_nchw']:.2f}x",
+                        "engine/bare per cpu-s": f"{rr['engine_vs_bare_per_cpu']:.1%}",
                         "load min/med/max": "/".join(f"{x:.1f}" for x in res["loadavg_during"])})
     common.print_table(summary, title="Ratios (medians of interleaved rounds)")
     print(f"\none-time: dataset check + split {split_seconds:.1f} s for {len(manifest['files'])} images; "
           + "; ".join(f"cache {s}px {'hit' if c['cache_hit'] else 'build'} {c['cache_seconds']:.1f} s"
                       for s, c in prep["cache"].items()))
     return common.finish(args, "train_throughput", {"settings": {
-        "sizes": args.sizes, "batch_size": args.batch_size, "batches": args.batches, "rounds": args.rounds,
+        "sizes": args.sizes, "batch_size": args.batch_size, "batches": args.batches,
+        "plain_batches": args.plain_batches, "rounds": args.rounds,
         "workers": args.workers, "plain_crop": args.plain_crop, "device": str(device), "amp": str(amp_dtype),
         "threads": torch.get_num_threads()}, "prep": prep, "results": results})
 
