@@ -126,7 +126,10 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
         finetune = page.locator("#finetune input[type=radio]")
         assert page.locator("#finetune label", has_text="Fine-tune the whole").locator("input").is_checked()
         assert all(finetune.nth(i).is_disabled() for i in range(finetune.count()))
-        assert float(page.locator("#finetune label").first.evaluate("l => getComputedStyle(l).opacity")) < 0.8
+        # Gradio animates the fade, so read it once the transition has settled rather than mid-way
+        b.wait_until(lambda: float(page.locator("#finetune label").first.evaluate(
+            "l => getComputedStyle(l).opacity")) < 0.8, 5, "the disabled fine-tuning choices to fade", page=page,
+            interval=0.2)
         _set_checkboxes(page, "#lrs", {"1e-3", "3e-3"})
         _set_checkboxes(page, "#batch-sizes", {"16"})
         page.fill("#epochs input[type=number]", "2")
