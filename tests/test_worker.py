@@ -20,6 +20,7 @@ from shared.registry import RunRegistry
 from shared.runs import FINISHED, RunStore
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
+from tests.procs import wait_for
 from ui.client import TRAIN_TASK, QueueClient
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,17 +50,6 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path, redis_url) -> Lab:
     return Lab(tmp_path, redis_url)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def wait_finished(lab: Lab, run_id: str, timeout: float = 120.0, worker=None) -> dict:
