@@ -88,7 +88,7 @@ def test_evaluation(tmp_path, images):
 @pytest.mark.slow
 def test_predict_latency(tmp_path, images):
     result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images))
-    for call in ("top5_http", "top5_cam_http", "top5_local", "top5_cam_local"):
+    for call in ("top5_client", "top5_cam_client", "top5_rest", "top5_cam_rest", "top5_local", "top5_cam_local"):
         assert result["results"][call]["p95_ms"] > 0
 
 
