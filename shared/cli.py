@@ -24,7 +24,7 @@ log = logging.getLogger("resnet_lab")
 TRAIN_HELP = {
     "data_dir": "dataset folder with one sub-folder per class (required)",
     "model": "architecture: resnet18, resnet34 or resnet50",
-    "weights": "IMAGENET1K_V1 (default), IMAGENET1K_V2 (resnet50), DEFAULT, none (from scratch) or a state-dict file",
+    "weights": "IMAGENET1K_V1, IMAGENET1K_V2 (resnet50), DEFAULT, none (from scratch) or a state-dict file",
     "finetune": "full, head (linear probe on cached features) or probe_then_unfreeze",
     "image_size": "square input size in pixels (128 is ~3x faster than 224 on CPU)",
     "augment": "none, light, standard or trivialaugment",
@@ -48,8 +48,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text or f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
-        parser.add_argument(flag, type=kind, default=None if f.name == "data_dir" else default,
-                            required=f.name == "data_dir", help=f"{help_text} (default {default})".strip())
+        required = default is dataclasses.MISSING
+        parser.add_argument(flag, type=kind, default=None if required else default, required=required,
+                            help=help_text if required else f"{help_text} (default {default})".strip())
 
 
 def _train_config(args: argparse.Namespace):

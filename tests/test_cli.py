@@ -108,3 +108,12 @@ def test_model_beats_chance_on_fresh_images(trained, tmp_path):
                               seed=1000 + seed)
             correct += predictor.predict(path, top_k=1)[0]["class"] == f"class_{label}"
     assert correct / 15 > 0.5
+
+
+def test_train_help_names_every_flag_with_its_real_default(tmp_path):
+    result = run_cli("train", "--help", models_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert "--data-dir DATA_DIR dataset folder with one sub-folder per class (required)" in text
+    assert "MISSING" not in text and "object at 0x" not in text
+    assert "(default resnet18)" in text and "(default 128)" in text
