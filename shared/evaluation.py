@@ -36,9 +36,6 @@ TSNE_MAX_POINTS = 5000
 TOP_LOSSES = 16
 CAM_ERRORS = 6
 CLASS_SAMPLES = 6
-# Photo grids are saved at a lower resolution: a 2.3-inch cell is then ~180 px for a 128-224 px input, and a PNG of
-# 30 photos stays near 1.5 MB instead of 3 MB (the report inlines every figure).
-PHOTO_DPI = 80
 
 
 # --- pure metrics ------------------------------------------------------------------------------------------------
@@ -525,8 +522,7 @@ def _cam_sample_figure(ctx, samples, y, pred, probs, paths) -> None:
     per_row = 2 * max(1, min(3, len(samples) // max(1, len(np.unique(y)))))
     ctx.save("cam_samples", plots.image_grid(
         images, titles, ncols=per_row,
-        suptitle="Grad-CAM (layer4) for the predicted class — true class on the left (✓ correct, ✗ wrong)"),
-        dpi=PHOTO_DPI)
+        suptitle="Grad-CAM (layer4) for the predicted class — true class on the left (✓ correct, ✗ wrong)"))
 
 
 def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
@@ -544,8 +540,7 @@ def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
                    f"CAM pred {_short(ctx.classes[pred[i]])} {probs[i, pred[i]]:.2f}",
                    f"CAM true {_short(ctx.classes[y[i]])} {probs[i, y[i]]:.2f}"]
     ctx.save("cam_errors", plots.image_grid(
-        images, titles, ncols=3, suptitle="Most confident errors: Grad-CAM for the predicted and the true class"),
-        dpi=PHOTO_DPI)
+        images, titles, ncols=3, suptitle="Most confident errors: Grad-CAM for the predicted and the true class"))
 
 
 def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:
@@ -556,7 +551,7 @@ def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:
     titles = [f"{'✓' if pred[i] == y[i] else '✗'} true {_short(ctx.classes[y[i]], 14)}\n"
               f"pred {_short(ctx.classes[pred[i]], 14)} {probs[i, pred[i]]:.2f}\nloss {losses[i]:.2f}" for i in order]
     ctx.save("top_losses", plots.image_grid(images, titles, ncols=min(4, len(images)),
-                                            suptitle="Top losses (highest cross-entropy first)"), dpi=PHOTO_DPI)
+                                            suptitle="Top losses (highest cross-entropy first)"))
 
 
 def _class_sample_figure(ctx, y, pred, paths, rng) -> None:
@@ -582,5 +577,4 @@ def _class_sample_figure(ctx, y, pred, paths, rng) -> None:
                 titles.append("")
     ctx.save("class_samples", plots.image_grid(
         images, titles, ncols=ncols,
-        suptitle="Samples per class as the model sees them (resized, centre-cropped; ✗ = misclassified as)"),
-        dpi=PHOTO_DPI)
+        suptitle="Samples per class as the model sees them (resized, centre-cropped; ✗ = misclassified as)"))

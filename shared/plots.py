@@ -10,9 +10,9 @@ categorical series use tab10 *and* a distinct marker or line style per series, s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -258,84 +258,159 @@ def plot_class_counts(counts: Mapping[str, Any], title: str = "Images per class"
 
 
 # --- images ------------------------------------------------------------------------------------------------------
+# Photo grids are drawn with PIL, not matplotlib: a grid of 40 photos is 40 Axes to lay out and render, about
+# 2 s per figure on a laptop CPU against a few tens of ms here, and the worker draws five of them after every run.
+
+GRID_PAD = 6
+
+
+@functools.lru_cache(maxsize=8)
+def _font(size: int):
+    """DejaVu Sans, the font of the matplotlib figures: it has ✓ ✗ and the letters of most class names."""
+    from matplotlib import font_manager
+    from PIL import ImageFont
+
+    return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
+
+
+def _fit_text(text: str, font, width: float) -> str:
+    """`text` shortened with an ellipsis until it is at most `width` pixels wide."""
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap_text(text: str, font, width: float) -> list[str]:
+    lines: list[str] = []
+    for words in (paragraph.split() for paragraph in text.splitlines()):
+        line = ""
+        for word in words:
+            candidate = f"{line} {word}".strip()
+            if line and font.getlength(candidate) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(_fit_text(line, font, width))
+    return lines
+
+
+def _as_pil(image, cell: int, resample):
+    """PIL RGB copy of `image` (PIL, HxW or HxWx3 array) scaled to fit a cell x cell square, aspect kept."""
+    from PIL import Image
+
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    pil = pil.convert("RGB")
+    scale = cell / max(pil.size)
+    size = (max(1, round(pil.width * scale)), max(1, round(pil.height * scale)))
+    return pil.resize(size, resample) if size != pil.size else pil
+
 
 def image_grid(images: Sequence[Any], titles: Sequence[str] | None = None, ncols: int = 4,
-               suptitle: str | None = None, cell: float = 2.3) -> Figure:
-    """Images (PIL, HxW or HxWx3 arrays; None = empty cell) in a grid with a title over each."""
+               suptitle: str | None = None, cell: int = 184, row_labels: Sequence[str] | None = None,
+               pixelated: bool = False):
+    """Images (PIL, HxW or HxWx3 uint8 arrays; None = empty cell) in a grid with a title over each: a PIL image.
+
+    Titles may have several lines; each line is shortened to its cell's width. `row_labels` go left of each row.
+    `pixelated` enlarges with nearest-neighbour (feature maps: each value stays one visible square).
+    """
+    from PIL import Image, ImageDraw
+
+    pad, font, head_font = GRID_PAD, _font(12), _font(15)
     n = max(len(images), 1)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    lines = max((t.count("\n") + 1 for t in titles or [] if t), default=1)
-    if suptitle:  # wrap to the figure's width (about 0.085 inch per character at 11 pt)
-        suptitle = textwrap.fill(suptitle, width=max(20, int(cell * ncols / 0.085)))
-    head = 0.25 * (suptitle.count("\n") + 1) + 0.15 if suptitle else 0
-    fig = _figure(cell * ncols, (cell + 0.18 * lines) * nrows + head)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
-    for i, ax in enumerate(axes):
-        ax.set_axis_off()
-        if i < len(images) and images[i] is not None:
-            arr = np.asarray(images[i])
-            ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
-            if titles and i < len(titles) and titles[i]:
-                ax.set_title(titles[i], fontsize=8.5)
+    line_h = 15
+    lines = max((t.count("\n") + 1 for t in titles or [] if t), default=0)
+    title_h = lines * line_h + (3 if lines else 0)
+    label_w = max((math.ceil(font.getlength(label)) for label in row_labels or []), default=0)
+    label_w += pad if label_w else 0
+    width = label_w + pad + ncols * (cell + pad)
+    head = _wrap_text(suptitle, head_font, width - 2 * pad) if suptitle else []
+    head_h = len(head) * 19 + pad if head else 0
+    canvas = Image.new("RGB", (width, head_h + pad + nrows * (title_h + cell + pad)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(head):
+        draw.text((width / 2, pad + i * 19), line, font=head_font, fill="black", anchor="ma")
+    resample = Image.NEAREST if pixelated else Image.BICUBIC
+    for i, image in enumerate(images):
+        row, col = divmod(i, ncols)
+        x0, y0 = label_w + pad + col * (cell + pad), head_h + pad + row * (title_h + cell + pad)
+        if image is None:
+            continue
+        pil = _as_pil(image, cell, resample)
+        canvas.paste(pil, (x0 + (cell - pil.width) // 2, y0 + title_h + (cell - pil.height) // 2))
+        title = titles[i] if titles and i < len(titles) else ""
+        for k, line in enumerate(title.splitlines() if title else []):
+            draw.text((x0 + cell / 2, y0 + k * line_h), _fit_text(line, font, cell), font=font, fill="black",
+                      anchor="ma")
+    for row, label in enumerate(row_labels or []):
+        draw.text((pad, head_h + pad + row * (title_h + cell + pad) + title_h + cell / 2), label, font=font,
+                  fill="black", anchor="lm")
     if not len(images):
-        axes[0].text(0.5, 0.5, "no images", ha="center", va="center", transform=axes[0].transAxes)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=11)
-    return fig
+        draw.text((width / 2, head_h + pad + cell / 2), "no images", font=font, fill="black", anchor="mm")
+    return canvas
 
 
-def plot_activations(activations: Mapping[str, Any], image=None, title: str | None = None) -> Figure:
-    """Feature maps per stage (rows: conv1, layer1..4), strongest first, each with its own 'viridis' scale.
+def _colour_map(values, cmap: str = "viridis") -> np.ndarray:
+    """A 2-D array as an RGB uint8 image through `cmap`, scaled to its own min..max."""
+    from matplotlib import colormaps
+
+    values = np.asarray(values, dtype=float)
+    low, high = np.nanmin(values), np.nanmax(values)
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return (colormaps[cmap](scaled)[..., :3] * 255 + 0.5).astype(np.uint8)
+
+
+def plot_activations(activations: Mapping[str, Any], image=None, title: str | None = None):
+    """Feature maps per stage (rows: conv1, layer1..4), strongest first, each on its own 'viridis' scale: a PIL image.
 
     activations: {stage: [maps]} from `explain.layer_activations`, or {stage: {"maps", "channels", "means"}}
     from `explain.top_channels` (then channel numbers appear in the titles).
     """
-    stages = list(activations)
     rows = [(s, activations[s]["maps"], activations[s].get("channels")) if isinstance(activations[s], Mapping)
-            else (s, list(activations[s]), None) for s in stages]
-    ncols = max((len(maps) for _, maps, _ in rows), default=1) + (1 if image is not None else 0)
-    fig = _figure(1.7 * ncols, 1.85 * max(len(rows), 1) + 0.4)
-    axes = fig.subplots(max(len(rows), 1), ncols, squeeze=False)
-    for r, (stage, maps, channels) in enumerate(rows):
-        offset = 0
+            else (s, list(activations[s]), None) for s in activations]
+    per_row = max((len(maps) for _, maps, _ in rows), default=1)
+    images: list[Any] = []
+    titles: list[str] = []
+    for stage, maps, channels in rows:
         if image is not None:
-            axes[r, 0].imshow(np.asarray(image))
-            axes[r, 0].set_title("input", fontsize=8)
-            offset = 1
-        for c in range(ncols - offset):
-            ax = axes[r, c + offset]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            images.append(np.asarray(image))
+            titles.append("input")
+        for c in range(per_row):
             if c < len(maps):
                 m = np.asarray(maps[c], dtype=float)
-                ax.imshow(m, cmap="viridis", interpolation="nearest")
-                label = f"ch {channels[c]}" if channels else f"#{c + 1}"
-                ax.set_title(f"{label} · {m.shape[0]}x{m.shape[1]}", fontsize=7.5)
+                images.append(_colour_map(m))
+                titles.append(f"{f'ch {channels[c]}' if channels else f'#{c + 1}'} · {m.shape[0]}x{m.shape[1]}")
             else:
-                ax.set_axis_off()
-        axes[r, offset].set_ylabel(stage, fontsize=10)
-        for c in range(offset):
-            axes[r, c].set_xticks([])
-            axes[r, c].set_yticks([])
-    fig.suptitle(title or "Strongest feature maps per stage (mean activation)", fontsize=11)
-    return fig
+                images.append(None)
+                titles.append("")
+    return image_grid(images, titles, ncols=per_row + (image is not None), cell=128, pixelated=True,
+                      row_labels=[stage for stage, _, _ in rows],
+                      suptitle=title or "Strongest feature maps per stage (mean activation)")
 
 
 # --- saving ------------------------------------------------------------------------------------------------------
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
-    """Render to PNG atomically (temp file + rename, so a reader never sees half a file), then free the figure."""
+def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """Render a Figure (or save a PIL image from `image_grid`) to PNG atomically (temp file + rename, so a reader
+    never sees half a file), then free the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        if isinstance(fig, Figure):
+            fig.savefig(tmp, format="png", dpi=dpi)
+        else:
+            fig.save(tmp, format="PNG")
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-        fig.clear()
+        if isinstance(fig, Figure):
+            fig.clear()
     return path
 
 

@@ -35,7 +35,7 @@ def history(n=4):
              "lr": 0.01, "images_per_s": 100.0, "seconds": 3.0} for e in range(1, n + 1)]
 
 
-def all_figures(m) -> dict[str, Figure]:
+def all_figures(m) -> dict[str, Figure | Image.Image]:
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(5)] + [None]
     acts = {name: [rng.random((s, s)) for _ in range(4)] for name, s in
@@ -59,7 +59,8 @@ def test_every_plot_renders_a_png(metrics, tmp_path):
     import matplotlib.pyplot as plt
 
     for name, fig in all_figures(metrics).items():
-        assert isinstance(fig, Figure), name
+        # photo grids are PIL images (fast to draw); charts are matplotlib Figures
+        assert isinstance(fig, Image.Image if name in ("grid", "activations") else Figure), name
         path = plots.save_figure(fig, tmp_path / f"{name}.png")
         assert path == tmp_path / f"{name}.png"
         with Image.open(path) as img:
@@ -86,6 +87,20 @@ def test_plots_label_their_axes_and_classes(metrics):
     assert len(markers) == 5  # categorical series differ by shape too, not only colour
     tsne = plots.plot_tsne(metrics["tsne"], CLASSES).axes[0]
     assert any("misclassified" in t.get_text() for t in tsne.get_legend().get_texts())
+
+
+def test_image_grid_keeps_every_image_and_fits_long_titles_in_their_cells():
+    red, blue = np.zeros((40, 60, 3), np.uint8), np.zeros((30, 30, 3), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    grid = plots.image_grid([red, None, blue], ["red " * 30, "", "blue\nsecond line"], ncols=2, cell=100,
+                            suptitle="a long heading " * 10, row_labels=["row one", "row two"])
+    pixels = np.asarray(grid)
+    assert grid.width < 400  # long titles and headings are shortened or wrapped, never widen the grid
+    is_red = (pixels[..., 0] > 200) & (pixels[..., 1] < 50) & (pixels[..., 2] < 50)
+    is_blue = (pixels[..., 2] > 200) & (pixels[..., 0] < 50) & (pixels[..., 1] < 50)
+    assert 0.9 * 100 * 67 < is_red.sum() <= 100 * 67 + 100  # scaled to the cell, aspect kept (60x40 → 100x67)
+    assert 0.9 * 100 * 100 < is_blue.sum() <= 100 * 100 + 100
+    assert np.nonzero(is_blue.any(1))[0].min() > np.nonzero(is_red.any(1))[0].max()  # the third image: row 2
 
 
 def test_confusion_refuses_a_mismatched_matrix():
