@@ -258,30 +258,15 @@ def cmd_report(args, settings: Settings) -> int:
     return 0
 
 
-def _expand_files(items: Sequence[str]) -> list[Path]:
-    from .images import is_image_name
-
-    files: list[Path] = []
-    for item in items:
-        path = Path(item)
-        # a broken or looping link is passed on (not dropped, not "no such file"): it gets its own message
-        if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
-        elif path.exists() or path.is_symlink():
-            files.append(path)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {item}")
-    return files
-
-
 def cmd_predict(args, settings: Settings) -> int:
+    from .images import expand_image_paths
     from .predict import Predictor, write_predictions_csv
     from .runs import RunStore
 
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
     predictor = Predictor(store.path(run_id))
-    files = _expand_files(args.files)
+    files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
     print(f"model: run {run_id} ({predictor.meta['model_name']}, classes: {', '.join(predictor.classes)})",
           file=sys.stderr)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO, Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -37,6 +37,25 @@ class ImageError(ValueError):
 def is_image_name(path: str | os.PathLike) -> bool:
     """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
     return Path(os.fspath(path)).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def expand_image_paths(items: Iterable[str | os.PathLike], *, must_exist: bool = True) -> list[Path]:
+    """Files as given, folders replaced by the image files inside them (recursively, sorted).
+
+    A broken or looping link is passed on, not dropped: reading it gives its own message. A path that does not
+    exist raises FileNotFoundError when `must_exist`; otherwise it is passed on too, so that a long batch
+    reports it in its results instead of stopping.
+    """
+    files: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files += sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
+        elif must_exist and not (path.exists() or path.is_symlink()):
+            raise FileNotFoundError(f"no such file or folder: {item}")
+        else:
+            files.append(path)
+    return files
 
 
 def load_rgb(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:

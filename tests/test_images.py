@@ -220,3 +220,19 @@ def test_unsupported_mode_is_an_image_error(monkeypatch):
     monkeypatch.setattr(Image.Image, "convert", refuse)  # as older Pillows do for LAB
     with pytest.raises(ImageError, match="unsupported colour mode 'LAB'.*re-save"):
         load_rgb(lab)
+
+
+def test_expand_image_paths_walks_folders_and_keeps_what_it_cannot_judge(tmp_path):
+    from shared.images import expand_image_paths
+
+    imagegen.make_image(tmp_path / "album" / "b.png")
+    imagegen.make_image(tmp_path / "album" / "sub" / "a.JPG")
+    (tmp_path / "album" / "notes.txt").write_text("not an image")
+    (tmp_path / "album" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")  # broken link: reported when read
+    single = imagegen.make_image(tmp_path / "single.webp")
+    found = expand_image_paths([tmp_path / "album", single])
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == [
+        "album/b.png", "album/gone.jpg", "album/sub/a.JPG", "single.webp"]
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        expand_image_paths([single, tmp_path / "missing.jpg"])
+    assert expand_image_paths([tmp_path / "missing.jpg"], must_exist=False) == [tmp_path / "missing.jpg"]

@@ -25,7 +25,7 @@ from shared.checkpoint import CheckpointError
 from shared.config import ConfigError
 from shared.datasets import DatasetError
 from shared.engine import Cancelled, fit, pick_device
-from shared.images import is_image_name
+from shared.images import expand_image_paths
 from shared.models import WeightsUnavailable
 from shared.registry import RunRegistry
 from shared.runs import FINISHED, RunNotFound, RunStore
@@ -221,22 +221,6 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
     return {"run_id": run_id, "split": split, "data_dir": data_dir, **result}
 
 
-def expand_sources(sources: list[str]) -> list[str]:
-    """Files as given, folders replaced by the image files inside them (recursively, sorted).
-
-    Like `resnet-lab predict`, except that a missing path is not fatal: it gets an error row in the CSV, as
-    broken links and unreadable files do, so one bad entry does not cost a long batch.
-    """
-    files: list[str] = []
-    for source in sources:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files += sorted(str(p) for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
-        else:
-            files.append(str(path))
-    return files
-
-
 @shared_task(bind=True, name=PREDICT_BATCH_TASK)
 def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256) -> dict:
     """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run."""
@@ -244,7 +228,8 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
 
     store, _ = _services(settings_of(self.app))
     run_dir = store.path(run_id)
-    files = expand_sources(list(sources))
+    # a missing path gets an error row in the CSV (as unreadable files do): one bad entry does not cost the batch
+    files = [str(p) for p in expand_image_paths(sources, must_exist=False)]
     if not files:
         raise ValueError(f"no image files in {sources}: give image files or folders that hold some")
     device = "cuda" if pick_device("auto").type == "cuda" else "cpu"
