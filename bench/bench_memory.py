@@ -35,6 +35,8 @@ import common  # noqa: E402
 
 TARGET_WORKER_GROWTH_MB = 100.0
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-quic"]
 
 
 def run_one(client, data_dir: Path, args) -> str:
@@ -47,8 +49,8 @@ def run_one(client, data_dir: Path, args) -> str:
     return run_id
 
 
-def open_browser(url: str):
-    """(playwright, browser) with the page open on the Runs tab, or (None, None) when no browser is available."""
+def open_browser(url: str, run_id: str):
+    """(playwright, browser, None) with the page open on the Runs tab showing `run_id`, or (None, None, why not)."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -56,10 +58,14 @@ def open_browser(url: str):
     executable = next((p for p in CHROMIUM_PATHS if Path(p).exists()), None) or shutil.which("chromium")
     pw = sync_playwright().start()
     try:
-        browser = pw.chromium.launch(headless=True, **({"executable_path": executable} if executable else {}))
+        browser = pw.chromium.launch(headless=True, args=CHROMIUM_ARGS,
+                                     **({"executable_path": executable} if executable else {}))
         page = browser.new_page()
-        page.goto(url, wait_until="networkidle", timeout=120_000)
-        page.get_by_role("tab", name="Runs").click()
+        # not "networkidle": the page's own timers keep the network busy, so it never idles
+        page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+        page.click("#tab-runs-button", timeout=120_000)
+        # the run in the table: the Runs tab's timer is refreshing it
+        page.locator("#runs-table [role=row]", has_text=run_id).first.wait_for(timeout=60_000)
         return pw, browser, None
     except Exception as exc:  # noqa: BLE001 - no browser means API polling only; say why in the results
         pw.stop()
@@ -71,7 +77,7 @@ def poll_page(stack, client, run_ids: list[str], minutes: float, use_browser: bo
     pw = browser = None
     browser_note = "disabled (--no-browser)"
     if use_browser:
-        pw, browser, problem = open_browser(stack.url)
+        pw, browser, problem = open_browser(stack.url, run_ids[-1])
         browser_note = problem or "headless Chromium on the Runs tab"
     samples = [(0.0, common.rss_mb(page_pid))]
     start = next_sample = time.monotonic()
