@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -202,6 +203,17 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None, script: s
     return args
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities (a side that was not measured) as null: strict JSON that any reader parses."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def finish(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> dict[str, Any]:
     """Attach machine info and the command line, print where the figures came from, write --json if asked."""
     result = {"benchmark": name, "quick": bool(getattr(args, "quick", False)),
@@ -212,7 +224,7 @@ def finish(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> dict
         print("(--quick: tiny sizes for CI; these numbers are not benchmark figures)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps(json_safe(result), indent=2, default=str, allow_nan=False) + "\n")
         print(f"wrote {args.json}")
     return result
 
