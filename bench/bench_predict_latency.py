@@ -20,20 +20,26 @@ For where the time goes, the same model is also timed in this process without HT
 The kinds of call take turns (rotating who goes first). p50/p95 (nearest rank) over `--calls` calls each.
 Targets: p95 <= 100 ms (top-5) and <= 250 ms (top-5 + CAM), judged for both clients.
 
-Run (full):  .venv/bin/python bench/bench_predict_latency.py --json bench/results/predict_latency.json
+With `--py-spy SECONDS` (py-spy installed), the page process is then sampled while top-5 calls through each
+client run back to back, and its Python CPU time per call is split into model forward, image decode + preprocess,
+the rest of our handler, and Gradio/HTTP: where the time goes when a target is missed.
+
+Run (full):  .venv/bin/python bench/bench_predict_latency.py --py-spy 20 --json bench/results/predict_latency.json
      quick:  .venv/bin/python bench/bench_predict_latency.py --quick --data-dir DIR
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 if __package__ in (None, ""):
-    import sys
-
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -70,6 +76,41 @@ class RestClient:
         raise RuntimeError(f"/{api_name}: the answer stream ended without a result")
 
 
+# Where a sampled stack's time goes: the first category whose marker occurs in it (markers are file paths).
+PROFILE_CATEGORIES = (
+    ("model forward (torch)", ("torch/nn/modules/",)),
+    ("image decode + preprocess", ("shared/images.py", "shared/transforms.py", "torchvision/transforms/", "PIL/")),
+    ("our handler, rest (CSV, formatting)", ("ui/tabs/predict.py", "shared/predict.py", "ui/")),
+    ("Gradio / HTTP server", ("",)),
+)
+
+
+def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: Path) -> dict:
+    """Sample the page with py-spy (--nonblocking: the page is not paused) while `call` runs back to back for
+    `seconds`; its Python CPU time per call, by category. Threads waiting on I/O are not sampled."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    rate = 250
+    proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--nonblocking",
+                             "--duration", str(int(seconds)), "--output", str(raw_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # let py-spy attach
+    calls = 0
+    while proc.poll() is None:
+        call(photos[calls % len(photos)])
+        calls += 1
+    if proc.returncode != 0 or not raw_path.exists():
+        return {"error": f"py-spy exited {proc.returncode}: {proc.stderr.read().strip()[:300]}"}
+    samples: Counter[str] = Counter()
+    for line in raw_path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        category = next(name for name, markers in PROFILE_CATEGORIES if any(m in stack for m in markers))
+        samples[category] += int(count)
+    return {"calls": calls, "seconds": seconds, "rate_hz": rate, "samples": sum(samples.values()),
+            "cpu_ms_per_call": {name: round(samples[name] / rate / max(calls, 1) * 1000, 1)
+                                for name, _ in PROFILE_CATEGORIES},
+            "wall_ms_per_call": round(seconds * 1000 / max(calls, 1), 1)}
+
+
 def sample_images(data_dir: Path, count: int) -> tuple[list[str], list[Path]]:
     """(class names, up to `count` image paths spread over the classes), read in place."""
     common.ensure_repo_on_path()
@@ -90,6 +131,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=100, help="calls of each kind")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
+                        help="then profile the page with py-spy for this long per client (0 = off)")
     args = common.parse(parser, argv, __file__)
     if args.quick:
         args.calls, args.warmup, args.image_size = 4, 1, 64
@@ -141,6 +184,10 @@ def main(argv=None) -> dict:
                 if i % 10 == 0:
                     loads.append(common.loadavg()[0])
             page_rss = common.rss_mb(stack.procs["page"][0].pid)
+            profiles = {}
+            for name in ("top5_rest", "top5_client") if args.py_spy else ():
+                profiles[name] = profile_page(stack.procs["page"][0].pid, calls[name], photos, args.py_spy,
+                                              work / f"{name}.pyspy.txt")
 
     rows, summary = [], {}
     for name, values in times.items():
@@ -157,11 +204,19 @@ def main(argv=None) -> dict:
                                    f"same model in-process)")
     print(f"\npage start-up {page_start_s:.1f} s; page RSS after the calls {page_rss:.0f} MB; "
           f"load during {min(loads):.1f}..{max(loads):.1f}")
+    for name, profile in profiles.items():
+        if "error" in profile:
+            print(f"\npy-spy on the page during {name}: {profile['error']}")
+            continue
+        print(f"\npage's Python CPU time per {name} call (py-spy, {profile['calls']} calls, "
+              f"{profile['wall_ms_per_call']} ms wall each):")
+        for category, ms in profile["cpu_ms_per_call"].items():
+            print(f"  {category:38s} {ms:7.1f} ms")
     return common.finish(args, "predict_latency", {
         "settings": {"image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
                      "photos": len(photos)},
         "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
-        "results": summary, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})
+        "results": summary, "page_profile": profiles, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -87,9 +88,16 @@ def test_evaluation(tmp_path, images):
 
 @pytest.mark.slow
 def test_predict_latency(tmp_path, images):
-    result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images))
+    result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images), "--py-spy", "3")
     for call in ("top5_client", "top5_cam_client", "top5_rest", "top5_cam_rest", "top5_local", "top5_cam_local"):
         assert result["results"][call]["p95_ms"] > 0
+    for name in ("top5_rest", "top5_client"):
+        profile = result["page_profile"][name]
+        if "error" in profile and os.geteuid() != 0:
+            continue  # attaching to a sibling process needs root where kernel.yama.ptrace_scope=1 (Ubuntu's default)
+        assert "error" not in profile, profile
+        assert profile["calls"] > 0 and profile["samples"] > 0
+        assert sum(profile["cpu_ms_per_call"].values()) > 0
 
 
 @pytest.mark.slow
