@@ -83,11 +83,14 @@ PROFILE_CATEGORIES = (
     ("our handler, rest (CSV, formatting)", ("ui/tabs/predict.py", "shared/predict.py", "ui/")),
     ("Gradio / HTTP server", ("",)),
 )
+# Innermost frames that are waiting, not working: py-spy --nonblocking cannot always tell that a thread is idle.
+IDLE_LEAVES = ("EpollSelector.select", "Condition.wait", "Event.wait", "Thread._wait_for_tstate_lock")
 
 
 def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: Path) -> dict:
     """Sample the page with py-spy (--nonblocking: the page is not paused) while `call` runs back to back for
-    `seconds`; its Python CPU time per call, by category. Threads waiting on I/O are not sampled."""
+    `seconds`; its Python CPU time per call, by category. Samples of threads that wait (event loop, locks) are
+    left out."""
     exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     rate = 250
     proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate), "--nonblocking",
@@ -101,14 +104,20 @@ def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: P
     if proc.returncode != 0 or not raw_path.exists():
         return {"error": f"py-spy exited {proc.returncode}: {proc.stderr.read().strip()[:300]}"}
     samples: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()  # innermost frame of the stacks outside our code and torch
     for line in raw_path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
+        if stack.split(";")[-1].startswith(IDLE_LEAVES):
+            continue
         category = next(name for name, markers in PROFILE_CATEGORIES if any(m in stack for m in markers))
         samples[category] += int(count)
+        if category == PROFILE_CATEGORIES[-1][0]:
+            leaves[stack.split(";")[-1].split("site-packages/")[-1]] += int(count)
+    per_call = lambda n: round(n / rate / max(calls, 1) * 1000, 1)  # noqa: E731
     return {"calls": calls, "seconds": seconds, "rate_hz": rate, "samples": sum(samples.values()),
-            "cpu_ms_per_call": {name: round(samples[name] / rate / max(calls, 1) * 1000, 1)
-                                for name, _ in PROFILE_CATEGORIES},
-            "wall_ms_per_call": round(seconds * 1000 / max(calls, 1), 1)}
+            "cpu_ms_per_call": {name: per_call(samples[name]) for name, _ in PROFILE_CATEGORIES},
+            "wall_ms_per_call": round(seconds * 1000 / max(calls, 1), 1),
+            "top_server_frames_ms_per_call": {frame: per_call(n) for frame, n in leaves.most_common(12)}}
 
 
 def sample_images(data_dir: Path, count: int) -> tuple[list[str], list[Path]]:
