@@ -474,3 +474,26 @@ def test_extracted_files_are_not_executable(tmp_path):
     mode = (done.folder / "a" / "x.png").stat().st_mode
     assert not mode & (stat.S_ISUID | stat.S_IXUSR | stat.S_IWOTH)
     assert os.access(done.folder / "a" / "x.png", os.R_OK)
+
+
+def test_prediction_csv_folders_are_pruned_after_a_day():
+    import time
+
+    from ui.tabs import predict
+
+    first = predict._csv_folder()
+    (first / "predictions.csv").write_text("source,error\n")
+    second = predict._csv_folder()
+    assert first.parent == second.parent and first != second  # one folder per CSV: each download keeps its name
+    day_ago = time.time() - predict.CSV_MAX_AGE_S - 60
+    os.utime(first, (day_ago, day_ago))
+    third = predict._csv_folder()
+    assert not first.exists() and second.exists() and third.exists()
+
+
+def test_the_page_deletes_its_cached_uploads_after_a_day(tmp_path):
+    from shared.settings import Settings
+    from ui.app import CACHE_CLEANUP, build_app
+
+    demo = build_app(Settings(models_dir=tmp_path / "models", data_roots=(tmp_path,)))
+    assert demo.delete_cache == CACHE_CLEANUP and CACHE_CLEANUP[1] <= 86400

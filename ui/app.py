@@ -168,6 +168,9 @@ class Lab:
         return out
 
 
+CACHE_CLEANUP = (3600, 86400)  # (every N seconds, delete cached files older than M seconds)
+
+
 def allowed_paths(settings: Settings) -> list[str]:
     """What Gradio's file route may serve besides its own cache: the run folders and the data roots."""
     return [str(Path(settings.models_dir).resolve())] + [str(Path(r).resolve()) for r in settings.data_roots]
@@ -179,7 +182,9 @@ def build_app(settings: Settings, lab: Lab | None = None) -> gr.Blocks:
     # Figures and checkpoints are served from the run folders as they are, not copied into Gradio's cache
     # (a ResNet50 best.pt is ~95 MB). This is process-wide in Gradio; the page is the only app in its process.
     gr.set_static_paths([str(Path(settings.models_dir).resolve())])
-    with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
+    # Uploads (every dropped photo) and outputs copied into Gradio's cache would otherwise stay on disk for good:
+    # every hour, delete this page's cached files older than a day (Gradio also empties the cache at restart)
+    with gr.Blocks(title=TITLE, analytics_enabled=False, delete_cache=CACHE_CLEANUP) as demo:
         gr.Markdown(f"# {TITLE}\nTrain, compare and explain ResNet image classifiers — pick data, queue runs, "
                     "watch them learn, study the results, and try the model on your own images.", elem_id="title")
         banner = gr.Markdown(visible=False, elem_id="redis-banner")

@@ -11,7 +11,9 @@ import base64
 import io
 import logging
 import os
+import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -157,6 +159,27 @@ def _load(data: bytes, name: str):
         raise user_error(str(exc), title="Not a usable image") from None
 
 
+_CSV_ROOT: tempfile.TemporaryDirectory | None = None
+_CSV_LOCK = threading.Lock()  # two batches may finish at once
+CSV_MAX_AGE_S = 86400
+
+
+def _csv_folder() -> Path:
+    """A new folder for one CSV (its download keeps the name predictions.csv) inside one folder for the page's
+    life, which is removed at exit; folders older than a day are pruned, so a page left running does not fill
+    the disk. Gradio serves the CSV from its own cache copy, which it cleans up itself (`delete_cache`)."""
+    global _CSV_ROOT
+    with _CSV_LOCK:
+        if _CSV_ROOT is None:
+            _CSV_ROOT = tempfile.TemporaryDirectory(prefix="resnet-lab-predictions-")
+        root = Path(_CSV_ROOT.name)
+        cutoff = time.time() - CSV_MAX_AGE_S
+        for old in root.iterdir():
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=root))
+
+
 def _display_size(image, side: int = 320):
     """The overlay is at the model's input size (often 128 px or less): enlarge it so it can be read."""
     from PIL import Image
@@ -216,8 +239,7 @@ def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
         rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
                      top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
                      r["error"] or ""])
-    out_dir = Path(tempfile.mkdtemp(prefix="resnet-lab-predictions-"))
-    csv_path = write_predictions_csv(results, out_dir / "predictions.csv")
+    csv_path = write_predictions_csv(results, _csv_folder() / "predictions.csv")
     failed = sum(1 for r in results if r["error"])
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
