@@ -35,8 +35,6 @@ import common  # noqa: E402
 
 TARGET_WORKER_GROWTH_MB = 100.0
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-quic"]
 
 
 def run_one(client, data_dir: Path, args) -> str:
@@ -55,6 +53,9 @@ def open_browser(url: str, run_id: str):
         from playwright.sync_api import sync_playwright
     except ImportError:
         return None, None, "playwright not installed"
+    common.ensure_repo_on_path()
+    from tests.browser import CHROMIUM_ARGS  # the flags the browser tests launch Chromium with
+
     executable = next((p for p in CHROMIUM_PATHS if Path(p).exists()), None) or shutil.which("chromium")
     pw = sync_playwright().start()
     try:
