@@ -140,3 +140,13 @@ def test_a_second_stack_with_another_redis_is_refused_by_worker_page_and_up(tmp_
         assert pairing(models)["token"] == first
     finally:
         other.stop()
+
+
+def test_the_page_starts_without_checking_while_redis_is_down(tmp_path, caplog):
+    from shared.settings import Settings
+    from ui.__main__ import check_pairing
+
+    settings = Settings(models_dir=tmp_path / "models", redis_url=f"redis://127.0.0.1:{find_free_port()}/0")
+    check_pairing(settings)  # no exception: the page shows its "Redis is not reachable" banner instead
+    assert "the page starts without checking" in caplog.text
+    assert not (tmp_path / "models" / IDENTITY_FILE).exists()
