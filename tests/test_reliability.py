@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -400,3 +402,144 @@ def test_checkpoint_never_half_written_on_enospc(tmp_path, monkeypatch):
     assert str(path) in str(failure.value)
     assert sha256(path) == good and load_checkpoint(path)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+# --- 6. a worker killed under `resnet-lab up`: restarted, the page stays, the run finishes -----------------------
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _child_running(parent: int, module: str) -> int | None:
+    """The pid of `parent`'s child `python -m <module>`, if any."""
+    for pid in _children(parent):
+        cmd = _cmdline(pid)
+        if "-m" in cmd and cmd[cmd.index("-m") + 1:cmd.index("-m") + 2] == [module]:
+            return pid
+    return None
+
+
+class PagePoller:
+    """Asks the page for /run_status twice a second in a thread; every answer and every failure is kept."""
+
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
+        self.answers: list[tuple[float, list[dict]]] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.answers.append((time.monotonic(), self.client.predict(api_name="/run_status")))
+            except Exception as exc:  # noqa: BLE001 - every failure is a test failure, reported below
+                self.failures.append(f"{time.monotonic():.1f}: {exc!r}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+@pytest.mark.slow
+def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_finishes(tmp_path):
+    from shared.services import find_free_port, popen_in_own_group, stop_group
+
+    data_root = tmp_path / "data"
+    make_image_folder(data_root / "imgs", classes=3, per_class=40, size=40)
+    models = tmp_path / "models"
+    port = find_free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
+    env = {**base, "RESNET_LAB_MODELS_DIR": str(models), "RESNET_LAB_DATA_ROOTS": str(data_root),
+           "RESNET_LAB_PORT": str(port), "RESNET_LAB_WORKER_THREADS": "1", "RESNET_LAB_LEASE_SECONDS": "3",
+           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+           "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio-tmp")}
+    log_path = tmp_path / "up.log"
+    with open(log_path, "wb") as out:
+        up = popen_in_own_group([sys.executable, "-m", "shared.cli", "up", "--gpus", "cpu"], env=env,
+                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
+    poller = None
+
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    try:
+        wait_for(lambda: "resnet-lab is up" in log() or up.poll() is not None, 180, "the page under up")
+        wait_for(lambda: " ready." in log() or up.poll() is not None, 120, "the worker under up", interval=0.2)
+        assert up.poll() is None, log()[-4000:]
+        page_pid, worker_pid = _child_running(up.pid, "ui"), _child_running(up.pid, "worker")
+        assert page_pid and worker_pid, log()[-4000:]
+        poller = PagePoller(f"http://127.0.0.1:{port}")
+        [run_id] = poller.client.predict(dict(TINY, data_dir="imgs", models=["resnet18"], lrs=[1e-3],
+                                              batch_sizes=[8], epochs=4), api_name="/submit_runs")
+        store = RunStore(models)
+        # the embedded Redis has a fresh password each start: read its URL where the worker got it
+        environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
+        redis_url = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"REDIS_URL="))
+        registry = RunRegistry.from_url(redis_url)
+        wait_for(lambda: in_epoch(registry, run_id, 2), 180, "the run to train in epoch 2")
+        os.killpg(worker_pid, signal.SIGKILL)  # as the out-of-memory killer would
+        assert epochs_of(store.metrics(run_id)) == [1], "the kill must land inside epoch 2"
+
+        wait_for(lambda: store.status(run_id)["status"] in FINISHED or up.poll() is not None, 240,
+                 "the run to finish", interval=0.5)
+        poller.stop()
+        assert up.poll() is None, log()[-4000:]
+        assert f"worker (CPU) (pid {worker_pid}) was killed by SIGKILL" in log() and "restarting it in 1 s" in log()
+        assert store.status(run_id)["status"] == "succeeded", store.status(run_id)
+        assert epochs_of(store.metrics(run_id)) == [1, 2, 3, 4]
+        new_worker = _child_running(up.pid, "worker")
+        assert new_worker and new_worker != worker_pid
+        assert _child_running(up.pid, "ui") == page_pid, "the page must be the same process"
+        # the page answered throughout, and saw the run finish
+        assert not poller.failures, poller.failures
+        times = [t for t, _ in poller.answers]
+        assert max(b - a for a, b in zip(times, times[1:])) < 15, "the page stopped answering for a while"
+        assert poller.client.predict(api_name="/run_status")[0]["status"] == "succeeded"
+    finally:
+        if poller is not None:
+            poller.stop()
+        stop_group(up, timeout=30)
+    assert up.returncode == 0, log()[-4000:]
+
+
+# --- 7. two workers as two machines would run them: one killed, the other resumes the run ------------------------
+
+@pytest.mark.slow
+def test_two_machines_the_survivor_resumes_a_killed_workers_run_within_a_minute(tmp_path, redis_url, start_worker):
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=40, size=40)
+    models = tmp_path / "models"
+    client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
+    # production lease (30 s): the point is the time it takes in real life
+    workers = {name: start_worker(models, args=["--hostname", f"worker@{name}"], RESNET_LAB_VISIBILITY_TIMEOUT=3600,
+                                  RESNET_LAB_CACHE_DIR=tmp_path / f"cache-{name}")
+               for name in ("machine-a", "machine-b")}
+    [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=4, **TINY)])
+    wait_for(lambda: in_epoch(client.registry, run_id, 2), 180, "the run to train in epoch 2")
+    trainer = client.registry.get(run_id)["worker"].split("@")[1]
+    other = "machine-b" if trainer == "machine-a" else "machine-a"
+    workers[trainer].kill9()
+    killed = time.monotonic()
+    assert epochs_of(client.store.metrics(run_id)) == [1], "the kill must land inside epoch 2"
+
+    def resumed():
+        record = client.registry.get(run_id)
+        return record["status"] == "running" and record["worker"] == f"worker@{other}"
+
+    wait_for(resumed, 60, f"worker@{other} to resume the run", interval=0.2)
+    print(f"\nthe survivor resumed the run {time.monotonic() - killed:.0f} s after the kill")
+    record = wait_finished(client.registry, run_id, 180, workers[other])
+    assert record["status"] == "succeeded", record
+    assert_intact_run(client.store, client.registry, run_id, epochs=4)
+    assert any((tmp_path / f"cache-{other}").iterdir()), "the survivor decoded the images into its own cache"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.services import find_free_port, redis_ping
+from shared.services import find_free_port, find_redis_server, http_ok, redis_ping, redis_server_version
 from shared.settings import Settings
 from shared.up import detect_gpus, page_url, parse_gpus, plan_children, settings_env, _redact
 
@@ -34,13 +34,13 @@ WORKER = """
 import json, os, signal, subprocess, sys, time
 record_dir, mode = sys.argv[1], sys.argv[2]
 grandchild = subprocess.Popen(["sleep", "600"])
-info = {"pid": os.getpid(), "pgid": os.getpgid(0), "grandchild": grandchild.pid,
+info = {"pid": os.getpid(), "pgid": os.getpgid(0), "grandchild": grandchild.pid, "started": time.time(),
         "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"), "redis_url": os.environ.get("REDIS_URL"),
         "models_dir": os.environ.get("RESNET_LAB_MODELS_DIR"), "threads": os.environ.get("RESNET_LAB_WORKER_THREADS")}
 tmp = os.path.join(record_dir, f".worker-{os.getpid()}")
 with open(tmp, "w") as f:
     json.dump(info, f)
-os.replace(tmp, os.path.join(record_dir, f"worker-{os.getpid()}.json"))
+os.replace(tmp, os.path.join(record_dir, f"worker-{time.time():.6f}-{os.getpid()}.json"))
 if mode == "crash":
     time.sleep(1)
     sys.exit(3)
@@ -69,12 +69,21 @@ server.serve_forever()
 DRIVER = """
 import json, sys
 from shared.settings import Settings
+from shared.supervisor import RestartPolicy
 from shared.up import run_up
 cfg = json.loads(sys.argv[1])
 settings = Settings.from_env(models_dir=cfg["models_dir"], port=cfg["port"])
 sys.exit(run_up(settings, worker_cmd=cfg["worker_cmd"], ui_cmd=cfg["ui_cmd"], gpus=cfg["gpus"],
-                stop_timeout=cfg["stop_timeout"]))
+                stop_timeout=cfg["stop_timeout"], policy=RestartPolicy(**cfg["policy"])))
 """
+# restarts a dead worker stand-in quickly (production: 1 s doubling up to 60 s, given up after 5 quick crashes)
+FAST_RESTARTS = {"first_delay": 0.5, "max_delay": 2.0, "stable_after": 30.0, "max_quick_crashes": 3}
+
+
+def aof_path(redis_dir: Path) -> Path:
+    """Where the append-only file lives: Redis 7 keeps a folder of parts, 6.2 (the bundled one) a single file."""
+    version = redis_server_version(find_redis_server()) or (0,)
+    return redis_dir / ("appendonlydir" if version >= (7,) else "appendonly.aof")
 
 
 def marked_processes(marker: str) -> list[int]:
@@ -133,7 +142,8 @@ class Up:
     """`run_up` in its own process with stand-in children; collects its output."""
 
     def __init__(self, tmp_path: Path, marker: str, *, models_dir: Path, worker_mode: str = "ok",
-                 gpus: str | None = "cpu", env: dict | None = None, stop_timeout: float = 5, port: int | None = None):
+                 gpus: str | None = "cpu", env: dict | None = None, stop_timeout: float = 5, port: int | None = None,
+                 policy: dict | None = None):
         self.records = tmp_path / f"records-{uuid.uuid4().hex[:6]}"
         self.records.mkdir()
         scripts = tmp_path / "scripts"
@@ -146,6 +156,7 @@ class Up:
             "models_dir": str(models_dir), "port": self.port, "gpus": gpus, "stop_timeout": stop_timeout,
             "worker_cmd": [sys.executable, str(scripts / "worker.py"), str(self.records), worker_mode],
             "ui_cmd": [sys.executable, str(scripts / "ui.py"), str(self.records)],
+            "policy": policy or FAST_RESTARTS,
         }
         base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
         self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=REPO, text=True,
@@ -200,7 +211,7 @@ def test_up_starts_redis_workers_per_gpu_and_page_then_sigterm_leaves_nothing(tm
     assert {w["redis_url"] for w in workers} == {redis_url} == {up.ui()["redis_url"]}
     assert "@127.0.0.1:" in redis_url  # embedded, loopback, with a password
     assert redis_ping(redis_url)
-    assert (models / ".redis" / "appendonlydir").is_dir()
+    assert aof_path(models / ".redis").exists()
     assert (models / ".up.lock").read_text().split()[0] == str(up.proc.pid)
     # the supervisor, the Redis, two workers, their grandchildren and the page all run
     assert len(marked_processes(marker)) == 1 + 1 + 2 * 2 + 1, marked_processes(marker)
@@ -227,11 +238,68 @@ def test_ctrl_c_with_external_redis_and_a_cpu_worker(tmp_path, marker, redis_url
     assert redis_ping(redis_url)  # someone else's Redis is left alone
 
 
-def test_a_crashing_child_stops_everything_with_nonzero_exit(tmp_path, marker, redis_url, models_dir):
+def test_a_worker_that_cannot_start_is_given_up_after_quick_crashes_and_everything_stops(
+        tmp_path, marker, redis_url, models_dir):
     up = Up(tmp_path, marker, models_dir=models_dir, worker_mode="crash", env={"REDIS_URL": redis_url})
-    assert up.wait(timeout=30) == 1
-    assert "worker (CPU)" in up.output and "exited unexpectedly with code 3" in up.output
+    assert up.wait(timeout=60) == 1
+    out = up.output
+    # restarted with a growing back-off, then given up on with a message saying why, then everything stops
+    assert "exited with code 3; restarting it in 0.5 s" in out and "exited with code 3; restarting it in 1 s" in out
+    assert "restarting it in 2 s" not in out, out
+    assert "died 3 times in a row, each within 30 s of starting, so it is not restarted again" in out, out
+    assert "no worker is left to supervise — stopping everything" in out, out
+    starts = [w["started"] for w in up.workers()]
+    assert len(starts) == 3, starts
+    # each stand-in lives 1 s; the supervisor waited at least the back-off on top of that
+    assert starts[1] - starts[0] >= 1.5 and starts[2] - starts[1] >= 2.0, starts
     assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+
+
+def test_a_killed_worker_is_restarted_and_the_page_and_redis_stay_up(tmp_path, marker, models_dir):
+    up = Up(tmp_path, marker, models_dir=models_dir)
+    up.wait_for("resnet-lab is up")
+    assert wait_until(lambda: up.workers(), 10)
+    [first] = up.workers()
+    page = up.ui()
+    os.killpg(first["pgid"], signal.SIGKILL)  # as the out-of-memory killer would (the worker's group)
+    assert wait_until(lambda: len(up.workers()) == 2, 20), up.output
+    second = up.workers()[1]
+    assert second["pid"] != first["pid"] and second["redis_url"] == first["redis_url"]
+    assert "worker (CPU) (pid %d) was killed by SIGKILL" % first["pid"] in up.output
+    assert up.proc.poll() is None and up.ui() == page and redis_ping(first["redis_url"])
+    assert http_ok(up.url)
+    assert up.stop(signal.SIGTERM) == 0
+    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+
+
+@pytest.mark.parametrize("victim", ["page", "redis"])
+def test_the_page_or_the_embedded_redis_dying_stops_everything(tmp_path, marker, models_dir, victim):
+    up = Up(tmp_path, marker, models_dir=models_dir)
+    up.wait_for("resnet-lab is up")
+    assert wait_until(lambda: up.workers(), 10)
+    if victim == "page":
+        os.kill(up.ui()["pid"], signal.SIGKILL)
+        expected = "page (pid %d) was killed by SIGKILL" % up.ui()["pid"]
+    else:
+        redis_pid = _redis_pid(models_dir)
+        os.kill(redis_pid, signal.SIGKILL)
+        expected = "the embedded redis-server was killed by SIGKILL"
+    assert up.wait(timeout=30) == 1
+    assert expected in up.output and "stopping everything" in up.output, up.output
+    assert "restarting" not in up.output
+    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+
+
+def _redis_pid(models_dir: Path) -> int:
+    """The embedded redis-server: the marked process working in `<models>/.redis`."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.readlink(entry / "cwd") == str((models_dir / ".redis").resolve()):
+                    return int(entry.name)
+            except OSError:
+                continue
+    raise AssertionError("no redis-server runs in " + str(models_dir / ".redis"))
 
 
 def test_a_child_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path, marker, redis_url, models_dir):

@@ -40,6 +40,20 @@ def check_bind(settings: Settings) -> None:
             f"SSH tunnel: ssh -L {settings.port}:127.0.0.1:{settings.port} <this machine>.")
 
 
+def check_pairing(settings: Settings) -> None:
+    """Refuse to serve a models folder paired with another Redis (shared.identity): the page would rebuild that
+    Redis's run list from the folder and its workers would train the other stack's runs. With Redis down the page
+    starts anyway (it shows a banner until Redis is back); the workers check when they start."""
+    from shared.identity import IdentityMismatch, check_models_dir
+
+    try:
+        check_models_dir(settings.models_dir, settings.redis_url)
+    except IdentityMismatch as exc:
+        raise SystemExit(f"error: {exc}") from None
+    except ConnectionError as exc:
+        log.warning("%s; the page starts without checking", exc)
+
+
 def page_url(settings: Settings) -> str:
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
     return f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
@@ -94,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.redis_url:
         log.warning("REDIS_URL is not set: the page starts, but runs cannot be queued until it is "
                     "(`resnet-lab up` starts Redis, a worker and this page together)")
+    else:
+        check_pairing(settings)
 
     from ui.app import build_app
 

@@ -7,8 +7,13 @@ CPU: one worker process with the solo pool (training already uses every core thr
 processes would only split them). `--concurrency N` > 1 uses a prefork pool whose children share the threads.
 
 GPUs: this process starts one child `python -m worker` per GPU, each seeing only its GPU (CUDA_VISIBLE_DEVICES)
-and named `gpu<id>@<host>`, forwards SIGTERM/SIGINT to them, and restarts a child that crashes. It never touches
-CUDA itself: a CUDA context does not survive fork (Celery issue #3402), so GPUs are found with `nvidia-smi`.
+and named `gpu<id>@<host>`, and supervises them with `shared.supervisor` (the same policy as `resnet-lab up`: a
+child that dies is restarted with back-off, one that cannot start is given up on, SIGTERM/SIGINT stop them all).
+It never touches CUDA itself: a CUDA context does not survive fork (Celery issue #3402), so GPUs are found with
+`nvidia-smi`.
+
+Before Celery starts, a worker checks that the models folder is paired with its Redis (shared.identity) and
+refuses to start otherwise.
 """
 
 from __future__ import annotations
@@ -16,20 +21,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import subprocess
 import sys
-import time
 
-from shared.services import popen_in_own_group
+from shared.identity import IdentityMismatch, check_models_dir
 from shared.settings import Settings
+from shared.supervisor import Child, StopRequest, Supervisor
 from shared.up import parse_gpus
 
 log = logging.getLogger("worker")
 
 LOGLEVELS = ("debug", "info", "warning", "error", "critical")
-# a GPU child that crashes this often within RESTART_WINDOW seconds is not restarted again
-MAX_RESTARTS, RESTART_WINDOW = 5, 300.0
+# how long a starting worker waits for Redis (Celery would retry too) before it says it cannot reach it
+REDIS_WAIT = 60.0
+# under docker compose's stop_grace_period (30 s): a warm shutdown hands a running run back within one batch
+STOP_TIMEOUT = 25.0
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -60,9 +65,7 @@ def run_worker(args: argparse.Namespace) -> int:
             raise SystemExit(f"--threads must be at least 1, got {args.threads}")
         # read by Settings.from_env when the app is created below, and by the pool's children
         os.environ["RESNET_LAB_WORKER_THREADS"] = str(max(1, args.threads // args.concurrency))
-    if not os.environ.get("REDIS_URL"):
-        raise SystemExit("REDIS_URL is not set: point it at the Redis of the page (e.g. redis://127.0.0.1:6379/0), "
-                         "or start everything with `resnet-lab up`")
+    check_pairing()
     from .celery_app import app
 
     argv = ["worker", f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
@@ -76,48 +79,34 @@ def run_worker(args: argparse.Namespace) -> int:
     return app.worker_main(argv) or 0
 
 
-def run_gpu_workers(gpu_ids: list[str], args: argparse.Namespace) -> int:
-    """Supervise one worker child per GPU until SIGTERM/SIGINT; returns the worst child exit code."""
+def gpu_children(gpu_ids: list[str], args: argparse.Namespace) -> list[Child]:
+    """One restartable `python -m worker` child per GPU, seeing only its GPU and named `gpu<id>@<host>`."""
     threads = args.threads or Settings.from_env().worker_threads or max(1, (os.cpu_count() or 1) // len(gpu_ids))
+    return [Child(f"worker (GPU {gpu})",
+                  [sys.executable, "-m", "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency),
+                   "--threads", str(threads), "--hostname", f"gpu{gpu}@%h"],
+                  {"CUDA_VISIBLE_DEVICES": gpu}, restart=True)
+            for gpu in gpu_ids]
 
-    def start(gpu: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "worker", "--loglevel", args.loglevel, "--concurrency", str(args.concurrency),
-               "--threads", str(threads), "--hostname", f"gpu{gpu}@%h"]
-        log.info("starting the worker for GPU %s", gpu)
-        return popen_in_own_group(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})
 
-    children = {gpu: start(gpu) for gpu in gpu_ids}
-    crashes: dict[str, list[float]] = {gpu: [] for gpu in gpu_ids}
-    stopping = False
+def run_gpu_workers(gpu_ids: list[str], args: argparse.Namespace) -> int:
+    """Supervise one worker child per GPU (shared.supervisor) until SIGTERM/SIGINT; 1 when every one gave up."""
+    with StopRequest() as stop:
+        return Supervisor(gpu_children(gpu_ids, args), dict(os.environ), stop_timeout=STOP_TIMEOUT).run(stop)
 
-    def forward(signum, _frame):
-        nonlocal stopping
-        stopping = True
-        for proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    codes: dict[str, int] = {}
-    while len(codes) < len(children):
-        time.sleep(0.5)
-        for gpu, proc in list(children.items()):
-            code = proc.poll()
-            if code is None or gpu in codes:
-                continue
-            recent = [t for t in crashes[gpu] if time.monotonic() - t < RESTART_WINDOW]
-            if stopping or len(recent) >= MAX_RESTARTS:
-                if not stopping:
-                    log.error("the worker for GPU %s exited with %s %d times in %.0f s: not restarting it",
-                              gpu, code, len(recent), RESTART_WINDOW)
-                codes[gpu] = code
-                continue
-            log.warning("the worker for GPU %s exited with %s; restarting it (its run resumes from last.pt)",
-                        gpu, code)
-            crashes[gpu] = recent + [time.monotonic()]
-            children[gpu] = start(gpu)
-    return max((abs(c) for c in codes.values()), default=0)
+def check_pairing() -> None:
+    """Refuse to start without REDIS_URL, or on a models folder paired with another Redis (shared.identity).
+
+    Waits up to REDIS_WAIT seconds for Redis to answer (it may start after the worker)."""
+    if not os.environ.get("REDIS_URL"):
+        raise SystemExit("REDIS_URL is not set: point it at the Redis of the page (e.g. redis://127.0.0.1:6379/0), "
+                         "or start everything with `resnet-lab up`")
+    settings = Settings.from_env()
+    try:
+        check_models_dir(settings.models_dir, settings.redis_url, wait=REDIS_WAIT)
+    except (IdentityMismatch, ConnectionError) as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--gpus %s: no GPU found (nvidia-smi, CUDA_VISIBLE_DEVICES); starting one CPU worker", args.gpus)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         return run_worker(args)
+    check_pairing()  # once here, so a refused folder says so once instead of in every child
     return run_gpu_workers(gpu_ids, args)
 
 
