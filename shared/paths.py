@@ -49,9 +49,9 @@ def confine_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
     except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
         raise PathError(f"cannot resolve {text!r} ({exc}) — type a plain folder inside {roots_text(roots)}") from None
     if not any(is_within(resolved, root) for root in resolved_roots):
-        raise PathError(f"{text!r} is outside the data folders this page may read ({roots_text(roots)}) — "
-                        "copy the dataset into one of them, upload it as a .zip, or start the page with "
-                        "RESNET_LAB_DATA_ROOTS pointing at its parent folder")
+        raise PathError(f"{text!r} is outside the data folders ({roots_text(roots)}) — copy the dataset into one "
+                        "of them, upload it as a .zip, or start the page and the workers with RESNET_LAB_DATA_ROOTS "
+                        "pointing at its parent folder")
     if not resolved.exists():
         raise PathError(f"{text!r} does not exist — pick a folder from the list")
     return resolved
