@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Iterable
 
@@ -12,6 +13,18 @@ SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 AUGMENTATIONS = ("none", "light", "standard", "trivialaugment")
 FINETUNE_MODES = ("full", "head", "probe_then_unfreeze")
 SPLITS = ("train", "val", "test")
+# Upper bounds: far beyond any useful run on one GPU, low enough that a typo or a hostile request cannot queue a
+# run that would hold a worker for months or allocate memory no machine has.
+MAX_IMAGE_SIZE = 1024
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 1024
+MAX_SEED = 2**32 - 1  # numpy's seed range
+MAX_NUM_WORKERS = 64
+
+
+# TrainConfig's field annotations (strings: `from __future__ import annotations`) → accepted Python types
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+_TYPE_WORDS = {"str": "text", "int": "a whole number", "float": "a number", "bool": "true or false"}
 
 
 class ConfigError(ValueError):
@@ -69,6 +82,7 @@ class TrainConfig:
     num_workers: int = -1
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.data_dir:
             raise ConfigError("data_dir is required: a folder with one sub-folder per class")
         _choice("model", self.model, MODEL_NAMES)
@@ -80,17 +94,17 @@ class TrainConfig:
             raise ConfigError(f"finetune={self.finetune!r} needs pretrained weights; with weights 'none' use 'full'")
         ratio_sum = self.val_ratio + self.test_ratio
         checks = [
-            ("image_size", self.image_size, 32 <= self.image_size <= 1024, "between 32 and 1024"),
-            ("epochs", self.epochs, 1 <= self.epochs <= 10_000, "between 1 and 10000"),
-            ("batch_size", self.batch_size, 1 <= self.batch_size <= 4096, "between 1 and 4096"),
+            ("image_size", self.image_size, 32 <= self.image_size <= MAX_IMAGE_SIZE, f"between 32 and {MAX_IMAGE_SIZE}"),
+            ("epochs", self.epochs, 1 <= self.epochs <= MAX_EPOCHS, f"between 1 and {MAX_EPOCHS}"),
+            ("batch_size", self.batch_size, 1 <= self.batch_size <= MAX_BATCH_SIZE, f"between 1 and {MAX_BATCH_SIZE}"),
             ("lr", self.lr, 0 < self.lr < 10, "a positive number below 10"),
             ("weight_decay", self.weight_decay, 0 <= self.weight_decay < 1, "in [0, 1)"),
             ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
             ("dropout", self.dropout, 0 <= self.dropout < 1, "in [0, 1)"),
             ("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "in [0, 1)"),
-            ("grad_clip", self.grad_clip, self.grad_clip >= 0, ">= 0"),
-            ("patience", self.patience, self.patience >= 0, ">= 0"),
-            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
+            ("grad_clip", self.grad_clip, 0 <= self.grad_clip <= 1e6, "between 0 and 1e6"),
+            ("patience", self.patience, 0 <= self.patience <= MAX_EPOCHS, f"between 0 and {MAX_EPOCHS}"),
+            ("warmup_epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= MAX_EPOCHS, f"between 0 and {MAX_EPOCHS}"),
             ("probe_epochs", self.probe_epochs,
              self.finetune != "probe_then_unfreeze" or 1 <= self.probe_epochs < self.epochs,
              "at least 1 and smaller than epochs"),
@@ -98,13 +112,25 @@ class TrainConfig:
             ("val_ratio", self.val_ratio, 0 < self.val_ratio < 1, "in (0, 1)"),
             ("test_ratio", self.test_ratio, 0 <= self.test_ratio < 1, "in [0, 1)"),
             ("val_ratio + test_ratio", ratio_sum, ratio_sum <= 0.9, "at most 0.9"),
-            ("num_workers", self.num_workers, self.num_workers >= -1, ">= -1"),
+            ("seed", self.seed, 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+            ("num_workers", self.num_workers, -1 <= self.num_workers <= MAX_NUM_WORKERS,
+             f"between -1 (one per core) and {MAX_NUM_WORKERS}"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
-                raise ConfigError(f"{name} must be {expected}; got {value}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+                raise ConfigError(f"{name} must be {expected}; got {value} — change it to a value in that range")
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", str(self.device))):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (JSON from the page's API can carry anything), so the range checks
+        below compare numbers with numbers; a bool is not accepted as a number."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = _TYPES[f.type]
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            if not ok:
+                raise ConfigError(f"{f.name} must be {_TYPE_WORDS[f.type]}; got {value!r} ({type(value).__name__})")
 
     @property
     def ratios(self) -> tuple[float, float, float]:

@@ -10,11 +10,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torchvision import models as tvm
+
+from .paths import is_within
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,52 @@ def resolve_weights(name: str, weights: str) -> tvm.WeightsEnum | Path | None:
         f"unknown weights {weights!r} for {name}; choose one of {', '.join(list_weights(name))}, "
         "or give the path of a state-dict file"
     )
+
+
+def confine_weights(weights: Any, models: Sequence[str], folders: Sequence[Path]) -> str:
+    """A `weights` value from the page's API, checked before any run is queued: 'none', 'DEFAULT', a weights
+    name every one of `models` has, or a file inside `folders` (the weights folder first: relative paths are
+    taken from there, then the data roots). Returns the value to store: a file as its resolved path.
+
+    A file that is missing and one outside the folders get the same message, so the answer tells nothing about
+    files the page may not read.
+    """
+    if not isinstance(weights, str):
+        raise ValueError(f"weights must be text (a weights name, 'none' or a file name), got {type(weights).__name__}")
+    key = weights.strip()
+    if key.lower() == "none":
+        return "none"
+    if key.upper() == "DEFAULT":
+        return "DEFAULT"
+    models = list(dict.fromkeys(models))
+    known = {m: set(_spec(m).weights_enum.__members__) for m in models}
+    if all(key in names for names in known.values()):
+        return key
+    if any(key in names for names in known.values()):
+        lacking = [m for m, names in known.items() if key not in names]
+        raise ValueError(f"weights {key!r} do not exist for {', '.join(lacking)} — choose DEFAULT (ImageNet) or "
+                         "'none', or queue those models separately")
+    path = _file_inside(key, folders)
+    if path is None:
+        names = sorted(set().union(*known.values()) | {"DEFAULT"}) + ["none"]
+        raise ValueError(f"weights {key!r}: no such weights name, nor a state-dict file in the weights folder "
+                         f"{folders[0]} or the data folders — choose one of {', '.join(names)}, or copy the file "
+                         f"into {folders[0]} and give its name")
+    return str(path)
+
+
+def _file_inside(name: str, folders: Sequence[Path]) -> Path | None:
+    """The resolved file `name` (relative to folders[0]) when it is a file inside one of `folders`, else None."""
+    if not name or "\x00" in name:
+        return None
+    roots = [Path(f).resolve() for f in folders]
+    raw = Path(name).expanduser()
+    try:
+        path = (raw if raw.is_absolute() else roots[0] / raw).resolve(strict=False)
+        inside = any(is_within(path, root) for root in roots)
+        return path if inside and path.is_file() else None
+    except (OSError, RuntimeError):  # a symlink loop, a name too long: as unusable as a missing file
+        return None
 
 
 def weights_cache_dir() -> Path:

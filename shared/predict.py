@@ -101,8 +101,22 @@ def _centre_crop_view(image, image_size: int):
     return v2.CenterCrop(image_size)(v2.Resize(resize_size(image_size), antialias=True)(image))
 
 
+# A cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets (CSV injection): file names
+# come from uploads, class names from folder names, so each such cell gets a leading quote (OWASP's advice).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """`value` safe to open in a spreadsheet: text that would start a formula is prefixed with a single quote."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def write_predictions_csv(results: Iterable[dict], path: Path, top_k: int = 5) -> Path:
-    """CSV with one row per input: source, top-1 class and probability, then the rest of the top-k, or the error."""
+    """CSV with one row per input: source, top-1 class and probability, then the rest of the top-k, or the error.
+
+    Text cells are neutralised with `csv_cell`, so a file or class named `=HYPERLINK(...)` stays text."""
     path = Path(path)
     header = ["source", "error"]
     for i in range(1, top_k + 1):
@@ -115,7 +129,7 @@ def write_predictions_csv(results: Iterable[dict], path: Path, top_k: int = 5) -
             row = [r["source"], r["error"] or ""]
             for item in r["top"][:top_k]:
                 row += [item["class"], f"{item['probability']:.6f}"]
-            writer.writerow(row)
+            writer.writerow([csv_cell(cell) for cell in row])
     tmp.replace(path)
     return path
 

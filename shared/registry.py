@@ -109,6 +109,14 @@ class RunRegistry:
     def cancel_requested(self, run_id: str) -> bool:
         return bool(self.r.exists(self._key("cancel", run_id)))
 
+    def count_unfinished(self) -> int:
+        """How many runs are queued or running (what the page caps)."""
+        ids = self.r.zrange(f"{PREFIX}:runs", 0, -1)
+        if not ids:
+            return 0
+        raws = self.r.mget([self._key("run", run_id) for run_id in ids])
+        return sum(1 for raw in raws if raw and json.loads(raw).get("status") in ("queued", "running"))
+
     def sync_from_store(self, store: RunStore, run_ids: Iterable[str] | None = None) -> int:
         """Re-create records from the run folders (after Redis lost its data); returns how many were written."""
         count = 0

@@ -39,10 +39,19 @@ class Settings:
     max_upload_mb: int = 200
     # torch threads for a CPU worker; 0 means one per core
     worker_threads: int = 0
+    # state-dict files the page's API may name as `weights` (besides the data roots); default <models_dir>/weights,
+    # which every machine sees (workers load the file from the same path)
+    weights_dir: Path | None = None
+    # queued + running runs the page accepts at most; a submission that would pass it is refused
+    max_queued_runs: int = 200
 
     @property
     def cache_path(self) -> Path:
         return self.cache_dir or (self.models_dir / ".cache")
+
+    @property
+    def weights_path(self) -> Path:
+        return self.weights_dir or (self.models_dir / "weights")
 
     @property
     def upload_root(self) -> Path:
@@ -64,6 +73,8 @@ class Settings:
             values["data_roots"] = _split_paths(v)
         if (v := get("CACHE_DIR")) is not None:
             values["cache_dir"] = Path(v).expanduser().resolve()
+        if (v := get("WEIGHTS_DIR")) is not None:
+            values["weights_dir"] = Path(v).expanduser().resolve()
         if env.get("REDIS_URL"):
             values["redis_url"] = env["REDIS_URL"]
         if (v := get("HOST")) is not None:
@@ -71,14 +82,15 @@ class Settings:
         if (v := get("AUTH")) is not None:
             values["auth"] = v
         for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),
-                          ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads")):
+                          ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads"),
+                          ("MAX_QUEUED_RUNS", "max_queued_runs")):
             if (v := get(name)) is not None:
                 try:
                     values[key] = int(v)
                 except ValueError:
                     raise ValueError(f"{ENV_PREFIX}{name} must be an integer, got {v!r}") from None
         values.update({k: v for k, v in overrides.items() if v is not None})
-        for key in ("models_dir", "cache_dir"):
+        for key in ("models_dir", "cache_dir", "weights_dir"):
             if isinstance(values.get(key), str):
                 values[key] = Path(values[key]).expanduser().resolve()
         if isinstance(values.get("data_roots"), (str, Path)):

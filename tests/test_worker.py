@@ -44,7 +44,9 @@ class Lab:
         return TrainConfig(data_dir=str(data_dir or self.data), **{**TINY, **changes})
 
     def worker_env(self) -> dict:
-        return {"RESNET_LAB_LEASE_SECONDS": LEASE_SECONDS, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600}
+        # the worker reads predict_batch's and evaluate's paths only inside its own data roots
+        return {"RESNET_LAB_LEASE_SECONDS": LEASE_SECONDS, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600,
+                "RESNET_LAB_DATA_ROOTS": self.data}
 
 
 @pytest.fixture

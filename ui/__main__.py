@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app import build_app
 
     demo = build_app(settings)
-    demo.queue(default_concurrency_limit=4)
+    demo.queue(default_concurrency_limit=4, max_size=256)  # a bounded queue: a flood of calls gets "queue is full"
     print(f"ResNet Lab page: {page_url(settings)}", flush=True)
     demo.launch(**launch_kwargs(settings))
     return 0

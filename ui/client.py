@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 
 from shared.config import TrainConfig
-from shared.registry import RunRegistry
+from shared.registry import PREFIX, RunRegistry
 from shared.runs import RunNotFound, RunStore
 from shared.settings import Settings
 
@@ -27,6 +27,10 @@ PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 
 class QueueUnavailable(RuntimeError):
     """Redis cannot be reached; the message says what to start."""
+
+
+class QueueFull(RuntimeError):
+    """Queuing these runs would pass RESNET_LAB_MAX_QUEUED_RUNS; the message says how many wait and what to do."""
 
 
 class QueueClient:
@@ -55,8 +59,27 @@ class QueueClient:
                                    "(`resnet-lab up` starts one) and the page reconnects by itself")
 
     def submit(self, configs: list[TrainConfig]) -> list[str]:
-        """One QUEUED run per config, each visible in the registry before its task is sent."""
+        """One QUEUED run per config, each visible in the registry before its task is sent.
+
+        Refuses (QueueFull) when the queued and running runs would pass `settings.max_queued_runs`; the count and
+        the new records happen under one Redis lock, so two submissions at once cannot both slip under the cap.
+        """
         self._require_redis()
+        lock = self.registry.r.lock(f"{PREFIX}:submit-lock", timeout=120, blocking_timeout=60)
+        if not lock.acquire():
+            raise QueueUnavailable("another submission has held the queue for a minute — try again shortly")
+        try:
+            waiting = self.registry.count_unfinished()
+            cap = self.settings.max_queued_runs
+            if waiting + len(configs) > cap:
+                raise QueueFull(f"{waiting} run(s) are queued or running and this adds {len(configs)}: at most {cap} "
+                                "may wait at once (RESNET_LAB_MAX_QUEUED_RUNS) — queue fewer, cancel queued runs, "
+                                "or wait for some to finish")
+            return self._create_and_send(configs)
+        finally:
+            lock.release()
+
+    def _create_and_send(self, configs: list[TrainConfig]) -> list[str]:
         run_ids = []
         for config in configs:
             run_id = self.store.create(config)
@@ -113,13 +136,20 @@ class QueueClient:
 
 
 def _safe_url(url: str | None) -> str:
-    """The Redis URL without its password, for messages shown to users."""
+    """The Redis URL without its credentials, for messages shown to users.
+
+    The credentials end at the *last* '@' before the host: a password may hold '@', ':' or '/' unencoded, which
+    urllib's own split (netloc ends at the first '/') would cut in the middle and half show.
+    """
     if not url:
         return "<unset>"
-    if "@" in url:
-        scheme, rest = url.split("://", 1) if "://" in url else ("redis", url)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "redis", url
+    _credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    return f"{scheme}://***@{host}"
 
 
 def describe(record: dict[str, Any]) -> str:

@@ -19,60 +19,17 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from shared.images import is_image_name
+# the confinement lives in shared/: the worker checks task arguments with the same function
+from shared.paths import PathError, confine_dataset_path, is_within  # noqa: F401 - re-exported for the tabs
 
 # Folders that are never offered as datasets (zip residue, caches, VCS).
 _SKIP = frozenset({"__MACOSX", "__pycache__", "node_modules"})
 # How deep below a data root `discover_datasets` looks for dataset folders.
 _DISCOVER_DEPTH = 3
 _MAX_ENTRY_DEPTH = 32
-
-
-class PathError(ValueError):
-    """A user path or upload was refused; the message says why and what to do."""
-
-
-def is_within(path: Path, root: Path) -> bool:
-    """True when `path` is `root` or lies below it (both already resolved)."""
-    return path == root or root in path.parents
-
-
-def confine_dataset_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
-    """The resolved dataset folder for `user_path`, which must lie inside one of `roots`.
-
-    A relative path is taken relative to the first root. Raises PathError for an empty path, a path outside
-    the roots (after following symlinks and `..`), a missing path, or a file instead of a folder.
-    """
-    text = str(user_path or "").strip()
-    if not text:
-        raise PathError("no dataset folder given — pick one from the list or type a folder inside "
-                        f"{_roots_text(roots)}")
-    if "\x00" in text:
-        raise PathError("the path contains a NUL character — type a plain folder path")
-    resolved_roots = [Path(r).resolve() for r in roots]
-    raw = Path(text).expanduser()
-    candidate = raw if raw.is_absolute() else resolved_roots[0] / raw
-    try:
-        resolved = candidate.resolve(strict=False)
-    except (OSError, RuntimeError) as exc:  # RuntimeError: symlink loop on older Pythons
-        raise PathError(f"cannot resolve {text!r} ({exc}) — type a plain folder inside {_roots_text(roots)}") from None
-    if not any(is_within(resolved, root) for root in resolved_roots):
-        raise PathError(f"{text!r} is outside the data folders this page may read ({_roots_text(roots)}) — "
-                        "copy the dataset into one of them, upload it as a .zip, or start the page with "
-                        "RESNET_LAB_DATA_ROOTS pointing at its parent folder")
-    if not resolved.exists():
-        raise PathError(f"{text!r} does not exist — pick a folder from the list")
-    if not resolved.is_dir():
-        hint = ("upload the .zip on the Data tab to extract it" if resolved.suffix.lower() == ".zip"
-                else "pick the folder that holds one sub-folder of images per class")
-        raise PathError(f"{text!r} is a file, not a folder — {hint}")
-    return resolved
-
-
-def _roots_text(roots: Iterable[Path]) -> str:
-    return ", ".join(str(r) for r in roots)
 
 
 def discover_datasets(roots: Sequence[Path], depth: int = _DISCOVER_DEPTH, limit: int = 200) -> list[Path]:

@@ -42,13 +42,15 @@ def create_app(settings: Settings) -> Celery:
         # per-epoch results are small; keep them for a week for `AsyncResult` users
         result_expires=7 * 24 * 3600,
     )
-    app.conf.resnet_lab_settings = settings
+    # on the app object, not in app.conf: `celery inspect conf` sends the conf to anyone on the broker, and the
+    # settings hold the page login and the Redis URL (Celery masks only keys it knows by name)
+    app.resnet_lab_settings = settings
     return app
 
 
 def settings_of(app: Celery) -> Settings:
     """The Settings `app` was created with (from the environment when someone built the app by hand)."""
-    return app.conf.get("resnet_lab_settings") or Settings.from_env()
+    return getattr(app, "resnet_lab_settings", None) or Settings.from_env()
 
 
 def torch_threads(settings: Settings) -> int:

@@ -22,11 +22,12 @@ import torch
 from celery import shared_task
 
 from shared.checkpoint import CheckpointError
-from shared.config import ConfigError
+from shared.config import SPLITS, ConfigError
 from shared.datasets import DatasetError
 from shared.engine import Cancelled, fit, pick_device
 from shared.images import expand_image_paths
 from shared.models import WeightsUnavailable
+from shared.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
 from shared.registry import RunRegistry
 from shared.runs import FINISHED, RunNotFound, RunStore
 from shared.settings import Settings
@@ -41,8 +42,10 @@ TRAIN_TASK = "resnet_lab.train"
 EVALUATE_TASK = "resnet_lab.evaluate"
 PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 # errors whose message already says what to do: shown as they are, without the exception's class name
-USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError)
+USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError)
 
+# the CSV row of a file found in a folder of the data roots that links out of them (it is not read)
+OUTSIDE_ROOTS = "not inside the data folders (a link out of them?) — not read"
 # evaluation results copied into the run's `best` record (the full results stay in eval/eval.json)
 EVAL_SUMMARY = ("accuracy", "top_k_accuracy", "macro_f1", "loss", "n")
 
@@ -203,8 +206,17 @@ def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str,
 
 @shared_task(bind=True, name=EVALUATE_TASK)
 def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> dict:
-    """Re-evaluate a finished run's best checkpoint on one of its splits, or on another folder."""
-    store, _ = _services(settings_of(self.app))
+    """Re-evaluate a finished run's best checkpoint on one of its splits, or on another folder.
+
+    The arguments come from Redis, where anyone with its password can write: `split` must be a split name and
+    `data_dir` a folder inside this worker's own data roots (RESNET_LAB_DATA_ROOTS), checked before any work.
+    """
+    settings = settings_of(self.app)
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {str(split)[:40]!r}")
+    if data_dir is not None:
+        data_dir = str(confine_dataset_path(data_dir, settings.data_roots))
+    store, _ = _services(settings)
     run_dir = store.path(run_id)
     if not (run_dir / "best.pt").is_file():
         raise RunNotFound(f"run {run_id!r} has no best.pt in {store.root}: train it first")
@@ -223,21 +235,37 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
 
 @shared_task(bind=True, name=PREDICT_BATCH_TASK)
 def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256) -> dict:
-    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run."""
+    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run.
+
+    Every source must lie inside this worker's data roots (checked before any folder is listed), and files
+    found in those folders that link out of the roots get an error row instead of being read: the CSV lands in
+    the run folder, which the page serves.
+    """
     from shared.predict import Predictor, write_predictions_csv
 
-    store, _ = _services(settings_of(self.app))
+    settings = settings_of(self.app)
+    top_k, chunk = _bounded("top_k", top_k, 1, 100), _bounded("chunk", chunk, 1, 4096)
+    roots = settings.data_roots
+    if not isinstance(sources, list) or not sources:
+        raise PathError(f"sources must be a non-empty list of image files or folders inside {roots_text(roots)}")
+    confined = [_confine_source(source, roots) for source in sources]
+    store, _ = _services(settings)
     run_dir = store.path(run_id)
     # a missing path gets an error row in the CSV (as unreadable files do): one bad entry does not cost the batch
-    files = [str(p) for p in expand_image_paths(sources, must_exist=False)]
+    files = [str(p) for p in expand_image_paths(confined, must_exist=False)]
     if not files:
         raise ValueError(f"no image files in {sources}: give image files or folders that hold some")
+    outside = {f for f in files if not _inside(f, roots)}
     device = "cuda" if pick_device("auto").type == "cuda" else "cpu"
     try:
         predictor = Predictor(run_dir, device=device)
         results: list[dict] = []
         for start in range(0, len(files), chunk):
-            results += predictor.predict_many(files[start:start + chunk], top_k=top_k)
+            part = files[start:start + chunk]
+            readable = [f for f in part if f not in outside]
+            answers = iter(predictor.predict_many(readable, top_k=top_k)) if readable else iter(())
+            results += [{"source": f, "error": OUTSIDE_ROOTS, "top": []} if f in outside else next(answers)
+                        for f in part]
             self.update_state(state="PROGRESS", meta={"run_id": run_id, "phase": "predicting",
                                                       "done": len(results), "total": len(files)})
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
@@ -246,3 +274,32 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
         free_gpu_memory()
     errors = sum(1 for r in results if r["error"])
     return {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors}
+
+
+def _confine_source(source: Any, roots) -> Path:
+    """A source inside the roots, unresolved below them so that a missing file still gets its own error row;
+    one outside (after links and `..`) is refused whether or not it exists."""
+    if not isinstance(source, str):
+        raise PathError(f"sources must be paths as text; got {type(source).__name__}")
+    try:
+        return confine_path(source, roots)
+    except PathError:
+        raw = Path(source).expanduser()
+        candidate = raw if raw.is_absolute() else Path(roots[0]) / raw
+        if source.strip() and _inside(str(candidate), roots):
+            return candidate  # inside the roots but missing: predict_many reports it in its row
+        raise
+
+
+def _inside(path: str, roots) -> bool:
+    try:
+        resolved = Path(path).resolve(strict=False)
+    except (OSError, RuntimeError, ValueError):  # a link loop, a NUL byte: not a path inside the roots
+        return False
+    return any(is_within(resolved, Path(root).resolve()) for root in roots)
+
+
+def _bounded(name: str, value: Any, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a whole number between {low} and {high}; got {str(value)[:40]!r}")
+    return value

@@ -15,9 +15,10 @@ from typing import Any
 import gradio as gr
 
 from shared.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid
+from shared.models import confine_weights
 
 from .. import formatting as fmt
-from ..client import QueueUnavailable
+from ..client import QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
 from . import user_error
 
@@ -190,7 +191,8 @@ def params_to_configs(lab, params: dict[str, Any]) -> list[TrainConfig]:
     """JSON-able params (form or API) → one validated TrainConfig per grid combination.
 
     `models`, `lrs`, `batch_sizes` are lists (or give `model`, `lr`, `batch_size` singly); `data_dir` must lie
-    inside the data roots; any other key must be a TrainConfig field. Raises ValueError with what to change.
+    inside the data roots; `weights` must be a weights name or a file in the weights folder or the data roots;
+    any other key must be a TrainConfig field. Raises ValueError with what to change.
     """
     if not isinstance(params, dict):
         raise ValueError(f"expected a JSON object of training settings, got {type(params).__name__}")
@@ -204,31 +206,49 @@ def params_to_configs(lab, params: dict[str, Any]) -> list[TrainConfig]:
         params.pop(single, None)
         if value is not None and not isinstance(value, (list, tuple)):
             value = [value]
+        if value is not None and len(value) > MAX_RUNS_PER_SUBMIT:
+            raise ValueError(f"{plural}: expected at most {MAX_RUNS_PER_SUBMIT} values, got {len(value)} — "
+                             "choose fewer")
         lists[single] = value
     custom = params.pop("lrs_custom", None)
     lists["lr"] = _lrs({"lrs": lists["lr"] or [], "lrs_custom": custom}) if (lists["lr"] or custom) else [1e-3]
     lists["model"] = lists["model"] if lists["model"] is not None else ["resnet18"]
-    lists["batch_size"] = [int(b) for b in lists["batch_size"]] if lists["batch_size"] is not None else [32]
+    lists["batch_size"] = ([_whole("batch_sizes", b) for b in lists["batch_size"]]
+                           if lists["batch_size"] is not None else [32])
     known = {f.name for f in dc_fields(TrainConfig)}
-    unknown = sorted(set(params) - known)
+    unknown = sorted(map(str, set(params) - known))
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(known | set(GRID_FIELDS) | {'lrs_custom'}))}")
-    for key in ("epochs", "image_size", "seed", "warmup_epochs", "patience", "probe_epochs"):
+    for key in ("epochs", "image_size", "seed", "warmup_epochs", "patience", "probe_epochs", "num_workers"):
         if params.get(key) is not None:
-            params[key] = int(params[key])
-    if params.get("weights") in (None, ""):
-        params["weights"] = default_weights()
-    if str(params.get("weights")).lower() == "none":
-        params["finetune"] = "full"
-    # warm-up must be shorter than the run: a 1-epoch run gets none rather than an error
-    epochs = params.get("epochs", 10)
-    if params.get("warmup_epochs", 1) >= epochs:
-        params["warmup_epochs"] = 0
+            params[key] = _whole(key, params[key])
     n = len(lists["model"]) * len(lists["lr"]) * len(lists["batch_size"])
     if n > MAX_RUNS_PER_SUBMIT:
         raise ValueError(f"{n} runs at once is too many — at most {MAX_RUNS_PER_SUBMIT}; choose fewer values")
+    if params.get("weights") in (None, ""):
+        params["weights"] = default_weights()
+    else:  # checked here, before queueing: the worker would load whatever file the config names
+        params["weights"] = confine_weights(params["weights"], lists["model"],
+                                            [lab.settings.weights_path, *lab.settings.data_roots])
+    if params["weights"] == "none":
+        params["finetune"] = "full"
+    # warm-up must be shorter than the run: a 1-epoch run gets none rather than an error
+    epochs = params.get("epochs", 10)
+    if isinstance(epochs, int) and params.get("warmup_epochs", 1) >= epochs:
+        params["warmup_epochs"] = 0
     return expand_grid({**params, "data_dir": str(data_dir)}, **lists)
+
+
+def _whole(name: str, value: Any) -> int:
+    """A whole number from the form (sliders send 5.0) or the API; 2.5, "ten", inf and NaN are refused by name."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit() and len(value) < 20:
+        return int(value)
+    raise ValueError(f"{name}: expected a whole number, got {str(value)[:40]!r} — e.g. {name}=10")
 
 
 def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
@@ -271,12 +291,14 @@ def queue_runs(lab, params: dict[str, Any]) -> list[str]:
         configs = params_to_configs(lab, params)
     except PathError as exc:
         raise user_error(str(exc), title="Folder not allowed") from None
-    except (ConfigError, ValueError, TypeError) as exc:
+    except (ConfigError, ValueError, TypeError, OverflowError) as exc:
         raise user_error(str(exc), title="Check the settings") from None
     try:
         return lab.client().submit(configs)
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue unavailable") from None
+    except QueueFull as exc:
+        raise user_error(str(exc), title="Too many runs waiting") from None
     except OSError as exc:  # the run folder cannot be created: a read-only or full models folder
         raise user_error(f"cannot create the run folder {exc.filename or lab.settings.models_dir}: {exc.strerror} — "
                          "make the models folder writable and free some disk space, then queue again",
