@@ -64,6 +64,7 @@ class Edge:
                          write(self.models / ".redis" / "redis.log", "Ready to accept connections"),
                          write(self.models / ".up.lock", "12345"),
                          write(self.models / ".cache" / "decoded.npy", "arrays")]
+        self.cached_image = make_image(self.models / ".cache" / "thumb.png", 40)
         make_image(self.run_dir / "eval" / "confusion.png", 40)
         write(self.run_dir / "report.html", "<html><body>report</body></html>")
         self.scripts = [write(self.data_root / "evil.html", "<script>fetch('/gradio_api/upload')</script>"),
@@ -188,6 +189,13 @@ def test_predict_opens_only_uploads_and_the_data_roots(edge):
     assert set(answers) <= {REFUSED, None}, answers
     reaching_the_handler = [a for p, a in zip(probes, answers) if isinstance(p, dict) and "meta" not in p]
     assert set(reaching_the_handler) == {REFUSED}, answers
+    # "Classify all": Gradio lets a `meta` payload in the models folder through (a static path); the guard does not
+    [uploaded] = edge.upload("photo.jpg", edge.photo.read_bytes()).json()
+    kind, data = edge.call("predict_many", [[{"path": str(edge.cached_image), "meta": META},
+                                             {"path": uploaded, "meta": META}], "latest"])
+    assert kind == "complete", data
+    rows = data[0]["data"]
+    assert rows[0][-1] == REFUSED and rows[1][1].startswith("class_"), rows
     assert edge.page.alive()
 
 
@@ -236,7 +244,7 @@ def test_fifos_and_devices_never_hold_a_handler_while_a_photo_waits(edge):
 
 @pytest.mark.slow
 def test_the_file_route_serves_only_what_the_page_shows_or_offers(edge):
-    refused = [*edge.dotfiles, *edge.scripts, edge.hidden_image, edge.fifo_in, edge.data_root / "link.png",
+    refused = [*edge.dotfiles, edge.cached_image, *edge.scripts, edge.hidden_image, edge.fifo_in, edge.data_root / "link.png",
                edge.run_dir / "config.json", edge.run_dir / "last.pt", edge.run_dir / "status.json",
                edge.run_dir / "metrics.jsonl", f"{edge.run_dir}/eval/../../.redis/appendonly.aof", "/dev/zero",
                edge.secret, edge.outside / "missing.png"]
@@ -312,11 +320,11 @@ def test_origin_and_host_checks_behind_a_proxy_with_an_allow_list():
     from starlette.routing import Route
     from starlette.testclient import TestClient
 
-    from ui.guard import page_middleware
+    from ui.guard import origin_middleware
 
     settings = _settings(auth="me:secret", allowed_hosts=("lab.example.com",))
     app = Starlette(routes=[Route("/x", lambda request: PlainTextResponse("ok"), methods=["GET", "POST"])],
-                    middleware=[m for m in page_middleware(settings) if m.cls.__name__ != "FileRouteGuard"])
+                    middleware=origin_middleware(settings))
     client = TestClient(app, base_url="http://lab.example.com")
     assert client.post("/x", headers={"Origin": "https://lab.example.com"}).status_code == 200  # TLS proxy
     assert client.post("/x", headers={"Origin": "https://evil.example"}).status_code == 403

@@ -331,9 +331,13 @@ def check_allowed_hosts(settings: Settings) -> None:
                              "lab.example.com or *.example.com, separated by commas")
 
 
-def page_middleware(settings: Settings) -> list[Middleware]:
-    """Outermost first: the Host check, the Origin check, then the file route's."""
+def origin_middleware(settings: Settings) -> list[Middleware]:
+    """The Host check (DNS rebinding), then the Origin check (other web pages)."""
     extra = tuple(settings.allowed_hosts) if settings.auth else ()
     return [Middleware(TrustedHostMiddleware, allowed_hosts=trusted_hosts(settings), www_redirect=False),
-            Middleware(SameOriginOnly, extra_hosts=extra),
-            Middleware(FileRouteGuard, policy=FilePolicy.for_settings(settings))]
+            Middleware(SameOriginOnly, extra_hosts=extra)]
+
+
+def page_middleware(settings: Settings) -> list[Middleware]:
+    """Outermost first: the Host check, the Origin check, then the file route's."""
+    return origin_middleware(settings) + [Middleware(FileRouteGuard, policy=FilePolicy.for_settings(settings))]
