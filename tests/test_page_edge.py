@@ -244,8 +244,8 @@ def test_fifos_and_devices_never_hold_a_handler_while_a_photo_waits(edge):
 
 @pytest.mark.slow
 def test_the_file_route_serves_only_what_the_page_shows_or_offers(edge):
-    refused = [*edge.dotfiles, edge.cached_image, *edge.scripts, edge.hidden_image, edge.fifo_in, edge.data_root / "link.png",
-               edge.run_dir / "config.json", edge.run_dir / "last.pt", edge.run_dir / "status.json",
+    refused = [*edge.dotfiles, edge.cached_image, *edge.scripts, edge.hidden_image, edge.fifo_in,
+               edge.data_root / "link.png", edge.run_dir / "config.json", edge.run_dir / "last.pt", edge.run_dir / "status.json",
                edge.run_dir / "metrics.jsonl", f"{edge.run_dir}/eval/../../.redis/appendonly.aof", "/dev/zero",
                edge.secret, edge.outside / "missing.png"]
     for path in refused:
@@ -315,7 +315,6 @@ def test_the_allow_list_needs_a_login_and_widens_hosts_only_with_one():
 
 def test_origin_and_host_checks_behind_a_proxy_with_an_allow_list():
     from starlette.applications import Starlette
-    from starlette.middleware import Middleware
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
     from starlette.testclient import TestClient

@@ -145,6 +145,7 @@ class ClientFiles:
         if isinstance(payload, dict):
             path, url = payload.get("path"), payload.get("url")
             name = str(payload.get("orig_name") or (Path(path).name if isinstance(path, str) and path else "image"))
+            name = name[:120]  # it is only shown back in messages
             if path:
                 return self.read_path(path, name), name
             if isinstance(url, str) and url.startswith("data:"):
@@ -283,7 +284,7 @@ class SameOriginOnly:
     which let any localhost origin in. Requests without `Origin` (navigation, API clients) pass."""
 
     def __init__(self, app: ASGIApp, extra_hosts: tuple[str, ...] = ()):
-        self.app, self.extra_hosts = app, extra_hosts
+        self.app, self.extra_hosts = app, tuple(h.lower() for h in extra_hosts)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
