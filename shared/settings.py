@@ -33,6 +33,8 @@ class Settings:
     port: int = 7860
     # "user:password" for the page; required when host is not loopback
     auth: str | None = None
+    # host names the page answers besides loopback ("lab.example.com", "*.example.com"); needs `auth`
+    allowed_hosts: tuple[str, ...] = ()
     # seconds a task may stay un-acknowledged before Redis redelivers it: longer than the longest run
     visibility_timeout: int = 7 * 24 * 3600
     # largest upload the page accepts, in megabytes
@@ -81,6 +83,8 @@ class Settings:
             values["host"] = v
         if (v := get("AUTH")) is not None:
             values["auth"] = v
+        if (v := get("ALLOWED_HOSTS")) is not None:
+            values["allowed_hosts"] = tuple(h.strip().lower() for h in v.split(",") if h.strip())
         for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),
                           ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads"),
                           ("MAX_QUEUED_RUNS", "max_queued_runs")):

@@ -147,6 +147,19 @@ def test_the_page_listens_on_loopback_only_and_asks_for_the_login(secure):
     assert secure.request("GET", "/gradio_api/info")[0] == 200
 
 
+@pytest.mark.slow
+def test_with_a_login_any_host_name_is_answered_but_other_pages_are_still_refused(secure):
+    # served beyond loopback behind a login, the page's name is the operator's choice (RESNET_LAB_ALLOWED_HOSTS
+    # narrows it); another web page's requests are refused whatever the login cookie says
+    assert secure.request("GET", "/gradio_api/info", headers={"Host": "lab.example.com"})[0] == 200
+    boundary = "resnetlabboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.jpg\"\r\n\r\nx\r\n"
+            f"--{boundary}--\r\n").encode()
+    status, _ = secure.request("POST", "/gradio_api/upload", body=body, headers={
+        "Content-Type": f"multipart/form-data; boundary={boundary}", "Origin": "http://evil.example"})
+    assert status == 403
+
+
 # --- files -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow

@@ -316,4 +316,5 @@ def test_file_route_refuses_files_outside(stack):
     assert status(str(stack.root / "page.log")) == 403
     assert status(_image(stack)) == 200  # the data roots are served (thumbnails, test images)
     run_dir = next(p for p in stack.models.iterdir() if (p / "best.pt").exists())
-    assert status(str(run_dir / "config.json")) == 200
+    assert status(str(run_dir / "best.pt")) == 200  # offered for download
+    assert status(str(run_dir / "config.json")) == 403  # not shown by the page, so not served (ui/guard.py)

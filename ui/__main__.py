@@ -3,8 +3,9 @@
 Settings come from the environment (`RESNET_LAB_*`, `REDIS_URL`); flags override host and port. The page binds
 127.0.0.1 by default and refuses any other address unless `RESNET_LAB_AUTH=user:password` is set. Gradio's
 analytics are switched off before gradio is imported (with them on, launching contacts api.gradio.app and
-huggingface.co), and Gradio's file route serves nothing but its own upload cache, the models folder and the
-data roots.
+huggingface.co). `ui.guard` sits in front of Gradio's app: it answers only loopback host names (with a login,
+any or `RESNET_LAB_ALLOWED_HOSTS`), refuses requests from other web pages, and lets the file route serve only
+what the page shows or offers for download.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import sys
 
 from shared.settings import ENV_PREFIX, Settings, is_loopback
+from ui.guard import check_allowed_hosts
 
 log = logging.getLogger("ui")
 
@@ -30,6 +32,10 @@ def check_bind(settings: Settings) -> None:
     """Refuse to serve beyond loopback without credentials; SystemExit says how to fix it."""
     try:
         pair = settings.auth_pair()
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    try:
+        check_allowed_hosts(settings)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     if not is_loopback(settings.host) and pair is None:
@@ -62,6 +68,7 @@ def page_url(settings: Settings) -> str:
 def launch_kwargs(settings: Settings) -> dict:
     """Everything `Blocks.launch` gets besides the app (kept here so tests can check it)."""
     from ui.app import CSS, THEME, allowed_paths
+    from ui.guard import page_middleware
 
     return dict(
         server_name=settings.host,
@@ -82,6 +89,7 @@ def launch_kwargs(settings: Settings) -> dict:
         mcp_server=False,
         ssr_mode=False,
         pwa=False,
+        app_kwargs={"middleware": page_middleware(settings)},  # Host, Origin and file-route checks (ui/guard.py)
     )
 
 

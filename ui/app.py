@@ -20,6 +20,7 @@ from shared.runs import FINISHED, RunStore, read_json
 from shared.settings import Settings
 
 from .client import QueueClient, QueueUnavailable
+from .guard import ClientFiles
 from .tabs import data, predict, results, runs, train
 
 log = logging.getLogger(__name__)
@@ -60,10 +61,12 @@ RESYNC_EVERY_S = 10.0
 
 
 class Lab:
-    """What the tabs share: settings, the run store, the queue client (lazy) and the predictor cache."""
+    """What the tabs share: settings, the run store, the queue client (lazy), the predictor cache, and `files`,
+    the only way a handler opens a file a client named (ui/guard.py)."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.files = ClientFiles.for_settings(settings)
         self.store = RunStore(settings.models_dir)
         self.predictors = PredictorCache(self.store, size=2, device="cpu")
         self._client: QueueClient | None = None
@@ -172,7 +175,8 @@ CACHE_CLEANUP = (3600, 86400)  # (every N seconds, delete cached files older tha
 
 
 def allowed_paths(settings: Settings) -> list[str]:
-    """What Gradio's file route may serve besides its own cache: the run folders and the data roots."""
+    """Where Gradio may take the files handlers return (it copies data-root images into its cache and serves the
+    run folders in place); what its file route really serves is narrowed by `ui.guard.FilePolicy`."""
     return [str(Path(settings.models_dir).resolve())] + [str(Path(r).resolve()) for r in settings.data_roots]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from .. import formatting as fmt
+from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip
 from . import user_error
 
@@ -172,6 +173,12 @@ def upload_zip(lab, file_path: str | None):
     if not file_path:
         return gr.skip()
     settings = lab.settings
+    try:  # Gradio lets a payload naming a file in the models folder through (a static path): only uploads here
+        file_path = str(lab.files.checked_path(file_path))
+    except FileRefused as exc:
+        raise user_error(str(exc), title="Upload the archive again") from None
+    except UploadError as exc:
+        raise user_error(str(exc), title="Archive refused") from None
     try:
         done = extract_zip(file_path, settings.upload_root, name=Path(file_path).name,
                            max_bytes=settings.max_upload_mb * 4 * 1_000_000)

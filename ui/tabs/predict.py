@@ -7,10 +7,8 @@ answer always names the run that gave it.
 
 from __future__ import annotations
 
-import base64
 import io
 import logging
-import os
 import shutil
 import tempfile
 import threading
@@ -28,6 +26,7 @@ from shared.images import ImageError, load_rgb
 from shared.predict import NoModelError, write_predictions_csv
 
 from .. import formatting as fmt
+from ..guard import FileRefused, UploadError
 from . import user_error
 
 log = logging.getLogger(__name__)
@@ -128,26 +127,15 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
             f"finished {fmt.fmt_ago(record.get('finished'))}).")
 
 
-def _max_bytes(lab) -> int:
-    return int(lab.settings.max_upload_mb) * 1024 * 1024  # as the launch's max_file_size
-
-
 def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
-    """(bytes, display name) of an uploaded image payload (FileData dict, path, or data: URL)."""
-    if isinstance(payload, dict):
-        url, path = payload.get("url") or "", payload.get("path")
-        name = payload.get("orig_name") or (Path(path).name if path else "image")
-        if not path and url.startswith("data:"):
-            data = base64.b64decode(url.split(",", 1)[1])
-            return data, name
-    else:
-        path, name = payload, Path(str(payload)).name
-    size = os.path.getsize(path)
-    if size > _max_bytes(lab):
-        raise user_error(f"{name} is {size / 2**20:.1f} MB; the limit is {lab.settings.max_upload_mb} MB — use a smaller "
-                       "image.", title="File too large")
-    with open(path, "rb") as fh:
-        return fh.read(), name
+    """(bytes, display name) of an image payload (FileData dict, path, or data: URL), through the one guard for
+    client-named files: only uploads and the data roots, regular files, at most the upload cap."""
+    try:
+        return lab.files.read(payload)
+    except FileRefused as exc:
+        raise user_error(str(exc), title="Upload the image again") from None
+    except UploadError as exc:
+        raise user_error(str(exc), title="Not a usable upload") from None
 
 
 def _load(data: bytes, name: str):
@@ -212,27 +200,38 @@ def predict(lab, image: Any, model: str | None = LATEST):
            _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id)
 
 
+BATCH = 32  # files read and classified together by "Classify all"
+
+
+def _predict_batch(lab, predictor, files: list[str]) -> list[dict]:
+    """Results for some files, each read through the guard; an unreadable one gets its message in `error`."""
+    names = [Path(str(f)).name for f in files]
+    sources: list[Any] = []
+    problems: dict[int, str] = {}
+    for i, (path, name) in enumerate(zip(files, names)):
+        try:
+            sources.append(lab.files.read_path(path, name))
+        except (FileRefused, UploadError) as exc:
+            problems[i] = str(exc)
+            sources.append(b"")
+    results = predictor.predict_many(sources, top_k=5)
+    for i, (result, name) in enumerate(zip(results, names)):
+        result["source"] = name
+        if i in problems:
+            result["error"], result["top"] = problems[i], []
+        elif result["error"]:
+            result["error"] = str(result["error"]).replace("<uploaded bytes>", name)
+    return results
+
+
 def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     """Many images → table, CSV file, which run answered (and its id, a State for the model line)."""
     if not files:
         raise user_error("Add some images first.", title="No images")
     predictor = _predictor(lab, model)
-    names = [Path(f).name for f in files]
-    sources: list[Any] = []
-    too_big = {}
-    for path, name in zip(files, names):
-        if os.path.getsize(path) > _max_bytes(lab):
-            too_big[name] = f"larger than {lab.settings.max_upload_mb} MB"
-            sources.append(b"")
-        else:
-            sources.append(path)
-    results = predictor.predict_many(sources, top_k=5)
-    for result, path, name in zip(results, files, names):
-        result["source"] = name
-        if name in too_big:
-            result["error"], result["top"] = too_big[name], []
-        elif result["error"]:
-            result["error"] = str(result["error"]).replace(str(path), name).replace("<uploaded bytes>", name)
+    results = []
+    for start in range(0, len(files), BATCH):  # a batch of files in memory at a time, never all of them
+        results += _predict_batch(lab, predictor, files[start:start + BATCH])
     rows = []
     for r in results:
         top = r["top"]
@@ -280,7 +279,8 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # ran twice and a bad file got two identical toasts. always_last: a picture dropped while the previous one is
     # still being explained is answered next, not ignored.
     # preprocess=False: the handler reads the upload itself, so a text file named .jpg or a decompression bomb
-    # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing
+    # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing. It reads through
+    # lab.files (ui/guard.py): Gradio checks a payload's path only when the payload carries `meta`.
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
     ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],

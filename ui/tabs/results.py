@@ -8,11 +8,13 @@ the page process, for an image the user picks.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -23,6 +25,7 @@ from shared.predict import NoModelError
 
 from .. import formatting as fmt
 from ..client import QueueUnavailable
+from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
 from . import park_plot_props, plot_props_step, user_error
 
@@ -314,8 +317,9 @@ def build_report(lab, run_id: str | None):
     return gr.DownloadButton(value=str(path), visible=True)
 
 
-def activations(lab, run_id: str | None, image: str | None):
-    """One picture: a row per ResNet stage (conv1 … layer4) of its 8 strongest feature maps."""
+def activations(lab, run_id: str | None, image: Any):
+    """One picture (an image payload, read through the guard for client files): a row per ResNet stage (conv1 …
+    layer4) of its 8 strongest feature maps."""
     if not image:
         return None
     if not run_id:
@@ -323,13 +327,21 @@ def activations(lab, run_id: str | None, image: str | None):
     from shared.explain import layer_activations
 
     try:
+        data, name = lab.files.read(image)
+    except FileRefused as exc:
+        raise user_error(str(exc), title="Upload the image again") from None
+    except UploadError as exc:
+        raise user_error(str(exc), title="Not a usable upload") from None
+    try:
         predictor = lab.predictors.get(run_id)
     except NoModelError as exc:
         raise user_error(str(exc), title="Model not available") from None
+    buffer = io.BytesIO(data)
+    buffer.name = name  # messages name the user's file
     try:
-        picture = load_rgb(image)
+        picture = load_rgb(buffer)
     except ImageError as exc:
-        raise user_error(str(exc).replace(str(image), Path(image).name), title="Not a usable image") from None
+        raise user_error(str(exc), title="Not a usable image") from None
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
         maps = layer_activations(predictor.model, x, top=8)
@@ -399,8 +411,10 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     ui.evaluate_btn.click(partial(evaluate_again, lab), ui.run, ui.metrics, api_visibility="private")
     ui.report_btn.click(partial(build_report, lab), ui.run, ui.report_file, api_visibility="private",
                         concurrency_limit=1)
+    # preprocess=False: Gradio's image preprocessing would open whatever path a payload without `meta` names;
+    # the handler reads it through lab.files instead (ui/guard.py)
     ui.act_image.change(partial(activations, lab), [ui.run, ui.act_image], ui.activations, api_visibility="private",
-                        concurrency_limit=2)
+                        concurrency_limit=2, preprocess=False)
     ui.act_pick.input(partial(pick_test_image, lab), [ui.run, ui.act_pick], ui.act_image, api_visibility="private")
 
     def run_results(run_id: str) -> dict:
