@@ -39,6 +39,15 @@ class Settings:
     max_upload_mb: int = 200
     # torch threads for a CPU worker; 0 means one per core
     worker_threads: int = 0
+    # figures an evaluation draws: "all", "basic" (no t-SNE, Grad-CAM, image galleries) or "none" (eval.json only)
+    eval_figures: str = "all"
+
+    def __post_init__(self):
+        from .eval_result import FIGURE_LEVELS
+
+        if self.eval_figures not in FIGURE_LEVELS:
+            raise ValueError(f"{ENV_PREFIX}EVAL_FIGURES must be one of {', '.join(FIGURE_LEVELS)}, "
+                             f"got {self.eval_figures!r}")
 
     @property
     def cache_path(self) -> Path:
@@ -70,6 +79,8 @@ class Settings:
             values["host"] = v
         if (v := get("AUTH")) is not None:
             values["auth"] = v
+        if (v := get("EVAL_FIGURES")) is not None:
+            values["eval_figures"] = v
         for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),
                           ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads")):
             if (v := get(name)) is not None:
