@@ -249,7 +249,7 @@ class EvalResult:
                 "figure_level": self.figure_level, "skipped_figures": list(self.skipped_figures)}
 
 
-_AGAIN = "evaluate the run again (Results tab: Evaluate again; or `resnet-lab evaluate RUN`) to rewrite it"
+_AGAIN = "evaluate the run again (Results tab: Evaluate again, or resnet-lab evaluate RUN) to rewrite it"
 
 
 def _adapter():
@@ -290,14 +290,15 @@ def load_eval_result(run_dir: str | os.PathLike, folder: str = "eval") -> EvalRe
     Raises EvalResultError when eval.json is unreadable, not JSON, from a newer version or does not match.
     """
     path = eval_file(run_dir, folder)
+    where = f"{Path(run_dir).name}/{folder}/{EVAL_FILE}"  # messages reach the page's API: no server paths
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EvalResultError(f"cannot read {path}: {exc} — {_AGAIN}") from None
+    except OSError as exc:
+        raise EvalResultError(f"cannot read {where}: {exc.strerror} — {_AGAIN}") from None
     try:
         data = json.loads(text)
-    except ValueError as exc:
-        raise EvalResultError(f"{path} is not valid JSON ({exc}) — {_AGAIN}") from None
-    return EvalResult.from_dict(data, where=str(path))
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise EvalResultError(f"{where} is not valid JSON ({exc}) — {_AGAIN}") from None
+    return EvalResult.from_dict(data, where=where)
