@@ -471,3 +471,19 @@ def test_run_results_answers_the_same_for_unknown_and_hostile_run_ids(results_pa
     for run_id in ("20990101-000000-resnet18-ffffff", "../../etc", "", ".hidden", None, {"a": 1}):
         with pytest.raises(gr.Error, match="no evaluation for run .*: the run does not exist or has not been"):
             results.run_results(lab, run_id)
+
+
+def test_the_results_tab_hides_what_a_basic_evaluation_skipped_and_says_so(results_page, tmp_path):
+    from shared.runs import RunStore
+    from tests.evalfake import fake_eval
+    from ui.tabs import results
+
+    _, ui = results_page
+    run = tmp_path / "models" / "20260101-000000-resnet18-abcdef"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval.json").write_text(json.dumps(fake_eval(["cat", "dog"], figure_level="basic")))
+    shown = results.show_run(SimpleNamespace(store=RunStore(tmp_path / "models")), ui, run.name, "counts", {})
+    assert shown[ui.body].visible is True and not shown[ui.roc].empty  # the charts are drawn from eval.json's data
+    assert shown[ui.tsne_panel].visible is False and shown[ui.tsne].empty
+    assert shown[ui.cams].visible is False and shown[ui.top_losses].visible is False
+    assert "skipped these figures (figures = basic): t-SNE, Grad-CAM samples" in shown[ui.metrics]

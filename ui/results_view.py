@@ -17,10 +17,9 @@ from .formatting import DASH, fmt_pct, md_escape
 CURVE_COLUMNS = ["x", "y", "curve"]
 TSNE_COLUMNS = ["x", "y", "true class", "predicted", "correct"]
 AVERAGE_CURVES = {"micro": "micro avg", "macro": "macro avg"}  # eval.json's names → legend names
-# The galleries: which figures each shows, in order, with their captions.
-CAM_FIGURES = {"cam_samples": "Grad-CAM for a few images of each class",
-               "cam_errors": "the most confident errors: Grad-CAM for the predicted and the true class"}
-TOP_LOSS_FIGURES = {"top_losses": "the images with the highest loss"}
+# The galleries: which figures each shows, in order, with their captions (short: one line under the figure).
+CAM_FIGURES = {name: FIGURE_TITLES[name] for name in ("cam_samples", "cam_errors")}
+TOP_LOSS_FIGURES = {"top_losses": FIGURE_TITLES["top_losses"]}
 
 
 def metrics_markdown(result: EvalResult) -> str:
