@@ -203,7 +203,7 @@ def cmd_train(args, settings: Settings) -> int:
         raise
     _print_skipped(run_dir)
     if not args.skip_eval:
-        _evaluate(run_dir, "test", None)
+        _evaluate(run_dir, "test", None, settings.eval_figures)
     store.set_status(run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
     return 0
@@ -222,11 +222,11 @@ def _print_skipped(run_dir: Path, limit: int = 20) -> None:
         print(f"  ... and {len(skipped) - limit} more, all listed in {run_dir / 'split.json'}", file=sys.stderr)
 
 
-def _evaluate(run_dir: Path, split: str, data_dir: str | None) -> dict:
+def _evaluate(run_dir: Path, split: str, data_dir: str | None, figures: str) -> dict:
     from .evaluation import eval_dir_for, evaluate_run
 
     print("[evaluating]", file=sys.stderr)
-    result = evaluate_run(run_dir, split=split, data_dir=data_dir)
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir, figures=figures)
     print(f"{split if not data_dir else data_dir}: accuracy {result['accuracy']:.3f} on {result['n']} images; "
           f"figures in {eval_dir_for(run_dir, split, data_dir)}", file=sys.stderr)
     return result
@@ -243,7 +243,7 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
-    result = _evaluate(store.path(run_id), args.split, args.data_dir)
+    result = _evaluate(store.path(run_id), args.split, args.data_dir, settings.eval_figures)
     print(json.dumps({k: result[k] for k in ("accuracy", "top_k_accuracy", "macro") if k in result}, indent=2))
     return 0
 

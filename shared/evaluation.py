@@ -6,9 +6,11 @@
     <run_dir>/eval-<split>/         another split of the run's split.json, e.g. eval-val/
     <run_dir>/eval-folder-<name>/   every image of another folder (class sub-folders), <name> from its folder name
 
-`compute_metrics(y_true, probs, classes)` is the pure part (arrays in, JSON-ready dict out). eval.json is strict JSON
-(no NaN): a number that is undefined (recall of a class with no images, ROC of a class absent from the set) is
-left out or null, and `notes` says why.
+`compute_metrics(y_true, probs, classes)` is the pure part (arrays in, JSON-ready dict out). eval.json's layout is
+`shared.eval_result.EvalResult` (its readers load it with `load_eval_result`). It is strict JSON (no NaN): a number
+that is undefined (recall of a class with no images, ROC of a class absent from the set) is left out or null, and
+`notes` says why. `figures="basic"` or `"none"` (env RESNET_LAB_EVAL_FIGURES) skips the costly figures, e.g. for
+tests that do not look at them; eval.json records which were skipped.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def compute_metrics(y_true: Sequence[int], probs: np.ndarray, classes: Sequence[
         "n": int(n),
         "classes": classes,
         "accuracy": _num(skm.accuracy_score(y_true, y_pred)),
+        # mean recall over the classes with images (= balanced_accuracy_score, without its warning about the others)
+        "balanced_accuracy": _num(np.mean(r[support > 0])),
         "loss": _num(float(np.mean(-np.log(np.clip(true_prob, 1e-12, 1.0))))),
         "top_k": k_top,
         "top_k_accuracy": _top_k_accuracy(y_true, probs, k_top),
@@ -249,16 +253,19 @@ def eval_dir_for(run_dir: Path, split: str = "test", data_dir: str | os.PathLike
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: str | os.PathLike | None = None,
                  batch_size: int = 64, device: str = "cpu", cam_samples_per_class: int = 2,
-                 progress: Callable[[int, int], None] | None = None) -> dict:
+                 progress: Callable[[int, int], None] | None = None, figures: str = "all") -> dict:
     """Run the best checkpoint over a split (or a folder with the same classes) and write eval.json + figures.
 
+    figures: "all"; "basic" (charts only: no t-SNE, Grad-CAM or image galleries); "none" (eval.json only).
     progress(done, total) counts images, then three more steps: t-SNE, Grad-CAM, figures.
-    Unreadable images are skipped and listed under `skipped`. Returns the eval.json dict.
+    Unreadable images are skipped and listed under `skipped`. Returns eval.json's contents (`EvalResult.to_dict()`).
     """
     import torch
 
     from .checkpoint import load_model_from_run
+    from .eval_result import EvalResult, skipped_figures_for
 
+    skipped_figures = skipped_figures_for(figures)  # refuses an unknown level before any work
     started = time.perf_counter()
     run_dir = Path(run_dir)
     out_dir = eval_dir_for(run_dir, split, data_dir)
@@ -292,21 +299,25 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     result["losses"] = {"mean": _num(losses.mean()), "max": _num(losses.max())}
 
     t0 = time.perf_counter()
-    result["tsne"] = _tsne(np.asarray(outputs["features"]), y, probs.argmax(1), paths, result["notes"])
+    result["tsne"] = None
+    if "tsne" not in skipped_figures:
+        result["tsne"] = _tsne(np.asarray(outputs["features"]), y, probs.argmax(1), paths, result["notes"])
     timings["tsne_s"] = round(time.perf_counter() - t0, 2)
     report(len(items) + 1, total)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     context = _FigureContext(run_dir, out_dir, model, meta, root, torch_device)
-    figures = _render_figures(context, y, probs, losses, paths, result, cam_samples_per_class,
-                              lambda: report(len(items) + 2, total))
+    _render_figures(context, y, probs, losses, paths, result, cam_samples_per_class,
+                    lambda: report(len(items) + 2, total), skip=set(skipped_figures))
     timings["cam_s"] = round(context.cam_seconds, 2)
     timings["figures_s"] = round(time.perf_counter() - t0 - context.cam_seconds, 2)
     report(total, total)
-    result["figures"] = figures
+    result.update(figures=context.figures, figure_level=figures, skipped_figures=skipped_figures)
     timings["total_s"] = round(time.perf_counter() - started, 2)
     result["timings"] = timings
+    # through the schema: a writer bug fails here, not later in every reader
+    result = EvalResult.from_dict(result, where=f"the evaluation of {run_dir.name}").to_dict()
     _write_json(out_dir / "eval.json", result)
     logger.info("evaluated %s on %d images (%s): accuracy %.3f in %.1f s", run_dir.name, result["n"], source,
                 result["accuracy"], timings["total_s"])
@@ -455,25 +466,41 @@ class _FigureContext:
 
 
 def _render_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losses: np.ndarray, paths: list[str],
-                    result: dict, cam_per_class: int, after_cams: Callable[[], None]) -> dict[str, str]:
+                    result: dict, cam_per_class: int, after_cams: Callable[[], None], skip: set[str]) -> None:
+    """Draw every figure not in `skip` (the figure level's names: CHART_FIGURES, COSTLY_FIGURES) into ctx."""
     from . import plots
+    from .eval_result import COSTLY_FIGURES
     from .runs import read_metrics
 
     classes = ctx.classes
-    pred = probs.argmax(1)
-    records = read_metrics(ctx.run_dir)
-    if records:
-        ctx.save("curves", plots.plot_curves(records))
-    counts = result["confusion"]["counts"]
-    ctx.save("confusion", plots.plot_confusion(counts, classes, normalize=False))
-    ctx.save("confusion_normalized", plots.plot_confusion(counts, classes, normalize=True))
-    ctx.save("roc", plots.plot_roc(result["roc"], classes))
-    ctx.save("pr", plots.plot_pr(result["pr"], classes))
-    ctx.save("reliability", plots.plot_reliability(result["calibration"]))
-    ctx.save("tsne", plots.plot_tsne(result["tsne"], classes))
-    ctx.save("class_counts", plots.plot_class_counts(
-        {row["class"]: row["support"] for row in result["per_class"]}, title="Images per class in this set"))
+    charts = {
+        "curves": lambda: plots.plot_curves(records),
+        "confusion": lambda: plots.plot_confusion(result["confusion"]["counts"], classes, normalize=False),
+        "confusion_normalized": lambda: plots.plot_confusion(result["confusion"]["counts"], classes, normalize=True),
+        "roc": lambda: plots.plot_roc(result["roc"], classes),
+        "pr": lambda: plots.plot_pr(result["pr"], classes),
+        "reliability": lambda: plots.plot_reliability(result["calibration"]),
+        "tsne": lambda: plots.plot_tsne(result["tsne"], classes),
+        "class_counts": lambda: plots.plot_class_counts(
+            {row["class"]: row["support"] for row in result["per_class"]}, title="Images per class in this set"),
+    }
+    records = read_metrics(ctx.run_dir) if "curves" not in skip else []
+    for name, draw in charts.items():
+        if name not in skip and (name != "curves" or records):
+            ctx.save(name, draw())
+    if set(COSTLY_FIGURES) <= skip:
+        after_cams()
+        return
+    _render_image_figures(ctx, y, probs, losses, paths, cam_per_class, after_cams)
 
+
+def _render_image_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losses: np.ndarray,
+                          paths: list[str], cam_per_class: int, after_cams: Callable[[], None]) -> None:
+    """The figures that load images again and run the model: Grad-CAM, top losses, class samples, activations."""
+    from . import plots
+
+    classes = ctx.classes
+    pred = probs.argmax(1)
     rng = np.random.default_rng(0)
     samples = _cam_samples(y, cam_per_class, rng)
     errors = [int(i) for i in np.argsort(-probs[np.arange(len(y)), pred]) if pred[i] != y[i]][:CAM_ERRORS]
@@ -492,7 +519,6 @@ def _render_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losse
         info = top_channels(ctx.model, x, top=8)
         ctx.save("activations", plots.plot_activations(
             info, ctx.view(x), title=f"Strongest feature maps for {paths[i]} ({classes[y[i]]})"))
-    return ctx.figures
 
 
 def _cam_samples(y: np.ndarray, per_class: int, rng) -> list[int]:

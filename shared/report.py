@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from .eval_result import FIGURE_TITLES, EvalResult, EvalResultError, load_eval_result
+
 logger = logging.getLogger(__name__)
 
 CSS = """
@@ -77,8 +79,8 @@ def build_report_html(run_dir: Path) -> str:
     if not evals:
         parts.append('<p class="note">Not evaluated yet — run <code>resnet-lab evaluate '
                      f'{_e(run_dir.name)}</code>, then write the report again.</p>')
-    for eval_dir, result in evals:
-        parts.append(_eval_section(run_dir, eval_dir, result))
+    for name, result in evals:
+        parts.append(_eval_section(run_dir, name, result))
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -127,81 +129,85 @@ def _training_section(records: list[dict]) -> str:
     return figure + _table(cols, [[r.get(c) for c in cols] for r in records])
 
 
-def _eval_section(run_dir: Path, eval_dir: Path, result: dict) -> str:
-    name = eval_dir.name
-    source = result.get("source") or result.get("split") or name
+def _eval_section(run_dir: Path, name: str, result: EvalResult | EvalResultError) -> str:
+    if isinstance(result, EvalResultError):
+        return f'<h2>Evaluation: {_e(name)}</h2><p class="note">{_e(result)}</p>'
     out = [f"<h2>Evaluation: {_e(name)}</h2>",
-           f'<p class="muted">{_e(source)} · {_e(result.get("n"))} images · model {_e(result.get("model"))}'
-           f' at {_e(result.get("image_size"))} px</p>']
-    for note in result.get("notes") or []:
+           f'<p class="muted">{_e(result.source)} · {_e(result.n)} images · model {_e(result.model)}'
+           f' at {_e(result.image_size)} px</p>']
+    for note in result.notes:
         out.append(f'<p class="note">{_e(note)}</p>')
     out.append(_headline(result))
     out.append("<h3>Per class</h3>" + _per_class_table(result))
-    pairs = result.get("confused_pairs") or []
-    if pairs:
-        rows = [[p.get("true"), p.get("pred"), p.get("count"),
-                 ", ".join(map(str, (p.get("images") or [])[:5])) + (" …" if len(p.get("images") or []) > 5 else "")]
-                for p in pairs[:15]]
+    if result.confused_pairs:
+        rows = [[p.true, p.pred, p.count, ", ".join(p.images[:5]) + (" …" if len(p.images) > 5 else "")]
+                for p in result.confused_pairs[:15]]
         out.append("<h3>Most confused pairs</h3>" + _table(["true", "predicted as", "images", "examples"], rows))
-    skipped = result.get("skipped") or []
-    if skipped:
-        out.append(f"<h3>Skipped images ({len(skipped)})</h3>" + _table(
-            ["path", "error"], [[s.get("path"), s.get("error")] for s in skipped[:50]]))
+    if result.skipped:
+        out.append(f"<h3>Skipped images ({len(result.skipped)})</h3>" + _table(
+            ["path", "error"], [[s.path, s.error] for s in result.skipped[:50]]))
     out.append("<h3>Figures</h3>")
-    figures = result.get("figures") or {}
+    if result.skipped_figures:
+        titles = ", ".join(FIGURE_TITLES.get(k, k) for k in result.skipped_figures)
+        out.append(f'<p class="note">This evaluation drew {_e(result.figure_level)} figures and skipped: '
+                   f"{_e(titles)}. Evaluate again with RESNET_LAB_EVAL_FIGURES=all to draw them.</p>")
+    figures = result.figures
     order = [k for k in FIGURE_CAPTIONS if k in figures] + sorted(k for k in figures if k not in FIGURE_CAPTIONS)
     order = [k for k in order if k != "curves"]  # already shown under Training
     for key in order:
-        out.append(_figure_from_file(run_dir, key, figures[key]))
-    timings = result.get("timings")
-    if timings:
-        out.append('<p class="muted">timings: ' + _e(", ".join(f"{k} {v}" for k, v in timings.items())) + "</p>")
+        out.append(_figure_from_file(run_dir, result, key))
+    if result.timings:
+        out.append('<p class="muted">timings: ' + _e(", ".join(f"{k} {v}" for k, v in result.timings.items()))
+                   + "</p>")
     return "\n".join(out)
 
 
-def _headline(result: dict) -> str:
-    roc, pr, cal = result.get("roc") or {}, result.get("pr") or {}, result.get("calibration") or {}
-    macro, weighted = result.get("macro") or {}, result.get("weighted") or {}
-    rows = [("accuracy", result.get("accuracy")),
-            (f"top-{result.get('top_k')} accuracy", result.get("top_k_accuracy")),
-            ("mean loss", (result.get("losses") or {}).get("mean", result.get("loss"))),
-            ("macro precision / recall / F1", _triple(macro)),
-            ("weighted precision / recall / F1", _triple(weighted)),
-            ("ROC AUC micro / macro", f"{_f((roc.get('micro') or {}).get('auc'))} / "
-                                      f"{_f((roc.get('macro') or {}).get('auc'))}"),
-            ("average precision (micro)", (pr.get("micro") or {}).get("ap")),
-            ("expected calibration error", cal.get("ece"))]
+def _headline(result: EvalResult) -> str:
+    roc = result.roc
+    rows = [("accuracy", result.accuracy),
+            ("balanced accuracy", result.balanced_accuracy),
+            (f"top-{result.top_k} accuracy", result.top_k_accuracy),
+            ("mean loss", result.losses.mean),
+            ("macro precision / recall / F1", _triple(result.macro)),
+            ("weighted precision / recall / F1", _triple(result.weighted)),
+            ("ROC AUC micro / macro", f"{_f(roc.micro.auc)} / {_f(roc.macro.auc if roc.macro else None)}"),
+            ("average precision (micro)", result.pr.micro.ap),
+            ("expected calibration error", result.calibration.ece)]
     return "<table>" + "".join(f"<tr><th>{_e(k)}</th><td class='num'>{_e(_f(v))}</td></tr>" for k, v in rows) \
         + "</table>"
 
 
-def _per_class_table(result: dict) -> str:
-    roc = (result.get("roc") or {}).get("per_class") or {}
-    pr = (result.get("pr") or {}).get("per_class") or {}
-    rows = [[r.get("class"), r.get("precision"), r.get("recall"), r.get("f1"), r.get("support"),
-             (roc.get(r.get("class")) or {}).get("auc"), (pr.get(r.get("class")) or {}).get("ap")]
-            for r in result.get("per_class") or []]
+def _per_class_table(result: EvalResult) -> str:
+    roc, pr = result.roc.per_class, result.pr.per_class
+    rows = [[r.name, r.precision, r.recall, r.f1, r.support, roc[r.name].auc if r.name in roc else None,
+             pr[r.name].ap if r.name in pr else None]
+            for r in result.per_class]
     return _table(["class", "precision", "recall", "F1", "support", "ROC AUC", "AP"], rows)
 
 
 # --- pieces ------------------------------------------------------------------------------------------------------
 
-def _eval_dirs(run_dir: Path) -> list[tuple[Path, dict]]:
-    dirs = sorted(p for p in run_dir.iterdir() if p.is_dir() and (p.name == "eval" or p.name.startswith("eval-")))
-    dirs.sort(key=lambda p: (p.name != "eval", p.name))
-    found = []
-    for d in dirs:
-        result = _read_json(d / "eval.json")
-        if isinstance(result, dict):
-            found.append((d, result))
+def _eval_dirs(run_dir: Path) -> list[tuple[str, EvalResult | EvalResultError]]:
+    """(folder name, its evaluation or why it cannot be read) for eval/ and every eval-*/ with an eval.json."""
+    dirs = sorted(p.name for p in run_dir.iterdir() if p.is_dir() and (p.name == "eval" or p.name.startswith("eval-")))
+    dirs.sort(key=lambda name: (name != "eval", name))
+    found: list[tuple[str, EvalResult | EvalResultError]] = []
+    for name in dirs:
+        try:
+            result = load_eval_result(run_dir, name)
+        except EvalResultError as exc:
+            logger.warning("%s", exc)
+            result = exc
+        if result is not None:
+            found.append((name, result))
     return found
 
 
-def _figure_from_file(run_dir: Path, key: str, rel: Any) -> str:
+def _figure_from_file(run_dir: Path, result: EvalResult, key: str) -> str:
     caption = FIGURE_CAPTIONS.get(key, key)
-    path = (run_dir / str(rel)).resolve()
-    if run_dir.resolve() not in path.parents or not path.is_file():
-        return f'<p class="note">figure {_e(key)} is missing ({_e(rel)})</p>'
+    path = result.figure_file(run_dir, key)
+    if path is None:
+        return f'<p class="note">figure {_e(key)} is missing ({_e(result.figures[key])})</p>'
     return _img(path.read_bytes(), key, caption)
 
 
@@ -223,8 +229,8 @@ def _cell(value: Any) -> str:
     return f"<td>{_e('—' if value is None else value)}</td>"
 
 
-def _triple(d: dict) -> str:
-    return " / ".join(_f(d.get(k)) for k in ("precision", "recall", "f1"))
+def _triple(averages) -> str:
+    return " / ".join(_f(v) for v in (averages.precision, averages.recall, averages.f1))
 
 
 def _f(value: Any) -> str:

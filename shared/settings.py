@@ -46,6 +46,15 @@ class Settings:
     weights_dir: Path | None = None
     # queued + running runs the page accepts at most; a submission that would pass it is refused
     max_queued_runs: int = 200
+    # figures an evaluation draws: "all", "basic" (no t-SNE, Grad-CAM, image galleries) or "none" (eval.json only)
+    eval_figures: str = "all"
+
+    def __post_init__(self):
+        from .eval_result import FIGURE_LEVELS
+
+        if self.eval_figures not in FIGURE_LEVELS:
+            raise ValueError(f"{ENV_PREFIX}EVAL_FIGURES must be one of {', '.join(FIGURE_LEVELS)}, "
+                             f"got {self.eval_figures!r}")
 
     @property
     def cache_path(self) -> Path:
@@ -85,6 +94,8 @@ class Settings:
             values["auth"] = v
         if (v := get("ALLOWED_HOSTS")) is not None:
             values["allowed_hosts"] = tuple(h.strip().lower() for h in v.split(",") if h.strip())
+        if (v := get("EVAL_FIGURES")) is not None:
+            values["eval_figures"] = v
         for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),
                           ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads"),
                           ("MAX_QUEUED_RUNS", "max_queued_runs")):

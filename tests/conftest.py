@@ -35,7 +35,8 @@ def redis_url(redis_server) -> str:
 # --- Worker: real `python -m worker` processes (tests/test_worker.py) -------------------------------------------
 # `start_worker(models_dir, **env)` starts one worker against the session's Redis with one torch thread, its
 # output in a log file, and waits until Celery says it is ready; every worker started is stopped at teardown
-# (SIGTERM, then SIGKILL), whatever the test did.
+# (SIGTERM, then SIGKILL), whatever the test did. Its evaluations draw no figures (RESNET_LAB_EVAL_FIGURES=none:
+# ~5 s less per tiny run); a test that looks at figures passes RESNET_LAB_EVAL_FIGURES="all".
 
 class WorkerProcess:
     def __init__(self, proc, log_path):
@@ -86,7 +87,7 @@ def start_worker(redis_url, tmp_path):
         log_path = Path(tmp_path) / f"worker-{len(started)}.log"
         env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(models_dir),
                "RESNET_LAB_WORKER_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-               **{k: str(v) for k, v in extra_env.items()}}
+               "RESNET_LAB_EVAL_FIGURES": "none", **{k: str(v) for k, v in extra_env.items()}}
         with open(log_path, "wb") as out:
             proc = popen_in_own_group([sys.executable, "-m", "worker", "--loglevel", "info", *args], env=env,
                                       cwd=Path(__file__).resolve().parents[1], stdout=out,

@@ -1,8 +1,11 @@
-"""Evaluation: our numbers against scikit-learn on the same arrays, ECE by hand, and evaluate_run on a tiny run."""
+"""Evaluation: our numbers against scikit-learn on the same arrays, ECE by hand, and evaluate_run on a tiny run;
+its eval.json against the schema (shared/eval_result.py) and every reader of it (Results tab, report, API)."""
 
 from __future__ import annotations
 
 import json
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -50,6 +53,7 @@ def test_metrics_equal_scikit_learn():
     pred = p.argmax(1)
 
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
+    assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-6)
     assert m["top_k"] == 5
     assert m["top_k_accuracy"] == pytest.approx(skm.top_k_accuracy_score(y, p, k=5, labels=range(c)))
     assert m["top_k_accuracy"] > m["accuracy"]
@@ -106,6 +110,9 @@ def test_a_class_absent_from_the_set_is_skipped_not_nan():
     assert row["f1"] == (None if np.isnan(f1) else pytest.approx(f1))
     assert "y" not in m["roc"]["per_class"] and "y" not in m["pr"]["per_class"]
     assert any("y" in note for note in m["notes"])
+    with warnings.catch_warnings():  # "y_pred contains classes not in y_true", when it does
+        warnings.simplefilter("ignore")
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y, pred), abs=1e-6)
     # averages: scikit-learn's default (classes present in y_true or y_pred)
     want = skm.precision_recall_fscore_support(y, pred, average="macro", zero_division=0)[:3]
     assert [m["macro"][k] for k in ("precision", "recall", "f1")] == pytest.approx(want, abs=1e-6)
@@ -262,3 +269,221 @@ def test_an_empty_split_is_refused_with_the_splits_that_have_images(tiny_run):
     run_dir, _ = tiny_run
     with pytest.raises(ValueError, match="no images"):
         evaluate_run(run_dir, split="nonexistent")
+
+
+# --- figure levels -----------------------------------------------------------------------------------------------
+
+def test_basic_and_no_figures_skip_the_costly_work_and_say_so(tiny_run, tmp_path):
+    from shared.eval_result import CHART_FIGURES, COSTLY_FIGURES, load_eval_result
+    from tests.imagegen import make_image_folder
+
+    run_dir, _ = tiny_run
+    basic = evaluate_run(run_dir, split="train", figures="basic")
+    assert set(basic["figures"]) == set(CHART_FIGURES) and basic["tsne"] is None
+    assert basic["figure_level"] == "basic" and basic["skipped_figures"] == list(COSTLY_FIGURES)
+    assert basic["timings"]["cam_s"] == 0 and basic["timings"]["tsne_s"] < 0.5
+    saved = load_eval_result(run_dir, "eval-train")
+    assert saved.figure_level == "basic" and saved.tsne is None and saved.macro_f1 == basic["macro"]["f1"]
+    for rel in basic["figures"].values():
+        assert (run_dir / rel).is_file()
+
+    other = make_image_folder(tmp_path / "plain", classes=["class_0", "class_1"], per_class=3, size=56, seed=7)
+    none = evaluate_run(run_dir, data_dir=other, figures="none")
+    assert none["figures"] == {} and none["figure_level"] == "none"
+    assert set(none["skipped_figures"]) == set(CHART_FIGURES) | set(COSTLY_FIGURES)
+    assert [p.name for p in (run_dir / "eval-folder-plain").iterdir()] == ["eval.json"]
+    assert none["accuracy"] is not None and len(none["per_class"]) == 3
+
+    with pytest.raises(ValueError, match="figures must be one of all, basic, none, got 'some'"):
+        evaluate_run(run_dir, figures="some")
+
+
+def test_the_eval_figures_setting_comes_from_the_environment():
+    from shared.settings import Settings
+
+    assert Settings.from_env({}).eval_figures == "all"
+    assert Settings.from_env({"RESNET_LAB_EVAL_FIGURES": "basic"}).eval_figures == "basic"
+    with pytest.raises(ValueError, match="RESNET_LAB_EVAL_FIGURES must be one of all, basic, none, got 'fast'"):
+        Settings.from_env({"RESNET_LAB_EVAL_FIGURES": "fast"})
+
+
+# --- the eval.json contract: a real file, every reader ------------------------------------------------------------
+
+def missing_and_unknown(data, tp, where: str = "eval.json") -> list[str]:
+    """Schema fields (of dataclass type `tp`, recursively) absent from `data`, and keys in `data` no field declares."""
+    import dataclasses
+    import types
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return missing_and_unknown(data, args[0], where)
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return []
+        return missing_and_unknown(data, next(a for a in args if a is not type(None)), where)
+    if origin is list:
+        return [p for i, item in enumerate(data) for p in missing_and_unknown(item, args[0], f"{where}[{i}]")]
+    if origin is dict:
+        return [p for k, v in data.items() for p in missing_and_unknown(v, args[1], f"{where}.{k}")]
+    if not dataclasses.is_dataclass(tp):
+        return []
+    hints = typing.get_type_hints(tp, include_extras=True)
+    problems, keys = [], set()
+    for f in dataclasses.fields(tp):
+        meta = typing.get_args(hints[f.name])[1:] if typing.get_origin(hints[f.name]) is typing.Annotated else ()
+        key = next((m.alias for m in meta if getattr(m, "alias", None)), f.name)
+        keys.add(key)
+        if key not in data:
+            problems.append(f"{where}.{key} missing")
+        else:
+            problems += missing_and_unknown(data[key], hints[f.name], f"{where}.{key}")
+    problems += [f"{where}.{k} not in the schema" for k in set(data) - keys]
+    return problems
+
+
+@pytest.fixture(scope="module")
+def results_page(tiny_run):
+    """The Results tab built for the tiny run's models folder (no server: its handlers are called directly)."""
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from shared.runs import RunStore
+    from ui.tabs import results
+
+    run_dir, _ = tiny_run
+    lab = SimpleNamespace(store=RunStore(run_dir.parent), succeeded_runs=lambda: [])
+    with gr.Blocks():
+        ui = results.build(lab)
+    return lab, ui
+
+
+def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_run, results_page):
+    """A real evaluation's eval.json has exactly the schema's fields (none filled in by a default), and the Results
+    tab, the HTML report and /run_results all read it through load_eval_result: a reader asking for a field that is
+    not in the schema fails here (typed attributes raise), a field the writer forgot fails the key check."""
+    from shared.eval_result import EvalResult, load_eval_result
+    from shared.report import write_report
+    from ui.tabs import results
+
+    run_dir, _ = tiny_run
+    evaluate_run(run_dir, cam_samples_per_class=1)
+    raw = json.loads((run_dir / "eval" / "eval.json").read_text())
+    assert missing_and_unknown(raw, EvalResult) == []
+    assert raw["schema_version"] == 1 and raw["figure_level"] == "all" and raw["skipped_figures"] == []
+    typed = load_eval_result(run_dir)
+    assert typed.to_dict() == raw
+
+    lab, ui = results_page
+    shown = results.show_run(lab, ui, run_dir.name, "counts", {})
+    assert set(shown) <= {getattr(ui, f) for f in ui.__dataclass_fields__}
+    assert f"**Macro F1:** {raw['macro']['f1']:.3f}" in shown[ui.metrics]
+    assert f"({raw['n']} images)" in shown[ui.metrics]
+    assert list(shown[ui.per_class]["class"]) == raw["classes"]
+    assert len(shown[ui.tsne]) == raw["n"] and shown[ui.tsne_panel].visible is True
+    assert not shown[ui.roc].empty and not shown[ui.pr].empty and not shown[ui.calibration].empty
+    assert shown[ui.cams].visible is True and shown[ui.cams].value and shown[ui.top_losses].value
+    assert "class_0" in shown[ui.confusion] and shown[ui.body].visible is True
+    assert "%" in results.switch_confusion(lab, run_dir.name, "normalized")
+
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    section = html.split("<h2>Evaluation: eval</h2>")[1].split("<h2>")[0]  # other tests add eval-* sections
+    assert section.count("data:image/png;base64,") == len(raw["figures"]) - 1  # curves: under Training
+    assert "is missing" not in section and "skipped" not in section
+    assert f"{raw['balanced_accuracy']:.4f}".rstrip("0") in section
+
+    api = results.run_results(lab, run_dir.name)
+    assert api["macro_f1"] == raw["macro"]["f1"] and api["balanced_accuracy"] == raw["balanced_accuracy"]
+    assert api["top_k_accuracy"] == raw["top_k_accuracy"] and api["n"] == raw["n"]
+    assert api["accuracy"] == raw["accuracy"] and api["loss"] == raw["loss"]
+    assert api["ece"] == raw["calibration"]["ece"] and api["classes"] == raw["classes"]
+    assert api["per_class"][0] == raw["per_class"][0]
+    assert api["confusion"]["counts"] == raw["confusion"]["counts"] and api["figures"] == sorted(raw["figures"])
+    assert None not in (api["macro_f1"], api["balanced_accuracy"], api["top_k_accuracy"], api["ece"])
+    json.dumps(api, allow_nan=False)
+
+
+def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, results_page, tmp_path):
+    """Files written by the code before schema_version: same layout without the four new fields. They load in one
+    place (the conversion), with balanced accuracy from the per-class recalls, and the page shows them."""
+    import shutil
+
+    from shared.eval_result import load_eval_result
+    from shared.runs import RunStore
+    from ui.tabs import results
+
+    run_dir, _ = tiny_run
+    if not (run_dir / "eval" / "eval.json").is_file():
+        evaluate_run(run_dir, cam_samples_per_class=1)
+    new = json.loads((run_dir / "eval" / "eval.json").read_text())
+    old = {k: v for k, v in new.items()
+           if k not in ("schema_version", "balanced_accuracy", "figure_level", "skipped_figures")}
+    copy = tmp_path / "models" / run_dir.name
+    shutil.copytree(run_dir / "eval", copy / "eval")
+    (copy / "eval" / "eval.json").write_text(json.dumps(old))
+
+    loaded = load_eval_result(copy)
+    assert loaded.to_dict() == new  # balanced accuracy recomputed from per_class, to the same 6 digits
+    assert loaded.figure_level == "all" and loaded.skipped_figures == []
+    _, ui = results_page
+    shown = results.show_run(SimpleNamespace(store=RunStore(copy.parent)), ui, copy.name, "counts", {})
+    assert f"**Macro F1:** {new['macro']['f1']:.3f}" in shown[ui.metrics] and shown[ui.cams].value
+
+
+def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, results_page, tmp_path):
+    """A newer schema, a damaged file or one that lost a field: no guessing — the page says what is wrong and to
+    evaluate again (the button is beside it); the API refuses with the same message."""
+    import gradio as gr
+
+    from shared.runs import RunStore
+    from ui.formatting import md_escape
+    from ui.tabs import results
+
+    run_dir, _ = tiny_run
+    if not (run_dir / "eval" / "eval.json").is_file():
+        evaluate_run(run_dir, cam_samples_per_class=1)
+    good = json.loads((run_dir / "eval" / "eval.json").read_text())
+    lab = SimpleNamespace(store=RunStore(tmp_path / "models"))
+    _, ui = results_page
+    run = tmp_path / "models" / run_dir.name
+    (run / "eval").mkdir(parents=True)
+    without_macro = {k: v for k, v in good.items() if k != "macro"}
+    for content, problem in ((json.dumps({**good, "schema_version": 2}), "has schema_version 2"),
+                             ('{"accuracy": 0.9', "is not valid JSON"),
+                             (json.dumps(without_macro), "first: macro: Field required"),
+                             (json.dumps([1, 2]), "does not hold an evaluation")):
+        (run / "eval" / "eval.json").write_text(content)
+        shown = results.show_run(lab, ui, run.name, "counts", {})
+        assert md_escape(problem) in shown[ui.metrics] and "evaluate the run again" in shown[ui.metrics]
+        assert shown[ui.body].visible is False
+        with pytest.raises(gr.Error, match="evaluate the run again") as refused:
+            results.run_results(lab, run.name)
+        assert problem in str(refused.value) and str(tmp_path) not in str(refused.value)
+
+
+def test_run_results_answers_the_same_for_unknown_and_hostile_run_ids(results_page):
+    import gradio as gr
+
+    from ui.tabs import results
+
+    lab, _ = results_page
+    for run_id in ("20990101-000000-resnet18-ffffff", "../../etc", "", ".hidden", None, {"a": 1}):
+        with pytest.raises(gr.Error, match="no evaluation for run .*: the run does not exist or has not been"):
+            results.run_results(lab, run_id)
+
+
+def test_the_results_tab_hides_what_a_basic_evaluation_skipped_and_says_so(results_page, tmp_path):
+    from shared.runs import RunStore
+    from tests.evalfake import fake_eval
+    from ui.tabs import results
+
+    _, ui = results_page
+    run = tmp_path / "models" / "20260101-000000-resnet18-abcdef"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "eval.json").write_text(json.dumps(fake_eval(["cat", "dog"], figure_level="basic")))
+    shown = results.show_run(SimpleNamespace(store=RunStore(tmp_path / "models")), ui, run.name, "counts", {})
+    assert shown[ui.body].visible is True and not shown[ui.roc].empty  # the charts are drawn from eval.json's data
+    assert shown[ui.tsne_panel].visible is False and shown[ui.tsne].empty
+    assert shown[ui.cams].visible is False and shown[ui.top_losses].visible is False
+    assert "skipped these figures (figures = basic): t-SNE, Grad-CAM samples" in shown[ui.metrics]

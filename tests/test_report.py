@@ -7,18 +7,17 @@ import io
 import json
 import re
 
-import numpy as np
 import pytest
 from PIL import Image
 
 from shared import plots
-from shared.evaluation import compute_metrics
 from shared.report import write_report
+from tests.evalfake import fake_eval
 
 EVIL = '<script>alert("x")</script>'
 
 
-def fake_run(tmp_path, classes):
+def fake_run(tmp_path, classes, **eval_fields):
     """A run folder as fit + evaluate_run leave it, built from arrays (no training): fast and fully controlled."""
     run_dir = tmp_path / "20260101-000000-resnet18-abcdef"
     (run_dir / "eval").mkdir(parents=True)
@@ -29,11 +28,7 @@ def fake_run(tmp_path, classes):
     records = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.1 / e,
                 "val_acc": 0.45 + e / 10, "lr": 0.01, "images_per_s": 50.0, "seconds": 2.0} for e in (1, 2, 3)]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    rng = np.random.default_rng(0)
-    y = rng.integers(0, len(classes), 60)
-    p = rng.dirichlet(np.ones(len(classes)), 60)
-    result = compute_metrics(y, p, classes, paths=[f"{classes[k]}/img{i}.jpg" for i, k in enumerate(y)])
-    result.update(run_id=run_dir.name, split="test", source="test split", skipped=[{"path": EVIL, "error": "bad"}])
+    result = fake_eval(classes, run_id=run_dir.name, skipped=[{"path": EVIL, "error": "bad"}], **eval_fields)
     figures = {}
     for name, fig in (("confusion", plots.plot_confusion(result["confusion"]["counts"], classes)),
                       ("roc", plots.plot_roc(result["roc"], classes)),
@@ -98,6 +93,29 @@ def test_a_figure_path_outside_the_run_is_not_read(tmp_path):
     (run_dir / "eval" / "eval.json").write_text(json.dumps(result))
     html = write_report(run_dir).read_text(encoding="utf-8")
     assert "figure roc is missing" in html
+
+
+def test_report_shows_the_typed_headline_and_the_figures_a_basic_evaluation_skipped(tmp_path):
+    """A run evaluated with figures="basic": the report names what was skipped instead of silently lacking it, and
+    shows balanced accuracy and macro F1 from the typed result."""
+    run_dir, result = fake_run(tmp_path, ["cat", "dog"], figure_level="basic")
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert "This evaluation drew basic figures and skipped: t-SNE, Grad-CAM samples" in html
+    assert "balanced accuracy" in html and "macro precision / recall / F1" in html
+    macro_f1 = f"{result['macro']['f1']:.4f}".rstrip("0").rstrip(".")
+    assert macro_f1 in html
+
+
+def test_an_unusable_evaluation_is_named_in_the_report_and_the_others_still_shown(tmp_path):
+    run_dir, result = fake_run(tmp_path, ["cat", "dog"])
+    (run_dir / "eval-val").mkdir()
+    (run_dir / "eval-val" / "eval.json").write_text(json.dumps({**result, "schema_version": 99}))
+    (run_dir / "eval-folder-x").mkdir()
+    (run_dir / "eval-folder-x" / "eval.json").write_text("{not json")
+    html = write_report(run_dir).read_text(encoding="utf-8")
+    assert "Evaluation: eval</h2>" in html and "Per class" in html
+    assert "has schema_version 99" in html and "evaluate the run again" in html
+    assert "eval-folder-x" in html and "is not valid JSON" in html
 
 
 def test_report_of_a_missing_run_folder_fails_clearly(tmp_path):

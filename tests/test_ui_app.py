@@ -241,6 +241,13 @@ def test_two_runs_train_to_success_with_curves_and_results(client, stack):
     assert results["classes"] == ["circle", "square", "stripe"]
     assert np.asarray(results["confusion"]["counts"]).shape == (3, 3)
     assert any("cam" in name for name in results["figures"])
+    # what the README's HTTP API table promises, under the names it gives (macro F1 used to be missing)
+    for key in ("macro_f1", "balanced_accuracy", "top_k_accuracy", "loss", "ece"):
+        assert 0 <= results[key] <= (1 if key != "loss" else 100), key
+    assert results["n"] == sum(row["support"] for row in results["per_class"]) and results["figure_level"] == "all"
+    for hostile in ("../../etc", "20990101-000000-resnet18-ffffff"):  # one answer for "missing" and "not allowed"
+        with pytest.raises(Exception, match="no evaluation for run .*: the run does not exist or has not been"):
+            client.predict(hostile, api_name="/run_results")
 
 
 @pytest.mark.slow

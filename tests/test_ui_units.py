@@ -1,4 +1,5 @@
-"""ui/formatting.py and ui/paths.py: pure helpers, path confinement and safe .zip extraction (with evil zips)."""
+"""ui/formatting.py, ui/results_view.py and ui/paths.py: pure helpers, the Results tab's views of a typed evaluation,
+path confinement and safe .zip extraction (with evil zips)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from shared.eval_result import ClassScores, EvalResult
+from tests.evalfake import fake_eval
 from tests.imagegen import make_image_folder
 from ui import formatting as fmt
+from ui import results_view as view
 from ui.paths import PathError, confine_dataset_path, discover_datasets, extract_zip, safe_folder_name
 
 
@@ -177,12 +181,6 @@ def test_markdown_and_html_escape_user_text():
     # a code span shows its text as written: no backslashes, no entities; backticks cannot close it early
     assert fmt.md_code("/data/my_photos & more") == "`/data/my_photos & more`"
     assert fmt.md_code("a`b") == "``a`b``" and fmt.md_code("`x") == "`` `x ``"
-    html = fmt.confusion_html([[3, 1], [0, 4]], ["<b>cat</b>", "dog"], normalized=False)
-    assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html
-    assert ">3<" in html and ">4<" in html
-    norm = fmt.confusion_html([[0.75, 0.25], [0.0, 1.0]], ["cat", "dog"], normalized=True)
-    assert ">75%<" in norm and ">100%<" in norm
-    assert "No confusion matrix" in fmt.confusion_html([], [], normalized=False)
 
 
 def test_problems_markdown_lists_findings():
@@ -193,52 +191,105 @@ def test_problems_markdown_lists_findings():
     assert "No problems" in fmt.problems_markdown({"problems": []})
 
 
-def test_per_class_roc_tsne_frames():
-    headers, rows = fmt.per_class_rows({"cat": {"precision": 0.91234, "recall": 0.8, "support": 10},
-                                        "dog": {"precision": 0.5, "recall": 0.6, "support": 12}})
-    assert headers == ["class", "precision", "recall", "support"]
-    assert rows[0] == ["cat", 0.9123, 0.8, 10]
-    assert fmt.per_class_note({"cat": {"precision": 0.9}}) == ""
+# --- results views (ui/results_view.py) ---------------------------------------------------------------------
+
+def typed(classes=("cat", "dog"), **fields) -> EvalResult:
+    return EvalResult.from_dict(fake_eval(list(classes), **fields))
+
+
+def test_confusion_html_escapes_class_names_and_switches_mode():
+    result = typed(["<b>cat</b>", "dog"])
+    result.confusion.counts, result.confusion.normalized = [[3, 1], [0, 4]], [[0.75, 0.25], [0.0, 1.0]]
+    html = view.confusion_html(result, "counts")
+    assert "<b>cat</b>" not in html and "&lt;b&gt;cat&lt;/b&gt;" in html
+    assert ">3<" in html and ">4<" in html
+    norm = view.confusion_html(result, "normalized")
+    assert ">75%<" in norm and ">100%<" in norm
+    result.classes = []
+    assert "No confusion matrix" in view.confusion_html(result, "counts")
 
 
 def test_undefined_per_class_scores_show_a_dash_and_say_why():
     """eval.json has null for the precision of a class never predicted (and the recall of a class with no test
     images); the table showed a blank cell. Now a dash, and a note that matches the macro average's zero_division=0."""
-    per_class = [{"class": "circle", "precision": 0.3333, "recall": 1.0, "support": 2},
-                 {"class": "square", "precision": None, "recall": 0.0, "support": 2},
-                 {"class": "stripe", "precision": None, "recall": None, "support": 0}]
-    headers, rows = fmt.per_class_rows(per_class)
-    assert rows[1] == ["square", fmt.DASH, 0.0, 2] and rows[2] == ["stripe", fmt.DASH, fmt.DASH, 0]
-    note = fmt.per_class_note(per_class)
+    rows = [ClassScores("circle", 0.33333, 1.0, 0.5, 2), ClassScores("square", None, 0.0, None, 2),
+            ClassScores("stripe", None, None, None, 0)]
+    headers, table = view.per_class_rows(rows)
+    assert headers == ["class", "precision", "recall", "f1", "support"]
+    assert table[0] == ["circle", 0.3333, 1.0, 0.5, 2]
+    assert table[1] == ["square", fmt.DASH, 0.0, fmt.DASH, 2] and table[2] == ["stripe", fmt.DASH, fmt.DASH, fmt.DASH, 0]
+    note = view.per_class_note(rows)
     assert "precision: never predicted (square, stripe)" in note and "counts it as 0" in note
     assert "recall: no test images of stripe" in note
-    roc = fmt.roc_frames({"per_class": {"cat": {"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1], "auc": 0.9},
-                                        "dog": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.5}},
-                          "micro": {"fpr": [0, 1], "tpr": [0, 1]},
-                          "macro": {"fpr": [0, 1], "tpr": [0, 1], "auc": 0.7}}, "fpr", "tpr")
+    assert view.per_class_note(rows[:1]) == ""
+
+
+def test_roc_and_pr_frames_put_the_averages_first_with_short_labels():
+    result = typed(["cat", "dog", "bird"])
+    roc = view.roc_frame(result.roc)
     # short labels, averages first: a legend Vega cannot wrap loses its last entries ("macro (AUC …)" did)
-    assert list(dict.fromkeys(roc["curve"])) == ["micro avg", "macro avg 0.700", "cat 0.900", "dog 0.500"]
-    assert fmt.roc_frames({}, "fpr", "tpr").empty
-    tsne = fmt.tsne_frame({"x": [0.0, 1.0], "y": [1.0, 0.0], "label": [0, 1], "pred": [0, 0]}, ["cat", "dog"])
+    want = [f"micro avg {result.roc.micro.auc:.3f}", f"macro avg {result.roc.macro.auc:.3f}"] + \
+        [f"{name} {result.roc.per_class[name].auc:.3f}" for name in ("cat", "dog", "bird")]
+    assert list(dict.fromkeys(roc["curve"])) == want
+    assert list(roc.columns) == ["x", "y", "curve"] and roc["x"].between(0, 1).all()
+    pr = view.pr_frame(result.pr)
+    assert list(dict.fromkeys(pr["curve"]))[0] == f"micro avg {result.pr.micro.ap:.3f}"
+    assert len(set(pr["curve"])) == 4
+    result.roc.macro = None
+    assert "macro avg" not in " ".join(view.roc_frame(result.roc)["curve"])
+
+
+def test_tsne_frame_names_classes_and_is_empty_when_skipped():
+    result = typed(["cat", "dog"])
+    result.tsne.x, result.tsne.y, result.tsne.label, result.tsne.pred = [0.0, 1.0], [1.0, 0.0], [0, 1], [0, 0]
+    tsne = view.tsne_frame(result.tsne, result.classes)
     assert list(tsne["true class"]) == ["cat", "dog"] and list(tsne["correct"]) == ["yes", "no"]
-    assert fmt.tsne_frame(None).empty
+    assert view.tsne_frame(None, ["cat"]).empty
+    assert view.test_image_choices(typed(figure_level="basic")) == []
 
 
-def test_metrics_markdown_shows_known_numbers_only():
-    text = fmt.metrics_markdown({"accuracy": 0.9, "macro": {"f1": 0.85}, "top_k": 3, "top_k_accuracy": 1.0,
-                                 "calibration": {"ece": 0.05, "bins": []}, "split": "test", "n": 40,
-                                 "notes": ["t-SNE skipped: too few images"], "secret_internal": {"a": 1}})
-    assert "**Accuracy:** 90.0%" in text and "Macro F1:** 0.850" in text and "Top-3 accuracy:** 100.0%" in text
-    assert "(40 images)" in text and "ECE):** 0.050" in text and "t-SNE skipped" in text
-    assert "secret_internal" not in text
+def test_metrics_markdown_shows_the_headline_numbers():
+    result = typed(["a", "b", "c", "d"], notes=["t-SNE shows a random 5000 of 6000 images"])
+    text = view.metrics_markdown(result)
+    assert f"**Accuracy:** {100 * result.accuracy:.1f}%" in text
+    assert f"Macro F1:** {result.macro.f1:.3f}" in text and f"Top-4 accuracy:** 100.0%" in text
+    assert f"Balanced accuracy:** {100 * result.balanced_accuracy:.1f}%" in text
+    assert f"(ECE):** {result.calibration.ece:.3f}" in text and "(60 images)" in text
+    assert "t-SNE shows a random" in text and "skipped these figures" not in text
+
+
+def test_metrics_markdown_says_which_figures_a_basic_evaluation_skipped():
+    result = typed(figure_level="basic")
+    text = view.metrics_markdown(result)
+    assert "skipped these figures (figures = basic): t-SNE, Grad-CAM samples, Grad-CAM of errors, top losses" in text
+    assert "RESNET_LAB_EVAL_FIGURES=all" in text
+    assert not view.drew(result, view.CAM_FIGURES) and view.drew(typed(), view.CAM_FIGURES)
 
 
 def test_calibration_frame_uses_filled_bins():
-    frame = fmt.calibration_frame({"bins": [{"count": 0, "accuracy": None, "confidence": None},
-                                            {"count": 3, "accuracy": 0.5, "confidence": 0.6}]})
+    result = typed()
+    for b in result.calibration.bins:
+        b.count, b.accuracy, b.confidence = 0, None, None
+    assert view.calibration_frame(result.calibration).empty
+    result.calibration.bins[8].count, result.calibration.bins[8].accuracy = 3, 0.5
+    result.calibration.bins[8].confidence = 0.6
+    frame = view.calibration_frame(result.calibration)
     assert frame.to_dict("records")[0] == {"x": 0.6, "y": 0.5, "curve": "model"}
     assert set(frame["curve"]) == {"model", "perfectly calibrated"}
-    assert fmt.calibration_frame(None).empty
+
+
+def test_gallery_shows_only_figures_inside_the_run_folder(tmp_path):
+    from PIL import Image
+
+    run_dir = tmp_path / "run"
+    (run_dir / "eval").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(run_dir / "eval" / "cam_samples.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    result = typed(figures={"cam_samples": "eval/cam_samples.png", "cam_errors": "../secret.png",
+                            "top_losses": "eval/missing.png"})
+    assert view.gallery(result, run_dir, view.CAM_FIGURES) == [
+        (str((run_dir / "eval" / "cam_samples.png").resolve()), view.CAM_FIGURES["cam_samples"])]
+    assert view.gallery(result, run_dir, view.TOP_LOSS_FIGURES) == []
 
 
 def test_predict_model_line_names_the_run_that_answered():

@@ -106,7 +106,9 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
         assert status["worker"].startswith("celery@") and status["task_id"] == run_id
         assert 0 <= status["best"]["best_val_acc"] <= 1 and status["best"]["epochs_run"] == 2
         assert status["best"]["eval_split"] == "test" and 0 <= status["best"]["eval_accuracy"] <= 1
-        assert (lab.store.path(run_id) / "eval" / "eval.json").is_file()
+        # the worker's RESNET_LAB_EVAL_FIGURES (tests/conftest.py: none) reaches evaluate_run and is recorded
+        evaluation = json.loads((lab.store.path(run_id) / "eval" / "eval.json").read_text())
+        assert evaluation["figure_level"] == "none" and evaluation["figures"] == {}
         assert epochs_of(lab.store.metrics(run_id)) == [1, 2]
         progress = lab.registry.progress(run_id)
         assert progress["phase"] == "succeeded" and epochs_of(progress["history"]) == [1, 2]
@@ -127,6 +129,7 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
     # re-evaluation of a finished run on another split leaves the run's training progress alone
     result = lab.client.celery.AsyncResult(lab.client.submit_evaluate(run_ids[0], split="val")).get(timeout=120)
     assert result["run_id"] == run_ids[0] and result["split"] == "val" and 0 <= result["accuracy"] <= 1
+    assert result["figure_level"] == "none" and 0 <= result["macro_f1"] <= 1
     assert lab.registry.progress(run_ids[0])["phase"] == "succeeded"
 
 

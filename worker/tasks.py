@@ -141,7 +141,8 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
         split = _eval_split(config)
         device = str(pick_device(config.device))
         outcome = {"best": best, "split": split,
-                   "eval": _evaluate(run_dir, split, None, device, reporter.evaluation_progress)}
+                   "eval": _evaluate(run_dir, split, None, device, reporter.evaluation_progress,
+                                     settings.eval_figures)}
     except Cancelled:
         outcome = "cancelled"
     except Exception as exc:
@@ -193,11 +194,12 @@ def _eval_split(config) -> str:
 
 
 def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str,
-              progress: Callable[[int, int], None]) -> dict:
+              progress: Callable[[int, int], None], figures: str) -> dict:
     """`evaluate_run`'s headline numbers (eval.json in the run folder has the tables, curves and figures)."""
     from shared.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
 
-    result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device, progress=progress)
+    result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device, progress=progress,
+                          figures=figures)
     summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if isinstance(result.get("macro"), dict):
         summary["macro_f1"] = result["macro"].get("f1")
@@ -227,7 +229,7 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
                                                   "done": done, "total": total})
 
     try:
-        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), progress)
+        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), progress, settings.eval_figures)
     finally:
         free_gpu_memory()
     return {"run_id": run_id, "split": split, "data_dir": data_dir, **result}

@@ -1,15 +1,16 @@
 """Results tab: everything the evaluation of one finished run found, from `<run>/eval/eval.json` and its figures.
 
-Plots whose data are in eval.json (ROC, PR, calibration, t-SNE) are drawn interactively by the browser; the
-confusion matrix is an HTML table (counts or normalised, switched without a round trip to the model); the
-Grad-CAM and top-loss galleries show the PNGs the evaluation wrote. Layer activations are computed here, in
-the page process, for an image the user picks.
+eval.json is read once per event, as a typed `EvalResult` (shared/eval_result.py), and shown by the pure views of
+ui/results_view.py. Plots whose data are in eval.json (ROC, PR, calibration, t-SNE) are drawn interactively by the
+browser; the confusion matrix is an HTML table (counts or normalised, switched without a round trip to the model);
+the Grad-CAM and top-loss galleries show the PNGs the evaluation wrote, and are hidden (the headline says why) when
+its figure level skipped them. Layer activations are computed here, in the page process, for an image the user
+picks. Handlers with several outputs return dicts keyed by component.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -20,10 +21,13 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
+from shared.eval_result import EvalResult, EvalResultError, load_eval_result
 from shared.images import ImageError, load_rgb
 from shared.predict import NoModelError
+from shared.runs import RunNotFound
 
 from .. import formatting as fmt
+from .. import results_view as view
 from ..client import QueueUnavailable
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
@@ -33,11 +37,8 @@ log = logging.getLogger(__name__)
 
 HELP = ("Pick a finished run to see how it does on images it never trained on: per-class scores, which classes "
         "it confuses, how confident it is, and where it looks.")
-EMPTY_CURVE = pd.DataFrame(columns=["x", "y", "curve"])
-EMPTY_TSNE = pd.DataFrame(columns=["x", "y", "true class", "predicted", "correct"])
-# Gallery sections of eval.json, with the keys each may use for the image path and its caption parts.
-CAM_KEYS = ("gradcam", "grad_cam", "cams", "cam")
-TOP_LOSS_KEYS = ("top_losses", "top_loss", "toplosses", "worst")
+EMPTY_CURVE = pd.DataFrame(columns=view.CURVE_COLUMNS)
+EMPTY_TSNE = pd.DataFrame(columns=view.TSNE_COLUMNS)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class ResultsUI:
     roc: gr.LinePlot
     pr: gr.LinePlot
     calibration: gr.LinePlot
+    tsne_panel: gr.Column
     tsne: gr.ScatterPlot
     cams: gr.Gallery
     top_losses: gr.Gallery
@@ -110,9 +112,13 @@ def build(lab) -> ResultsUI:
             calibration = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="Calibration (reliability)",
                                       x_title="confidence", y_title="accuracy", height=320, elem_id="calibration",
                                       x_lim=[0, 1], y_lim=[0, 1])
-            tsne = gr.ScatterPlot(EMPTY_TSNE, x="x", y="y", color="true class", title="t-SNE of the test features",
-                                  tooltip=["true class", "predicted", "correct"], height=320, elem_id="tsne",
-                                  x_axis_labels_visible="hidden", x_title=" ", y_title=" ")
+            # hidden through its panel when the evaluation skipped t-SNE: a plot update that sets the value and other
+            # props at once is not applied (see ui/tabs/__init__.py)
+            with gr.Column(elem_id="tsne-panel") as tsne_panel:
+                tsne = gr.ScatterPlot(EMPTY_TSNE, x="x", y="y", color="true class",
+                                      title="t-SNE of the test features", tooltip=["true class", "predicted", "correct"],
+                                      height=320, elem_id="tsne", x_axis_labels_visible="hidden", x_title=" ",
+                                      y_title=" ")
         with gr.Row():
             # the evaluation writes one grid figure per kind; one column shows each whole (click to enlarge). The
             # height grows with it: a fixed height scrolled a tall grid and cut it at the top and bottom
@@ -131,98 +137,39 @@ def build(lab) -> ResultsUI:
                 activations = gr.Image(label="Strongest 8 feature maps per stage (brighter = stronger)",
                                        interactive=False, height=440, elem_id="activations", scale=3, format="png")
     state = gr.State({})
-    return ResultsUI(run, refresh_btn, evaluate_btn, metrics, body, per_class, per_class_note, confusion_mode,
-                     confusion, roc, pr, calibration, tsne, cams, top_losses, act_pick, act_image, activations,
-                     report_btn, report_file, checkpoint_file, state)
+    return ResultsUI(run=run, refresh_btn=refresh_btn, evaluate_btn=evaluate_btn, metrics=metrics, body=body,
+                     per_class=per_class, per_class_note=per_class_note, confusion_mode=confusion_mode,
+                     confusion=confusion, roc=roc, pr=pr, calibration=calibration, tsne_panel=tsne_panel, tsne=tsne,
+                     cams=cams, top_losses=top_losses, act_pick=act_pick, act_image=act_image,
+                     activations=activations, report_btn=report_btn, report_file=report_file,
+                     checkpoint_file=checkpoint_file, state=state)
 
 
 # --- reading eval.json --------------------------------------------------------------------------------------
 
-def load_eval(lab, run_id: str) -> dict | None:
-    path = lab.store.path(run_id) / "eval" / "eval.json"
+NOT_EVALUATED = "no evaluation for run {!r}: the run does not exist or has not been evaluated yet"
+
+
+def load_result(lab, run_id) -> EvalResult | None:
+    """The run's evaluation; None when there is none yet. Raises user_error for an unknown run or an eval.json that
+    cannot be used (its message says to evaluate again)."""
+    if not isinstance(run_id, str):
+        raise user_error(NOT_EVALUATED.format(run_id), title="No results")
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        log.warning("unreadable %s: %s", path, exc)
-        return None
+        return load_eval_result(lab.store.path(run_id))
+    except RunNotFound:  # a hostile or mistyped id: the same answer as a run that does not exist
+        raise user_error(NOT_EVALUATED.format(run_id), title="No results") from None
+    except EvalResultError as exc:
+        raise user_error(str(exc), title="Unusable evaluation") from None
 
 
-def _classes(report: dict, run_dir: Path) -> list[str]:
-    classes = report.get("classes")
-    if not classes:
-        config = {}
-        try:
-            config = json.loads((run_dir / "config.json").read_text())
-        except (OSError, ValueError):
-            pass
-        classes = config.get("classes") or []
-    return [str(c) for c in classes]
-
-
-def _matrix(report: dict, mode: str) -> list[list[float]]:
-    conf = report.get("confusion") or {}
-    if isinstance(conf, dict):
-        matrix = conf.get(mode) or conf.get("normalised" if mode == "normalized" else mode)
-        if matrix is None and mode == "normalized" and conf.get("counts"):
-            counts = np.asarray(conf["counts"], dtype=float)
-            matrix = (counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)).tolist()
-        return matrix or []
-    return conf if isinstance(conf, list) else []
-
-
-def _gallery_items(report: dict, run_dir: Path, keys: tuple[str, ...], name_hint: str) -> list[tuple[str, str]]:
-    """(image path, caption) from an eval.json list section, else from figures whose name matches the hint."""
-    eval_dir = run_dir / "eval"
-    for key in keys:
-        section = report.get(key)
-        if isinstance(section, list) and section:
-            out = []
-            for item in section:
-                if isinstance(item, str):
-                    item = {"image": item}
-                path = item.get("image") or item.get("overlay") or item.get("cam") or item.get("path")
-                if not path:
-                    continue
-                full = _inside(run_dir, eval_dir / path)
-                if full is None:
-                    continue
-                out.append((str(full), _caption(item)))
-            if out:
-                return out
-    figures = report.get("figures") or {}
-    out = []
-    for name, rel in sorted(figures.items()):
-        if name_hint in name.lower():
-            full = _inside(run_dir, eval_dir / rel) or _inside(run_dir, run_dir / rel)
-            if full is not None:
-                out.append((str(full), name.replace("_", " ")))
-    return out
-
-
-def _caption(item: dict) -> str:
-    true, pred = item.get("true") or item.get("label"), item.get("pred") or item.get("predicted")
-    parts = []
-    if true is not None and pred is not None:
-        parts.append(f"{true} → {pred}")
-    prob = item.get("prob") or item.get("probability") or item.get("confidence")
-    if isinstance(prob, (int, float)):
-        parts.append(f"{100 * prob:.0f}%")
-    loss = item.get("loss")
-    if isinstance(loss, (int, float)):
-        parts.append(f"loss {loss:.2f}")
-    return " · ".join(parts)
-
-
-def _inside(run_dir: Path, path: Path) -> Path | None:
-    """`path` resolved, when it is a file inside the run folder (eval.json is data, not a licence to serve)."""
-    try:
-        resolved = path.resolve()
-    except OSError:
-        return None
-    root = run_dir.resolve()
-    return resolved if resolved.is_file() and root in resolved.parents else None
+def run_results(lab, run_id: str) -> dict:
+    """A finished run's evaluation summary: accuracy, balanced accuracy, macro F1, top-k accuracy, loss, ECE,
+    per-class table, classes, confusion counts, the names of the figures drawn and skipped (no images)."""
+    result = load_result(lab, run_id)
+    if result is None:
+        raise user_error(NOT_EVALUATED.format(run_id), title="No results")
+    return result.api_summary()
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
@@ -235,54 +182,73 @@ PLOTS = ["roc", "pr", "calibration", "tsne"]
 PLOT_KINDS = [gr.LinePlot, gr.LinePlot, gr.LinePlot, gr.ScatterPlot]
 
 
-def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
-    """All outputs for one run (15): metrics, body, per-class table and its note, confusion, roc, pr, calibration,
-    tsne, galleries, test-image choices, checkpoint and report downloads, state (with the plots' captions parked)."""
+def show_run(lab, ui: ResultsUI, run_id: str | None, mode: str, state: dict | None = None) -> dict:
+    """Every output of the run's results, keyed by component (the plots' captions are parked in the state)."""
     state = {**(state or {}), "run_id": run_id}
-    hidden = (gr.Column(visible=False), None, "", "", EMPTY_CURVE, EMPTY_CURVE, EMPTY_CURVE, EMPTY_TSNE, [], [],
-              gr.Dropdown(choices=[], value=None), gr.DownloadButton(visible=False), gr.DownloadButton(visible=False),
-              state)
     if not run_id:
-        return ("No finished run yet — train one on the **Train** tab; its results appear here.",) + hidden
+        return _hidden(ui, state, "No finished run yet — train one on the **Train** tab; its results appear here.")
     try:
         run_dir = lab.store.path(run_id)
-    except Exception:  # noqa: BLE001 - an id typed into the dropdown
+    except RunNotFound:  # an id typed into the dropdown
         raise user_error(f"no run {run_id!r}", title="Unknown run") from None
-    report = load_eval(lab, run_id)
-    if report is None:
+    try:
+        result = load_eval_result(run_dir)
+    except EvalResultError as exc:
+        log.warning("%s", exc)
+        return {**_hidden(ui, state, f"This run's evaluation cannot be shown: {fmt.md_escape(exc)}"),
+                ui.checkpoint_file: _download(run_dir / "best.pt")}
+    if result is None:
         text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
                 "one.")
-        return (text,) + hidden[:11] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
-    classes = _classes(report, run_dir)
-    headers, rows = fmt.per_class_rows(report.get("per_class"))
-    per_class = pd.DataFrame(rows, columns=headers) if rows else None
-    confusion = fmt.confusion_html(_matrix(report, mode), classes, mode == "normalized")
-    roc = fmt.roc_frames(report.get("roc") or {}, "fpr", "tpr")
-    pr = fmt.roc_frames(report.get("pr") or {}, "recall", "precision")
-    calibration = fmt.calibration_frame(report.get("calibration"))
-    tsne = fmt.tsne_frame(report.get("tsne"), classes)
-    cams = _gallery_items(report, run_dir, CAM_KEYS, "cam")
-    losses = _gallery_items(report, run_dir, TOP_LOSS_KEYS, "loss")
-    paths = list(dict.fromkeys((report.get("tsne") or {}).get("path") or []))
-    picks = gr.Dropdown(choices=[(p, p) for p in paths[:500]], value=None)
-    suffix, n = run_id.rsplit("-", 1)[-1], report.get("n") or len(tsne)
+        return {**_hidden(ui, state, text), ui.checkpoint_file: _download(run_dir / "best.pt")}
+    _park_captions(state, run_id, result)
+    headers, rows = view.per_class_rows(result.per_class)
+    return {
+        ui.metrics: view.metrics_markdown(result),
+        ui.body: gr.Column(visible=True),
+        ui.per_class: pd.DataFrame(rows, columns=headers),
+        ui.per_class_note: view.per_class_note(result.per_class),
+        ui.confusion: view.confusion_html(result, mode),
+        ui.roc: view.roc_frame(result.roc),
+        ui.pr: view.pr_frame(result.pr),
+        ui.calibration: view.calibration_frame(result.calibration),
+        ui.tsne_panel: gr.Column(visible=result.tsne is not None),
+        ui.tsne: view.tsne_frame(result.tsne, result.classes),
+        ui.cams: gr.Gallery(view.gallery(result, run_dir, view.CAM_FIGURES),
+                            visible=view.drew(result, view.CAM_FIGURES)),
+        ui.top_losses: gr.Gallery(view.gallery(result, run_dir, view.TOP_LOSS_FIGURES),
+                                  visible=view.drew(result, view.TOP_LOSS_FIGURES)),
+        ui.act_pick: gr.Dropdown(choices=[(p, p) for p in view.test_image_choices(result)], value=None),
+        ui.checkpoint_file: _download(run_dir / "best.pt"),
+        ui.report_file: _download(run_dir / "report.html"),
+        ui.state: state,
+    }
+
+
+def _hidden(ui: ResultsUI, state: dict, text: str) -> dict:
+    """The outputs when there is nothing to show but `text`: the body hidden, its contents emptied."""
+    return {ui.metrics: text, ui.body: gr.Column(visible=False), ui.per_class: None, ui.per_class_note: "",
+            ui.confusion: "", ui.roc: EMPTY_CURVE, ui.pr: EMPTY_CURVE, ui.calibration: EMPTY_CURVE,
+            ui.tsne: EMPTY_TSNE, ui.cams: [], ui.top_losses: [], ui.act_pick: gr.Dropdown(choices=[], value=None),
+            ui.checkpoint_file: gr.DownloadButton(visible=False), ui.report_file: gr.DownloadButton(visible=False),
+            ui.state: state}
+
+
+def _park_captions(state: dict, run_id: str, result: EvalResult) -> None:
+    suffix = run_id.rsplit("-", 1)[-1]
     park_plot_props(state, "roc", caption=f"run {suffix}: each class against the rest, with micro and macro averages")
     park_plot_props(state, "pr", caption=f"run {suffix}: average precision (AP) per class in the legend")
     park_plot_props(state, "calibration", caption=f"run {suffix}: points on the diagonal are calibrated; below it, "
                                                   "over-confident")
-    park_plot_props(state, "tsne", caption=f"run {suffix}: {n} test images; hover a point for its predicted class")
-    note = fmt.per_class_note(report.get("per_class"))
-    return (fmt.metrics_markdown(report), gr.Column(visible=True), per_class, note, confusion, roc, pr, calibration,
-            tsne, cams, losses, picks, _download(run_dir / "best.pt"), _download(run_dir / "report.html"), state)
+    park_plot_props(state, "tsne", caption=f"run {suffix}: {result.n} test images; hover a point for its predicted "
+                                           "class")
 
 
 def switch_confusion(lab, run_id: str | None, mode: str) -> str:
     if not run_id:
         return ""
-    report = load_eval(lab, run_id)
-    if report is None:
-        return ""
-    return fmt.confusion_html(_matrix(report, mode), _classes(report, lab.store.path(run_id)), mode == "normalized")
+    result = load_result(lab, run_id)
+    return view.confusion_html(result, mode) if result is not None else ""
 
 
 def refresh(lab, current: str | None):
@@ -394,9 +360,10 @@ def pick_test_image(lab, run_id: str | None, rel: str | None):
 
 
 def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
-    outputs = [ui.metrics, ui.body, ui.per_class, ui.per_class_note, ui.confusion, ui.roc, ui.pr, ui.calibration,
-               ui.tsne, ui.cams, ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file, ui.state]
-    show = dict(fn=partial(show_run, lab), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
+    outputs = {ui.metrics, ui.body, ui.per_class, ui.per_class_note, ui.confusion, ui.roc, ui.pr, ui.calibration,
+               ui.tsne_panel, ui.tsne, ui.cams, ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file,
+               ui.state}
+    show = dict(fn=partial(show_run, lab, ui), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
                 api_visibility="private")
     # the plots' captions after their data (see ui/tabs/__init__.py: why it takes two steps)
     props = dict(fn=lambda st: plot_props_step(st, PLOTS, PLOT_KINDS), inputs=ui.state,
@@ -417,17 +384,8 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
                         concurrency_limit=2, preprocess=False)
     ui.act_pick.input(partial(pick_test_image, lab), [ui.run, ui.act_pick], ui.act_image, api_visibility="private")
 
-    def run_results(run_id: str) -> dict:
-        """A finished run's evaluation summary: accuracy, per_class, classes, confusion counts and the names of
-        the figures (no images)."""
-        report = load_eval(lab, run_id)
-        if report is None:
-            raise user_error(f"run {run_id!r} has no evaluation (eval/eval.json) yet", title="No results")
-        keep = ("accuracy", "top5_accuracy", "macro_f1", "balanced_accuracy", "loss", "split", "classes",
-                "per_class", "num_images")
-        out = {k: report[k] for k in keep if k in report}
-        out["confusion"] = {"counts": _matrix(report, "counts")}
-        out["figures"] = sorted((report.get("figures") or {}).keys())
-        return out
+    def run_results_api(run_id: str) -> dict:
+        return run_results(lab, run_id)
 
-    gr.api(run_results, api_name="run_results", concurrency_limit=None)
+    run_results_api.__doc__ = run_results.__doc__
+    gr.api(run_results_api, api_name="run_results", concurrency_limit=None)
