@@ -29,8 +29,8 @@ from .cache import load_image_array
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datasets import make_split, read_manifest, write_manifest
+from .fsutil import write_atomic, write_json_atomic
 from .models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
-from .runs import write_json_atomic
 from .transforms import BatchTransform, resize_size
 
 log = logging.getLogger(__name__)
@@ -415,10 +415,7 @@ class _Trainer:
         self.start_epoch = state["epoch"] + 1
         self._resume_state = state
         # metrics.jsonl may hold a record written after last.pt (a crash between the two); keep what last.pt knows
-        lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resuming %s at epoch %d", self.run_dir.name, self.start_epoch)
 
     def save(self, epoch: int, optimizer, scheduler, scaler, improved: bool) -> None:

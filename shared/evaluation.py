@@ -24,6 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .fsutil import write_atomic
+
 logger = logging.getLogger(__name__)
 
 # Curves are stored for drawing, not for re-computing AUC (that uses every point): this many points at most.
@@ -399,10 +401,7 @@ def _tsne(features: np.ndarray, y: np.ndarray, pred: np.ndarray, paths: list[str
 
 def _write_json(path: Path, data: dict) -> None:
     # allow_nan=False: the page and other tools parse this with strict JSON parsers
-    text = json.dumps(data, indent=1, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 # --- figures -----------------------------------------------------------------------------------------------------

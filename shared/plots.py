@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .fsutil import atomic_open
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 LINESTYLES = ("-", "--", "-.", ":")
 DPI = 110
@@ -399,16 +401,13 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
     never sees half a file), then free the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        if isinstance(fig, Figure):
-            fig.savefig(tmp, format="png", dpi=dpi)
-        else:
-            fig.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as fh:
+            if isinstance(fig, Figure):
+                fig.savefig(fh, format="png", dpi=dpi)
+            else:
+                fig.save(fh, format="PNG")
     finally:
-        if tmp.exists():
-            tmp.unlink()
         if isinstance(fig, Figure):
             fig.clear()
     return path
