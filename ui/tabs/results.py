@@ -138,12 +138,24 @@ def build(lab) -> ResultsUI:
 def load_eval(lab, run_id: str) -> dict | None:
     path = lab.store.path(run_id) / "eval" / "eval.json"
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         log.warning("unreadable %s: %s", path, exc)
         return None
+    if not isinstance(report, dict):
+        log.warning("unreadable %s: it holds a JSON %s, not an object", path, type(report).__name__)
+        return None
+    return report
+
+
+def no_eval_text(lab, run_id: str) -> str:
+    """Why a run shows no results: no eval.json yet, or one that cannot be read (see `load_eval`)."""
+    if (lab.store.path(run_id) / "eval" / "eval.json").exists():
+        return ("This run's evaluation file (eval/eval.json) is empty or damaged. Press **Evaluate again** to write "
+                "it anew.")
+    return "This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue one."
 
 
 def _classes(report: dict, run_dir: Path) -> list[str]:
@@ -247,9 +259,7 @@ def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
         raise user_error(f"no run {run_id!r}", title="Unknown run") from None
     report = load_eval(lab, run_id)
     if report is None:
-        text = ("This run has no evaluation yet (it runs right after training). Press **Evaluate again** to queue "
-                "one.")
-        return (text,) + hidden[:11] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
+        return (no_eval_text(lab, run_id),) + hidden[:11] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
     classes = _classes(report, run_dir)
     headers, rows = fmt.per_class_rows(report.get("per_class"))
     per_class = pd.DataFrame(rows, columns=headers) if rows else None
@@ -408,7 +418,7 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
         the figures (no images)."""
         report = load_eval(lab, run_id)
         if report is None:
-            raise user_error(f"run {run_id!r} has no evaluation (eval/eval.json) yet", title="No results")
+            raise user_error(f"run {run_id}: " + no_eval_text(lab, run_id).replace("**", ""), title="No results")
         keep = ("accuracy", "top5_accuracy", "macro_f1", "balanced_accuracy", "loss", "split", "classes",
                 "per_class", "num_images")
         out = {k: report[k] for k in keep if k in report}
