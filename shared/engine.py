@@ -9,6 +9,7 @@ an uninterrupted run would have done (checked by tests/test_engine.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -284,6 +285,8 @@ def prepare_split(config: TrainConfig, run_dir: Path) -> dict:
     if path.is_file():
         return read_manifest(path)
     manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed)
+    if not run_dir.is_dir():  # deleted while the split was made (minutes on a large dataset): never recreate it
+        raise FileNotFoundError(errno.ENOENT, "the run folder was deleted while its split was made", str(run_dir))
     write_manifest(manifest, path)
     return manifest
 

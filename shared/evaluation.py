@@ -298,7 +298,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     timings["tsne_s"] = round(time.perf_counter() - t0, 2)
     report(len(items) + 1, total)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # not parents: a run folder deleted meanwhile must not come back
     t0 = time.perf_counter()
     context = _FigureContext(run_dir, out_dir, model, meta, root, torch_device)
     figures = _render_figures(context, y, probs, losses, paths, result, cam_samples_per_class,

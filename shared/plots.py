@@ -400,7 +400,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
     """Render a Figure (or save a PIL image from `image_grid`) to PNG atomically (temp file + rename, so a reader
     never sees half a file), then free the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(exist_ok=True)  # one level (a run's eval/): a run folder deleted meanwhile must not come back
     try:
         with atomic_open(path, "wb") as fh:
             if isinstance(fig, Figure):
