@@ -240,7 +240,8 @@ class RunStore:
         folders = [self.root]
         for entry in self.root.iterdir():
             if entry.is_dir() and not entry.name.startswith("."):
-                folders += [entry, entry / "eval"]
+                # the run folder and its evaluation folders (eval/, eval-val/, eval-folder-<name>/)
+                folders += [entry, *(d for d in entry.glob("eval*") if d.is_dir())]
         return remove_stale_temps(folders)
 
 
