@@ -1,8 +1,8 @@
 """The one atomic write: a reader (or a crash, or a power cut) never finds half a file in place of a good one.
 
-Every file the app writes into a run folder goes through `atomic_path` (or `atomic_open`, `write_atomic`): the data goes to a
-temporary file in the same folder, is flushed to the disk (fsync), renamed over the target, and then the folder
-itself is flushed so the rename survives a power loss too. Without both fsyncs a power cut can leave an *empty*
+Every file the app writes into a run folder goes through `atomic_path` (or `atomic_open`, `write_atomic`): the data
+goes to a temporary file in the same folder, is flushed to the disk (fsync), renamed over the target, and then the
+folder itself is flushed so the rename survives a power loss too. Without both fsyncs a power cut can leave an *empty*
 `status.json` behind (the rename reached the disk, the data did not).
 
 Temporary files are named `.<name>.tmp<pid>-<host>-<random>` so that `remove_stale_temps` can recognise what a

@@ -259,7 +259,8 @@ def show_run(lab, run_id: str | None, mode: str, state: dict | None = None):
         raise user_error(f"no run {run_id!r}", title="Unknown run") from None
     report = load_eval(lab, run_id)
     if report is None:
-        return (no_eval_text(lab, run_id),) + hidden[:11] + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state)
+        return ((no_eval_text(lab, run_id),) + hidden[:11]
+                + (_download(run_dir / "best.pt"), gr.DownloadButton(visible=False), state))
     classes = _classes(report, run_dir)
     headers, rows = fmt.per_class_rows(report.get("per_class"))
     per_class = pd.DataFrame(rows, columns=headers) if rows else None
@@ -418,7 +419,7 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
         the figures (no images)."""
         report = load_eval(lab, run_id)
         if report is None:
-            raise user_error(f"run {run_id}: " + no_eval_text(lab, run_id).replace("**", ""), title="No results")
+            raise user_error(f"run {run_id!r}: " + no_eval_text(lab, run_id).replace("**", ""), title="No results")
         keep = ("accuracy", "top5_accuracy", "macro_f1", "balanced_accuracy", "loss", "split", "classes",
                 "per_class", "num_images")
         out = {k: report[k] for k in keep if k in report}
