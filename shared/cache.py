@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .fsutil import write_atomic
 from .images import load_rgb_resized
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,7 @@ def load_image_array(
         del out
         os.replace(tmp_path, data_path)
         # the sidecar is written last: a cache without it is incomplete and rebuilt
-        meta_tmp = meta_path.with_suffix(f".tmp{os.getpid()}")
-        meta_tmp.write_text(json.dumps({"shape": shape, "format": CACHE_FORMAT}))
-        os.replace(meta_tmp, meta_path)
+        write_atomic(meta_path, json.dumps({"shape": shape, "format": CACHE_FORMAT}))
     finally:
         if tmp_path.exists():
             tmp_path.unlink()

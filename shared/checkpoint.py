@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .fsutil import atomic_path
 from .models import create_model
 
 FORMAT_VERSION = 1
@@ -25,17 +26,11 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     A failed write (disk full, read-only folder) raises CheckpointError saying so; the previous file is untouched.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({**state, "format_version": FORMAT_VERSION}, tmp)
     except (OSError, RuntimeError) as exc:  # torch reports a full disk as RuntimeError "[enforce fail ...]"
         raise CheckpointError(_write_failure(path, exc)) from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _write_failure(path: Path, exc: BaseException) -> str:

@@ -285,7 +285,7 @@ def cmd_predict(args, settings: Settings) -> int:
 
 
 def cmd_runs_list(args, settings: Settings) -> int:
-    from .runs import RunStore
+    from .runs import DAMAGED, RunStore
 
     store = RunStore(settings.models_dir)
     rows = list(store.list())
@@ -299,7 +299,9 @@ def cmd_runs_list(args, settings: Settings) -> int:
     for r in rows:
         best = (r.get("best") or {}).get("best_val_acc")
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["finished"])) if r.get("finished") else ""
-        print(f"{r['run_id']:38} {r['status']:10} {best if best is None else f'{best:.3f}':>12} {finished:>20}")
+        print(f"{r['run_id']:38} {r['status']:10} {'' if best is None else f'{best:.3f}':>12} {finished:>20}")
+        if r["status"] == DAMAGED:
+            print(f"  {r['error']}")
     return 0
 
 

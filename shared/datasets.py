@@ -13,13 +13,13 @@ import logging
 import math
 import os
 import statistics
-import tempfile
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .fsutil import write_atomic
 from .images import IMAGE_EXTENSIONS, ImageError, is_image_name, verify_image
 
 log = logging.getLogger(__name__)
@@ -473,21 +473,10 @@ def _assign_splits(classes: list[str], hashes: dict[str, str], ratios: tuple[flo
 
 
 def write_manifest(manifest: dict, path: str | os.PathLike) -> Path:
-    """Write the manifest as JSON atomically (temp file + os.replace): readers never see half a file."""
+    """Write the manifest as JSON atomically (`shared.fsutil`): readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:

@@ -9,6 +9,7 @@ an uninterrupted run would have done (checked by tests/test_engine.py).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -29,8 +30,8 @@ from .cache import load_image_array
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .datasets import make_split, read_manifest, write_manifest
+from .fsutil import write_atomic, write_json_atomic
 from .models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
-from .runs import write_json_atomic
 from .transforms import BatchTransform, resize_size
 
 log = logging.getLogger(__name__)
@@ -284,6 +285,8 @@ def prepare_split(config: TrainConfig, run_dir: Path) -> dict:
     if path.is_file():
         return read_manifest(path)
     manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed)
+    if not run_dir.is_dir():  # deleted while the split was made (minutes on a large dataset): never recreate it
+        raise FileNotFoundError(errno.ENOENT, "the run folder was deleted while its split was made", str(run_dir))
     write_manifest(manifest, path)
     return manifest
 
@@ -415,10 +418,7 @@ class _Trainer:
         self.start_epoch = state["epoch"] + 1
         self._resume_state = state
         # metrics.jsonl may hold a record written after last.pt (a crash between the two); keep what last.pt knows
-        lines = "".join(json.dumps(r) + "\n" for r in self.history)
-        tmp = self.run_dir / ".metrics.jsonl.tmp"
-        tmp.write_text(lines)
-        os.replace(tmp, self.run_dir / "metrics.jsonl")
+        write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resuming %s at epoch %d", self.run_dir.name, self.start_epoch)
 
     def save(self, epoch: int, optimizer, scheduler, scaler, improved: bool) -> None:

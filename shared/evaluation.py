@@ -26,6 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .fsutil import write_atomic
+
 logger = logging.getLogger(__name__)
 
 # Curves are stored for drawing, not for re-computing AUC (that uses every point): this many points at most.
@@ -305,7 +307,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     timings["tsne_s"] = round(time.perf_counter() - t0, 2)
     report(len(items) + 1, total)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(exist_ok=True)  # not parents: a run folder deleted meanwhile must not come back
     t0 = time.perf_counter()
     context = _FigureContext(run_dir, out_dir, model, meta, root, torch_device)
     _render_figures(context, y, probs, losses, paths, result, cam_samples_per_class,
@@ -410,10 +412,7 @@ def _tsne(features: np.ndarray, y: np.ndarray, pred: np.ndarray, paths: list[str
 
 def _write_json(path: Path, data: dict) -> None:
     # allow_nan=False: the page and other tools parse this with strict JSON parsers
-    text = json.dumps(data, indent=1, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, allow_nan=False))
 
 
 # --- figures -----------------------------------------------------------------------------------------------------

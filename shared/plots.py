@@ -20,6 +20,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .fsutil import atomic_open
+
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 LINESTYLES = ("-", "--", "-.", ":")
 DPI = 110
@@ -398,17 +400,14 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = DPI) -> Path:
     """Render a Figure (or save a PIL image from `image_grid`) to PNG atomically (temp file + rename, so a reader
     never sees half a file), then free the figure."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    path.parent.mkdir(exist_ok=True)  # one level (a run's eval/): a run folder deleted meanwhile must not come back
     try:
-        if isinstance(fig, Figure):
-            fig.savefig(tmp, format="png", dpi=dpi)
-        else:
-            fig.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as fh:
+            if isinstance(fig, Figure):
+                fig.savefig(fh, format="png", dpi=dpi)
+            else:
+                fig.save(fh, format="PNG")
     finally:
-        if tmp.exists():
-            tmp.unlink()
         if isinstance(fig, Figure):
             fig.clear()
     return path

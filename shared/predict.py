@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from .checkpoint import load_model_from_run
+from .fsutil import atomic_open
 from .images import ImageError, load_rgb
 from .runs import RunNotFound, RunStore
 from .transforms import eval_transform
@@ -121,8 +122,7 @@ def write_predictions_csv(results: Iterable[dict], path: Path, top_k: int = 5) -
     header = ["source", "error"]
     for i in range(1, top_k + 1):
         header += [f"class_{i}", f"probability_{i}"]
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
+    with atomic_open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for r in results:
@@ -130,7 +130,6 @@ def write_predictions_csv(results: Iterable[dict], path: Path, top_k: int = 5) -
             for item in r["top"][:top_k]:
                 row += [item["class"], f"{item['probability']:.6f}"]
             writer.writerow([csv_cell(cell) for cell in row])
-    tmp.replace(path)
     return path
 
 

@@ -11,14 +11,17 @@ Keys (all under `resnet_lab:`):
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Iterable
 
 import redis
 
-from .runs import FINISHED, RunStore
+from .runs import FINISHED, FIT_RECORD_KEYS, RunNotFound, RunStore
 
 PREFIX = "resnet_lab"
+
+log = logging.getLogger(__name__)
 
 
 class RunRegistry:
@@ -118,7 +121,8 @@ class RunRegistry:
         return sum(1 for raw in raws if raw and json.loads(raw).get("status") in ("queued", "running"))
 
     def sync_from_store(self, store: RunStore, run_ids: Iterable[str] | None = None) -> int:
-        """Re-create records from the run folders (after Redis lost its data); returns how many were written."""
+        """Re-create records from the run folders (after Redis lost its data); returns how many were written.
+        A run whose status.json is damaged gets a DAMAGED record (see `RunStore.list`), so the page shows it."""
         count = 0
         for status in store.list():
             if run_ids is not None and status["run_id"] not in run_ids:
@@ -126,8 +130,10 @@ class RunRegistry:
             if self.get(status["run_id"]) is None:
                 record = dict(status)
                 try:
-                    record["config"] = store.config(status["run_id"]).to_dict()
-                except Exception:  # a damaged config.json must not hide the other runs
+                    config = store.config_record(status["run_id"])
+                    record["config"] = {k: v for k, v in config.items() if k not in FIT_RECORD_KEYS}
+                except RunNotFound as exc:  # a damaged config.json must not hide the run: it shows with model "?"
+                    log.warning("run %s: %s", status["run_id"], exc)
                     record["config"] = None
                 self.put(record)
                 count += 1

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .eval_result import FIGURE_TITLES, EvalResult, EvalResultError, load_eval_result
+from .fsutil import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"run folder {run_dir} does not exist — pass a run folder under the models folder")
     text = build_report_html(run_dir)
     path = run_dir / "report.html"
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text)
     logger.info("wrote %s (%d kB)", path, len(text) // 1024)
     return path
 
@@ -256,11 +255,16 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict | None:
+    """A JSON object file; None when missing, or (logged) when damaged: the report leaves its section out."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_bytes())
     except FileNotFoundError:
         return None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
         logger.warning("cannot read %s: %s", path, exc)
         return None
+    if not isinstance(data, dict):
+        logger.warning("cannot read %s: it holds a JSON %s, not an object", path, type(data).__name__)
+        return None
+    return data

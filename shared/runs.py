@@ -7,39 +7,59 @@ for cheap polling across machines.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
-import shutil
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import TrainConfig
+from .fsutil import TRASH_PREFIX, remove_stale_temps, remove_tree, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINISHED = ("succeeded", "failed", "cancelled")
+# not a state a run moves to: what `RunStore.list` reports for a folder whose status.json cannot be read
+DAMAGED = "damaged"
 # what `fit` adds to config.json next to the TrainConfig fields (not config, so not read back as config)
 FIT_RECORD_KEYS = ("env", "split_hash", "classes")
+
+__all__ = ["DAMAGED", "FINISHED", "STATUSES", "RunDamaged", "RunNotFound", "RunStore", "read_metrics",
+           "read_run_file", "write_json_atomic"]
 
 
 class RunNotFound(LookupError):
     pass
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+class RunDamaged(RunNotFound):
+    """A run folder whose status.json or config.json is empty or not what we wrote (a power loss during a write
+    by an older version, a hand edit). The message names the file, the folder and the fix."""
 
 
-def read_json(path: Path, default: Any = None) -> Any:
+def read_run_file(run_dir: Path, name: str) -> dict:
+    """A run's JSON record file as a dict: RunNotFound when it is missing, RunDamaged when it cannot be read,
+    is not JSON or not a JSON object."""
+    path = Path(run_dir) / name
     try:
-        return json.loads(Path(path).read_text())
+        data = json.loads(path.read_bytes())
     except FileNotFoundError:
-        return default
+        raise RunNotFound(f"run {Path(run_dir).name!r} not found in {Path(run_dir).parent}") from None
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        raise RunDamaged(damaged_message(run_dir, name, "is empty or not JSON")) from None
+    except OSError as exc:
+        raise RunDamaged(damaged_message(run_dir, name, f"cannot be read ({exc.strerror})")) from None
+    if not isinstance(data, dict):
+        raise RunDamaged(damaged_message(run_dir, name, f"holds a JSON {type(data).__name__}, not an object"))
+    return data
+
+
+def damaged_message(run_dir: Path, name: str, problem: str) -> str:
+    return f"{name} {problem} — delete the folder {run_dir} or restore its {name}"
 
 
 def new_run_id(model: str) -> str:
@@ -48,17 +68,26 @@ def new_run_id(model: str) -> str:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """Per-epoch records from metrics.jsonl (a torn last line from a crash is ignored)."""
+    """Per-epoch records from metrics.jsonl. Lines that are not an epoch record (a torn last line from a crash,
+    garbage) are skipped and logged: the curves show the epochs that are readable."""
     records = []
+    path = Path(run_dir) / "metrics.jsonl"
     try:
-        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         return records
+    bad = 0
     for line in lines:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+            record = json.loads(line)
+        except ValueError:  # not JSON, or not UTF-8
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+        elif line.strip():
+            bad += 1
+    if bad:
+        log.debug("%s: skipped %d line(s) that are not epoch records", path, bad)
     return records
 
 
@@ -96,17 +125,41 @@ class RunStore:
         })
         return run_id
 
+    def config_record(self, run_id: str) -> dict:
+        """config.json as written (TrainConfig fields plus what `fit` adds); RunNotFound / RunDamaged."""
+        return read_run_file(self.path(run_id), "config.json")
+
+    def display_config(self, run_id: str) -> dict:
+        """config.json for lists: {} when it is missing or damaged (said once in the log), so one bad file hides
+        no run; training, cloning and evaluating read `config` and get the error."""
+        try:
+            return self.config_record(run_id)
+        except RunNotFound as exc:
+            _warn_once(f"run {run_id}: {exc}")
+            return {}
+
     def config(self, run_id: str) -> TrainConfig:
-        data = read_json(self.path(run_id) / "config.json")
-        if data is None:
-            raise RunNotFound(f"run {run_id!r} not found in {self.root}")
+        data = self.config_record(run_id)
         return TrainConfig.from_dict({k: v for k, v in data.items() if k not in FIT_RECORD_KEYS})
 
     def status(self, run_id: str) -> dict:
-        data = read_json(self.path(run_id) / "status.json")
-        if data is None:
-            raise RunNotFound(f"run {run_id!r} not found in {self.root}")
+        """status.json; RunNotFound when the run is gone, RunDamaged when its status.json cannot be read."""
+        run_dir = self.path(run_id)
+        data = read_run_file(run_dir, "status.json")
+        if data.get("status") not in STATUSES:
+            raise RunDamaged(damaged_message(run_dir, "status.json", f"holds no valid status "
+                                             f"(expected one of {', '.join(STATUSES)}, got {data.get('status')!r})"))
+        data["run_id"] = run_id  # the folder is the run's identity (a copied folder keeps its old id inside)
         return data
+
+    def damaged_record(self, run_id: str, error: str) -> dict:
+        """What lists show for a run whose status.json cannot be read: status DAMAGED, the fix in `error`."""
+        try:
+            created = self.path(run_id).stat().st_mtime
+        except OSError:
+            created = None
+        return {"run_id": run_id, "status": DAMAGED, "error": error, "created": created, "started": None,
+                "finished": None, "worker": None, "best": None}
 
     def set_status(self, run_id: str, status: str, **fields: Any) -> dict:
         if status not in STATUSES:
@@ -118,20 +171,34 @@ class RunStore:
             data["worker"] = data.get("worker") or socket.gethostname()
         if status in FINISHED:
             data["finished"] = time.time()
-        write_json_atomic(self.path(run_id) / "status.json", data)
+        run_dir = self.path(run_id)
+        try:
+            write_json_atomic(run_dir / "status.json", data)
+        except FileNotFoundError:
+            if run_dir.is_dir():
+                raise
+            # deleted between the read and the write: never recreate it
+            raise RunNotFound(f"run {run_id!r} was deleted from {self.root}") from None
         return data
 
     def ids(self) -> list[str]:
-        """Run ids, newest first."""
+        """Run ids, newest first (a dot folder is never a run: `.redis`, a delete in progress)."""
         if not self.root.is_dir():
             return []
-        return sorted((p.name for p in self.root.iterdir() if (p / "status.json").is_file()), reverse=True)
+        return sorted((p.name for p in self.root.iterdir()
+                       if not p.name.startswith(".") and (p / "status.json").is_file()), reverse=True)
 
     def list(self) -> Iterator[dict]:
+        """Every run's status, newest first. A run whose status.json cannot be read is listed as DAMAGED (its
+        `error` names the folder and the fix) instead of stopping the listing."""
         for run_id in self.ids():
-            status = read_json(self.root / run_id / "status.json")
-            if status:
-                yield status
+            try:
+                yield self.status(run_id)
+            except RunDamaged as exc:
+                _warn_once(f"run {run_id}: {exc}")
+                yield self.damaged_record(run_id, str(exc))
+            except RunNotFound:  # deleted since ids() looked
+                continue
 
     def latest_succeeded(self) -> str | None:
         """The newest run that finished successfully with a best checkpoint (what 'latest' means)."""
@@ -145,10 +212,44 @@ class RunStore:
         return best[1] if best else None
 
     def delete(self, run_id: str) -> None:
-        status = self.status(run_id)
-        if status["status"] == "running":
+        """Remove a run folder that is not running (a DAMAGED one too: deleting it is the advertised fix)."""
+        try:
+            status = self.status(run_id)["status"]
+        except RunDamaged:
+            status = DAMAGED
+        if status == "running":
             raise ValueError(f"run {run_id} is running: cancel it before deleting")
-        shutil.rmtree(self.path(run_id))
+        # renamed away first, in one step: a worker writing into the run from now on finds it gone instead of
+        # recreating files in a half-removed folder; a crash mid-removal leaves a dot folder `remove_leftovers`
+        # clears
+        trash = self.root / f"{TRASH_PREFIX}{run_id}-{secrets.token_hex(3)}"
+        try:
+            os.rename(self.path(run_id), trash)
+        except FileNotFoundError:
+            raise RunNotFound(f"run {run_id!r} not found in {self.root}") from None
+        remove_tree(trash)
 
     def metrics(self, run_id: str) -> list[dict]:
         return read_metrics(self.path(run_id))
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove what crashed writers and deletes left in the models folder (see `shared.fsutil`); the page
+        and each worker call this when they start."""
+        if not self.root.is_dir():
+            return []
+        folders = [self.root]
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.name.startswith("."):
+                # the run folder and its evaluation folders (eval/, eval-val/, eval-folder-<name>/)
+                folders += [entry, *(d for d in entry.glob("eval*") if d.is_dir())]
+        return remove_stale_temps(folders)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    # the page lists the runs every 2 s: say it once per process, the Runs table keeps showing it
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)

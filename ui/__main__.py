@@ -113,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.warning("data root %s is not usable: %s", root, exc)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
+    from shared.runs import RunStore
+
+    # what a crash left half-written (temp files, a half-deleted run folder) goes before the runs are listed
+    try:
+        RunStore(settings.models_dir).remove_leftovers()
+    except OSError as exc:  # a read-only models folder still shows its runs
+        log.warning("cannot remove leftover temporary files in %s: %s", settings.models_dir, exc)
     if not settings.redis_url:
         log.warning("REDIS_URL is not set: the page starts, but runs cannot be queued until it is "
                     "(`resnet-lab up` starts Redis, a worker and this page together)")

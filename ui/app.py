@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from shared.predict import PredictorCache
-from shared.runs import FINISHED, RunStore, read_json
+from shared.runs import DAMAGED, FINISHED, RunDamaged, RunNotFound, RunStore, read_metrics
 from shared.settings import Settings
 
 from .client import QueueClient, QueueUnavailable
@@ -102,14 +102,17 @@ class Lab:
 
     def _reconcile(self, client: QueueClient, record: dict) -> dict:
         """A queued/running record whose folder says it finished (the worker died between writing the folder
-        and Redis) takes the folder's status, in Redis too: the folder is the durable truth."""
-        if record.get("status") not in ("queued", "running"):
+        and Redis), or a DAMAGED one whose folder was restored, takes the folder's status, in Redis too: the
+        folder is the durable truth. One whose status.json is damaged shows as DAMAGED."""
+        if record.get("status") not in ("queued", "running", DAMAGED):
             return record
         try:
             status = self.store.status(record["run_id"])
-        except Exception:  # noqa: BLE001 - folder gone or unreadable: nothing better to show
+        except RunDamaged as exc:
+            return {**record, "status": DAMAGED, "error": str(exc)}
+        except RunNotFound:  # folder gone: the record is what there is (the workers' scan removes a stale one)
             return record
-        if status.get("status") not in FINISHED:
+        if status.get("status") not in FINISHED and record.get("status") != DAMAGED:
             return record
         try:
             client.registry.update(record["run_id"], **{k: v for k, v in status.items() if k != "run_id"})
@@ -142,10 +145,8 @@ class Lab:
         for status in self.store.list():
             run_dir = self.store.root / status["run_id"]
             record = dict(status)
-            record["config"] = read_json(run_dir / "config.json", {}) or {}
+            record["config"] = self.store.display_config(status["run_id"])
             if status.get("status") == "running":
-                from shared.runs import read_metrics
-
                 record["progress"] = {"history": read_metrics(run_dir),
                                       "epochs": record["config"].get("epochs")}
             out.append(record)
@@ -157,7 +158,7 @@ class Lab:
             return self.client().run(run_id)
         except Exception:  # noqa: BLE001 - any registry trouble: the folder is the durable truth
             status = self.store.status(run_id)
-            return {**status, "config": read_json(self.store.path(run_id) / "config.json", {}) or {}}
+            return {**status, "config": self.store.display_config(run_id)}
 
     def succeeded_runs(self) -> list[dict]:
         """Finished runs with a best checkpoint, newest first (from disk: works without Redis)."""
@@ -165,7 +166,7 @@ class Lab:
         for status in self.store.list():
             if status.get("status") == "succeeded" and (self.store.root / status["run_id"] / "best.pt").is_file():
                 record = dict(status)
-                record["config"] = read_json(self.store.root / status["run_id"] / "config.json", {}) or {}
+                record["config"] = self.store.display_config(status["run_id"])
                 out.append(record)
         out.sort(key=lambda r: (r.get("finished") or 0.0, r["run_id"]), reverse=True)
         return out

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 RUN_COLUMNS = ["Run", "Status", "Model", "LR", "Batch", "Epochs", "Progress", "Best val acc", "Duration", "Worker"]
 # plain symbols that every system font has (emoji render as empty boxes in some browsers)
 STATUS_ICONS = {"queued": "○ queued", "running": "▶ running", "succeeded": "✔ succeeded",
-                "failed": "✖ failed", "cancelled": "■ cancelled"}
+                "failed": "✖ failed", "cancelled": "■ cancelled", "damaged": "⚠ damaged"}
 DASH = "—"
 
 

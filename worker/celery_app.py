@@ -12,6 +12,7 @@ import os
 from celery import Celery, signals
 
 from shared.registry import RunRegistry
+from shared.runs import RunStore
 from shared.settings import Settings
 
 from .recovery import RecoveryScanner, shutdown_requested
@@ -81,11 +82,14 @@ _scanner = None
 
 @signals.worker_ready.connect
 def _start_recovery(sender=None, **_):
-    """Re-queue runs whose worker died (see worker/recovery.py), now and periodically."""
+    """Clear leftovers of crashed writes, then re-queue runs whose worker died (see worker/recovery.py), now and
+    periodically."""
     global _scanner
 
     app = sender.app
-    _scanner = RecoveryScanner(app, RunRegistry.from_url(settings_of(app).redis_url, timeout=10.0)).start()
+    settings = settings_of(app)
+    _scanner = RecoveryScanner(app, RunRegistry.from_url(settings.redis_url, timeout=10.0),
+                               RunStore(settings.models_dir)).start()
 
 
 @signals.worker_shutting_down.connect

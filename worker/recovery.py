@@ -10,6 +10,10 @@ the broker refers to, and sends `resnet_lab.train` for them again under a fresh 
 Duplicates are harmless by construction: the train task takes the lease before it does anything and re-reads
 the run's status under it, so a second delivery of the same run (the re-sent task, or the original message
 coming back after the visibility timeout) either finds the lease taken or the run finished, and skips.
+
+A run is re-sent only while its folder says it can run (`settle_unrunnable`): a run deleted from the page while a
+worker was starting it leaves at most a registry record behind, which the scan removes instead of re-sending it
+forever; a damaged status.json turns the record DAMAGED (the page shows the fix).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import uuid
 import redis
 
 from shared.registry import PREFIX, RunRegistry
+from shared.runs import DAMAGED, RunDamaged, RunNotFound, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,23 @@ def find_orphans(registry: RunRegistry, queue: str = "celery", *, queued_grace: 
     return orphans
 
 
+def settle_unrunnable(store: RunStore, registry: RunRegistry, run_id: str) -> str | None:
+    """Why this run can never be trained from its folder (None: it can). A run whose folder is gone loses its
+    registry record (it was deleted; a worker that was starting it may have written the record back); a run whose
+    status.json is damaged gets a DAMAGED record naming the fix."""
+    if not store.root.is_dir():  # the models folder is not there at all (not mounted?): decide nothing about runs
+        return f"the models folder {store.root} is missing"
+    try:
+        store.status(run_id)
+    except RunDamaged as exc:
+        registry.update(run_id, status=DAMAGED, error=str(exc))
+        return f"its run folder is damaged: {exc}"
+    except RunNotFound:
+        registry.delete(run_id)
+        return "its run folder is gone (deleted); its registry record is removed"
+    return None
+
+
 def resend_train(app, registry: RunRegistry, run_id: str, why: str, crashed: bool = False) -> str | None:
     """Send `resnet_lab.train` for a run again; returns the new task id, or None when another worker just did.
 
@@ -207,18 +229,26 @@ def resend_train(app, registry: RunRegistry, run_id: str, why: str, crashed: boo
     return task_id
 
 
-def recover_orphans(app, registry: RunRegistry, *, queued_grace: float = 300.0) -> list[str]:
-    """One scan: re-send every orphan found; returns the run ids re-queued."""
+def recover_orphans(app, registry: RunRegistry, store: RunStore, *, queued_grace: float = 300.0) -> list[str]:
+    """One scan: re-send every orphan whose folder can still run; returns the run ids re-queued."""
     queue = app.conf.task_default_queue or "celery"
-    return [run_id for run_id, why, crashed in find_orphans(registry, queue, queued_grace=queued_grace)
-            if resend_train(app, registry, run_id, why, crashed)]
+    resent = []
+    for run_id, why, crashed in find_orphans(registry, queue, queued_grace=queued_grace):
+        unrunnable = settle_unrunnable(store, registry, run_id)
+        if unrunnable:
+            log.warning("not re-sending run %s: %s", run_id, unrunnable)
+        elif resend_train(app, registry, run_id, why, crashed):
+            resent.append(run_id)
+    return resent
 
 
 class RecoveryScanner:
-    """Background thread in each worker: scan at start, then every `interval` seconds until stopped."""
+    """Background thread in each worker: clear what crashed writers left in the models folder, then scan at start
+    and every `interval` seconds until stopped."""
 
-    def __init__(self, app, registry: RunRegistry, interval: float | None = None, queued_grace: float | None = None):
-        self.app, self.registry = app, registry
+    def __init__(self, app, registry: RunRegistry, store: RunStore, interval: float | None = None,
+                 queued_grace: float | None = None):
+        self.app, self.registry, self.store = app, registry, store
         self.interval = interval or max(1.0, lease_seconds() / 2)
         # the page sends a run's message right after creating it; only a run queued for long without one is lost
         self.queued_grace = queued_grace if queued_grace is not None else 10.0 * lease_seconds()
@@ -233,9 +263,13 @@ class RecoveryScanner:
         self._stop.set()
 
     def _loop(self) -> None:
+        try:
+            self.store.remove_leftovers()
+        except OSError as exc:  # a models folder we cannot clean still trains; say why the files stay
+            log.warning("cannot remove leftover temporary files in %s: %s", self.store.root, exc)
         while True:
             try:
-                recover_orphans(self.app, self.registry, queued_grace=self.queued_grace)
+                recover_orphans(self.app, self.registry, self.store, queued_grace=self.queued_grace)
             except Exception:  # a scan that fails (Redis restarting) must not end the loop; the next one retries
                 log.exception("run recovery scan failed; retrying in %.0f s", self.interval)
             if self._stop.wait(self.interval):

@@ -29,12 +29,12 @@ from shared.images import expand_image_paths
 from shared.models import WeightsUnavailable
 from shared.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
 from shared.registry import RunRegistry
-from shared.runs import FINISHED, RunNotFound, RunStore
+from shared.runs import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
 
 from .celery_app import settings_of
 from .progress import TaskReporter
-from .recovery import MAX_CRASHES, Lease, resend_train, shutdown_requested
+from .recovery import MAX_CRASHES, Lease, resend_train, settle_unrunnable, shutdown_requested
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ TRAIN_TASK = "resnet_lab.train"
 EVALUATE_TASK = "resnet_lab.evaluate"
 PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 # errors whose message already says what to do: shown as they are, without the exception's class name
-USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError)
+USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError,
+               RunDamaged)
 
 # the CSV row of a file found in a folder of the data roots that links out of them (it is not read)
 OUTSIDE_ROOTS = "not inside the data folders (a link out of them?) — not read"
@@ -88,8 +89,9 @@ def free_gpu_memory() -> None:
 
 def _skip_reason(store: RunStore, registry: RunRegistry, run_id: str) -> str | None:
     """Why this delivery must not train the run (None: go ahead). Marks a cancelled, unfinished run CANCELLED."""
-    if not store.exists(run_id):
-        return "its run folder is gone (deleted)"
+    unrunnable = settle_unrunnable(store, registry, run_id)
+    if unrunnable:
+        return unrunnable
     status = store.status(run_id)["status"]
     if status in FINISHED:
         return f"it is already {status}"
@@ -120,6 +122,12 @@ def train(self, run_id: str) -> dict:
                 skip = _skip_reason(store, registry, run_id)
                 if skip is None:
                     return _train(self, store, registry, run_id, lease)
+            except RunNotFound:
+                # a status change found the folder gone (deleted from the page while this worker started the run)
+                # or damaged: end here, recreating nothing; the registry record the start may have written goes
+                skip = settle_unrunnable(store, registry, run_id)
+                if skip is None:
+                    raise
             finally:
                 lease.release()
     log.info("skipping run %s: %s", run_id, skip)

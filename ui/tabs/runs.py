@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from shared.runs import RunNotFound, read_metrics
+from shared.runs import DAMAGED, RunNotFound, read_metrics
 
 from .. import formatting as fmt
 from ..client import QueueUnavailable
@@ -159,7 +159,7 @@ def detail_text(records: list[dict], selected: list[str], now: float) -> str:
             continue
         status = r.get("status")
         head = f"**{fmt.md_escape(fmt.run_label(r))}** — {fmt.STATUS_ICONS.get(status, status)}"
-        if status == "failed" and r.get("error"):
+        if status in ("failed", DAMAGED) and r.get("error"):
             lines.append(f"{head}: {fmt.md_escape(fmt.first_line(r['error']))}")
         elif status == "running":
             p = r.get("progress") or {}
@@ -266,6 +266,9 @@ def cancel_runs(lab, run_ids: list[str] | None) -> str:
             client.cancel(run_id)
         except QueueUnavailable as exc:
             raise user_error(str(exc), title="Queue unavailable") from None
+        except RunNotFound as exc:  # its folder is gone, or damaged (the message says what to do)
+            skipped.append(f"`{run_id}` ({fmt.md_escape(exc)})")
+            continue
         done.append(run_id)
     parts = []
     if done:
