@@ -33,7 +33,7 @@ from .images import load_rgb_resized
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-# Left free on the cache's disk: the models folder (checkpoints) often shares it.
+# Left free on the cache's disk (at most 5% of a small disk): the models folder (checkpoints) often shares it.
 FREE_MARGIN_BYTES = 100_000_000
 # A temporary array unlocked and untouched this long belongs to a build that died: deleted when room is needed.
 STALE_TMP_SECONDS = 60.0
@@ -180,12 +180,16 @@ def _allocate(fh: BinaryIO, nbytes: int, cache_dir: Path) -> None:
 
 def _disk_full(cache_dir: Path, needed: int) -> CacheFullError:
     free = shutil.disk_usage(cache_dir).free
-    return CacheFullError(f"disk full: {_gb(needed)} needed in {cache_dir} for the decoded-image cache, "
+    return CacheFullError(f"disk full: {_gb(needed)} needed in {cache_dir}, "
                           f"{_gb(free)} free — {_FIX}")
 
 
 def _gb(nbytes: float) -> str:
-    return f"{nbytes / 1e9:.2f} GB"
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 10_000_000 else f"{nbytes / 1e6:.2f} MB"
+
+
+def _margin(cache_dir: Path) -> int:
+    return min(FREE_MARGIN_BYTES, shutil.disk_usage(cache_dir).total // 20)
 
 
 # --- eviction ----------------------------------------------------------------------------------------------------
@@ -196,12 +200,16 @@ def _make_room(cache_dir: Path, needed: int, max_bytes: int | None) -> None:
         raise CacheFullError(f"the decoded-image cache for this run needs {_gb(needed)}, more than the cache's "
                              f"cap of {_gb(max_bytes)} (RESNET_LAB_CACHE_MAX_GB) — raise the cap or train at a "
                              "smaller image size")
-    entries = _entries(cache_dir)
+    # what dead builds left is garbage whether room is short or not
+    entries = [e for e in _entries(cache_dir) if not (_is_temporary(e[1]) and _evict(e[1]))]
     total = sum(size for _, _, size in entries)
+    margin = _margin(cache_dir)
+    if shutil.disk_usage(cache_dir).free + total < needed + margin:
+        raise _disk_full(cache_dir, needed + margin)  # hopeless: keep the arrays other runs may still use
 
     def fits() -> bool:
         under_cap = max_bytes is None or total + needed <= max_bytes
-        return under_cap and shutil.disk_usage(cache_dir).free >= needed + FREE_MARGIN_BYTES
+        return under_cap and shutil.disk_usage(cache_dir).free >= needed + margin
 
     for _, path, size in sorted(entries):
         if fits():
@@ -211,8 +219,8 @@ def _make_room(cache_dir: Path, needed: int, max_bytes: int | None) -> None:
     if max_bytes is not None and total + needed > max_bytes:
         log.warning("image cache %s: %s in use by running trainings, going over its cap of %s until they end",
                     cache_dir, _gb(total), _gb(max_bytes))
-    if shutil.disk_usage(cache_dir).free < needed + FREE_MARGIN_BYTES:
-        raise _disk_full(cache_dir, needed + FREE_MARGIN_BYTES)  # what must be free, margin included
+    if shutil.disk_usage(cache_dir).free < needed + margin:
+        raise _disk_full(cache_dir, needed + margin)  # what must be free, margin included
 
 
 def _is_temporary(path: Path) -> bool:

@@ -261,7 +261,7 @@ def _mb(n: int) -> str:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    return f"{n / 1e9:.2f} GB" if n >= 10_000_000 else f"{n / 1e6:.2f} MB"
 
 
 def _copy_capped(src, dst, limit: int) -> int:
