@@ -244,7 +244,7 @@ def _entries(cache_dir: Path) -> list[tuple[float, Path, int]]:
 def _evict(path: Path) -> bool:
     """Delete an array (and its sidecar) unless a training maps it or a build writes it; True when it is gone."""
     try:
-        fh = open(path, "rb")
+        fh = open(path, "r+b")  # for writing: NFS only grants exclusive locks on files open for writing
     except FileNotFoundError:
         return True
     except OSError as exc:
@@ -255,6 +255,9 @@ def _evict(path: Path) -> bool:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # in use
+        except OSError as exc:
+            log.warning("image cache: cannot lock %s to evict it (%s); keeping it", path, exc)
+            return False
         st = os.fstat(fh.fileno())
         if _is_temporary(path) and time.time() - st.st_mtime < STALE_TMP_SECONDS:
             return False  # a build that has not taken its lock yet, or a sidecar about to be renamed

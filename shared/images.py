@@ -87,6 +87,7 @@ class ByteBudget:
         self._cond = threading.Condition()
         self._next_ticket = 0
         self._serving = 0  # tickets are granted in order, so a large request is not starved by small ones
+        self._abandoned: set[int] = set()  # tickets whose waiter was interrupted: skipped, or all would hang
 
     @contextmanager
     def reserve(self, nbytes: int) -> Iterator[None]:
@@ -94,16 +95,28 @@ class ByteBudget:
         with self._cond:
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._cond.wait_for(lambda: self._serving == ticket and self.in_use + nbytes <= self.capacity)
-            self._serving += 1
+            try:
+                self._cond.wait_for(lambda: self._serving == ticket and self.in_use + nbytes <= self.capacity)
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._next_turn(advance=False)
+                raise
             self.in_use += nbytes
-            self._cond.notify_all()
+            self._next_turn(advance=True)
         try:
             yield
         finally:
             with self._cond:
                 self.in_use -= nbytes
                 self._cond.notify_all()
+
+    def _next_turn(self, *, advance: bool) -> None:
+        if advance:
+            self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 # One per process: every decode below reserves its `decode_bytes` here while it runs.
@@ -162,11 +175,12 @@ def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str | 
         load_rgb(src, max_pixels=max_pixels)
         return _upright_size(src)
     with _opened(src, max_pixels, name) as (name, img):
-        size = _upright_size(img)
+        w, h = img.size
         _guard(name, img.draft, "RGB", (64, 64))
         with _reserved(img):
+            swapped = _orientation(img) in (5, 6, 7, 8)  # inside: reading a PNG's EXIF decodes the whole image
             _finish(img, name, in_place=True)
-    return size
+    return (h, w) if swapped else (w, h)
 
 
 def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
@@ -262,8 +276,9 @@ def _check_decoded_size(img: Image.Image, name: str) -> None:
     needed = decode_bytes(img)
     if needed > MAX_DECODED_BYTES:
         w, h = img.size
-        raise ImageError(f"{name}: refused — decoding this {w}x{h} {img.mode} image would take {needed / 2**20:,.0f} MB "
-                         f"of memory, more than the limit of {MAX_DECODED_BYTES / 2**20:,.0f} MB per image "
+        raise ImageError(f"{name}: refused — decoding this {w}x{h} {img.mode} image would take "
+                         f"{needed / 2**20:,.0f} MB of memory, more than the limit of "
+                         f"{MAX_DECODED_BYTES / 2**20:,.0f} MB per image "
                          "(possible decompression bomb). Downscale it or save it as 8-bit RGB first.")
 
 
@@ -410,11 +425,14 @@ def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
 def _upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5-8 swap the axes."""
     w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        orientation = img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 — broken EXIF: orientation is ignored when loading too
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return 1
 
 
 def _guard(name: str, fn, *args):

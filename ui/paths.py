@@ -333,7 +333,10 @@ def extract_zip(zip_path: str | os.PathLike, dest_root: Path, *, name: str | Non
 def _lock_folder(folder: Path) -> int:
     """An open descriptor of `folder` holding an exclusive flock (dropped when it is closed, or its holder dies)."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # some network filesystems: remove_stale_extractions then leaves the folder alone
+        log.info("cannot lock %s (%s); extracting without the lock", folder, exc)
     return fd
 
 
@@ -359,7 +362,7 @@ def remove_stale_extractions(dest_root: Path) -> list[Path]:
                 continue  # just made by an extraction that has not taken its lock yet
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder)
-        except BlockingIOError:
+        except OSError:  # locked by a running extraction, or a filesystem without locks: keep it
             continue
         finally:
             os.close(fd)
