@@ -566,3 +566,14 @@ def test_an_interrupted_wait_does_not_block_the_budget_for_everyone():
 
     threading.Thread(target=later, daemon=True).start()
     assert done.wait(5), "the next reservation waits forever behind the abandoned one"
+
+
+def test_the_limits_are_settings():
+    from shared.settings import Settings
+
+    assert (Settings().cache_max_gb, Settings().uploads_max_gb) == (20.0, 20.0)
+    settings = Settings.from_env({"RESNET_LAB_CACHE_MAX_GB": "0.5", "RESNET_LAB_UPLOADS_MAX_GB": "0"})
+    assert (settings.cache_max_gb, settings.uploads_max_gb) == (0.5, 0.0)
+    for bad in ("lots", "-1", "nan", "inf"):
+        with pytest.raises(ValueError, match=rf"RESNET_LAB_CACHE_MAX_GB must be a number of gigabytes >= 0 .*{bad!r}"):
+            Settings.from_env({"RESNET_LAB_CACHE_MAX_GB": bad})
