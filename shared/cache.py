@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 # Left free on the cache's disk (at most 5% of a small disk): the models folder (checkpoints) often shares it.
 FREE_MARGIN_BYTES = 100_000_000
-# A temporary array unlocked and untouched this long belongs to a build that died: deleted when room is needed.
+# A temporary array unlocked and untouched this long belongs to a build that died: deleted by the next build.
 STALE_TMP_SECONDS = 60.0
 _FIX = "free space or set RESNET_LAB_CACHE_DIR / RESNET_LAB_CACHE_MAX_GB"
 
@@ -97,7 +97,7 @@ def load_image_array(
         return cached
     needed = math.prod(shape)
     _make_room(cache_dir, needed, max_bytes)
-    # not `.tmp<pid>`: the sidecar's temporary file may be named so, and only arrays are ever evicted
+    # `.u8-tmp<pid>`, not `.tmp<pid>`: that is the sidecar's temporary name (and earlier versions' array's)
     tmp_path = cache_dir / f"{key}.u8-tmp{os.getpid()}"
     fh = open(tmp_path, "w+b")
     try:
