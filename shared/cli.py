@@ -193,7 +193,7 @@ def cmd_train(args, settings: Settings) -> int:
     reporter = TqdmReporter()
     store.set_status(run_id, "running")
     try:
-        result = fit(config, run_dir, reporter, cache_dir=settings.cache_path)
+        result = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
     except KeyboardInterrupt:
         store.set_status(run_id, "cancelled", error="interrupted from the keyboard")
         print(f"interrupted; resume with: resnet-lab train --resume {run_id}", file=sys.stderr)

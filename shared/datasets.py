@@ -225,23 +225,35 @@ def check_dataset(root: str | os.PathLike, *, decode: bool = True, workers: int 
 
 
 def _inspect_file(job: tuple[Path, str, bool]) -> tuple[str | None, tuple[int, int] | None, str | None]:
-    """(sha256, upright size, None) for a good file, (None, None, reason) for a bad one."""
+    """(sha256, upright size, None) for a good file, (None, None, reason) for a bad one.
+
+    The file is hashed in chunks and decoded from disk, never held in memory whole: many of these run at once,
+    and the decodes share the process-wide budget of `shared.images` (a second read comes from the page cache).
+    """
     root, path, decode = job
     try:
-        with open(root / path, "rb") as f:
-            data = f.read()
+        sha, nbytes = _sha256_of(root / path)
     except OSError as e:
         return None, None, f"cannot read the file ({e.strerror or e})"
-    if not data:
+    if not nbytes:
         return None, None, "empty file (0 bytes)"
-    sha = hashlib.sha256(data).hexdigest()
     if not decode:
         return sha, None, None
     try:
-        size = verify_image(data, name=path)
+        size = verify_image(root / path, name=path)
     except ImageError as e:
         return None, None, str(e).removeprefix(f"{path}: ")
     return sha, size, None
+
+
+def _sha256_of(path: Path) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of a file, read in 1 MB chunks (hashlib.file_digest needs Python 3.11)."""
+    digest, nbytes = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            nbytes += len(chunk)
+    return digest.hexdigest(), nbytes
 
 
 def _refuse_empty_after_decode(scan: DatasetScan, counts: dict[str, int], unreadable: list[dict]) -> None:

@@ -291,7 +291,8 @@ def prepare_split(config: TrainConfig, run_dir: Path) -> dict:
     return manifest
 
 
-def load_splits(manifest: dict, side: int, cache_dir: Path, reporter: Reporter) -> dict[str, ArraySplit]:
+def load_splits(manifest: dict, side: int, cache_dir: Path, reporter: Reporter, *,
+                cache_max_bytes: int | None = None) -> dict[str, ArraySplit]:
     files = manifest["files"]
 
     def progress(done: int, total: int) -> None:
@@ -299,7 +300,8 @@ def load_splits(manifest: dict, side: int, cache_dir: Path, reporter: Reporter) 
         if reporter.should_stop():
             raise Cancelled()
 
-    images = load_image_array(Path(manifest["root"]), files, side, cache_dir, progress=progress)
+    images = load_image_array(Path(manifest["root"]), files, side, cache_dir, progress=progress,
+                              max_bytes=cache_max_bytes)
     splits = {}
     for name in ("train", "val", "test"):
         idx = np.array([i for i, f in enumerate(files) if f["split"] == name], dtype=np.int64)
@@ -321,9 +323,12 @@ class _Subset:
         return self.array[self.idx[positions]]
 
 
-def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *, cache_dir: Path | None = None) -> dict:
+def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *, cache_dir: Path | None = None,
+        cache_max_gb: float | None = None) -> dict:
     """Train one run into `run_dir`, resuming from `last.pt` when present. Returns the best metrics.
 
+    `cache_max_gb` caps the decoded-image cache folder (None or 0: only the disk does); a cache that cannot fit
+    raises `CacheFullError` before anything is decoded.
     Raises `Cancelled` when the reporter asks to stop (last.pt stays), and lets other errors propagate.
     """
     run_dir = Path(run_dir)
@@ -336,7 +341,8 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     reporter.phase("preparing data")
     manifest = prepare_split(config, run_dir)
     classes = manifest["classes"]
-    splits = load_splits(manifest, resize_size(config.image_size), cache_dir, reporter)
+    splits = load_splits(manifest, resize_size(config.image_size), cache_dir, reporter,
+                         cache_max_bytes=int(cache_max_gb * 1e9) if cache_max_gb else None)
     if len(splits["train"]) == 0 or len(splits["val"]) == 0:
         raise ValueError(f"the split has {len(splits['train'])} training and {len(splits['val'])} validation "
                          "images; add images or change the split ratios")

@@ -3,6 +3,11 @@
 Everything that reads pixels (dataset check, training cache, prediction) goes through `load_rgb` or
 `load_rgb_resized`, so EXIF orientation, odd modes (palette, CMYK, 16-bit) and broken files are handled in
 one place. No PIL exception escapes: callers catch `ImageError` only.
+
+Memory is bounded twice: an image whose decode would hold more than MAX_DECODED_BYTES is refused from its
+header, before any pixel is decoded (a 160 kB 16-bit PNG can claim 81 million pixels), and all decodes of one
+process together hold at most DECODE_MEMORY_BYTES at once (`DECODE_BUDGET`): the dataset check's threads, the
+cache build's threads and the page's concurrent predictions wait for each other instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import io
 import logging
 import math
 import os
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Iterable, Union
+from typing import BinaryIO, Iterable, Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageMode, ImageOps
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +31,14 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 # Pillow's own default limit (Image.MAX_IMAGE_PIXELS), written out so a caller changing the global does not
 # silently change ours. Pillow itself still refuses anything above 2x its global limit at open time.
 MAX_PIXELS = 89_478_485
+# The most one decode may hold: the decoded pixels plus their RGB copy (see `decode_bytes`). 8-bit RGB images
+# within MAX_PIXELS always fit; greyscale ones above 67, 16-bit greyscale above 53, and RGBA or CMYK ones above
+# 38 million pixels do not.
+MAX_DECODED_BYTES = 256 * 2**20
+# The most all decodes of this process may hold at once (4 of the largest images allowed).
+DECODE_MEMORY_BYTES = 4 * MAX_DECODED_BYTES
+# Rows of a 16-bit or float image scaled to 8 bits per step, as pixels: bounds the float64 temporaries.
+_STRIP_PIXELS = 1 << 20
 
 ImageSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, Image.Image]
 
@@ -58,6 +73,65 @@ def expand_image_paths(items: Iterable[str | os.PathLike], *, must_exist: bool =
     return files
 
 
+class ByteBudget:
+    """At most `capacity` bytes reserved at once across threads, granted first come, first served.
+
+    Like a BoundedSemaphore counting bytes. A request larger than the capacity waits until it runs alone.
+    """
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError(f"capacity must be a positive number of bytes, got {capacity!r}")
+        self.capacity = int(capacity)
+        self.in_use = 0
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0  # tickets are granted in order, so a large request is not starved by small ones
+        self._abandoned: set[int] = set()  # tickets whose waiter was interrupted: skipped, or all would hang
+
+    @contextmanager
+    def reserve(self, nbytes: int) -> Iterator[None]:
+        nbytes = max(0, min(int(nbytes), self.capacity))
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            try:
+                self._cond.wait_for(lambda: self._serving == ticket and self.in_use + nbytes <= self.capacity)
+            except BaseException:
+                self._abandoned.add(ticket)
+                self._next_turn(advance=False)
+                raise
+            self.in_use += nbytes
+            self._next_turn(advance=True)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
+    def _next_turn(self, *, advance: bool) -> None:
+        if advance:
+            self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
+
+
+# One per process: every decode below reserves its `decode_bytes` here while it runs.
+DECODE_BUDGET = ByteBudget(DECODE_MEMORY_BYTES)
+
+
+def decode_bytes(img: Image.Image) -> int:
+    """Bytes that decoding `img` to RGB holds at once, from its header: width x height x bands x bytes per band
+    (2 for 16-bit, 4 for 32-bit integer or float modes), plus the 8-bit RGB copy unless it is RGB already."""
+    w, h = img.size
+    mode = ImageMode.getmode(img.mode)
+    decoded = w * h * len(mode.bands) * max(1, np.dtype(mode.typestr).itemsize)
+    return decoded + (0 if img.mode == "RGB" else 3 * w * h)
+
+
 def load_rgb(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode `src` (path, bytes, binary file object or PIL image) into a fully loaded 8-bit RGB image.
 
@@ -68,9 +142,8 @@ def load_rgb(src: ImageSource, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
         name = "<PIL image>"
         _check_pixels(src.size, name, max_pixels)
         return _finish(src, name, in_place=False)
-    name, data = _read_source(src)
-    img = _open(data, name, max_pixels)
-    return _finish(img, name, in_place=True)
+    with _opened(src, max_pixels) as (name, img), _reserved(img):
+        return _finish(img, name, in_place=True)
 
 
 def load_rgb_resized(path: str | os.PathLike, short_side: int, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -81,15 +154,14 @@ def load_rgb_resized(path: str | os.PathLike, short_side: int, *, max_pixels: in
     """
     if not isinstance(short_side, int) or short_side < 1:
         raise ValueError(f"short_side must be a positive integer, got {short_side!r}")
-    name, data = _read_source(path)
-    img = _open(data, name, max_pixels)
-    w, h = img.size
-    scale = short_side / min(w, h)
-    if scale < 1:
-        # draft only ever picks a decoded size >= the requested one, so the final resize still sees enough pixels
-        _guard(name, img.draft, "RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-    rgb = _finish(img, name, in_place=True)
-    return resize_short_side(rgb, short_side)
+    with _opened(path, max_pixels) as (name, img):
+        w, h = img.size
+        scale = short_side / min(w, h)
+        if scale < 1:
+            # draft only ever picks a decoded size >= the requested one, so the final resize still sees enough
+            _guard(name, img.draft, "RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+        with _reserved(img):
+            return resize_short_side(_finish(img, name, in_place=True), short_side)
 
 
 def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str | None = None) -> tuple[int, int]:
@@ -97,18 +169,18 @@ def verify_image(src: ImageSource, *, max_pixels: int = MAX_PIXELS, name: str | 
 
     Used by the dataset check: every byte of the compressed data is still decoded, so truncation is caught,
     but large JPEGs cost a fraction of a full decode. `name` overrides the file name used in messages
-    (useful when `src` is bytes already read from a known path).
+    (e.g. a path relative to the dataset).
     """
     if isinstance(src, Image.Image):
         load_rgb(src, max_pixels=max_pixels)
         return _upright_size(src)
-    source_name, data = _read_source(src)
-    name = name or source_name
-    img = _open(data, name, max_pixels)
-    size = _upright_size(img)
-    _guard(name, img.draft, "RGB", (64, 64))
-    _finish(img, name, in_place=True)
-    return size
+    with _opened(src, max_pixels, name) as (name, img):
+        w, h = img.size
+        _guard(name, img.draft, "RGB", (64, 64))
+        with _reserved(img):
+            swapped = _orientation(img) in (5, 6, 7, 8)  # inside: reading a PNG's EXIF decodes the whole image
+            _finish(img, name, in_place=True)
+    return (h, w) if swapped else (w, h)
 
 
 def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
@@ -129,16 +201,28 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
 
 # --- reading ---------------------------------------------------------------------------------------------
 
-def _read_source(src) -> tuple[str, bytes]:
-    """Return (display name, all bytes) for a path, bytes or file object."""
+@contextmanager
+def _opened(src, max_pixels: int, name: str | None = None) -> Iterator[tuple[str, Image.Image]]:
+    """(display name, header-only PIL image) for a path, bytes or file object; refuses oversized images.
+
+    A path is decoded straight from the file, never read into memory whole; the file is closed on exit.
+    """
+    source_name, fp = _source_file(src)
+    name = name or source_name
+    try:
+        yield name, _open(fp, name, max_pixels)
+    finally:
+        fp.close()
+
+
+def _source_file(src) -> tuple[str, BinaryIO]:
+    """(display name, readable binary file positioned at 0) for a path, bytes or file object."""
     if isinstance(src, (bytes, bytearray, memoryview)):
-        data = bytes(src)
-        name = "<uploaded bytes>"
-    elif isinstance(src, (str, os.PathLike)):
+        return "<uploaded bytes>", io.BytesIO(bytes(src))
+    if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         try:
-            with open(name, "rb") as f:
-                data = f.read()
+            return name, open(name, "rb")
         except FileNotFoundError:
             raise ImageError(f"{name}: file not found — check the path.") from None
         except IsADirectoryError:
@@ -147,7 +231,7 @@ def _read_source(src) -> tuple[str, bytes]:
             raise ImageError(f"{name}: permission denied — make the file readable.") from None
         except OSError as e:
             raise ImageError(f"{name}: cannot read the file ({e.strerror or e}). {_FIX}") from None
-    elif hasattr(src, "read"):
+    if hasattr(src, "read"):
         name = str(getattr(src, "name", "<file object>"))
         try:
             data = src.read()
@@ -155,27 +239,54 @@ def _read_source(src) -> tuple[str, bytes]:
             raise ImageError(f"{name}: cannot read the file ({e}). {_FIX}") from None
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"expected a binary file object, got one returning {type(data).__name__}")
-        data = bytes(data)
-    else:
-        raise TypeError(f"expected a path, bytes, a binary file object or a PIL image, got {type(src).__name__}")
-    if not data:
+        return name, io.BytesIO(bytes(data))
+    raise TypeError(f"expected a path, bytes, a binary file object or a PIL image, got {type(src).__name__}")
+
+
+def _open(fp: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    """Open (header only) and refuse empty, non-image and oversized images before any pixel is decoded."""
+    head = _head(fp, name)
+    if not head:
         raise ImageError(f"{name}: empty file (0 bytes) — probably an interrupted copy or download. {_FIX}")
-    return name, data
-
-
-def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """Open (header only) and refuse oversized images before any pixel is decoded."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(fp)
     except Image.DecompressionBombError:
         raise ImageError(f"{name}: refused — its dimensions exceed Pillow's safety limit "
                          f"(possible decompression bomb). Use a smaller image.") from None
     except Exception as e:  # noqa: BLE001 — PIL raises many types for bad input; all mean "not an image"
         if isinstance(e, MemoryError):
             raise
-        raise ImageError(f"{name}: {_describe_non_image(data)}. {_FIX}") from None
+        raise ImageError(f"{name}: {_describe_non_image(head)}. {_FIX}") from None
     _check_pixels(img.size, name, max_pixels)
+    _check_decoded_size(img, name)
     return img
+
+
+def _head(fp: BinaryIO, name: str) -> bytes:
+    """The first bytes of the file (for messages about what it is instead), leaving it at position 0."""
+    try:
+        head = fp.read(2048)
+        fp.seek(0)
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read the file ({e.strerror or e}). {_FIX}") from None
+    return head
+
+
+def _check_decoded_size(img: Image.Image, name: str) -> None:
+    needed = decode_bytes(img)
+    if needed > MAX_DECODED_BYTES:
+        w, h = img.size
+        raise ImageError(f"{name}: refused — decoding this {w}x{h} {img.mode} image would take "
+                         f"{needed / 2**20:,.0f} MB of memory, more than the limit of "
+                         f"{MAX_DECODED_BYTES / 2**20:,.0f} MB per image "
+                         "(possible decompression bomb). Downscale it or save it as 8-bit RGB first.")
+
+
+@contextmanager
+def _reserved(img: Image.Image) -> Iterator[None]:
+    """Hold this image's share of the process-wide decode memory while it is decoded and converted."""
+    with DECODE_BUDGET.reserve(decode_bytes(img)):
+        yield
 
 
 def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
@@ -188,6 +299,7 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int) -> None:
 
 
 def _describe_non_image(data: bytes) -> str:
+    """What the first bytes of a file that Pillow cannot open look like instead of an image."""
     head = data[:512].lstrip(b"\xef\xbb\xbf").lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
         return "not an image — it is an HTML page (often a login or error page saved instead of the picture)"
@@ -270,36 +382,57 @@ def _to_rgb(img: Image.Image, name: str) -> Image.Image:
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(background, rgba).convert("RGB")
+    # the same pixels as alpha_composite over opaque white, without two more full-size RGBA copies
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
 
 
 def _high_depth_to_rgb(img: Image.Image) -> Image.Image:
     """16-bit / 32-bit integer / float greyscale to 8-bit RGB by scaling, not clipping.
 
-    Pillow's own convert("L") clips 16-bit values at 255, which turns almost every pixel white.
+    Pillow's own convert("L") clips 16-bit values at 255, which turns almost every pixel white. The scaling runs
+    over strips of rows, so its float64 temporaries stay small whatever the image size.
     """
-    a = np.asarray(img)
-    if img.mode.startswith("I;16") or (img.mode == "I" and a.min() >= 0 and a.max() <= 65535):
-        out = np.round(a.astype(np.float64) / 257.0)  # 65535 / 257 == 255 exactly
-    elif img.mode == "F" and a.min() >= 0 and a.max() <= 1:
-        out = np.round(a * 255.0)
+    w, h = img.size
+    rows = max(1, _STRIP_PIXELS // w)
+    strips = [(top, min(h, top + rows)) for top in range(0, h, rows)]
+
+    def strip(top: int, bottom: int) -> np.ndarray:
+        return np.asarray(img.crop((0, top, w, bottom)))
+
+    lo, hi = math.inf, -math.inf
+    for top, bottom in strips:
+        a = strip(top, bottom)
+        lo, hi = min(lo, float(np.nanmin(a))), max(hi, float(np.nanmax(a)))
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi <= 65535):
+        def to_8bit(a):
+            return np.round(a.astype(np.float64) / 257.0)  # 65535 / 257 == 255 exactly
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        def to_8bit(a):
+            return np.nan_to_num(np.round(a * 255.0))
     else:  # arbitrary range: stretch what is there
-        lo, hi = float(np.nanmin(a)), float(np.nanmax(a))
-        out = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a, dtype=np.float64)
-        out = np.nan_to_num(np.round(out))
-    grey = Image.fromarray(np.clip(out, 0, 255).astype(np.uint8), "L")
-    return grey.convert("RGB")
+        def to_8bit(a):
+            if not hi > lo:
+                return np.zeros(a.shape, dtype=np.float64)
+            return np.nan_to_num(np.round((a - lo) * (255.0 / (hi - lo))))
+    grey = np.empty((h, w), dtype=np.uint8)
+    for top, bottom in strips:
+        grey[top:bottom] = np.clip(to_8bit(strip(top, bottom)), 0, 255)
+    return Image.fromarray(grey, "L").convert("RGB")
 
 
 def _upright_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) as displayed: EXIF orientations 5-8 swap the axes."""
     w, h = img.size
+    return (h, w) if _orientation(img) in (5, 6, 7, 8) else (w, h)
+
+
+def _orientation(img: Image.Image) -> int:
     try:
-        orientation = img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 — broken EXIF: orientation is ignored when loading too
-        orientation = 1
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+        return 1
 
 
 def _guard(name: str, fn, *args):

@@ -6,6 +6,7 @@ CLI flags override these by passing keyword overrides.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,8 @@ class Settings:
     data_roots: tuple[Path, ...] = field(default_factory=lambda: (Path("data").resolve(),))
     # decoded-image cache (memory-mapped uint8 arrays); default: <models_dir>/.cache
     cache_dir: Path | None = None
+    # most the decoded-image cache may hold, in GB; least recently used arrays are deleted first; 0: no cap
+    cache_max_gb: float = 20.0
     # broker + result backend + run registry; None means "start an embedded one" for `up`
     redis_url: str | None = None
     # page bind address and port; binding beyond loopback requires `auth`
@@ -39,6 +42,8 @@ class Settings:
     visibility_timeout: int = 7 * 24 * 3600
     # largest upload the page accepts, in megabytes
     max_upload_mb: int = 200
+    # most the upload folder (the first data root) may hold after a .zip is extracted into it, in GB
+    uploads_max_gb: float = 20.0
     # torch threads for a CPU worker; 0 means one per core
     worker_threads: int = 0
     # state-dict files the page's API may name as `weights` (besides the data roots); default <models_dir>/weights,
@@ -104,6 +109,9 @@ class Settings:
                     values[key] = int(v)
                 except ValueError:
                     raise ValueError(f"{ENV_PREFIX}{name} must be an integer, got {v!r}") from None
+        for name, key in (("CACHE_MAX_GB", "cache_max_gb"), ("UPLOADS_MAX_GB", "uploads_max_gb")):
+            if (v := get(name)) is not None:
+                values[key] = _gigabytes(name, v)
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("models_dir", "cache_dir", "weights_dir"):
             if isinstance(values.get(key), str):
@@ -123,6 +131,16 @@ class Settings:
         if not sep or not user or not password:
             raise ValueError(f"{ENV_PREFIX}AUTH must look like 'user:password', got {self.auth!r}")
         return user, password
+
+
+def _gigabytes(name: str, value: str) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb >= 0):
+        raise ValueError(f"{ENV_PREFIX}{name} must be a number of gigabytes >= 0 (e.g. 20 or 0.5), got {value!r}")
+    return gb
 
 
 def is_loopback(host: str) -> bool:

@@ -4,18 +4,24 @@ Every dataset path that reaches `shared/` from the page goes through `confine_da
 resolved first, so neither `../` nor a link can lead out of the configured data roots, and a file where a folder
 is expected gets a message that says what to pick instead. Uploaded .zip archives are unpacked by
 `extract_zip` into the first data root, entry by entry, refusing absolute names, `..`, symlinks and archives
-that expand past a size or file-count cap (zip bombs), and writing into a hidden temporary folder that is renamed
-into place only when everything went well. Only image files are extracted: the data roots are served by the
-page's file route, so an uploaded .html or .svg must never land there (it would run in the page's origin).
+that expand past a size or file-count cap or far beyond their compressed size (zip bombs), or that would take
+the upload folder past its total cap, and writing into a hidden temporary folder that is renamed into place only
+when everything went well; such a folder left by a crash is removed when the page starts
+(`remove_stale_extractions`). Only image files are extracted: the data roots are served by the page's file route,
+so an uploaded .html or .svg must never land there (it would run in the page's origin).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import logging
 import os
 import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -30,6 +36,16 @@ _SKIP = frozenset({"__MACOSX", "__pycache__", "node_modules"})
 # How deep below a data root `discover_datasets` looks for dataset folders.
 _DISCOVER_DEPTH = 3
 _MAX_ENTRY_DEPTH = 32
+# Images are compressed already: an entry inflating more than this many times (above _RATIO_MIN_BYTES) is a bomb.
+MAX_COMPRESSION_RATIO = 200
+_RATIO_MIN_BYTES = 1_000_000
+# Left free on the data folder's disk after an extraction.
+_FREE_MARGIN_BYTES = 100_000_000
+# An unlocked `.upload-*` folder older than this was left by an extraction that crashed.
+_STALE_EXTRACTION_SECONDS = 60.0
+_TMP_PREFIX = ".upload-"
+
+log = logging.getLogger(__name__)
 
 
 def discover_datasets(roots: Sequence[Path], depth: int = _DISCOVER_DEPTH, limit: int = 200) -> list[Path]:
@@ -161,11 +177,48 @@ def _plan(zf: zipfile.ZipFile, max_bytes: int, max_files: int, skipped: list[str
                             "copy the folder into the data folder instead")
     if not plan:
         raise PathError("the archive holds no image files — zip a folder with one sub-folder of images per class")
+    for info, parts in plan:
+        if info.file_size > _RATIO_MIN_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size):
+            raise PathError(f"the archive entry {'/'.join(parts)!r} inflates {_mb(info.compress_size)} into "
+                            f"{_mb(info.file_size)}, more than {MAX_COMPRESSION_RATIO} times — images do not compress "
+                            "like that (a zip bomb?); zip the real image files again")
     return plan
+
+
+def _bytes_under(root: Path, stop_above: int) -> int:
+    """Total size of the files under `root` (links not followed); stops counting once past `stop_above`."""
+    total = 0
+    for folder, _, files in os.walk(root):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                continue
+        if total > stop_above:
+            break
+    return total
+
+
+def _check_room(dest_root: Path, needed: int, max_total_bytes: int | None) -> None:
+    """Refuse an extraction that would take the upload folder past its cap or leave its disk nearly full."""
+    if max_total_bytes is not None:
+        held = _bytes_under(dest_root, max_total_bytes)
+        if held + needed > max_total_bytes:
+            raise PathError(f"the upload folder {dest_root} holds {_gb(held)}; with this archive ({_mb(needed)}) it "
+                            f"would pass its cap of {_gb(max_total_bytes)} (RESNET_LAB_UPLOADS_MAX_GB) — delete "
+                            "datasets you no longer need from it, or raise the cap")
+    free = shutil.disk_usage(dest_root).free
+    if needed > free - _FREE_MARGIN_BYTES:
+        raise PathError(f"not enough disk space in {dest_root}: the archive needs {_mb(needed)}, "
+                        f"{_mb(free)} are free")
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.0f} MB"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10_000_000 else f"{n / 1e6:.2f} MB"
 
 
 def _copy_capped(src, dst, limit: int) -> int:
@@ -180,12 +233,14 @@ def _copy_capped(src, dst, limit: int) -> int:
 
 
 def extract_zip(zip_path: str | os.PathLike, dest_root: Path, *, name: str | None = None,
-                max_bytes: int = 2_000_000_000, max_files: int = 100_000) -> Extracted:
+                max_bytes: int = 400_000_000, max_files: int = 100_000,
+                max_total_bytes: int | None = None) -> Extracted:
     """Unpack the images of an uploaded .zip into a new folder under `dest_root`.
 
     The folder is named after `name` (default: the zip's file name), made unique. When the archive wraps
     everything in a single top folder (`flowers/daisy/...`), that folder is the dataset folder returned.
     Entries that are not images are skipped and listed. Nothing is left behind when the archive is refused.
+    `max_bytes` caps what this archive expands to, `max_total_bytes` all that `dest_root` holds afterwards.
     """
     dest_root = Path(dest_root)
     try:
@@ -201,12 +256,9 @@ def extract_zip(zip_path: str | os.PathLike, dest_root: Path, *, name: str | Non
     skipped: list[str] = []
     with zf:
         plan = _plan(zf, max_bytes, max_files, skipped)
-        needed = sum(info.file_size for info, _ in plan)
-        free = shutil.disk_usage(dest_root).free
-        if needed > free - 100_000_000:
-            raise PathError(f"not enough disk space in {dest_root}: the archive needs {_mb(needed)}, "
-                            f"{_mb(free)} are free")
-        tmp = Path(tempfile.mkdtemp(prefix=".upload-", dir=dest_root))
+        _check_room(dest_root, sum(info.file_size for info, _ in plan), max_total_bytes)
+        tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=dest_root))
+        lock = _lock_folder(tmp)  # tells remove_stale_extractions (another page starting) it is in use
         try:
             for info, parts in plan:
                 target = tmp.joinpath(*parts)
@@ -225,9 +277,56 @@ def extract_zip(zip_path: str | os.PathLike, dest_root: Path, *, name: str | Non
             if isinstance(exc, FileExistsError):
                 raise PathError(f"the archive lists the same file twice ({exc.filename}) — "
                                 "zip the folder again") from None
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise PathError(f"the disk of {dest_root} filled up while extracting — nothing was kept; free "
+                                "some space and upload again") from None
             raise
+        finally:
+            os.close(lock)
     os.chmod(final, 0o755)
     return Extracted(_dataset_inside(final), len(plan), skipped)
+
+
+def _lock_folder(folder: Path) -> int:
+    """An open descriptor of `folder` holding an exclusive flock (dropped when it is closed, or its holder dies)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # some network filesystems: remove_stale_extractions then leaves the folder alone
+        log.info("cannot lock %s (%s); extracting without the lock", folder, exc)
+    return fd
+
+
+def remove_stale_extractions(dest_root: Path) -> list[Path]:
+    """Delete the hidden temporary folders that crashed extractions left in `dest_root`; returns them.
+
+    A folder still locked by a running extraction (of another page on the same folder) is kept.
+    """
+    removed = []
+    try:
+        candidates = [Path(e.path) for e in os.scandir(dest_root)
+                      if e.name.startswith(_TMP_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if time.time() - os.fstat(fd).st_mtime < _STALE_EXTRACTION_SECONDS:
+                continue  # just made by an extraction that has not taken its lock yet
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        except OSError:  # locked by a running extraction, or a filesystem without locks: keep it
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d unfinished extraction(s) from %s: %s", len(removed), dest_root,
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def _unique(path: Path) -> Path:

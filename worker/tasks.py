@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from celery import shared_task
 
+from shared.cache import CacheFullError
 from shared.checkpoint import CheckpointError
 from shared.config import SPLITS, ConfigError
 from shared.datasets import DatasetError
@@ -43,7 +44,7 @@ EVALUATE_TASK = "resnet_lab.evaluate"
 PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 # errors whose message already says what to do: shown as they are, without the exception's class name
 USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError,
-               RunDamaged)
+               RunDamaged, CacheFullError)
 
 # the CSV row of a file found in a folder of the data roots that links out of them (it is not read)
 OUTSIDE_ROOTS = "not inside the data folders (a link out of them?) — not read"
@@ -144,7 +145,7 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
         config = store.config(run_id)
         transition(store, registry, run_id, "running", worker=task.request.hostname, task_id=task.request.id,
                    attempt=int(record.get("attempt") or 0) + 1, error=None)
-        best = fit(config, run_dir, reporter, cache_dir=settings.cache_path)
+        best = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
         reporter.phase("evaluating")
         split = _eval_split(config)
         device = str(pick_device(config.device))

@@ -12,7 +12,7 @@ import gradio as gr
 
 from .. import formatting as fmt
 from ..guard import FileRefused, UploadError
-from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip
+from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip, remove_stale_extractions
 from . import user_error
 
 log = logging.getLogger(__name__)
@@ -24,6 +24,9 @@ HELP = ("Pick a folder with **one sub-folder of images per class** (e.g. `flower
 SAMPLES_TOTAL = 40
 SAMPLES_PER_CLASS = 4
 THUMB_SIDE = 112
+# What an uploaded .zip may expand to, as a multiple of the upload cap: images are compressed already, so a zip of
+# them expands about 1x; more is a bomb, or a folder to copy in instead.
+UPLOAD_EXPANSION = 2
 
 
 @dataclass
@@ -52,6 +55,7 @@ def dataset_choices(lab) -> list[tuple[str, str]]:
 
 
 def build(lab) -> DataUI:
+    remove_stale_extractions(lab.settings.upload_root)  # at page start: what crashed extractions left
     gr.Markdown(HELP, elem_classes="help")
     choices = dataset_choices(lab)
     with gr.Row(equal_height=False):
@@ -181,9 +185,12 @@ def upload_zip(lab, file_path: str | None):
         raise user_error(str(exc), title="Archive refused") from None
     try:
         done = extract_zip(file_path, settings.upload_root, name=Path(file_path).name,
-                           max_bytes=settings.max_upload_mb * 4 * 1_000_000)
+                           max_bytes=settings.max_upload_mb * UPLOAD_EXPANSION * 1_000_000,
+                           max_total_bytes=int(settings.uploads_max_gb * 1e9) if settings.uploads_max_gb else None)
     except PathError as exc:
         raise user_error(str(exc), title="Archive refused") from None
+    finally:
+        _forget_upload(file_path)
     folder = done.folder
     gr.Info(f"Extracted {done.images} images into {folder}.")
     if done.skipped:
@@ -192,6 +199,16 @@ def upload_zip(lab, file_path: str | None):
     if str(folder) not in [v for _, v in choices]:
         choices.append((f"{folder.name}   (uploaded)", str(folder)))
     return gr.Dropdown(choices=choices, value=str(folder))
+
+
+def _forget_upload(file_path: str) -> None:
+    """Delete the uploaded archive from Gradio's upload folder once it is extracted (or refused): otherwise every
+    upload would stay on disk for a day, until Gradio's own cleanup."""
+    from gradio.utils import get_upload_folder
+
+    path = Path(file_path).resolve()
+    if Path(get_upload_folder()).resolve() in path.parents:
+        path.unlink(missing_ok=True)
 
 
 def download(lab, progress=gr.Progress()):
