@@ -1,0 +1,1 @@
+"""Evaluation, its typed result, explanations, plots, the HTML report and prediction."""

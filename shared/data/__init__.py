@@ -1,0 +1,1 @@
+"""Images in, arrays out: decode, dataset scan/check/split, archives, download, cache, transforms."""

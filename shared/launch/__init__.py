@@ -1,0 +1,1 @@
+"""Processes: the supervisor, the embedded Redis, `resnet-lab up`."""

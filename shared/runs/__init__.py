@@ -1,0 +1,1 @@
+"""The run store (folders on disk) and its Redis mirror."""

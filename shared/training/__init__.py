@@ -1,0 +1,1 @@
+"""Config, model registry, the training engine and checkpoints."""
