@@ -3,7 +3,7 @@
 Both sides train ResNet18 from random weights on the same split manifest (`make_split`, seed 0, 70/15/15) and are
 scored on its held-out test split, each within the same wall-clock budget (`--budget-minutes`), one after the other.
 
-  ours      `shared.engine.fit`: decoded-image cache (its build counts against the budget), 128 px (short side
+  ours      `shared.training.engine.fit`: decoded-image cache (its build counts against the budget), 128 px (short side
             resized to 146, random-resized-crop "standard" augmentation on tensors, no squashing), AdamW, cosine
             with 1 warm-up epoch, label smoothing 0.1, batch 32. The number of epochs is chosen so the cosine schedule
             ends inside the budget, from a short timing of the engine's own training step (which also counts).
@@ -90,9 +90,9 @@ def estimate_epochs(config, splits, num_classes: int, budget: Budget, steps: int
     import torch
     from torch import nn
 
-    from shared.engine import Reporter, StepScheduler, epoch_generator, iterate_batches, train_one_epoch
-    from shared.models import IMAGENET_MEAN, IMAGENET_STD, create_model
-    from shared.transforms import BatchTransform
+    from shared.training.engine import Reporter, StepScheduler, epoch_generator, iterate_batches, train_one_epoch
+    from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from shared.data.transforms import BatchTransform
 
     model = create_model(config.model, num_classes, "none").to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
@@ -119,12 +119,12 @@ def estimate_epochs(config, splits, num_classes: int, budget: Budget, steps: int
 def run_ours(args, manifest: dict, work: Path) -> dict:
     import torch
 
-    from shared.checkpoint import load_model_from_run
-    from shared.config import TrainConfig
-    from shared.datasets import write_manifest
-    from shared.engine import Cancelled, Reporter, evaluate, fit, iterate_batches
-    from shared.models import IMAGENET_MEAN, IMAGENET_STD
-    from shared.transforms import BatchTransform
+    from shared.training.checkpoint import load_model_from_run
+    from shared.training.config import TrainConfig
+    from shared.data.datasets import write_manifest
+    from shared.training.engine import Cancelled, Reporter, evaluate, fit, iterate_batches
+    from shared.training.models import IMAGENET_MEAN, IMAGENET_STD
+    from shared.data.transforms import BatchTransform
 
     budget = Budget(args.budget_minutes * 60)
     cache_dir = work / "cache-ours"  # cold: the one-time decode counts against our budget

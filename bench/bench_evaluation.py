@@ -1,11 +1,11 @@
 """Item 6 — evaluation cost: a full `evaluate_run` of the flower_photos test split on CPU, and t-SNE alone.
 
-`shared.evaluation.evaluate_run(run_dir, split="test")` does everything a user gets after training: inference over
+`shared.analysis.evaluation.evaluate_run(run_dir, split="test")` does everything a user gets after training: inference over
 the split (keeping probabilities and penultimate features), metrics, ROC/PR, calibration, t-SNE of the features,
 the Grad-CAM gallery and every figure. Its own per-stage timings (inference, t-SNE, CAM, figures) are reported
 next to the wall time, median over `--repeats`.
 
-t-SNE alone: `shared.explain.tsne_embed` on the test split's 512-d penultimate features (what evaluate_run embeds),
+t-SNE alone: `shared.analysis.explain.tsne_embed` on the test split's 512-d penultimate features (what evaluate_run embeds),
 median over `--repeats`. Target <= 15 s. The choice of t-SNE backend on ~3,000 x 512 features (scikit-learn vs
 openTSNE) is measured by `bench/bench_tsne.py` (the evaluation suite's own benchmark), not repeated here.
 
@@ -36,11 +36,11 @@ def test_features(run_dir: Path, cache_dir: Path):
     """(N, 512) penultimate features of the run's best model over its test split, from the decoded cache."""
     import torch
 
-    from shared.checkpoint import load_model_from_run
-    from shared.datasets import read_manifest
-    from shared.engine import extract_features
-    from shared.models import Backbone
-    from shared.transforms import BatchTransform
+    from shared.training.checkpoint import load_model_from_run
+    from shared.data.datasets import read_manifest
+    from shared.training.engine import extract_features
+    from shared.training.models import Backbone
+    from shared.data.transforms import BatchTransform
 
     model, meta = load_model_from_run(run_dir, "best")
     manifest = read_manifest(run_dir / "split.json")
@@ -60,8 +60,8 @@ def main(argv=None) -> dict:
         args.image_size, args.repeats = 32, 1
 
     common.ensure_repo_on_path()
-    from shared.evaluation import evaluate_run
-    from shared.explain import tsne_embed
+    from shared.analysis.evaluation import evaluate_run
+    from shared.analysis.explain import tsne_embed
 
     print(f"load before: {common.loadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:

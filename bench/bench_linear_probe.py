@@ -7,7 +7,7 @@ linear head, 10 epochs over the training split (+ validation each epoch), on the
             (centre crops), then every epoch trains the head on the stored 512-d features.
   frozen    the common way: every epoch runs the frozen backbone (no_grad, eval mode) over every training batch
             and the validation split, then steps the head — the same inputs, the same head, the same optimizer.
-  fit       (reported once, not interleaved) `shared.engine.fit` with `finetune="head"` end to end: the cached
+  fit       (reported once, not interleaved) `shared.training.engine.fit` with `finetune="head"` end to end: the cached
             path plus what a real run adds (model build, per-epoch checkpoints, metrics).
 
 Sides alternate round by round (cached frozen, frozen cached, ...); the medians and the ratio frozen / cached
@@ -48,8 +48,8 @@ class Probe:
         import torch
         from torch import nn
 
-        from shared.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model
-        from shared.transforms import BatchTransform
+        from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model
+        from shared.data.transforms import BatchTransform
 
         torch.manual_seed(0)
         self.device, self.amp_dtype = device, amp_dtype
@@ -93,7 +93,7 @@ class Probe:
 def run_cached(probe: Probe, splits: dict, epochs: int, batch: int) -> dict:
     import torch
 
-    from shared.engine import epoch_generator, extract_features
+    from shared.training.engine import epoch_generator, extract_features
 
     device = probe.device
     start = time.perf_counter()
@@ -114,7 +114,7 @@ def run_cached(probe: Probe, splits: dict, epochs: int, batch: int) -> dict:
 def run_frozen(probe: Probe, splits: dict, epochs: int, batch: int) -> dict:
     import torch
 
-    from shared.engine import epoch_generator, iterate_batches
+    from shared.training.engine import epoch_generator, iterate_batches
 
     device = probe.device
     start = time.perf_counter()
@@ -133,9 +133,9 @@ def run_frozen(probe: Probe, splits: dict, epochs: int, batch: int) -> dict:
 def run_fit(data_dir: Path, manifest: dict, weights: Path, image_size: int, epochs: int, batch: int,
             cache_dir: Path, work: Path, device: str, amp: bool) -> dict:
     """The engine's own head-only run, end to end, into a scratch run folder."""
-    from shared.config import TrainConfig
-    from shared.datasets import write_manifest
-    from shared.engine import fit
+    from shared.training.config import TrainConfig
+    from shared.data.datasets import write_manifest
+    from shared.training.engine import fit
 
     run_dir = work / "probe-run"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
     import torch
 
     common.ensure_repo_on_path()
-    from shared.engine import autocast_dtype, pick_device
+    from shared.training.engine import autocast_dtype, pick_device
 
     device = pick_device(args.device)
     amp_dtype = autocast_dtype(device, args.amp)

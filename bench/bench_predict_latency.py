@@ -79,8 +79,8 @@ class RestClient:
 # Where a sampled stack's time goes: the first category whose marker occurs in it (markers are file paths).
 PROFILE_CATEGORIES = (
     ("model forward (torch)", ("torch/nn/modules/",)),
-    ("image decode + preprocess", ("shared/images.py", "shared/transforms.py", "torchvision/transforms/", "PIL/")),
-    ("our handler, rest (CSV, formatting)", ("ui/tabs/predict.py", "shared/predict.py", "ui/")),
+    ("image decode + preprocess", ("shared/data/images.py", "shared/data/transforms.py", "torchvision/transforms/", "PIL/")),
+    ("our handler, rest (CSV, formatting)", ("ui/tabs/predict.py", "shared/analysis/predict.py", "ui/")),
     ("Gradio / HTTP server", ("",)),
 )
 # Innermost frames that are waiting, not working: py-spy --nonblocking cannot always tell that a thread is idle.
@@ -123,7 +123,7 @@ def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: P
 def sample_images(data_dir: Path, count: int) -> tuple[list[str], list[Path]]:
     """(class names, up to `count` image paths spread over the classes), read in place."""
     common.ensure_repo_on_path()
-    from shared.images import is_image_name
+    from shared.data.images import is_image_name
 
     classes = sorted(p.name for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     per_class = [sorted(f for f in (data_dir / c).iterdir() if is_image_name(f.name)) for c in classes]
@@ -149,7 +149,7 @@ def main(argv=None) -> dict:
     from gradio_client import handle_file
 
     common.ensure_repo_on_path()
-    from shared.predict import Predictor
+    from shared.analysis.predict import Predictor
 
     print(f"load before: {common.loadavg()}")
     classes, photos = sample_images(args.data_dir, 20)

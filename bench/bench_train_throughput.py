@@ -48,7 +48,7 @@ def build_step(size: int, channels_last: bool, num_classes: int, device, amp_dty
     from torch import nn
 
     common.ensure_repo_on_path()
-    from shared.models import create_model
+    from shared.training.models import create_model
 
     torch.manual_seed(seed)
     model = create_model("resnet18", num_classes, weights="none").to(device)
@@ -166,9 +166,9 @@ def engine_side(splits: dict, size: int, batch: int, n: int, num_classes: int, d
                 amp_dtype=None) -> Callable[[], Timed]:
     import torch
 
-    from shared.engine import Reporter, StepScheduler, epoch_generator, iterate_batches, train_one_epoch
-    from shared.models import IMAGENET_MEAN, IMAGENET_STD
-    from shared.transforms import BatchTransform
+    from shared.training.engine import Reporter, StepScheduler, epoch_generator, iterate_batches, train_one_epoch
+    from shared.training.models import IMAGENET_MEAN, IMAGENET_STD
+    from shared.data.transforms import BatchTransform
 
     model, optimizer, criterion, _ = build_step(size, True, num_classes, device, amp_dtype)
     transform = BatchTransform("standard", size, IMAGENET_MEAN, IMAGENET_STD)
@@ -326,7 +326,7 @@ def main(argv=None) -> dict:
     import torch
 
     common.ensure_repo_on_path()
-    from shared.engine import autocast_dtype, pick_device
+    from shared.training.engine import autocast_dtype, pick_device
 
     device = pick_device(args.device)
     amp_dtype = autocast_dtype(device, args.amp)

@@ -1,6 +1,6 @@
 """Benchmark: scikit-learn TSNE (PCA init) vs openTSNE on ~3,000 x 512 penultimate-like features.
 
-Decides which backend `shared.explain.tsne_embed` uses (issue 6: "use the faster one that gives equal quality;
+Decides which backend `shared.analysis.explain.tsne_embed` uses (issue 6: "use the faster one that gives equal quality;
 target under 15 s on this 2-core machine"). Both run on the same PCA-50 input, as `tsne_embed` does.
 
 Feature sets (pick with --features, default both):
@@ -30,7 +30,7 @@ Measured on the 2-core dev machine (shared with other jobs, so wall seconds vary
   synthetic 3000  scikit-learn     2        165.3   33.8    0.811     0.769        0.809   (load ~6-11)
   synthetic 3000  openTSNE         2         69.2   20.7    0.807     0.768        0.809
 
-Same quality; openTSNE needs about half the CPU on realistic features, so shared.explain.tsne_embed uses it
+Same quality; openTSNE needs about half the CPU on realistic features, so shared.analysis.explain.tsne_embed uses it
 (scikit-learn when openTSNE is not installed), on one thread: on a busy machine the second thread made both slower.
 """
 

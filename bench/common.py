@@ -234,7 +234,7 @@ def finish(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> dict
 def make_manifest(data_dir: Path, seed: int = 0, ratios=(0.7, 0.15, 0.15)) -> tuple[dict, float]:
     """The engine's split manifest for `data_dir` (check + hash every file: a one-time cost), and its seconds."""
     ensure_repo_on_path()
-    from shared.datasets import make_split
+    from shared.data.datasets import make_split
 
     with Stopwatch() as sw:
         manifest = make_split(data_dir, ratios=ratios, seed=seed)
@@ -248,9 +248,9 @@ def load_engine_splits(manifest: dict, image_size: int, cache_dir: Path) -> tupl
     (the one-time cost of the cache); a hit only maps the file.
     """
     ensure_repo_on_path()
-    from shared.cache import cache_key
-    from shared.engine import Reporter, load_splits
-    from shared.transforms import resize_size
+    from shared.data.cache import cache_key
+    from shared.training.engine import Reporter, load_splits
+    from shared.data.transforms import resize_size
 
     side = resize_size(image_size)
     key = cache_key([f["sha256"] for f in manifest["files"]], side)
@@ -328,14 +328,14 @@ class Stack:
 
     def start_redis(self) -> None:
         ensure_repo_on_path()
-        from shared.services import start_redis
+        from shared.launch.services import start_redis
 
         self.redis = start_redis(self.work / "redis", appendonly=False)
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]):
         import subprocess
 
-        from shared.services import popen_in_own_group
+        from shared.launch.services import popen_in_own_group
 
         log_path = self.work / f"{name}.log"
         with open(log_path, "ab") as out:
@@ -366,7 +366,7 @@ class Stack:
 
     def start_page(self, timeout: float = 180.0):
         """`python -m ui` on a free loopback port; returns its Popen once the API answers."""
-        from shared.services import find_free_port, http_ok
+        from shared.launch.services import find_free_port, http_ok
 
         port = find_free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -380,7 +380,7 @@ class Stack:
         return Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
 
     def close(self) -> None:
-        from shared.services import stop_group
+        from shared.launch.services import stop_group
 
         for name, (proc, _) in reversed(list(self.procs.items())):
             if proc.poll() is None:
@@ -415,11 +415,11 @@ def make_run(models_dir: Path, data_dir: str, classes: list[str], image_size: in
     ensure_repo_on_path()
     import torch
 
-    from shared.checkpoint import save_checkpoint
-    from shared.config import TrainConfig
-    from shared.datasets import write_manifest
-    from shared.models import IMAGENET_MEAN, IMAGENET_STD, create_model
-    from shared.runs import RunStore
+    from shared.training.checkpoint import save_checkpoint
+    from shared.training.config import TrainConfig
+    from shared.data.datasets import write_manifest
+    from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, create_model
+    from shared.runs.store import RunStore
 
     config = TrainConfig(data_dir=str(data_dir), weights="none", image_size=image_size, device="cpu")
     store = RunStore(models_dir)

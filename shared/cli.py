@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from .settings import Settings
+from shared.settings import Settings
 
 log = logging.getLogger("resnet_lab")
 
@@ -37,7 +37,7 @@ TRAIN_HELP = {
 
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    from .config import TrainConfig
+    from shared.training.config import TrainConfig
 
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -54,7 +54,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from .config import TrainConfig
+    from shared.training.config import TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------- commands ----------
 
 def cmd_data_check(args, settings: Settings) -> int:
-    from .datasets import check_dataset, format_check_report
+    from shared.data.datasets import check_dataset, format_check_report
 
     report = check_dataset(args.dir)
     print(json.dumps(report, indent=2) if args.json else format_check_report(report))
@@ -122,7 +122,7 @@ def cmd_data_check(args, settings: Settings) -> int:
 
 
 def cmd_data_download(args, settings: Settings) -> int:
-    from .download import download_flowers
+    from shared.data.download import download_flowers
 
     path = download_flowers(Path(args.dest))
     print(f"flower_photos is ready in {path}")
@@ -175,15 +175,15 @@ class TqdmReporter:
 
 
 def cmd_train(args, settings: Settings) -> int:
-    from .engine import fit
-    from .runs import RunStore
+    from shared.training.engine import fit
+    from shared.runs.store import RunStore
 
     store = RunStore(settings.models_dir)
     if args.resume:
         run_id = args.resume
         config = store.config(run_id)
     else:
-        from .datasets import scan_dataset
+        from shared.data.datasets import scan_dataset
 
         config = _train_config(args)
         scan_dataset(config.data_dir)  # a mistyped folder is refused before a run folder is made for it
@@ -223,7 +223,7 @@ def _print_skipped(run_dir: Path, limit: int = 20) -> None:
 
 
 def _evaluate(run_dir: Path, split: str, data_dir: str | None, figures: str) -> dict:
-    from .evaluation import eval_dir_for, evaluate_run
+    from shared.analysis.evaluation import eval_dir_for, evaluate_run
 
     print("[evaluating]", file=sys.stderr)
     result = evaluate_run(run_dir, split=split, data_dir=data_dir, figures=figures)
@@ -233,13 +233,13 @@ def _evaluate(run_dir: Path, split: str, data_dir: str | None, figures: str) -> 
 
 
 def _run_id(store, run: str) -> str:
-    from .predict import resolve_run
+    from shared.analysis.predict import resolve_run
 
     return resolve_run(store, run)
 
 
 def cmd_evaluate(args, settings: Settings) -> int:
-    from .runs import RunStore
+    from shared.runs.store import RunStore
 
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
@@ -249,8 +249,8 @@ def cmd_evaluate(args, settings: Settings) -> int:
 
 
 def cmd_report(args, settings: Settings) -> int:
-    from .report import write_report
-    from .runs import RunStore
+    from shared.analysis.report import write_report
+    from shared.runs.store import RunStore
 
     store = RunStore(settings.models_dir)
     path = write_report(store.path(_run_id(store, args.run)))
@@ -259,9 +259,9 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_predict(args, settings: Settings) -> int:
-    from .images import expand_image_paths
-    from .predict import Predictor, write_predictions_csv
-    from .runs import RunStore
+    from shared.data.images import expand_image_paths
+    from shared.analysis.predict import Predictor, write_predictions_csv
+    from shared.runs.store import RunStore
 
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
@@ -285,7 +285,7 @@ def cmd_predict(args, settings: Settings) -> int:
 
 
 def cmd_runs_list(args, settings: Settings) -> int:
-    from .runs import DAMAGED, RunStore
+    from shared.runs.store import DAMAGED, RunStore
 
     store = RunStore(settings.models_dir)
     rows = list(store.list())
@@ -306,7 +306,7 @@ def cmd_runs_list(args, settings: Settings) -> int:
 
 
 def cmd_up(args, settings: Settings) -> int:
-    from .up import run_up
+    from shared.launch.up import run_up
 
     if args.port:
         settings = settings.with_overrides(port=args.port)
@@ -314,7 +314,7 @@ def cmd_up(args, settings: Settings) -> int:
 
 
 def cmd_ui(args, settings: Settings) -> int:
-    from .up import run_child
+    from shared.launch.up import run_child
 
     extra = []
     if args.host:
@@ -325,7 +325,7 @@ def cmd_ui(args, settings: Settings) -> int:
 
 
 def cmd_worker(args, settings: Settings) -> int:
-    from .up import run_child
+    from shared.launch.up import run_child
 
     extra = []
     if args.gpus:
@@ -351,19 +351,19 @@ COMMANDS = {
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .datasets import DatasetError
-    from .images import ImageError
-    from .models import WeightsUnavailable
-    from .predict import NoModelError
-    from .runs import RunNotFound
+    from shared.training.checkpoint import CheckpointError
+    from shared.training.config import ConfigError
+    from shared.data.datasets import DatasetError
+    from shared.data.images import ImageError
+    from shared.training.models import WeightsUnavailable
+    from shared.analysis.predict import NoModelError
+    from shared.runs.store import RunNotFound
 
     types: list[type[BaseException]] = [ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError,
                                         RunNotFound, CheckpointError, FileNotFoundError, NotADirectoryError,
                                         PermissionError]
     try:
-        from .download import DownloadError
+        from shared.data.download import DownloadError
         types.append(DownloadError)
     except ImportError:
         pass

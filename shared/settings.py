@@ -55,7 +55,7 @@ class Settings:
     eval_figures: str = "all"
 
     def __post_init__(self):
-        from .eval_result import FIGURE_LEVELS
+        from shared.analysis.eval_result import FIGURE_LEVELS
 
         if self.eval_figures not in FIGURE_LEVELS:
             raise ValueError(f"{ENV_PREFIX}EVAL_FIGURES must be one of {', '.join(FIGURE_LEVELS)}, "

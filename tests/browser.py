@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from shared.services import find_free_port, popen_in_own_group
+from shared.launch.services import find_free_port, popen_in_own_group
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts" / "e2e"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 
-# --- Redis: one private server per test session (shared.services.start_redis) ---------------------------------
+# --- Redis: one private server per test session (shared.launch.services.start_redis) ---------------------------------
 # `redis_server` is started once on a free 127.0.0.1 port in a temporary folder and stopped at the end;
 # `redis_url` hands each test that server's URL with every database flushed first.
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
     """A private redis-server for the whole session; has `.url`, `.port`, `.pid`, `.stop()`."""
-    from shared.services import start_redis
+    from shared.launch.services import start_redis
 
     server = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
     yield server
@@ -60,7 +60,7 @@ class WorkerProcess:
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        from shared.services import stop_group
+        from shared.launch.services import stop_group
 
         if self.proc.returncode is None:
             return stop_group(self.proc, timeout=timeout)
@@ -79,7 +79,7 @@ def start_worker(redis_url, tmp_path):
     import time
     from pathlib import Path
 
-    from shared.services import popen_in_own_group
+    from shared.launch.services import popen_in_own_group
 
     started: list[WorkerProcess] = []
 

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
+from shared.launch.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.registry import RunRegistry
-from shared.runs import RunStore
+from shared.runs.registry import RunRegistry
+from shared.runs.store import RunStore
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import REPO, Processes
 

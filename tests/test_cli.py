@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from shared.predict import Predictor
-from shared.runs import RunStore
+from shared.analysis.predict import Predictor
+from shared.runs.store import RunStore
 from tests.imagegen import COLOURS, make_image, make_image_folder
 
 CLI = Path(sys.executable).with_name("resnet-lab")

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import TrainConfig
-from shared.engine import fit
-from shared.registry import PREFIX, RunRegistry
-from shared.runs import DAMAGED, RunDamaged, RunNotFound, RunStore, read_metrics
-from shared.services import find_free_port
+from shared.training.config import TrainConfig
+from shared.training.engine import fit
+from shared.runs.registry import PREFIX, RunRegistry
+from shared.runs.store import DAMAGED, RunDamaged, RunNotFound, RunStore, read_metrics
+from shared.launch.services import find_free_port
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from tests.procs import wait_for

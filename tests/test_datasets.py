@@ -1,4 +1,4 @@
-"""shared.datasets: layout scan, image check, deterministic stratified split manifest."""
+"""shared.data.datasets: layout scan, image check, deterministic stratified split manifest."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.datasets import (DatasetError, check_dataset, duplicates_across_splits, format_check_report,
+from shared.data.datasets import (DatasetError, check_dataset, duplicates_across_splits, format_check_report,
                              make_split, read_manifest, scan_dataset, split_counts, write_manifest)
 from tests import imagegen
 

@@ -1,4 +1,4 @@
-"""shared.download against a local HTTP server serving archives the tests build (never the internet)."""
+"""shared.data.download against a local HTTP server serving archives the tests build (never the internet)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared import download
-from shared.datasets import scan_dataset
-from shared.download import COMPLETE_MARKER, FLOWERS_SHA256, DownloadError, download_flowers
+from shared.data import download
+from shared.data.datasets import scan_dataset
+from shared.data.download import COMPLETE_MARKER, FLOWERS_SHA256, DownloadError, download_flowers
 from tests import imagegen
 
 

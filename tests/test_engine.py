@@ -9,11 +9,11 @@ import urllib.error
 import pytest
 import torch
 
-from shared.checkpoint import CheckpointError, load_checkpoint, load_model_from_run, save_checkpoint
-from shared.config import ConfigError, TrainConfig, expand_grid
-from shared.engine import Cancelled, Reporter, fit
-from shared.models import WeightsUnavailable, create_model, weights_cache_dir
-from shared.runs import RunStore, read_metrics
+from shared.training.checkpoint import CheckpointError, load_checkpoint, load_model_from_run, save_checkpoint
+from shared.training.config import ConfigError, TrainConfig, expand_grid
+from shared.training.engine import Cancelled, Reporter, fit
+from shared.training.models import WeightsUnavailable, create_model, weights_cache_dir
+from shared.runs.store import RunStore, read_metrics
 from tests.imagegen import make_image_folder
 
 

@@ -1,5 +1,5 @@
 """Evaluation: our numbers against scikit-learn on the same arrays, ECE by hand, and evaluate_run on a tiny run;
-its eval.json against the schema (shared/eval_result.py) and every reader of it (Results tab, report, API)."""
+its eval.json against the schema (shared/analysis/eval_result.py) and every reader of it (Results tab, report, API)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from shared.evaluation import calibration, compute_metrics, eval_dir_for, evaluate_run
+from shared.analysis.evaluation import calibration, compute_metrics, eval_dir_for, evaluate_run
 
 
 @pytest.fixture(autouse=True)
@@ -182,10 +182,10 @@ def test_perfectly_calibrated_predictions_have_zero_ece():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """A real run folder made by shared.engine.fit: 3 generated classes at 48 px, a few epochs on one thread."""
-    from shared.config import TrainConfig
-    from shared.engine import fit
-    from shared.runs import RunStore
+    """A real run folder made by shared.training.engine.fit: 3 generated classes at 48 px, a few epochs on one thread."""
+    from shared.training.config import TrainConfig
+    from shared.training.engine import fit
+    from shared.runs.store import RunStore
     from tests.imagegen import make_image_folder
 
     previous = torch.get_num_threads()
@@ -274,7 +274,7 @@ def test_an_empty_split_is_refused_with_the_splits_that_have_images(tiny_run):
 # --- figure levels -----------------------------------------------------------------------------------------------
 
 def test_basic_and_no_figures_skip_the_costly_work_and_say_so(tiny_run, tmp_path):
-    from shared.eval_result import CHART_FIGURES, COSTLY_FIGURES, load_eval_result
+    from shared.analysis.eval_result import CHART_FIGURES, COSTLY_FIGURES, load_eval_result
     from tests.imagegen import make_image_folder
 
     run_dir, _ = tiny_run
@@ -349,7 +349,7 @@ def results_page(tiny_run):
 
     import gradio as gr
 
-    from shared.runs import RunStore
+    from shared.runs.store import RunStore
     from ui.tabs import results
 
     run_dir, _ = tiny_run
@@ -363,8 +363,8 @@ def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_ru
     """A real evaluation's eval.json has exactly the schema's fields (none filled in by a default), and the Results
     tab, the HTML report and /run_results all read it through load_eval_result: a reader asking for a field that is
     not in the schema fails here (typed attributes raise), a field the writer forgot fails the key check."""
-    from shared.eval_result import EvalResult, load_eval_result
-    from shared.report import write_report
+    from shared.analysis.eval_result import EvalResult, load_eval_result
+    from shared.analysis.report import write_report
     from ui.tabs import results
 
     run_dir, _ = tiny_run
@@ -409,8 +409,8 @@ def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, results_page,
     place (the conversion), with balanced accuracy from the per-class recalls, and the page shows them."""
     import shutil
 
-    from shared.eval_result import load_eval_result
-    from shared.runs import RunStore
+    from shared.analysis.eval_result import load_eval_result
+    from shared.runs.store import RunStore
     from ui.tabs import results
 
     run_dir, _ = tiny_run
@@ -436,7 +436,7 @@ def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, results_page, tm
     evaluate again (the button is beside it); the API refuses with the same message."""
     import gradio as gr
 
-    from shared.runs import RunStore
+    from shared.runs.store import RunStore
     from ui.formatting import md_escape
     from ui.tabs import results
 
@@ -474,7 +474,7 @@ def test_run_results_answers_the_same_for_unknown_and_hostile_run_ids(results_pa
 
 
 def test_the_results_tab_hides_what_a_basic_evaluation_skipped_and_says_so(results_page, tmp_path):
-    from shared.runs import RunStore
+    from shared.runs.store import RunStore
     from tests.evalfake import fake_eval
     from ui.tabs import results
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from shared.explain import GradCAM, FeatureRecorder, layer_activations, overlay_cam, top_channels, tsne_embed
+from shared.analysis.explain import GradCAM, FeatureRecorder, layer_activations, overlay_cam, top_channels, tsne_embed
 
 
 @pytest.fixture(autouse=True)

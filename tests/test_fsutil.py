@@ -14,7 +14,7 @@ import pytest
 
 from shared import fsutil
 from shared.fsutil import atomic_open, remove_stale_temps, temp_path, write_atomic, write_json_atomic
-from shared.runs import RunStore
+from shared.runs.store import RunStore
 
 
 @pytest.fixture
@@ -55,12 +55,12 @@ def test_every_writer_of_the_app_goes_through_the_durable_write(tmp_path, fsyncs
     import torch
     from PIL import Image
 
-    from shared.checkpoint import save_checkpoint
-    from shared.datasets import write_manifest
-    from shared.evaluation import _write_json
-    from shared.plots import save_figure
-    from shared.predict import write_predictions_csv
-    from shared.report import write_report
+    from shared.training.checkpoint import save_checkpoint
+    from shared.data.datasets import write_manifest
+    from shared.analysis.evaluation import _write_json
+    from shared.analysis.plots import save_figure
+    from shared.analysis.predict import write_predictions_csv
+    from shared.analysis.report import write_report
 
     writers = {
         "ckpt/best.pt": lambda p: save_checkpoint({"model": {"w": torch.ones(2)}}, p),

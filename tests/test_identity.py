@@ -1,4 +1,4 @@
-"""One models folder, one Redis (shared.identity): the pairing rule in-process, then real `python -m worker`,
+"""One models folder, one Redis (shared.launch.identity): the pairing rule in-process, then real `python -m worker`,
 `python -m ui` and `resnet-lab up` processes of a second stack refused on a folder paired with another Redis.
 """
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.identity import IDENTITY_FILE, IDENTITY_KEY, IdentityMismatch, check_models_dir, claim_models_dir, \
+from shared.launch.identity import IDENTITY_FILE, IDENTITY_KEY, IdentityMismatch, check_models_dir, claim_models_dir, \
     redis_address
-from shared.services import find_free_port, start_redis
+from shared.launch.services import find_free_port, start_redis
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""shared.images: every odd image a user may bring comes out as 8-bit RGB, or fails with a message."""
+"""shared.data.images: every odd image a user may bring comes out as 8-bit RGB, or fails with a message."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_name, load_rgb, load_rgb_resized,
+from shared.data.images import (IMAGE_EXTENSIONS, MAX_PIXELS, ImageError, is_image_name, load_rgb, load_rgb_resized,
                            verify_image)
 from tests import imagegen
 
@@ -223,7 +223,7 @@ def test_unsupported_mode_is_an_image_error(monkeypatch):
 
 
 def test_expand_image_paths_walks_folders_and_keeps_what_it_cannot_judge(tmp_path):
-    from shared.images import expand_image_paths
+    from shared.data.images import expand_image_paths
 
     imagegen.make_image(tmp_path / "album" / "b.png")
     imagegen.make_image(tmp_path / "album" / "sub" / "a.JPG")

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared.config import TrainConfig
-from shared.runs import RunStore
+from shared.training.config import TrainConfig
+from shared.runs.store import RunStore
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import Processes
 from ui.guard import REFUSED
@@ -37,7 +37,7 @@ class Edge:
     """A finished run, a data root and an outside folder full of traps, and the page over them."""
 
     def __init__(self, root: Path):
-        from shared.engine import fit
+        from shared.training.engine import fit
 
         self.models, self.data_root, self.outside = root / "models", root / "data", root / "outside"
         data = make_image_folder(self.data_root / "shapes", classes=2, per_class=8, size=40)

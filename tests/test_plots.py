@@ -10,8 +10,8 @@ import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
-from shared import plots
-from shared.evaluation import compute_metrics
+from shared.analysis import plots
+from shared.analysis.evaluation import compute_metrics
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 

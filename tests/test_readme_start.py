@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from shared.services import popen_in_own_group
+from shared.launch.services import popen_in_own_group
 from tests.browser import REPO, UpApp, wait_until
 from tests.imagegen import make_image_folder
 

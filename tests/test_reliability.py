@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from shared.checkpoint import load_checkpoint, load_model_from_run, save_checkpoint
-from shared.config import TrainConfig
-from shared.registry import RunRegistry
-from shared.runs import FINISHED, RunStore
-from shared.services import start_redis
+from shared.training.checkpoint import load_checkpoint, load_model_from_run, save_checkpoint
+from shared.training.config import TrainConfig
+from shared.runs.registry import RunRegistry
+from shared.runs.store import FINISHED, RunStore
+from shared.launch.services import start_redis
 from shared.settings import Settings
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import Processes, wait_for
@@ -124,7 +124,7 @@ def test_only_worker_deaths_without_progress_count_as_a_crash_loop(redis_url):
     out-of-memory kill at the same place every time); three deaths with no epoch finished in between do."""
     from types import SimpleNamespace
 
-    from shared.registry import PREFIX
+    from shared.runs.registry import PREFIX
     from worker.recovery import MAX_CRASHES, resend_train
 
     registry = RunRegistry.from_url(redis_url)
@@ -454,7 +454,7 @@ class PagePoller:
 
 @pytest.mark.slow
 def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_finishes(tmp_path):
-    from shared.services import find_free_port, popen_in_own_group, stop_group
+    from shared.launch.services import find_free_port, popen_in_own_group, stop_group
 
     data_root = tmp_path / "data"
     make_image_folder(data_root / "imgs", classes=3, per_class=40, size=40)

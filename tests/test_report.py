@@ -10,8 +10,8 @@ import re
 import pytest
 from PIL import Image
 
-from shared import plots
-from shared.report import write_report
+from shared.analysis import plots
+from shared.analysis.report import write_report
 from tests.evalfake import fake_eval
 
 EVIL = '<script>alert("x")</script>'

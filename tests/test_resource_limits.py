@@ -1,7 +1,7 @@
 """Memory and disk exhaustion (hardening issue, item 8), pushed the way an unlucky user or an attacker would.
 
 - A 160 kB 16-bit PNG claiming 9000x9000 pixels (and a 630 kB 16-bit RGBA one) is refused from its header, by
-  `shared.images` and by the real page's /predict and /check_dataset over HTTP, without decoding a pixel;
+  `shared.data.images` and by the real page's /predict and /check_dataset over HTTP, without decoding a pixel;
   16-bit images under the cap decode in bounded memory, and parallel decodes share one byte budget.
 - The decoded-image cache keeps under its cap (least recently used first, never an array in use) and a full disk
   is a clear "disk full" failure — in a subprocess, in a real worker (the run FAILED, the worker alive, earlier
@@ -35,10 +35,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared import cache as cache_mod
-from shared import images
-from shared.cache import CacheFullError, load_image_array
-from shared.images import ByteBudget, ImageError, load_rgb, load_rgb_resized, verify_image
+from shared.data import cache as cache_mod
+from shared.data import images
+from shared.data.cache import CacheFullError, load_image_array
+from shared.data.images import ByteBudget, ImageError, load_rgb, load_rgb_resized, verify_image
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import REPO, Processes, wait_for
 
@@ -77,7 +77,7 @@ def bombs(tmp_path_factory) -> dict[str, Path]:
             "rgba16": write_zero_png(root / "rgba16.png", 9000, 9000, colour_type=6)}
 
 
-# --- shared.images ---------------------------------------------------------------------------------------------------
+# --- shared.data.images ---------------------------------------------------------------------------------------------------
 
 def test_a_160_kb_16bit_png_is_refused_from_its_header(bombs):
     grey, rgba = bombs["grey16"], bombs["rgba16"]
@@ -98,7 +98,7 @@ def test_refusing_the_bombs_costs_no_memory(bombs):
     """Measured in a fresh process: the old code decoded the 160 kB file into about 1.6 GB."""
     done = run_python(
         "import resource, sys\n"
-        "from shared.images import ImageError, load_rgb\n"
+        "from shared.data.images import ImageError, load_rgb\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for path in sys.argv[1:]:\n"
         "    try:\n"
@@ -120,7 +120,7 @@ def test_16bit_images_under_the_cap_decode_in_bounded_memory(tmp_path):
     done = run_python(
         "import resource, sys\n"
         "from PIL import Image\n"
-        "from shared.images import decode_bytes, load_rgb\n"
+        "from shared.data.images import decode_bytes, load_rgb\n"
         "need = decode_bytes(Image.open(sys.argv[1]))\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024\n"
         "img = load_rgb(sys.argv[1])\n"
@@ -176,7 +176,7 @@ PARALLEL_DECODES = (
     "from concurrent.futures import ThreadPoolExecutor\n"
     "from pathlib import Path\n"
     "from PIL import Image\n"
-    "from shared import images\n"
+    "from shared.data import images\n"
     "paths = sorted(Path(sys.argv[1]).glob('*.png'))\n"
     "one = images.decode_bytes(Image.open(paths[0]))\n"
     "images.DECODE_BUDGET = images.ByteBudget(int(one * float(sys.argv[2])))\n"
@@ -314,7 +314,7 @@ def small_disk(tmp_path):
 BUILD_CACHE = (
     "import sys\n"
     "from pathlib import Path\n"
-    "from shared import cache\n"
+    "from shared.data import cache\n"
     "root, cache_dir, side, lie = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == 'lie'\n"
     "if lie:  # the free-space check is fooled: posix_fallocate must still stop it\n"
     "    import collections, shutil\n"
@@ -345,7 +345,7 @@ def test_a_full_disk_is_a_clear_error_not_a_sigbus(small_disk, small_dataset, fr
 
 @pytest.mark.slow  # a real worker process
 def test_a_run_whose_cache_does_not_fit_fails_once_with_disk_full(small_disk, tmp_path, redis_url, start_worker):
-    from shared.config import TrainConfig
+    from shared.training.config import TrainConfig
     from shared.settings import Settings
     from ui.client import QueueClient
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.config import TrainConfig
-from shared.runs import FINISHED, RunStore, write_json_atomic
-from shared.services import start_redis
+from shared.training.config import TrainConfig
+from shared.runs.store import FINISHED, RunStore, write_json_atomic
+from shared.launch.services import start_redis
 from shared.settings import Settings
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import REPO, Processes, wait_for
@@ -269,8 +269,8 @@ def plant_evil_run(models: Path, marker: Path) -> str:
 
 
 def test_a_malicious_checkpoint_is_refused_by_the_predictor_and_the_cli(tmp_path):
-    from shared.checkpoint import CheckpointError
-    from shared.predict import Predictor
+    from shared.training.checkpoint import CheckpointError
+    from shared.analysis.predict import Predictor
 
     marker = tmp_path / "pwned"
     run_id = plant_evil_run(tmp_path / "models", marker)

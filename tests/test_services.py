@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import services
-from shared.services import find_free_port, redis_ping, start_redis, wait_for_http
+from shared.launch import services
+from shared.launch.services import find_free_port, redis_ping, start_redis, wait_for_http
 
 
 def process_gone(pid: int) -> bool:
@@ -150,7 +150,7 @@ def test_conftest_redis_url_is_flushed_per_test_again(redis_url):
 
 def test_child_started_from_a_short_lived_thread_outlives_the_thread(tmp_path):
     # the parent-death signal follows the starting thread, so it must not be armed outside the main thread
-    from shared.services import popen_in_own_group, stop_group
+    from shared.launch.services import popen_in_own_group, stop_group
 
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("p", popen_in_own_group(["sleep", "30"])))

@@ -1,4 +1,4 @@
-"""shared.supervisor in this process, with stand-in commands (`python -c ...`): restarts with back-off, giving
+"""shared.launch.supervisor in this process, with stand-in commands (`python -c ...`): restarts with back-off, giving
 up on a child that cannot start, essential children and watched processes, stopping.
 
 `up` and `worker --gpus` wrap this class; tests/test_up.py drives it through `up` with real processes.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched, describe_exit
+from shared.launch.supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched, describe_exit
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.config import TrainConfig
-from shared.runs import FINISHED, RunStore
-from shared.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
+from shared.training.config import TrainConfig
+from shared.runs.store import FINISHED, RunStore
+from shared.launch.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 

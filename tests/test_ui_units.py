@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.eval_result import ClassScores, EvalResult
+from shared.analysis.eval_result import ClassScores, EvalResult
 from tests.evalfake import fake_eval
 from tests.imagegen import make_image_folder
 from ui import formatting as fmt

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.services import find_free_port, find_redis_server, http_ok, redis_ping, redis_server_version
+from shared.launch.services import find_free_port, find_redis_server, http_ok, redis_ping, redis_server_version
 from shared.settings import Settings
-from shared.up import detect_gpus, page_url, parse_gpus, plan_children, settings_env, _redact
+from shared.launch.up import detect_gpus, page_url, parse_gpus, plan_children, settings_env, _redact
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 
@@ -69,8 +69,8 @@ server.serve_forever()
 DRIVER = """
 import json, sys
 from shared.settings import Settings
-from shared.supervisor import RestartPolicy
-from shared.up import run_up
+from shared.launch.supervisor import RestartPolicy
+from shared.launch.up import run_up
 cfg = json.loads(sys.argv[1])
 settings = Settings.from_env(models_dir=cfg["models_dir"], port=cfg["port"])
 sys.exit(run_up(settings, worker_cmd=cfg["worker_cmd"], ui_cmd=cfg["ui_cmd"], gpus=cfg["gpus"],
@@ -390,7 +390,7 @@ def test_detect_gpus_asks_nvidia_smi_in_a_subprocess(tmp_path):
 
 
 def test_detect_gpus_never_initialises_cuda_in_the_parent():
-    code = ("import sys; from shared.up import detect_gpus; detect_gpus(); "
+    code = ("import sys; from shared.launch.up import detect_gpus; detect_gpus(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'gradio', 'celery')))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -438,7 +438,7 @@ def test_run_child_execs_python_module_with_args_settings_and_env(tmp_path):
         print(json.dumps({"argv": sys.argv[1:], "pid": os.getpid(), "x": os.environ.get("PROBE_X"),
                           "models": os.environ.get("RESNET_LAB_MODELS_DIR")}))
     """))
-    code = ("import os; from shared.settings import Settings; from shared.up import run_child; "
+    code = ("import os; from shared.settings import Settings; from shared.launch.up import run_child; "
             "print(os.getpid(), flush=True); "
             f"run_child('probe', ['--port', '1'], Settings(models_dir={str(tmp_path / 'm')!r}), env={{'PROBE_X': 'y'}})")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}

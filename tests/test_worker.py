@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.config import TrainConfig
-from shared.registry import RunRegistry
-from shared.runs import FINISHED, RunStore
+from shared.training.config import TrainConfig
+from shared.runs.registry import RunRegistry
+from shared.runs.store import FINISHED, RunStore
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from tests.procs import wait_for
@@ -347,7 +347,7 @@ def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker
 def test_failure_reasons_are_readable(tmp_path):
     import torch
 
-    from shared.datasets import DatasetError
+    from shared.data.datasets import DatasetError
     from worker.tasks import failure_reason
 
     config = TrainConfig(data_dir=str(tmp_path), batch_size=64)

@@ -20,8 +20,8 @@ from urllib.parse import quote
 import pytest
 from celery import Celery
 
-from shared.runs import RunStore
-from shared.services import start_redis
+from shared.runs.store import RunStore
+from shared.launch.services import start_redis
 from tests.imagegen import make_image_folder
 from tests.procs import REPO, Processes
 

@@ -47,10 +47,10 @@ def check_bind(settings: Settings) -> None:
 
 
 def check_pairing(settings: Settings) -> None:
-    """Refuse to serve a models folder paired with another Redis (shared.identity): the page would rebuild that
+    """Refuse to serve a models folder paired with another Redis (shared.launch.identity): the page would rebuild that
     Redis's run list from the folder and its workers would train the other stack's runs. With Redis down the page
     starts anyway (it shows a banner until Redis is back); the workers check when they start."""
-    from shared.identity import IdentityMismatch, check_models_dir
+    from shared.launch.identity import IdentityMismatch, check_models_dir
 
     try:
         check_models_dir(settings.models_dir, settings.redis_url)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.warning("data root %s is not usable: %s", root, exc)
     settings.models_dir.mkdir(parents=True, exist_ok=True)
-    from shared.runs import RunStore
+    from shared.runs.store import RunStore
 
     # what a crash left half-written (temp files, a half-deleted run folder) goes before the runs are listed
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from shared.predict import PredictorCache
-from shared.runs import DAMAGED, FINISHED, RunDamaged, RunNotFound, RunStore, read_metrics
+from shared.analysis.predict import PredictorCache
+from shared.runs.store import DAMAGED, FINISHED, RunDamaged, RunNotFound, RunStore, read_metrics
 from shared.settings import Settings
 
 from .client import QueueClient, QueueUnavailable

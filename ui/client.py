@@ -13,9 +13,9 @@ from typing import Any
 import redis
 from celery import Celery
 
-from shared.config import TrainConfig
-from shared.registry import PREFIX, RunRegistry
-from shared.runs import RunNotFound, RunStore
+from shared.training.config import TrainConfig
+from shared.runs.registry import PREFIX, RunRegistry
+from shared.runs.store import RunNotFound, RunStore
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)

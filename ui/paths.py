@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from shared.images import is_image_name
+from shared.data.images import is_image_name
 # the confinement lives in shared/: the worker checks task arguments with the same function
-from shared.paths import PathError, confine_dataset_path, is_within  # noqa: F401 - re-exported for the tabs
+from shared.data.paths import PathError, confine_dataset_path, is_within  # noqa: F401 - re-exported for the tabs
 
 # Folders that are never offered as datasets (zip residue, caches, VCS).
 _SKIP = frozenset({"__MACOSX", "__pycache__", "node_modules"})

@@ -1,4 +1,4 @@
-"""What the Results tab shows of one `EvalResult` (shared/eval_result.py): the headline, the per-class table, the
+"""What the Results tab shows of one `EvalResult` (shared/analysis/eval_result.py): the headline, the per-class table, the
 confusion matrix as HTML, long-form frames for the plots, the gallery images. Pure functions, no gradio, so all of
 it is unit-tested without a browser.
 """
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from shared.eval_result import FIGURE_TITLES, Calibration, ClassScores, EvalResult, Pr, Roc, Tsne
+from shared.analysis.eval_result import FIGURE_TITLES, Calibration, ClassScores, EvalResult, Pr, Roc, Tsne
 
 from .formatting import DASH, fmt_pct, md_escape
 

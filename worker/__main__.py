@@ -7,12 +7,12 @@ CPU: one worker process with the solo pool (training already uses every core thr
 processes would only split them). `--concurrency N` > 1 uses a prefork pool whose children share the threads.
 
 GPUs: this process starts one child `python -m worker` per GPU, each seeing only its GPU (CUDA_VISIBLE_DEVICES)
-and named `gpu<id>@<host>`, and supervises them with `shared.supervisor` (the same policy as `resnet-lab up`: a
+and named `gpu<id>@<host>`, and supervises them with `shared.launch.supervisor` (the same policy as `resnet-lab up`: a
 child that dies is restarted with back-off, one that cannot start is given up on, SIGTERM/SIGINT stop them all).
 It never touches CUDA itself: a CUDA context does not survive fork (Celery issue #3402), so GPUs are found with
 `nvidia-smi`.
 
-Before Celery starts, a worker checks that the models folder is paired with its Redis (shared.identity) and
+Before Celery starts, a worker checks that the models folder is paired with its Redis (shared.launch.identity) and
 refuses to start otherwise.
 """
 
@@ -23,10 +23,10 @@ import logging
 import os
 import sys
 
-from shared.identity import IdentityMismatch, check_models_dir
+from shared.launch.identity import IdentityMismatch, check_models_dir
 from shared.settings import Settings
-from shared.supervisor import Child, StopRequest, Supervisor
-from shared.up import parse_gpus
+from shared.launch.supervisor import Child, StopRequest, Supervisor
+from shared.launch.up import parse_gpus
 
 log = logging.getLogger("worker")
 
@@ -90,13 +90,13 @@ def gpu_children(gpu_ids: list[str], args: argparse.Namespace) -> list[Child]:
 
 
 def run_gpu_workers(gpu_ids: list[str], args: argparse.Namespace) -> int:
-    """Supervise one worker child per GPU (shared.supervisor) until SIGTERM/SIGINT; 1 when every one gave up."""
+    """Supervise one worker child per GPU (shared.launch.supervisor) until SIGTERM/SIGINT; 1 when every one gave up."""
     with StopRequest() as stop:
         return Supervisor(gpu_children(gpu_ids, args), dict(os.environ), stop_timeout=STOP_TIMEOUT).run(stop)
 
 
 def check_pairing() -> None:
-    """Refuse to start without REDIS_URL, or on a models folder paired with another Redis (shared.identity).
+    """Refuse to start without REDIS_URL, or on a models folder paired with another Redis (shared.launch.identity).
 
     Waits up to REDIS_WAIT seconds for Redis to answer (it may start after the worker)."""
     if not os.environ.get("REDIS_URL"):

@@ -11,8 +11,8 @@ import os
 
 from celery import Celery, signals
 
-from shared.registry import RunRegistry
-from shared.runs import RunStore
+from shared.runs.registry import RunRegistry
+from shared.runs.store import RunStore
 from shared.settings import Settings
 
 from .recovery import RecoveryScanner, shutdown_requested

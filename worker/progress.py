@@ -14,9 +14,9 @@ from typing import Any
 
 import redis
 
-from shared.engine import Reporter
-from shared.registry import RunRegistry
-from shared.runs import read_metrics
+from shared.training.engine import Reporter
+from shared.runs.registry import RunRegistry
+from shared.runs.store import read_metrics
 
 from .recovery import Lease, shutdown_requested
 

@@ -27,8 +27,8 @@ import time
 import uuid
 import redis
 
-from shared.registry import PREFIX, RunRegistry
-from shared.runs import DAMAGED, RunDamaged, RunNotFound, RunStore
+from shared.runs.registry import PREFIX, RunRegistry
+from shared.runs.store import DAMAGED, RunDamaged, RunNotFound, RunStore
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The tasks: thin, like torchvision's `run_with_submitit.py` — take ids, load state, call `shared`, report, set
 the final status.
 
-`train(run_id)` runs `shared.engine.fit` (which resumes from `last.pt` by itself) and then the evaluation suite.
+`train(run_id)` runs `shared.training.engine.fit` (which resumes from `last.pt` by itself) and then the evaluation suite.
 Every status change is written to the run folder and the registry together (`transition`), so the two agree.
 A failing run ends FAILED with a readable reason and the task raises `RunFailed` (Celery marks it FAILURE; no
 retry, the worker takes the next run). Duplicate deliveries skip: see `worker/recovery.py`.
@@ -21,16 +21,16 @@ from typing import Any, Callable
 import torch
 from celery import shared_task
 
-from shared.cache import CacheFullError
-from shared.checkpoint import CheckpointError
-from shared.config import SPLITS, ConfigError
-from shared.datasets import DatasetError
-from shared.engine import Cancelled, fit, pick_device
-from shared.images import expand_image_paths
-from shared.models import WeightsUnavailable
-from shared.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
-from shared.registry import RunRegistry
-from shared.runs import FINISHED, RunDamaged, RunNotFound, RunStore
+from shared.data.cache import CacheFullError
+from shared.training.checkpoint import CheckpointError
+from shared.training.config import SPLITS, ConfigError
+from shared.data.datasets import DatasetError
+from shared.training.engine import Cancelled, fit, pick_device
+from shared.data.images import expand_image_paths
+from shared.training.models import WeightsUnavailable
+from shared.data.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
+from shared.runs.registry import RunRegistry
+from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
 
 from .celery_app import settings_of
@@ -205,7 +205,7 @@ def _eval_split(config) -> str:
 def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str,
               progress: Callable[[int, int], None], figures: str) -> dict:
     """`evaluate_run`'s headline numbers (eval.json in the run folder has the tables, curves and figures)."""
-    from shared.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
+    from shared.analysis.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
 
     result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device, progress=progress,
                           figures=figures)
@@ -252,7 +252,7 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
     found in those folders that link out of the roots get an error row instead of being read: the CSV lands in
     the run folder, which the page serves.
     """
-    from shared.predict import Predictor, write_predictions_csv
+    from shared.analysis.predict import Predictor, write_predictions_csv
 
     settings = settings_of(self.app)
     top_k, chunk = _bounded("top_k", top_k, 1, 100), _bounded("chunk", chunk, 1, 4096)

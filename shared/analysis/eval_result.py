@@ -1,6 +1,6 @@
 """The evaluation result, `<run>/eval*/eval.json`: one typed, versioned schema shared by its writer and its readers.
 
-`shared.evaluation.evaluate_run` writes it (`EvalResult.to_dict()`); the page's Results tab, the HTML report and the
+`shared.analysis.evaluation.evaluate_run` writes it (`EvalResult.to_dict()`); the page's Results tab, the HTML report and the
 `/run_results` API read it through `load_eval_result(run_dir)` and only ever see an `EvalResult`, so no reader
 guesses key names.
 

@@ -7,7 +7,7 @@
     <run_dir>/eval-folder-<name>/   every image of another folder (class sub-folders), <name> from its folder name
 
 `compute_metrics(y_true, probs, classes)` is the pure part (arrays in, JSON-ready dict out). eval.json's layout is
-`shared.eval_result.EvalResult` (its readers load it with `load_eval_result`). It is strict JSON (no NaN): a number
+`shared.analysis.eval_result.EvalResult` (its readers load it with `load_eval_result`). It is strict JSON (no NaN): a number
 that is undefined (recall of a class with no images, ROC of a class absent from the set) is left out or null, and
 `notes` says why. `figures="basic"` or `"none"` (env RESNET_LAB_EVAL_FIGURES) skips the costly figures, e.g. for
 tests that do not look at them; eval.json records which were skipped.
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .fsutil import write_atomic
+from shared.fsutil import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +264,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     """
     import torch
 
-    from .checkpoint import load_model_from_run
-    from .eval_result import EvalResult, skipped_figures_for
+    from shared.training.checkpoint import load_model_from_run
+    from shared.analysis.eval_result import EvalResult, skipped_figures_for
 
     skipped_figures = skipped_figures_for(figures)  # refuses an unknown level before any work
     started = time.perf_counter()
@@ -328,7 +328,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
 
 def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str]) -> tuple[Path, list[tuple[str, int]], str]:
     """(root, [(path relative to root, label)], description) for the run's split or another folder."""
-    from .datasets import read_manifest, scan_dataset
+    from shared.data.datasets import read_manifest, scan_dataset
 
     if data_dir is not None:
         scan = scan_dataset(data_dir)
@@ -356,7 +356,7 @@ def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str]) -> t
 
 
 def _load_tensor(root: Path, rel: str, transform):
-    from .images import load_rgb
+    from shared.data.images import load_rgb
 
     return transform(load_rgb(root / rel))
 
@@ -367,9 +367,9 @@ def _predict_items(model, meta: dict, root: Path, items: list[tuple[str, int]], 
     import torch
     import torch.nn.functional as F
 
-    from .explain import FeatureRecorder
-    from .images import ImageError
-    from .transforms import eval_transform
+    from shared.analysis.explain import FeatureRecorder
+    from shared.data.images import ImageError
+    from shared.data.transforms import eval_transform
 
     transform = eval_transform(int(meta["image_size"]), meta["mean"], meta["std"])
     out: dict[str, list] = {"paths": [], "labels": [], "probs": [], "losses": [], "skipped": []}
@@ -397,7 +397,7 @@ def _predict_items(model, meta: dict, root: Path, items: list[tuple[str, int]], 
 
 
 def _tsne(features: np.ndarray, y: np.ndarray, pred: np.ndarray, paths: list[str], notes: list[str]) -> dict:
-    from .explain import tsne_embed
+    from shared.analysis.explain import tsne_embed
 
     index = np.arange(len(y))
     if len(index) > TSNE_MAX_POINTS:
@@ -421,7 +421,7 @@ class _FigureContext:
     """What the image figures need: the model, how to load an image as the model sees it, where to save."""
 
     def __init__(self, run_dir: Path, out_dir: Path, model, meta: dict, root: Path, device):
-        from .transforms import eval_transform
+        from shared.data.transforms import eval_transform
 
         self.run_dir, self.out_dir, self.model, self.root, self.device = run_dir, out_dir, model, root, device
         self.classes = list(meta["classes"])
@@ -442,7 +442,7 @@ class _FigureContext:
         return Image.fromarray((np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0))
 
     def save(self, name: str, fig, dpi: int | None = None) -> None:
-        from .plots import DPI, save_figure
+        from shared.analysis.plots import DPI, save_figure
 
         path = self.out_dir / f"{name}.png"
         save_figure(fig, path, dpi=dpi or DPI)
@@ -451,7 +451,7 @@ class _FigureContext:
     def cams(self, rels: list[str], targets: list[int]) -> list[np.ndarray]:
         import torch
 
-        from .explain import GradCAM
+        from shared.analysis.explain import GradCAM
 
         t0 = time.perf_counter()
         cam = GradCAM(self.model)
@@ -467,9 +467,9 @@ class _FigureContext:
 def _render_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losses: np.ndarray, paths: list[str],
                     result: dict, cam_per_class: int, after_cams: Callable[[], None], skip: set[str]) -> None:
     """Draw every figure not in `skip` (the figure level's names: CHART_FIGURES, COSTLY_FIGURES) into ctx."""
-    from . import plots
-    from .eval_result import COSTLY_FIGURES
-    from .runs import read_metrics
+    from shared.analysis import plots
+    from shared.analysis.eval_result import COSTLY_FIGURES
+    from shared.runs.store import read_metrics
 
     classes = ctx.classes
     charts = {
@@ -496,7 +496,7 @@ def _render_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losse
 def _render_image_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray, losses: np.ndarray,
                           paths: list[str], cam_per_class: int, after_cams: Callable[[], None]) -> None:
     """The figures that load images again and run the model: Grad-CAM, top losses, class samples, activations."""
-    from . import plots
+    from shared.analysis import plots
 
     classes = ctx.classes
     pred = probs.argmax(1)
@@ -511,7 +511,7 @@ def _render_image_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray,
     _top_loss_figure(ctx, losses, y, pred, probs, paths)
     _class_sample_figure(ctx, y, pred, paths, rng)
     if samples:
-        from .explain import top_channels
+        from shared.analysis.explain import top_channels
 
         i = samples[0]
         x = ctx.tensor(paths[i])
@@ -533,8 +533,8 @@ def _short(name: str, width: int = 18) -> str:
 
 
 def _cam_sample_figure(ctx, samples, y, pred, probs, paths) -> None:
-    from . import plots
-    from .explain import overlay_cam
+    from shared.analysis import plots
+    from shared.analysis.explain import overlay_cam
 
     cams = ctx.cams([paths[i] for i in samples], [int(pred[i]) for i in samples])
     images, titles = [], []
@@ -551,8 +551,8 @@ def _cam_sample_figure(ctx, samples, y, pred, probs, paths) -> None:
 
 
 def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
-    from . import plots
-    from .explain import overlay_cam
+    from shared.analysis import plots
+    from shared.analysis.explain import overlay_cam
 
     rels = [paths[i] for i in errors]
     cam_pred = ctx.cams(rels, [int(pred[i]) for i in errors])
@@ -569,7 +569,7 @@ def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
 
 
 def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:
-    from . import plots
+    from shared.analysis import plots
 
     order = [int(i) for i in np.argsort(-losses)[:TOP_LOSSES]]
     images = [ctx.view(ctx.tensor(paths[i])) for i in order]
@@ -580,7 +580,7 @@ def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:
 
 
 def _class_sample_figure(ctx, y, pred, paths, rng) -> None:
-    from . import plots
+    from shared.analysis import plots
 
     picks = []
     for k in range(len(ctx.classes)):

@@ -11,11 +11,11 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from .checkpoint import load_model_from_run
-from .fsutil import atomic_open
-from .images import ImageError, load_rgb
-from .runs import RunNotFound, RunStore
-from .transforms import eval_transform
+from shared.training.checkpoint import load_model_from_run
+from shared.fsutil import atomic_open
+from shared.data.images import ImageError, load_rgb
+from shared.runs.store import RunNotFound, RunStore
+from shared.data.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Predictor:
 
     def explain(self, src: Any, class_idx: int | None = None):
         """(top-5, Grad-CAM overlay PIL image) for one image."""
-        from .explain import GradCAM, overlay_cam  # only prediction with CAM needs it
+        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
 
         image = load_rgb(src)
         x = self.transform(image).unsqueeze(0).to(self.device)
@@ -97,7 +97,7 @@ def _centre_crop_view(image, image_size: int):
     """The image region the model saw (resize + centre crop), at the model's input size."""
     from torchvision.transforms import v2
 
-    from .transforms import resize_size
+    from shared.data.transforms import resize_size
 
     return v2.CenterCrop(image_size)(v2.Resize(resize_size(image_size), antialias=True)(image))
 

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .eval_result import FIGURE_TITLES, EvalResult, EvalResultError, load_eval_result
-from .fsutil import write_atomic
+from shared.analysis.eval_result import FIGURE_TITLES, EvalResult, EvalResultError, load_eval_result
+from shared.fsutil import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
 
 
 def build_report_html(run_dir: Path) -> str:
-    from .runs import read_metrics
+    from shared.runs.store import read_metrics
 
     run_dir = Path(run_dir)
     config = _read_json(run_dir / "config.json") or {}
@@ -119,7 +119,7 @@ def _config_table(config: dict) -> str:
 
 
 def _training_section(records: list[dict]) -> str:
-    from .plots import figure_png_bytes, plot_curves
+    from shared.analysis.plots import figure_png_bytes, plot_curves
 
     if not records:
         return '<p class="muted">no metrics.jsonl (no finished epoch)</p>'

@@ -28,8 +28,8 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
-from .fsutil import write_atomic
-from .images import load_rgb_resized
+from shared.fsutil import write_atomic
+from shared.data.images import load_rgb_resized
 
 log = logging.getLogger(__name__)
 

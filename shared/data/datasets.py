@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .fsutil import write_atomic
-from .images import IMAGE_EXTENSIONS, ImageError, is_image_name, verify_image
+from shared.fsutil import write_atomic
+from shared.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, verify_image
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def _inspect_file(job: tuple[Path, str, bool]) -> tuple[str | None, tuple[int, i
     """(sha256, upright size, None) for a good file, (None, None, reason) for a bad one.
 
     The file is hashed in chunks and decoded from disk, never held in memory whole: many of these run at once,
-    and the decodes share the process-wide budget of `shared.images` (a second read comes from the page cache).
+    and the decodes share the process-wide budget of `shared.data.images` (a second read comes from the page cache).
     """
     root, path, decode = job
     try:

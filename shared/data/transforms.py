@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from .config import AUGMENTATIONS
+from shared.training.config import AUGMENTATIONS
 
 # Eval resizes the short side to size / 0.875 then centre-crops `size` (the torchvision reference recipe).
 CROP_FRACTION = 0.875

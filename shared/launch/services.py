@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-from .settings import is_loopback
+from shared.settings import is_loopback
 
 log = logging.getLogger(__name__)
 

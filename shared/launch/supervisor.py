@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from .services import popen_in_own_group, stop_group
+from shared.launch.services import popen_in_own_group, stop_group
 
 log = logging.getLogger(__name__)
 

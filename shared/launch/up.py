@@ -1,10 +1,10 @@
 """`resnet-lab up`: Redis, one worker per GPU (or one CPU worker) and the page, supervised as one unit.
 
-The parts run as separate processes (`python -m worker`, `python -m ui`) under `shared.supervisor`: a worker
+The parts run as separate processes (`python -m worker`, `python -m ui`) under `shared.launch.supervisor`: a worker
 that dies (out of memory, kill -9) is restarted with back-off and its run resumes; the page or the embedded
 Redis dying stops everything with a non-zero exit, and so does a worker that cannot start at all. Ctrl-C or
 SIGTERM stops everything. A lock file in the models store keeps a second `up` from sharing it, and the folder's
-Redis pairing (shared.identity) keeps a stack with another Redis from sharing it.
+Redis pairing (shared.launch.identity) keeps a stack with another Redis from sharing it.
 
 This module is the `up` command itself, so it prints what a user must see (the URL, why it stopped).
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Mapping, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from .identity import IdentityMismatch, check_models_dir
-from .services import http_ok, port_in_use, redis_ping, start_redis
-from .settings import ENV_PREFIX, Settings
-from .supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched
+from shared.launch.identity import IdentityMismatch, check_models_dir
+from shared.launch.services import http_ok, port_in_use, redis_ping, start_redis
+from shared.settings import ENV_PREFIX, Settings
+from shared.launch.supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def run_up(settings: Settings, *, worker_cmd: Sequence[str] | None = None, ui_cm
 
     `worker_cmd`/`ui_cmd` default to `python -m worker` / `python -m ui` (tests pass stand-ins). `gpus` is
     None/"all" (detect), "cpu", or ids such as "0,1". Children get the settings as environment variables.
-    Workers are restarted by `policy` (shared.supervisor). Must run in the main thread (signal handlers).
+    Workers are restarted by `policy` (shared.launch.supervisor). Must run in the main thread (signal handlers).
     """
     worker_cmd = list(worker_cmd or [sys.executable, "-m", "worker"])
     ui_cmd = list(ui_cmd or [sys.executable, "-m", "ui"])

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import redis
 
-from .runs import FINISHED, FIT_RECORD_KEYS, RunNotFound, RunStore
+from shared.runs.store import FINISHED, FIT_RECORD_KEYS, RunNotFound, RunStore
 
 PREFIX = "resnet_lab"
 

@@ -1,6 +1,6 @@
 """The run store: one folder per run under the models directory, with its status in `status.json`.
 
-The folder is the durable truth (it survives Redis); `shared.registry` mirrors the same records in Redis
+The folder is the durable truth (it survives Redis); `shared.runs.registry` mirrors the same records in Redis
 for cheap polling across machines.
 """
 
@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
-from .config import TrainConfig
-from .fsutil import TRASH_PREFIX, remove_stale_temps, remove_tree, write_json_atomic
+from shared.training.config import TrainConfig
+from shared.fsutil import TRASH_PREFIX, remove_stale_temps, remove_tree, write_json_atomic
 
 log = logging.getLogger(__name__)
 

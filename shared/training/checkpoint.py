@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from .fsutil import atomic_path
-from .models import create_model
+from shared.fsutil import atomic_path
+from shared.training.models import create_model
 
 FORMAT_VERSION = 1
 

@@ -41,7 +41,7 @@ def _choice(name: str, value: str, choices: Iterable[str]) -> None:
 class TrainConfig:
     # dataset folder with one sub-folder per class
     data_dir: str
-    # architecture from shared.models.list_models()
+    # architecture from shared.training.models.list_models()
     model: str = "resnet18"
     # "DEFAULT"/"IMAGENET1K_V1"/"IMAGENET1K_V2" (torchvision enum), "none" (from scratch), or a state-dict path
     weights: str = "IMAGENET1K_V1"

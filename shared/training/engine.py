@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__
-from .cache import load_image_array
-from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .datasets import make_split, read_manifest, write_manifest
-from .fsutil import write_atomic, write_json_atomic
-from .models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
-from .transforms import BatchTransform, resize_size
+from shared import __version__
+from shared.data.cache import load_image_array
+from shared.training.checkpoint import load_checkpoint, save_checkpoint
+from shared.training.config import TrainConfig
+from shared.data.datasets import make_split, read_manifest, write_manifest
+from shared.fsutil import write_atomic, write_json_atomic
+from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
+from shared.data.transforms import BatchTransform, resize_size
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from .paths import is_within
+from shared.data.paths import is_within
 
 log = logging.getLogger(__name__)
 

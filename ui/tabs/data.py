@@ -97,7 +97,7 @@ def _confine(lab, path: str) -> Path:
 
 def _samples(root: Path, scan) -> list[tuple]:
     """A few small thumbnails per class (decoded here, so the browser never fetches the originals)."""
-    from shared.images import ImageError, load_rgb_resized
+    from shared.data.images import ImageError, load_rgb_resized
 
     per_class = max(1, min(SAMPLES_PER_CLASS, SAMPLES_TOTAL // max(1, len(scan.classes))))
     picked: dict[int, list[str]] = {}
@@ -131,7 +131,7 @@ def preview(lab, path: str | None):
         return (f"No dataset found yet in the data folders ({roots}). Put a folder with one sub-folder of images "
                 "per class there and press **Refresh list**, upload a .zip of class folders, or download the "
                 "flowers sample set.", None, "", "", [])
-    from shared.datasets import DatasetError, scan_dataset
+    from shared.data.datasets import DatasetError, scan_dataset
 
     root = _confine(lab, path)
     try:
@@ -150,7 +150,7 @@ def check(lab, path: str | None, progress=gr.Progress()):
     """The full check (every image decoded and hashed): counts, problems, sizes."""
     if not path:
         raise user_error("Pick a dataset folder first.", title="No dataset")
-    from shared.datasets import DatasetError, check_dataset
+    from shared.data.datasets import DatasetError, check_dataset
 
     root = _confine(lab, path)
     progress(0, desc="decoding every image…")
@@ -213,7 +213,7 @@ def _forget_upload(file_path: str) -> None:
 
 def download(lab, progress=gr.Progress()):
     try:
-        from shared.download import DownloadError, download_flowers
+        from shared.data.download import DownloadError, download_flowers
     except ImportError:
         raise user_error("The download helper is not installed in this version.", title="Not available") from None
     progress(0, desc="downloading the flowers set (about 230 MB)…")

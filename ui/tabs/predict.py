@@ -21,9 +21,9 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from shared.checkpoint import CheckpointError
-from shared.images import ImageError, load_rgb
-from shared.predict import NoModelError, write_predictions_csv
+from shared.training.checkpoint import CheckpointError
+from shared.data.images import ImageError, load_rgb
+from shared.analysis.predict import NoModelError, write_predictions_csv
 
 from .. import formatting as fmt
 from ..guard import FileRefused, UploadError
@@ -279,7 +279,7 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # ran twice and a bad file got two identical toasts. always_last: a picture dropped while the previous one is
     # still being explained is answered next, not ignored.
     # preprocess=False: the handler reads the upload itself, so a text file named .jpg or a decompression bomb
-    # gets shared.images' message instead of a PIL traceback inside Gradio's own preprocessing. It reads through
+    # gets shared.data.images' message instead of a PIL traceback inside Gradio's own preprocessing. It reads through
     # lab.files (ui/guard.py): Gradio checks a payload's path only when the payload carries `meta`.
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")

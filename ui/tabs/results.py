@@ -1,6 +1,6 @@
 """Results tab: everything the evaluation of one finished run found, from `<run>/eval/eval.json` and its figures.
 
-eval.json is read once per event, as a typed `EvalResult` (shared/eval_result.py), and shown by the pure views of
+eval.json is read once per event, as a typed `EvalResult` (shared/analysis/eval_result.py), and shown by the pure views of
 ui/results_view.py. Plots whose data are in eval.json (ROC, PR, calibration, t-SNE) are drawn interactively by the
 browser; the confusion matrix is an HTML table (counts or normalised, switched without a round trip to the model);
 the Grad-CAM and top-loss galleries show the PNGs the evaluation wrote, and are hidden (the headline says why) when
@@ -21,10 +21,10 @@ import gradio as gr
 import numpy as np
 import pandas as pd
 
-from shared.eval_result import EvalResult, EvalResultError, load_eval_result
-from shared.images import ImageError, load_rgb
-from shared.predict import NoModelError
-from shared.runs import RunNotFound
+from shared.analysis.eval_result import EvalResult, EvalResultError, load_eval_result
+from shared.data.images import ImageError, load_rgb
+from shared.analysis.predict import NoModelError
+from shared.runs.store import RunNotFound
 
 from .. import formatting as fmt
 from .. import results_view as view
@@ -272,7 +272,7 @@ def build_report(lab, run_id: str | None):
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
     try:
-        from shared.report import write_report
+        from shared.analysis.report import write_report
     except ImportError:
         raise user_error("The HTML report is not available in this version.", title="Not available") from None
     try:
@@ -290,7 +290,7 @@ def activations(lab, run_id: str | None, image: Any):
         return None
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
-    from shared.explain import layer_activations
+    from shared.analysis.explain import layer_activations
 
     try:
         data, name = lab.files.read(image)

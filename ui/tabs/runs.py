@@ -18,7 +18,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from shared.runs import DAMAGED, RunNotFound, read_metrics
+from shared.runs.store import DAMAGED, RunNotFound, read_metrics
 
 from .. import formatting as fmt
 from ..client import QueueUnavailable

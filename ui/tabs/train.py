@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
-from shared.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid
-from shared.models import confine_weights
+from shared.training.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid
+from shared.training.models import confine_weights
 
 from .. import formatting as fmt
 from ..client import QueueFull, QueueUnavailable
@@ -64,7 +64,7 @@ def weights_file(model: str) -> Path:
 
     from torchvision.models import get_model_weights
 
-    from shared.models import weights_cache_dir
+    from shared.training.models import weights_cache_dir
 
     return weights_cache_dir() / os.path.basename(get_model_weights(model).DEFAULT.url)
 
