@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import data_view as view
 from .. import formatting as fmt
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip, remove_stale_extractions
@@ -119,7 +120,7 @@ def _samples(root: Path, scan) -> list[tuple]:
 def counts_plot(counts: dict[str, int]):
     # The data alone, not gr.BarPlot(value=..., y_lim=...): Gradio 6.31 applies such an update's y_lim but keeps
     # drawing the previous data, so picking another dataset left the old classes' bars on screen.
-    return fmt.counts_frame(counts)
+    return view.counts_frame(counts)
 
 
 def preview(lab, path: str | None):
@@ -160,8 +161,8 @@ def check(lab, path: str | None, progress=gr.Progress()):
         raise user_error(str(exc), title="Dataset not usable") from None
     summary = (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
                f"{fmt.md_code(root)} (largest / smallest class: {report['imbalance_ratio']:.1f}).")
-    sizes = fmt.size_stats_markdown(report.get("sizes"))
-    return (summary, counts_plot(report["counts"]), fmt.problems_markdown(report),
+    sizes = view.size_stats_markdown(report.get("sizes"))
+    return (summary, counts_plot(report["counts"]), view.problems_markdown(report),
             ("**Image sizes**\n\n" + sizes) if sizes else "")
 
 

@@ -26,6 +26,8 @@ from shared.data.images import ImageError, load_rgb
 from shared.analysis.predict import NoModelError, write_predictions_csv
 
 from .. import formatting as fmt
+from .. import predict_view as view
+from .. import runs_view
 from ..guard import FileRefused, UploadError
 from . import user_error
 
@@ -56,7 +58,7 @@ class PredictUI:
 
 def model_choices(lab) -> list[tuple[str, str]]:
     now = time.time()
-    return [(LATEST_LABEL, LATEST)] + [(fmt.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+    return [(LATEST_LABEL, LATEST)] + [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
 
 
 def build(lab) -> PredictUI:
@@ -105,11 +107,11 @@ def _describe_run(lab, run_id: str, latest: bool) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a missing record still names the run
         record = {"run_id": run_id}
-    acc, _ = fmt.best_val_acc(record)
+    acc, _ = runs_view.best_val_acc(record)
     when = fmt.fmt_ago(record.get("finished"))
     source = "the latest finished run" if latest else "the run you picked"
-    return (f"Answered by **{fmt.md_escape(fmt.run_label(record))}** (`{run_id}`, val accuracy {fmt.fmt_pct(acc)}, "
-            f"finished {when}) — {source}.")
+    return (f"Answered by **{fmt.md_escape(runs_view.run_label(record))}** (`{run_id}`, val accuracy "
+            f"{fmt.fmt_pct(acc)}, finished {when}) — {source}.")
 
 
 def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
@@ -122,8 +124,8 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a deleted run: say so
         return f"Run `{run_id}` is no longer available — pick another."
-    acc, _ = fmt.best_val_acc(record)
-    return (f"Now answering with **{fmt.md_escape(fmt.run_label(record))}** (val accuracy {fmt.fmt_pct(acc)}, "
+    acc, _ = runs_view.best_val_acc(record)
+    return (f"Now answering with **{fmt.md_escape(runs_view.run_label(record))}** (val accuracy {fmt.fmt_pct(acc)}, "
             f"finished {fmt.fmt_ago(record.get('finished'))}).")
 
 
@@ -196,7 +198,7 @@ def predict(lab, image: Any, model: str | None = LATEST):
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    yield (fmt.top5_dict(top), _display_size(overlay),
+    yield (view.top5_dict(top), _display_size(overlay),
            _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id)
 
 

@@ -28,6 +28,7 @@ from shared.runs.store import RunNotFound
 
 from .. import formatting as fmt
 from .. import results_view as view
+from .. import runs_view
 from ..client import QueueUnavailable
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
@@ -72,7 +73,7 @@ def run_choices(lab) -> list[tuple[str, str]]:
     import time
 
     now = time.time()
-    return [(fmt.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+    return [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
 
 
 def build(lab) -> ResultsUI:

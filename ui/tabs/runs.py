@@ -21,6 +21,7 @@ import pandas as pd
 from shared.runs.store import DAMAGED, RunNotFound, read_metrics
 
 from .. import formatting as fmt
+from .. import runs_view as view
 from ..client import QueueUnavailable
 from . import train as train_tab
 from . import park_plot_props, plot_props_step, user_error
@@ -56,7 +57,7 @@ class RunsUI:
 
 def build(lab) -> RunsUI:
     gr.Markdown(HELP, elem_classes="help")
-    table = gr.Dataframe(headers=fmt.RUN_COLUMNS, value=pd.DataFrame(columns=fmt.RUN_COLUMNS), interactive=False,
+    table = gr.Dataframe(headers=view.RUN_COLUMNS, value=pd.DataFrame(columns=view.RUN_COLUMNS), interactive=False,
                          elem_id="runs-table", max_height=420, wrap=False, label="Runs", show_label=False)
     with gr.Row(elem_classes="toolbar"):
         select = gr.Dropdown(choices=[], value=[], multiselect=True, label="Selected runs", elem_id="runs-select",
@@ -74,9 +75,9 @@ def build(lab) -> RunsUI:
         curves_note = gr.Markdown(elem_id="curves-note")
         split = gr.Radio([("Both", "both"), ("Validation", "val"), ("Training", "train")], value="both",
                          show_label=False, elem_id="curves-split", scale=0, min_width=340, container=False)
-    # epochs are categories up to fmt.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
+    # epochs are categories up to view.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
     # category axis averages a run's points per epoch (y_aggregate), so an epoch logged twice is not summed
-    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=fmt.EPOCH_ORDER,
+    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=view.EPOCH_ORDER,
                 y_aggregate="mean", height=340, tooltip="all")
     with gr.Row(elem_id="curves"):
         loss_plot = gr.LinePlot(title="Loss", y_title="loss", elem_id="curves-loss", **axis)
@@ -122,12 +123,12 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     histories = {}
     ended = []  # why finished runs without a single epoch will never have curves
     for record in chosen:
-        histories[fmt.curve_label(record)] = history = history_of(lab, record)
-        reason = None if history else fmt.no_curves_reason(record)
+        histories[view.curve_label(record)] = history = history_of(lab, record)
+        reason = None if history else view.no_curves_reason(record)
         if reason:
             ended.append(reason)
     sig = (split, tuple(histories)) + tuple((len(h), h[-1].get("epoch") if h else None) for h in histories.values())
-    loss, acc = fmt.curves_frame(histories, split)
+    loss, acc = view.curves_frame(histories, split)
     which = {"val": " (validation)", "train": " (training)"}.get(split, "")
     if not records:
         note = "No runs yet — queue some on the **Train** tab."
@@ -158,19 +159,19 @@ def detail_text(records: list[dict], selected: list[str], now: float) -> str:
         if r is None:
             continue
         status = r.get("status")
-        head = f"**{fmt.md_escape(fmt.run_label(r))}** — {fmt.STATUS_ICONS.get(status, status)}"
+        head = f"**{fmt.md_escape(view.run_label(r))}** — {view.STATUS_ICONS.get(status, status)}"
         if status in ("failed", DAMAGED) and r.get("error"):
             lines.append(f"{head}: {fmt.md_escape(fmt.first_line(r['error']))}")
         elif status == "running":
             p = r.get("progress") or {}
             speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
-            lines.append(f"{head}: {fmt.progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
+            lines.append(f"{head}: {view.progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
         elif status == "cancelled":
             lines.append(f"{head}: {fmt.md_escape(r.get('error') or 'cancelled')}")
         elif status == "succeeded":
-            acc, epoch = fmt.best_val_acc(r)
+            acc, epoch = view.best_val_acc(r)
             lines.append(f"{head}: best val accuracy {fmt.fmt_pct(acc)} at epoch {epoch}, took "
-                         f"{fmt.fmt_duration(fmt.run_duration(r, now))} — see **Results**")
+                         f"{fmt.fmt_duration(view.run_duration(r, now))} — see **Results**")
         else:
             lines.append(head)
     return "\n\n".join(lines)
@@ -199,12 +200,12 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
     if active_tab != "runs" and not force:
         return (gr.skip(),) * 6 + (banner, state)
     now = time.time()
-    rows = [fmt.run_row(r, now) for r in records]
+    rows = [view.run_row(r, now) for r in records]
     table = gr.skip()
     if force or state.get("rows") != rows:
-        table = pd.DataFrame(rows, columns=fmt.RUN_COLUMNS)
+        table = pd.DataFrame(rows, columns=view.RUN_COLUMNS)
         state["rows"] = rows
-    choices = [(f"{fmt.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
+    choices = [(f"{view.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
     select = gr.skip()
     if force or state.get("choices") != choices:
         known = {value for _, value in choices}
@@ -213,12 +214,12 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
     note, loss, acc, sig = curves(lab, records, selected, split or "both")
     loss_out = acc_out = note_out = gr.skip()
     if force or state.get("curves") != (sig, note):
-        top = fmt.robust_upper(list(loss["value"]))
+        top = view.robust_upper(list(loss["value"]))
         if top is not None:
             worst = loss.loc[loss["value"].idxmax()]
             note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
                      f"at epoch {int(worst['epoch'])}.")
-        (loss_out, acc_out), note_out = fmt.epochs_as_categories(loss, acc), note
+        (loss_out, acc_out), note_out = view.epochs_as_categories(loss, acc), note
         state["curves"] = (sig, note)
         caption = curves_caption(sig[0], sig[1])
         park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
@@ -377,7 +378,7 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
         if problem:
             raise user_error(problem, title="Queue unavailable")
         now = time.time()
-        return [fmt.run_summary(r, now) for r in records]
+        return [view.run_summary(r, now) for r in records]
 
     def run_curves(run_ids: list[str]) -> dict:
         """Epoch records (epoch, train_loss, train_acc, val_loss, val_acc, lr, ...) for each run id."""

@@ -18,6 +18,7 @@ from shared.training.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHED
 from shared.training.models import confine_weights
 
 from .. import formatting as fmt
+from .. import train_view as view
 from ..client import QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
 from . import user_error
@@ -154,7 +155,7 @@ def build(lab) -> TrainUI:
                                           minimum=1)
             f["device"] = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", allow_custom_value=True)
     with gr.Row(elem_classes="toolbar"):
-        ui.run_count = gr.Markdown(fmt.grid_count(["resnet18"], [1e-3], [32])[1], elem_id="run-count")
+        ui.run_count = gr.Markdown(view.grid_count(["resnet18"], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
     ui.result = gr.Markdown(elem_id="queue-result")
     return ui
@@ -172,7 +173,7 @@ def _lrs(values: dict) -> list[float]:
     lrs = [float(x) for x in values.get("lrs") or []]
     custom = values.get("lrs_custom")
     if custom:
-        lrs += fmt.parse_lrs(str(custom))
+        lrs += view.parse_lrs(str(custom))
     return list(dict.fromkeys(lrs))
 
 
@@ -181,7 +182,7 @@ def count_text(models, lrs, lrs_custom, batch_sizes) -> str:
         lr_values = _lrs({"lrs": lrs, "lrs_custom": lrs_custom})
     except ValueError as exc:
         return f"⚠ {exc}"
-    n, text = fmt.grid_count(models or [], lr_values, batch_sizes or [])
+    n, text = view.grid_count(models or [], lr_values, batch_sizes or [])
     if n > MAX_RUNS_PER_SUBMIT:
         text += f" — ⚠ at most {MAX_RUNS_PER_SUBMIT} at once"
     return text
