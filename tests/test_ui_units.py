@@ -172,6 +172,19 @@ def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
     assert runs_view.robust_upper([5.0]) is None
 
 
+def test_detail_and_banner_texts_escape_what_users_and_workers_wrote():
+    failed = {**_record("failed"), "error": "ValueError: bad *stuff* <b>\nTraceback ..."}
+    done = {**_record("succeeded"), "run_id": "20240101-120000-resnet18-def456",
+            "best": {"best_val_acc": 0.5, "best_epoch": 2}}
+    text = runs_view.detail_text([failed, done], [failed["run_id"], "gone", done["run_id"]], now=2000.0)
+    first, second = text.split("\n\n")
+    assert first.endswith("ValueError: bad \\*stuff\\* &lt;b&gt;") and "Traceback" not in first
+    assert "best val accuracy 50.0% at epoch 2, took 5m 00s" in second
+    assert runs_view.banner_text(None) == ""
+    assert "cannot reach <redis>" not in runs_view.banner_text("cannot reach <redis>.")
+    assert runs_view.curves_caption("val", ("abc123 lr 1e-3", "def456 lr 3e-4")) == "validation: abc123, def456"
+
+
 # --- train view (ui/train_view.py) ---------------------------------------------------------------------------------
 
 def test_parse_lrs():
@@ -192,6 +205,11 @@ def test_grid_count_says_how_many_and_why():
     assert n == 0 and "a model" in text and "a batch size" in text
 
 
+def test_ratio_note_warns_when_little_is_left_for_training():
+    assert train_view.ratio_note(0.15, 0.15) == "Split: **70% train** / 15% validation / 15% test."
+    assert "keep at least 10% for training" in train_view.ratio_note(0.45, 0.5)
+
+
 # --- data view (ui/data_view.py) -----------------------------------------------------------------------------------
 
 def test_problems_markdown_lists_findings():
@@ -200,6 +218,17 @@ def test_problems_markdown_lists_findings():
     text = data_view.problems_markdown(report)
     assert "1 problem found" in text and "cat/x.jpg" in text and "notes.txt" in text
     assert "No problems" in data_view.problems_markdown({"problems": []})
+
+
+def test_predict_table_rows_show_the_top_three_or_the_error():
+    from ui import predict_view
+
+    ok = {"source": "a.png", "error": None, "top": [{"class": "cat", "probability": 0.91234},
+                                                   {"class": "dog", "probability": 0.05}]}
+    bad = {"source": "b.png", "error": "not an image", "top": []}
+    assert predict_view.table_rows([ok, bad]) == [["a.png", "cat", 0.9123, "dog", "", ""],
+                                                  ["b.png", "", None, "", "", "not an image"]]
+    assert len(predict_view.TABLE_COLUMNS) == 6
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------

@@ -1,10 +1,32 @@
-"""Pure views for the Data tab: the class-count frame, the image-size table and the dataset check's findings."""
+"""Pure views for the Data tab: the summaries of a quick scan and of the full check, the class-count frame, the
+image-size table and the check's findings."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 from .formatting import DASH, md_code, md_escape, plural
+
+
+def no_dataset_text(roots: Iterable[Any]) -> str:
+    """What to do when no dataset folder was found in the data roots."""
+    listed = ", ".join(md_code(str(r)) for r in roots)
+    return (f"No dataset found yet in the data folders ({listed}). Put a folder with one sub-folder of images "
+            "per class there and press **Refresh list**, upload a .zip of class folders, or download the "
+            "flowers sample set.")
+
+
+def scan_summary(classes: int, files: int, root: Path) -> str:
+    """The quick look's headline (file names only, nothing decoded yet)."""
+    return (f"**{classes} classes, {files} image files** in {md_code(root)}. "
+            "Press **Check all images** to decode every file and find broken ones, duplicates and label conflicts.")
+
+
+def check_summary(report: Mapping[str, Any], root: Path) -> str:
+    """The full check's headline: classes, usable images, imbalance."""
+    return (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
+            f"{md_code(root)} (largest / smallest class: {report['imbalance_ratio']:.1f}).")
 
 
 def counts_frame(counts: Mapping[str, int]):

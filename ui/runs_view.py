@@ -5,9 +5,12 @@ dropdowns). No gradio here, so all of it is unit-tested without a browser.
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from typing import Any, Mapping, Sequence
+
+from shared.runs.store import DAMAGED
 
 from .formatting import DASH, first_line, fmt_ago, fmt_duration, fmt_lr, fmt_pct, md_escape
 
@@ -187,6 +190,49 @@ def run_choice_label(record: Mapping[str, Any], now: float | None = None) -> str
     acc, _ = best_val_acc(record)
     when = fmt_ago(record.get("finished") or record.get("created"), now)
     return f"{run_label(record)} — val {fmt_pct(acc)} — {when}"
+
+
+def curves_caption(split: str, labels: tuple[str, ...]) -> str:
+    """The curves plots' caption: which split, and the id suffix of each plotted run."""
+    which = {"val": "validation", "train": "training"}.get(split, "training and validation")
+    return f"{which}: {', '.join(label.split(' ', 1)[0] for label in labels)}" if labels else ""
+
+
+def detail_text(records: list[dict], selected: list[str], now: float) -> str:
+    """One Markdown line per selected run: its label, status and what it is doing or how it ended."""
+    by_id = {r["run_id"]: r for r in records}
+    lines = []
+    for rid in selected:
+        r = by_id.get(rid)
+        if r is None:
+            continue
+        status = r.get("status")
+        head = f"**{md_escape(run_label(r))}** — {STATUS_ICONS.get(status, status)}"
+        if status in ("failed", DAMAGED) and r.get("error"):
+            lines.append(f"{head}: {md_escape(first_line(r['error']))}")
+        elif status == "running":
+            p = r.get("progress") or {}
+            speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
+            lines.append(f"{head}: {progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
+        elif status == "cancelled":
+            lines.append(f"{head}: {md_escape(r.get('error') or 'cancelled')}")
+        elif status == "succeeded":
+            acc, epoch = best_val_acc(r)
+            lines.append(f"{head}: best val accuracy {fmt_pct(acc)} at epoch {epoch}, took "
+                         f"{fmt_duration(run_duration(r, now))} — see **Results**")
+        else:
+            lines.append(head)
+    return "\n\n".join(lines)
+
+
+def banner_text(problem: str | None) -> str:
+    """The banner over the page while the run queue is unreachable; empty when it is reachable."""
+    if not problem:
+        return ""
+    # our own message (the Redis URL has its password removed); its `code` spans are meant as code
+    text = html.escape(problem.rstrip(". "), quote=False)
+    return (f"⚠ **The run queue is unreachable** — {text}. Runs below are read from the run folders; live progress "
+            "comes back by itself, no reload needed.")
 
 
 # --- data frames for plots ----------------------------------------------------------------------------------

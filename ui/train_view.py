@@ -1,4 +1,5 @@
-"""Pure views for the Train tab: the extra learning rates typed as text, and how many runs a choice queues."""
+"""Pure views for the Train tab: the extra learning rates typed as text, how many runs a choice queues, and the
+split the ratios give."""
 
 from __future__ import annotations
 
@@ -34,3 +35,10 @@ def grid_count(models: Sequence[str], lrs: Sequence[float], batch_sizes: Sequenc
     detail = " × ".join([plural(len(models), "model"), plural(len(lrs), "learning rate"),
                          plural(len(batch_sizes), "batch size")])
     return n, f"**{plural(n, 'run')} will be queued** ({detail})"
+
+
+def ratio_note(val: float, test: float) -> str:
+    """The split the validation and test shares leave: "Split: **70% train** / 15% validation / 15% test."."""
+    train = 1 - (val or 0) - (test or 0)
+    warn = " ⚠ keep at least 10% for training" if train < 0.1 else ""
+    return f"Split: **{train:.0%} train** / {val or 0:.0%} validation / {test or 0:.0%} test.{warn}"

@@ -128,10 +128,7 @@ def preview(lab, path: str | None):
     if not path:
         if dataset_choices(lab):
             return ("Pick a dataset folder to see its classes.", None, "", "", [])
-        roots = ", ".join(fmt.md_code(str(r)) for r in lab.settings.data_roots)
-        return (f"No dataset found yet in the data folders ({roots}). Put a folder with one sub-folder of images "
-                "per class there and press **Refresh list**, upload a .zip of class folders, or download the "
-                "flowers sample set.", None, "", "", [])
+        return (view.no_dataset_text(lab.settings.data_roots), None, "", "", [])
     from shared.data.datasets import DatasetError, scan_dataset
 
     root = _confine(lab, path)
@@ -142,8 +139,7 @@ def preview(lab, path: str | None):
     counts = {name: 0 for name in scan.classes}
     for _, label in scan.files:
         counts[scan.classes[label]] += 1
-    summary = (f"**{len(scan.classes)} classes, {len(scan.files)} image files** in {fmt.md_code(root)}. "
-               "Press **Check all images** to decode every file and find broken ones, duplicates and label conflicts.")
+    summary = view.scan_summary(len(scan.classes), len(scan.files), root)
     return summary, counts_plot(counts), "", "", _samples(root, scan)
 
 
@@ -159,10 +155,8 @@ def check(lab, path: str | None, progress=gr.Progress()):
         report = check_dataset(root)
     except DatasetError as exc:
         raise user_error(str(exc), title="Dataset not usable") from None
-    summary = (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
-               f"{fmt.md_code(root)} (largest / smallest class: {report['imbalance_ratio']:.1f}).")
     sizes = view.size_stats_markdown(report.get("sizes"))
-    return (summary, counts_plot(report["counts"]), view.problems_markdown(report),
+    return (view.check_summary(report, root), counts_plot(report["counts"]), view.problems_markdown(report),
             ("**Image sizes**\n\n" + sizes) if sizes else "")
 
 

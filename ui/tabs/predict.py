@@ -25,7 +25,6 @@ from shared.training.checkpoint import CheckpointError
 from shared.data.images import ImageError, load_rgb
 from shared.analysis.predict import NoModelError, write_predictions_csv
 
-from .. import formatting as fmt
 from .. import predict_view as view
 from .. import runs_view
 from ..guard import FileRefused, UploadError
@@ -37,7 +36,6 @@ HELP = ("Drop a photo (or paste one, or use the webcam) to see what the model th
         "Several photos at once go into a table you can download as CSV.")
 LATEST = "latest"
 LATEST_LABEL = "Latest finished run (switches automatically)"
-TABLE_COLUMNS = ["file", "prediction", "probability", "2nd", "3rd", "error"]
 
 
 @dataclass
@@ -82,7 +80,8 @@ def build(lab) -> PredictUI:
             with gr.Column():
                 many_btn = gr.Button("Classify all", variant="primary", elem_id="predict-many-btn")
                 csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="predict-csv", height=90)
-        table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
+        table = gr.Dataframe(headers=view.TABLE_COLUMNS, value=pd.DataFrame(columns=view.TABLE_COLUMNS),
+                             interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State())
@@ -107,11 +106,7 @@ def _describe_run(lab, run_id: str, latest: bool) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a missing record still names the run
         record = {"run_id": run_id}
-    acc, _ = runs_view.best_val_acc(record)
-    when = fmt.fmt_ago(record.get("finished"))
-    source = "the latest finished run" if latest else "the run you picked"
-    return (f"Answered by **{fmt.md_escape(runs_view.run_label(record))}** (`{run_id}`, val accuracy "
-            f"{fmt.fmt_pct(acc)}, finished {when}) — {source}.")
+    return view.answered_by(record, run_id, latest)
 
 
 def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
@@ -124,9 +119,7 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a deleted run: say so
         return f"Run `{run_id}` is no longer available — pick another."
-    acc, _ = runs_view.best_val_acc(record)
-    return (f"Now answering with **{fmt.md_escape(runs_view.run_label(record))}** (val accuracy {fmt.fmt_pct(acc)}, "
-            f"finished {fmt.fmt_ago(record.get('finished'))}).")
+    return view.answering_with(record)
 
 
 def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
@@ -234,17 +227,11 @@ def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     results = []
     for start in range(0, len(files), BATCH):  # a batch of files in memory at a time, never all of them
         results += _predict_batch(lab, predictor, files[start:start + BATCH])
-    rows = []
-    for r in results:
-        top = r["top"]
-        rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
-                     top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
-                     r["error"] or ""])
     csv_path = write_predictions_csv(results, _csv_folder() / "predictions.csv")
     failed = sum(1 for r in results if r["error"])
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS), str(csv_path), _describe_run(
+    return pd.DataFrame(view.table_rows(results), columns=view.TABLE_COLUMNS), str(csv_path), _describe_run(
         lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id
 
 

@@ -7,7 +7,6 @@ an epoch, the banner when Redis went away or came back. Everything else answers 
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from shared.runs.store import DAMAGED, RunNotFound, read_metrics
+from shared.runs.store import RunNotFound, read_metrics
 
 from .. import formatting as fmt
 from .. import runs_view as view
@@ -146,44 +145,9 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     return " ".join(part for part in (note, *ended) if part), loss, acc, sig
 
 
-def curves_caption(split: str, labels: tuple[str, ...]) -> str:
-    which = {"val": "validation", "train": "training"}.get(split, "training and validation")
-    return f"{which}: {', '.join(label.split(' ', 1)[0] for label in labels)}" if labels else ""
-
-
-def detail_text(records: list[dict], selected: list[str], now: float) -> str:
-    by_id = {r["run_id"]: r for r in records}
-    lines = []
-    for rid in selected[:MAX_CURVES]:
-        r = by_id.get(rid)
-        if r is None:
-            continue
-        status = r.get("status")
-        head = f"**{fmt.md_escape(view.run_label(r))}** — {view.STATUS_ICONS.get(status, status)}"
-        if status in ("failed", DAMAGED) and r.get("error"):
-            lines.append(f"{head}: {fmt.md_escape(fmt.first_line(r['error']))}")
-        elif status == "running":
-            p = r.get("progress") or {}
-            speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
-            lines.append(f"{head}: {view.progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
-        elif status == "cancelled":
-            lines.append(f"{head}: {fmt.md_escape(r.get('error') or 'cancelled')}")
-        elif status == "succeeded":
-            acc, epoch = view.best_val_acc(r)
-            lines.append(f"{head}: best val accuracy {fmt.fmt_pct(acc)} at epoch {epoch}, took "
-                         f"{fmt.fmt_duration(view.run_duration(r, now))} — see **Results**")
-        else:
-            lines.append(head)
-    return "\n\n".join(lines)
-
-
 def banner_update(problem: str | None):
-    if not problem:
-        return gr.Markdown(value="", visible=False)
-    # our own message (the Redis URL has its password removed); its `code` spans are meant as code
-    text = html.escape(problem.rstrip(". "), quote=False)
-    return gr.Markdown(value=f"⚠ **The run queue is unreachable** — {text}. Runs below are read from the run "
-                             "folders; live progress comes back by itself, no reload needed.", visible=True)
+    text = view.banner_text(problem)
+    return gr.Markdown(value=text, visible=bool(text))
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
@@ -221,10 +185,10 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
                      f"at epoch {int(worst['epoch'])}.")
         (loss_out, acc_out), note_out = view.epochs_as_categories(loss, acc), note
         state["curves"] = (sig, note)
-        caption = curves_caption(sig[0], sig[1])
+        caption = view.curves_caption(sig[0], sig[1])
         park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
         park_plot_props(state, "acc", caption=caption)
-    detail = detail_text(records, selected, now)
+    detail = view.detail_text(records, selected[:MAX_CURVES], now)
     detail_out = gr.skip()
     if force or state.get("detail") != detail:
         detail_out = detail

@@ -142,7 +142,7 @@ def build(lab) -> TrainUI:
             f["val_ratio"] = gr.Slider(0.05, 0.45, value=0.15, step=0.05, label="Validation share",
                                        elem_id="val-ratio")
             f["test_ratio"] = gr.Slider(0.0, 0.45, value=0.15, step=0.05, label="Test share", elem_id="test-ratio")
-            ui.ratio_note = gr.Markdown(_ratio_note(0.15, 0.15), elem_id="ratio-note")
+            ui.ratio_note = gr.Markdown(view.ratio_note(0.15, 0.15), elem_id="ratio-note")
     with gr.Accordion("Advanced settings", open=False):
         with gr.Row():
             f["weight_decay"] = gr.Number(0.05, label="Weight decay", minimum=0, maximum=0.99)
@@ -159,12 +159,6 @@ def build(lab) -> TrainUI:
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
     ui.result = gr.Markdown(elem_id="queue-result")
     return ui
-
-
-def _ratio_note(val: float, test: float) -> str:
-    train = 1 - (val or 0) - (test or 0)
-    warn = " ⚠ keep at least 10% for training" if train < 0.1 else ""
-    return f"Split: **{train:.0%} train** / {val or 0:.0%} validation / {test or 0:.0%} test.{warn}"
 
 
 # --- form ↔ configs -----------------------------------------------------------------------------------------
@@ -345,7 +339,7 @@ def wire(lab, ui: TrainUI, *, data_dir: gr.Dropdown, tab: gr.Tab) -> None:
           queue=False, show_progress="hidden")
     gr.on([f["weights"].change, f["models"].change], on_weights, [f["models"], f["weights"]],
           [f["finetune"], ui.weights_note], api_visibility="private", show_progress="hidden")
-    gr.on([f["val_ratio"].change, f["test_ratio"].change], _ratio_note, [f["val_ratio"], f["test_ratio"]],
+    gr.on([f["val_ratio"].change, f["test_ratio"].change], view.ratio_note, [f["val_ratio"], f["test_ratio"]],
           ui.ratio_note, api_visibility="private", queue=False, show_progress="hidden")
     gr.on([data_dir.change, tab.select], partial(dataset_text, lab), data_dir, ui.dataset,
           api_visibility="private", show_progress="hidden")
