@@ -123,27 +123,32 @@ def counts_plot(counts: dict[str, int]):
     return view.counts_frame(counts)
 
 
-def preview(lab, path: str | None):
+def _preview_outputs(ui: DataUI, summary: str, counts=None, samples=()) -> dict:
+    """What the quick look shows: a summary, the counts (None: an empty plot), no check results yet, samples."""
+    return {ui.summary: summary, ui.class_counts: counts, ui.problems: "", ui.sizes: "", ui.samples: list(samples)}
+
+
+def preview(lab, ui: DataUI, path: str | None) -> dict:
     """Quick look when a folder is picked: class counts from file names and a few thumbnails (no full decode)."""
     if not path:
         if dataset_choices(lab):
-            return ("Pick a dataset folder to see its classes.", None, "", "", [])
-        return (view.no_dataset_text(lab.settings.data_roots), None, "", "", [])
+            return _preview_outputs(ui, "Pick a dataset folder to see its classes.")
+        return _preview_outputs(ui, view.no_dataset_text(lab.settings.data_roots))
     from shared.data.datasets import DatasetError, scan_dataset
 
     root = _confine(lab, path)
     try:
         scan = scan_dataset(root)
     except DatasetError as exc:
-        return (f"⚠ {fmt.md_escape(exc)}", None, "", "", [])
+        return _preview_outputs(ui, f"⚠ {fmt.md_escape(exc)}")
     counts = {name: 0 for name in scan.classes}
     for _, label in scan.files:
         counts[scan.classes[label]] += 1
     summary = view.scan_summary(len(scan.classes), len(scan.files), root)
-    return summary, counts_plot(counts), "", "", _samples(root, scan)
+    return _preview_outputs(ui, summary, counts_plot(counts), _samples(root, scan))
 
 
-def check(lab, path: str | None, progress=gr.Progress()):
+def check(lab, ui: DataUI, path: str | None, progress=gr.Progress()) -> dict:
     """The full check (every image decoded and hashed): counts, problems, sizes."""
     if not path:
         raise user_error("Pick a dataset folder first.", title="No dataset")
@@ -156,8 +161,8 @@ def check(lab, path: str | None, progress=gr.Progress()):
     except DatasetError as exc:
         raise user_error(str(exc), title="Dataset not usable") from None
     sizes = view.size_stats_markdown(report.get("sizes"))
-    return (view.check_summary(report, root), counts_plot(report["counts"]), view.problems_markdown(report),
-            ("**Image sizes**\n\n" + sizes) if sizes else "")
+    return {ui.summary: view.check_summary(report, root), ui.class_counts: counts_plot(report["counts"]),
+            ui.problems: view.problems_markdown(report), ui.sizes: ("**Image sizes**\n\n" + sizes) if sizes else ""}
 
 
 def refresh(lab, current: str | None):
@@ -221,11 +226,12 @@ def download(lab, progress=gr.Progress()):
 
 
 def wire(lab, ui: DataUI) -> None:
-    preview_outputs = [ui.summary, ui.class_counts, ui.problems, ui.sizes, ui.samples]
+    preview_outputs = {ui.summary, ui.class_counts, ui.problems, ui.sizes, ui.samples}
     # triggers=None: on page load and whenever the folder changes
-    gr.on(None, partial(preview, lab), ui.data_dir, preview_outputs, api_visibility="private",
+    gr.on(None, partial(preview, lab, ui), ui.data_dir, preview_outputs, api_visibility="private",
           trigger_mode="always_last")
-    ui.check_btn.click(partial(check, lab), ui.data_dir, [ui.summary, ui.class_counts, ui.problems, ui.sizes],
+    # a list, not a set: its order is the order of the `check_dataset` API's answer
+    ui.check_btn.click(partial(check, lab, ui), ui.data_dir, [ui.summary, ui.class_counts, ui.problems, ui.sizes],
                        api_name="check_dataset", concurrency_limit=1)
     ui.refresh_btn.click(partial(refresh, lab), ui.data_dir, ui.data_dir, api_visibility="private")
     ui.zip_upload.upload(partial(upload_zip, lab), ui.zip_upload, ui.data_dir, api_visibility="private",
