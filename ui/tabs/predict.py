@@ -175,24 +175,26 @@ def _display_size(image, side: int = 320):
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
-NO_ANSWER = (None, None, "")  # label, CAM, "answered by": what the outputs show while there is no answer
+def no_answer(ui: PredictUI) -> dict:
+    """What the answer shows while there is none: no top-5, no CAM, no "answered by"."""
+    return {ui.label: None, ui.cam: None, ui.answer: ""}
 
 
-def predict(lab, image: Any, model: str | None = LATEST):
+def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered).
 
     A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
     next to a new one, least of all one that turns out unreadable (its error toast is the only answer then).
     API clients get the final value only; the page also gets the id of the run that answered (a State)."""
-    yield *NO_ANSWER, gr.skip()
+    yield no_answer(ui)
     if image is None:
         return
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    yield (view.top5_dict(top), _display_size(overlay),
-           _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id)
+    yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
+           ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), ui.answered: predictor.run_id}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
@@ -219,7 +221,7 @@ def _predict_batch(lab, predictor, files: list[str]) -> list[dict]:
     return results
 
 
-def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
+def predict_many(lab, ui: PredictUI, files: list[str] | None, model: str | None = LATEST) -> dict:
     """Many images → table, CSV file, which run answered (and its id, a State for the model line)."""
     if not files:
         raise user_error("Add some images first.", title="No images")
@@ -231,8 +233,9 @@ def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     failed = sum(1 for r in results if r["error"])
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
-    return pd.DataFrame(view.table_rows(results), columns=view.TABLE_COLUMNS), str(csv_path), _describe_run(
-        lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id
+    return {ui.table: pd.DataFrame(view.table_rows(results), columns=view.TABLE_COLUMNS), ui.csv: str(csv_path),
+            ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST),
+            ui.answered: predictor.run_id}
 
 
 def answered_info(lab, run_id: str | None, model: str | None, state: dict | None):
@@ -244,22 +247,23 @@ def answered_info(lab, run_id: str | None, model: str | None, state: dict | None
     return info, state
 
 
-def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, force: bool = False):
-    """Keep the model list and the "now answering with" line current (newer runs land while the page is open)."""
+def refresh_models(lab, ui: PredictUI, model: str | None, active_tab: str, state: dict | None,
+                   force: bool = False) -> dict:
+    """Keep the model list and the "now answering with" line current (newer runs land while the page is open);
+    only what changed is sent."""
     state = dict(state or {})
+    out: dict = {ui.state: state}
     if active_tab != "predict" and not force:
-        return gr.skip(), gr.skip(), state
+        return out
     choices = model_choices(lab)
     values = [v for _, v in choices]
     info = model_info_text(lab, model)
-    dropdown = gr.skip()
     if force or state.get("choices") != values:
-        dropdown = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
+        out[ui.model] = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
         state["choices"] = values
-    info_out = gr.skip()
     if force or state.get("info") != info:
-        info_out, state["info"] = info, info
-    return dropdown, info_out, state
+        out[ui.model_info] = state["info"] = info
+    return out
 
 
 def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
@@ -272,17 +276,20 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # lab.files (ui/guard.py): Gradio checks a payload's path only when the payload carries `meta`.
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
-    ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
+    # outputs as lists, not sets: their order is the order of the API's answer
+    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
                     api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
                     show_progress="minimal").success(**answered)
     # removing the picture (its ✕, or switching to the webcam) takes its answer away too
-    ui.image.clear(lambda: NO_ANSWER, None, [ui.label, ui.cam, ui.answer], api_visibility="private", queue=False,
-                   show_progress="hidden")
-    ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer, ui.answered],
-                      api_name="predict_many", concurrency_limit=2).success(**answered)
+    ui.image.clear(partial(no_answer, ui), None, {ui.label, ui.cam, ui.answer}, api_visibility="private",
+                   queue=False, show_progress="hidden")
+    ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model],
+                      [ui.table, ui.csv, ui.answer, ui.answered], api_name="predict_many",
+                      concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
-    timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state], [ui.model, ui.model_info, ui.state],
+    models_outputs = {ui.model, ui.model_info, ui.state}
+    timer.tick(partial(refresh_models, lab, ui), [ui.model, active_tab, ui.state], models_outputs,
                api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
-    tab.select(lambda m, st: refresh_models(lab, m, "predict", st, force=True), [ui.model, ui.state],
-               [ui.model, ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
+    tab.select(lambda m, st: refresh_models(lab, ui, m, "predict", st, force=True), [ui.model, ui.state],
+               models_outputs, api_visibility="private", show_progress="hidden")
