@@ -1,5 +1,6 @@
-"""ui/formatting.py, ui/results_view.py and ui/paths.py: pure helpers, the Results tab's views of a typed evaluation,
-path confinement and safe .zip extraction (with evil zips)."""
+"""The page's pure parts: ui/formatting.py (text primitives), the tabs' view modules (ui/runs_view.py,
+train_view.py, data_view.py, results_view.py: the Results tab's views of a typed evaluation), and ui/paths.py (path
+confinement and safe .zip extraction, with evil zips)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ import pytest
 from shared.analysis.eval_result import ClassScores, EvalResult
 from tests.evalfake import fake_eval
 from tests.imagegen import make_image_folder
+from ui import data_view, runs_view, train_view
 from ui import formatting as fmt
 from ui import results_view as view
 from ui.paths import PathError, confine_dataset_path, discover_datasets, extract_zip, safe_folder_name
 
 
-# --- formatting -----------------------------------------------------------------------------------------------
+# --- formatting (ui/formatting.py) ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seconds, text", [(None, "—"), (-1, "—"), (0, "0s"), (44.6, "45s"), (61, "1m 01s"),
                                            (3599, "59m 59s"), (3600, "1h 00m"), (90061, "1d 01h")])
@@ -44,23 +46,14 @@ def test_fmt_ago_and_pct():
     assert fmt.fmt_pct(float("nan")) == "—"
 
 
-def test_parse_lrs():
-    assert fmt.parse_lrs("3e-4, 0.002;1e-2 ") == [3e-4, 0.002, 1e-2]
-    assert fmt.parse_lrs("") == []
-    with pytest.raises(ValueError, match="'fast' is not a number"):
-        fmt.parse_lrs("1e-3, fast")
-    with pytest.raises(ValueError, match="positive"):
-        fmt.parse_lrs("-1")
+def test_markdown_and_html_escape_user_text():
+    assert "<script>" not in fmt.md_escape("<script>alert(1)</script>")
+    # a code span shows its text as written: no backslashes, no entities; backticks cannot close it early
+    assert fmt.md_code("/data/my_photos & more") == "`/data/my_photos & more`"
+    assert fmt.md_code("a`b") == "``a`b``" and fmt.md_code("`x") == "`` `x ``"
 
 
-def test_grid_count_says_how_many_and_why():
-    n, text = fmt.grid_count(["resnet18"], [1e-3, 3e-4], [32])
-    assert n == 2 and "2 runs will be queued" in text and "1 model × 2 learning rates × 1 batch size" in text
-    n, text = fmt.grid_count(["resnet18", "resnet34"], [1e-3], [16, 32])
-    assert n == 4
-    n, text = fmt.grid_count([], [1e-3], [])
-    assert n == 0 and "a model" in text and "a batch size" in text
-
+# --- runs view (ui/runs_view.py) -----------------------------------------------------------------------------------
 
 def _record(status="running", **progress):
     return {"run_id": "20240101-120000-resnet18-abc123", "status": status, "started": 1000.0,
@@ -72,33 +65,33 @@ def _record(status="running", **progress):
 def test_progress_mid_epoch_and_after_an_epoch():
     mid = _record(epoch=2, epochs=4, batch=5, num_batches=10, eta_s=125, phase="training",
                   history=[{"epoch": 1, "val_acc": 0.5}])
-    assert fmt.progress_fraction(mid) == pytest.approx((1 + 0.5) / 4)
-    assert fmt.progress_text(mid) == "38% · epoch 2/4 · 2m 05s left"
+    assert runs_view.progress_fraction(mid) == pytest.approx((1 + 0.5) / 4)
+    assert runs_view.progress_text(mid) == "38% · epoch 2/4 · 2m 05s left"
     end_of_epoch = _record(epoch=2, epochs=4, batch=10, num_batches=10, phase="training",
                            history=[{"epoch": 1}, {"epoch": 2}])
-    assert fmt.progress_fraction(end_of_epoch) == pytest.approx(0.5)
-    assert fmt.progress_fraction(_record("succeeded")) == 1.0
-    assert fmt.progress_text(_record("queued")) == "waiting for a worker"
+    assert runs_view.progress_fraction(end_of_epoch) == pytest.approx(0.5)
+    assert runs_view.progress_fraction(_record("succeeded")) == 1.0
+    assert runs_view.progress_text(_record("queued")) == "waiting for a worker"
     preparing = _record(phase="preparing data", info={"decoded": 10, "total": 40}, epoch=0)
-    assert fmt.progress_text(preparing) == "preparing data 10/40"
-    assert fmt.progress_fraction(_record("running")) is None
+    assert runs_view.progress_text(preparing) == "preparing data 10/40"
+    assert runs_view.progress_fraction(_record("running")) is None
 
 
 def test_run_row_and_summary():
     record = _record("succeeded")
     record["best"] = {"best_val_acc": 0.875, "best_epoch": 3}
-    row = fmt.run_row(record, now=2000.0)
+    row = runs_view.run_row(record, now=2000.0)
     assert row == ["20240101-120000-resnet18-abc123", "✔ succeeded", "resnet18", "1e-3", "32", "4", "100%",
                    "87.5% (ep 3)", "5m 00s", "box"]
-    assert len(row) == len(fmt.RUN_COLUMNS)
-    summary = fmt.run_summary(record)
+    assert len(row) == len(runs_view.RUN_COLUMNS)
+    summary = runs_view.run_summary(record)
     assert summary["best_val_acc"] == 0.875 and summary["progress"] == 1.0 and summary["duration_s"] == 300.0
     assert "history" not in str(summary)
     live = _record(epoch=2, epochs=4, batch=1, num_batches=10,
                    history=[{"epoch": 1, "val_acc": 0.4}, {"epoch": 2, "val_acc": 0.7}])
-    assert fmt.best_val_acc(live) == (0.7, 2)
+    assert runs_view.best_val_acc(live) == (0.7, 2)
     live["cancel_requested"] = True
-    assert fmt.run_row(live, now=1060.0)[1] == "■ cancelling"
+    assert runs_view.run_row(live, now=1060.0)[1] == "■ cancelling"
 
 
 def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
@@ -112,11 +105,13 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
                "error": "cancelled while running, after 0 finished epoch(s) (their checkpoint is kept)"}
     failed = {**_record("failed"), "run_id": "20240101-120000-resnet18-fed789",
               "error": "RuntimeError: CUDA out of memory\nTraceback (most recent call last): ..."}
-    assert fmt.no_curves_reason(cancelled) == ("**abc123 resnet18 lr 1e-3 bs 32** was cancelled before it started, "
-                                               "so it has no curves.")
-    assert "cancelled before its first epoch finished" in fmt.no_curves_reason(stopped)
-    assert fmt.no_curves_reason(failed).endswith("failed before its first epoch: RuntimeError: CUDA out of memory")
-    assert fmt.no_curves_reason(_record("running")) is None and fmt.no_curves_reason(_record("queued")) is None
+    assert runs_view.no_curves_reason(cancelled) == ("**abc123 resnet18 lr 1e-3 bs 32** was cancelled before it "
+                                                     "started, so it has no curves.")
+    assert "cancelled before its first epoch finished" in runs_view.no_curves_reason(stopped)
+    assert runs_view.no_curves_reason(failed).endswith(
+        "failed before its first epoch: RuntimeError: CUDA out of memory")
+    assert runs_view.no_curves_reason(_record("running")) is None
+    assert runs_view.no_curves_reason(_record("queued")) is None
 
     lab = SimpleNamespace(store=SimpleNamespace(root=tmp_path))  # no metrics.jsonl anywhere: no epochs
     note, loss, _, _ = runs.curves(lab, [cancelled], [cancelled["run_id"]])
@@ -131,67 +126,112 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
 
 
 def test_run_label_is_short_and_distinct():
-    a = fmt.run_label(_record())
+    a = runs_view.run_label(_record())
     assert a == "abc123 resnet18 lr 1e-3 bs 32"
-    assert fmt.curve_label(_record()) == "abc123 lr 1e-3"
+    assert runs_view.curve_label(_record()) == "abc123 lr 1e-3"
     other = _record()
     other["config"]["model"] = "resnet50"
-    assert fmt.curve_label(other) == "abc123 r50 lr 1e-3"
+    assert runs_view.curve_label(other) == "abc123 r50 lr 1e-3"
 
 
 def test_curves_frame_long_form():
     histories = {"A": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4, "val_acc": 0.5},
                        {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")}],
                  "B": [{"epoch": 1, "val_loss": 2.0, "val_acc": 0.3}]}
-    loss, acc = fmt.curves_frame(histories, "val")
+    loss, acc = runs_view.curves_frame(histories, "val")
     assert list(loss.columns) == ["epoch", "value", "run"]
     assert loss.to_dict("records") == [{"epoch": 1, "value": 1.2, "run": "A"}, {"epoch": 1, "value": 2.0, "run": "B"}]
     assert len(acc) == 2
-    train_loss, train_acc = fmt.curves_frame(histories, "train")
+    train_loss, train_acc = runs_view.curves_frame(histories, "train")
     assert list(train_loss["value"]) == [1.0, 0.8] and list(train_acc["value"]) == [0.4]
-    both_loss, _ = fmt.curves_frame(histories)
+    both_loss, _ = runs_view.curves_frame(histories)
     assert set(both_loss["run"]) == {"A · train", "A · val", "B · val"} and len(both_loss) == 4
-    empty_loss, _ = fmt.curves_frame({})
+    empty_loss, _ = runs_view.curves_frame({})
     assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "run"]
 
 
 def test_epochs_are_categories_until_the_numeric_axis_steps_by_whole_epochs():
     """Epochs 1..2 on a numeric axis got ticks "1, 2, 2" (1.5 shown as an integer): short runs plot categories."""
     history = [{"epoch": e, "val_loss": 1.0 / e, "val_acc": 0.4 + e / 100} for e in (1, 2, 10)]
-    loss, acc = fmt.epochs_as_categories(*fmt.curves_frame({"A": history}, "val"))
+    loss, acc = runs_view.epochs_as_categories(*runs_view.curves_frame({"A": history}, "val"))
     assert list(loss["epoch"]) == list(acc["epoch"]) == ["1", "2", "10"]
     assert list(loss["value"]) == [1.0, 0.5, 0.1]
     # the plots sort by EPOCH_ORDER: "10" after "9"
-    assert fmt.EPOCH_ORDER[:3] == ["1", "2", "3"] and fmt.EPOCH_ORDER[-1] == str(fmt.CATEGORICAL_EPOCHS)
-    long = [{"epoch": e, "val_loss": 1.0} for e in range(1, fmt.CATEGORICAL_EPOCHS + 2)]
-    loss, _ = fmt.epochs_as_categories(*fmt.curves_frame({"A": long, "B": history}, "val"))
+    assert runs_view.EPOCH_ORDER[:3] == ["1", "2", "3"]
+    assert runs_view.EPOCH_ORDER[-1] == str(runs_view.CATEGORICAL_EPOCHS)
+    long = [{"epoch": e, "val_loss": 1.0} for e in range(1, runs_view.CATEGORICAL_EPOCHS + 2)]
+    loss, _ = runs_view.epochs_as_categories(*runs_view.curves_frame({"A": long, "B": history}, "val"))
     assert loss["epoch"].tolist()[:3] == [1, 2, 3]  # numbers: that axis steps by whole epochs by itself
-    empty = fmt.curves_frame({})
-    assert all(f.empty for f in fmt.epochs_as_categories(*empty))
+    empty = runs_view.curves_frame({})
+    assert all(f.empty for f in runs_view.epochs_as_categories(*empty))
 
 
 def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
-    assert fmt.robust_upper([1.0, 0.8, 0.6, 0.5]) is None
-    assert fmt.robust_upper([2e6, 0.9, 0.7, 0.6, 0.5, 0.5, 0.4, 0.4, 0.4, 0.3]) == pytest.approx(1.35)
-    assert fmt.robust_upper([5.0]) is None
+    assert runs_view.robust_upper([1.0, 0.8, 0.6, 0.5]) is None
+    assert runs_view.robust_upper([2e6, 0.9, 0.7, 0.6, 0.5, 0.5, 0.4, 0.4, 0.4, 0.3]) == pytest.approx(1.35)
+    assert runs_view.robust_upper([5.0]) is None
 
 
-def test_markdown_and_html_escape_user_text():
-    assert "<script>" not in fmt.md_escape("<script>alert(1)</script>")
-    # a code span shows its text as written: no backslashes, no entities; backticks cannot close it early
-    assert fmt.md_code("/data/my_photos & more") == "`/data/my_photos & more`"
-    assert fmt.md_code("a`b") == "``a`b``" and fmt.md_code("`x") == "`` `x ``"
+def test_detail_and_banner_texts_escape_what_users_and_workers_wrote():
+    failed = {**_record("failed"), "error": "ValueError: bad *stuff* <b>\nTraceback ..."}
+    done = {**_record("succeeded"), "run_id": "20240101-120000-resnet18-def456",
+            "best": {"best_val_acc": 0.5, "best_epoch": 2}}
+    text = runs_view.detail_text([failed, done], [failed["run_id"], "gone", done["run_id"]], now=2000.0)
+    first, second = text.split("\n\n")
+    assert first.endswith("ValueError: bad \\*stuff\\* &lt;b&gt;") and "Traceback" not in first
+    assert "best val accuracy 50.0% at epoch 2, took 5m 00s" in second
+    assert runs_view.banner_text(None) == ""
+    assert "cannot reach <redis>" not in runs_view.banner_text("cannot reach <redis>.")
+    assert runs_view.curves_caption("val", ("abc123 lr 1e-3", "def456 lr 3e-4")) == "validation: abc123, def456"
 
+
+# --- train view (ui/train_view.py) ---------------------------------------------------------------------------------
+
+def test_parse_lrs():
+    assert train_view.parse_lrs("3e-4, 0.002;1e-2 ") == [3e-4, 0.002, 1e-2]
+    assert train_view.parse_lrs("") == []
+    with pytest.raises(ValueError, match="'fast' is not a number"):
+        train_view.parse_lrs("1e-3, fast")
+    with pytest.raises(ValueError, match="positive"):
+        train_view.parse_lrs("-1")
+
+
+def test_grid_count_says_how_many_and_why():
+    n, text = train_view.grid_count(["resnet18"], [1e-3, 3e-4], [32])
+    assert n == 2 and "2 runs will be queued" in text and "1 model × 2 learning rates × 1 batch size" in text
+    n, text = train_view.grid_count(["resnet18", "resnet34"], [1e-3], [16, 32])
+    assert n == 4
+    n, text = train_view.grid_count([], [1e-3], [])
+    assert n == 0 and "a model" in text and "a batch size" in text
+
+
+def test_ratio_note_warns_when_little_is_left_for_training():
+    assert train_view.ratio_note(0.15, 0.15) == "Split: **70% train** / 15% validation / 15% test."
+    assert "keep at least 10% for training" in train_view.ratio_note(0.45, 0.5)
+
+
+# --- data view (ui/data_view.py) -----------------------------------------------------------------------------------
 
 def test_problems_markdown_lists_findings():
     report = {"problems": ["2 files could not be decoded"], "unreadable": [{"path": "cat/x.jpg", "reason": "empty"}],
               "ignored": [{"path": "notes.txt", "reason": "not an image"}]}
-    text = fmt.problems_markdown(report)
+    text = data_view.problems_markdown(report)
     assert "1 problem found" in text and "cat/x.jpg" in text and "notes.txt" in text
-    assert "No problems" in fmt.problems_markdown({"problems": []})
+    assert "No problems" in data_view.problems_markdown({"problems": []})
 
 
-# --- results views (ui/results_view.py) ---------------------------------------------------------------------
+def test_predict_table_rows_show_the_top_three_or_the_error():
+    from ui import predict_view
+
+    ok = {"source": "a.png", "error": None, "top": [{"class": "cat", "probability": 0.91234},
+                                                   {"class": "dog", "probability": 0.05}]}
+    bad = {"source": "b.png", "error": "not an image", "top": []}
+    assert predict_view.table_rows([ok, bad]) == [["a.png", "cat", 0.9123, "dog", "", ""],
+                                                  ["b.png", "", None, "", "", "not an image"]]
+    assert len(predict_view.TABLE_COLUMNS) == 6
+
+
+# --- results views (ui/results_view.py) ----------------------------------------------------------------------------
 
 def typed(classes=("cat", "dog"), **fields) -> EvalResult:
     return EvalResult.from_dict(fake_eval(list(classes), **fields))
@@ -317,7 +357,7 @@ def test_finetune_is_full_greyed_out_and_says_why_when_training_from_scratch():
     assert "value" not in train.finetune_state("DEFAULT")
 
 
-# --- path confinement -----------------------------------------------------------------------------------------
+# --- path confinement ----------------------------------------------------------------------------------------------
 
 @pytest.fixture
 def roots(tmp_path):
@@ -384,7 +424,7 @@ def test_discover_datasets(roots, tmp_path):
     assert discover_datasets([tmp_path / "missing"]) == []
 
 
-# --- zip extraction -------------------------------------------------------------------------------------------
+# --- zip extraction ------------------------------------------------------------------------------------------------
 
 def _png_bytes(seed: int = 0) -> bytes:
     from PIL import Image

@@ -31,17 +31,17 @@ def park_plot_props(state: dict, name: str, **props) -> None:
     state.setdefault("plots", {})[name] = props
 
 
-def plot_props_step(state: dict | None, names: list[str], kinds: list[type]):
-    """The chained step: for each plot, its parked props when they changed since last sent, else gr.skip()."""
+def plot_props_step(state: dict | None, plots: dict[str, gr.components.Component],
+                    state_output: gr.State) -> dict:
+    """The chained step: each plot (by its parked name) gets its parked props when they changed since last sent,
+    as an update of its own kind; the others are not sent."""
     state = dict(state or {})
     parked, sent = state.get("plots", {}), dict(state.get("plots_sent", {}))
-    out = []
-    for name, kind in zip(names, kinds):
+    out = {}
+    for name, plot in plots.items():
         props = parked.get(name)
-        if props is None or sent.get(name) == props:
-            out.append(gr.skip())
-        else:
-            out.append(kind(**props))
+        if props is not None and sent.get(name) != props:
+            out[plot] = type(plot)(**props)
             sent[name] = props
     state["plots_sent"] = sent
-    return (*out, state)
+    return {**out, state_output: state}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from .. import data_view as view
 from .. import formatting as fmt
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path, discover_datasets, extract_zip, remove_stale_extractions
@@ -119,34 +120,35 @@ def _samples(root: Path, scan) -> list[tuple]:
 def counts_plot(counts: dict[str, int]):
     # The data alone, not gr.BarPlot(value=..., y_lim=...): Gradio 6.31 applies such an update's y_lim but keeps
     # drawing the previous data, so picking another dataset left the old classes' bars on screen.
-    return fmt.counts_frame(counts)
+    return view.counts_frame(counts)
 
 
-def preview(lab, path: str | None):
+def _preview_outputs(ui: DataUI, summary: str, counts=None, samples=()) -> dict:
+    """What the quick look shows: a summary, the counts (None: an empty plot), no check results yet, samples."""
+    return {ui.summary: summary, ui.class_counts: counts, ui.problems: "", ui.sizes: "", ui.samples: list(samples)}
+
+
+def preview(lab, ui: DataUI, path: str | None) -> dict:
     """Quick look when a folder is picked: class counts from file names and a few thumbnails (no full decode)."""
     if not path:
         if dataset_choices(lab):
-            return ("Pick a dataset folder to see its classes.", None, "", "", [])
-        roots = ", ".join(fmt.md_code(str(r)) for r in lab.settings.data_roots)
-        return (f"No dataset found yet in the data folders ({roots}). Put a folder with one sub-folder of images "
-                "per class there and press **Refresh list**, upload a .zip of class folders, or download the "
-                "flowers sample set.", None, "", "", [])
+            return _preview_outputs(ui, "Pick a dataset folder to see its classes.")
+        return _preview_outputs(ui, view.no_dataset_text(lab.settings.data_roots))
     from shared.data.datasets import DatasetError, scan_dataset
 
     root = _confine(lab, path)
     try:
         scan = scan_dataset(root)
     except DatasetError as exc:
-        return (f"⚠ {fmt.md_escape(exc)}", None, "", "", [])
+        return _preview_outputs(ui, f"⚠ {fmt.md_escape(exc)}")
     counts = {name: 0 for name in scan.classes}
     for _, label in scan.files:
         counts[scan.classes[label]] += 1
-    summary = (f"**{len(scan.classes)} classes, {len(scan.files)} image files** in {fmt.md_code(root)}. "
-               "Press **Check all images** to decode every file and find broken ones, duplicates and label conflicts.")
-    return summary, counts_plot(counts), "", "", _samples(root, scan)
+    summary = view.scan_summary(len(scan.classes), len(scan.files), root)
+    return _preview_outputs(ui, summary, counts_plot(counts), _samples(root, scan))
 
 
-def check(lab, path: str | None, progress=gr.Progress()):
+def check(lab, ui: DataUI, path: str | None, progress=gr.Progress()) -> dict:
     """The full check (every image decoded and hashed): counts, problems, sizes."""
     if not path:
         raise user_error("Pick a dataset folder first.", title="No dataset")
@@ -158,11 +160,9 @@ def check(lab, path: str | None, progress=gr.Progress()):
         report = check_dataset(root)
     except DatasetError as exc:
         raise user_error(str(exc), title="Dataset not usable") from None
-    summary = (f"**{len(report['classes'])} classes, {report['total']} usable images** in "
-               f"{fmt.md_code(root)} (largest / smallest class: {report['imbalance_ratio']:.1f}).")
-    sizes = fmt.size_stats_markdown(report.get("sizes"))
-    return (summary, counts_plot(report["counts"]), fmt.problems_markdown(report),
-            ("**Image sizes**\n\n" + sizes) if sizes else "")
+    sizes = view.size_stats_markdown(report.get("sizes"))
+    return {ui.summary: view.check_summary(report, root), ui.class_counts: counts_plot(report["counts"]),
+            ui.problems: view.problems_markdown(report), ui.sizes: ("**Image sizes**\n\n" + sizes) if sizes else ""}
 
 
 def refresh(lab, current: str | None):
@@ -226,11 +226,12 @@ def download(lab, progress=gr.Progress()):
 
 
 def wire(lab, ui: DataUI) -> None:
-    preview_outputs = [ui.summary, ui.class_counts, ui.problems, ui.sizes, ui.samples]
+    preview_outputs = {ui.summary, ui.class_counts, ui.problems, ui.sizes, ui.samples}
     # triggers=None: on page load and whenever the folder changes
-    gr.on(None, partial(preview, lab), ui.data_dir, preview_outputs, api_visibility="private",
+    gr.on(None, partial(preview, lab, ui), ui.data_dir, preview_outputs, api_visibility="private",
           trigger_mode="always_last")
-    ui.check_btn.click(partial(check, lab), ui.data_dir, [ui.summary, ui.class_counts, ui.problems, ui.sizes],
+    # a list, not a set: its order is the order of the `check_dataset` API's answer
+    ui.check_btn.click(partial(check, lab, ui), ui.data_dir, [ui.summary, ui.class_counts, ui.problems, ui.sizes],
                        api_name="check_dataset", concurrency_limit=1)
     ui.refresh_btn.click(partial(refresh, lab), ui.data_dir, ui.data_dir, api_visibility="private")
     ui.zip_upload.upload(partial(upload_zip, lab), ui.zip_upload, ui.data_dir, api_visibility="private",

@@ -25,7 +25,8 @@ from shared.training.checkpoint import CheckpointError
 from shared.data.images import ImageError, load_rgb
 from shared.analysis.predict import NoModelError, write_predictions_csv
 
-from .. import formatting as fmt
+from .. import predict_view as view
+from .. import runs_view
 from ..guard import FileRefused, UploadError
 from . import user_error
 
@@ -35,7 +36,6 @@ HELP = ("Drop a photo (or paste one, or use the webcam) to see what the model th
         "Several photos at once go into a table you can download as CSV.")
 LATEST = "latest"
 LATEST_LABEL = "Latest finished run (switches automatically)"
-TABLE_COLUMNS = ["file", "prediction", "probability", "2nd", "3rd", "error"]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class PredictUI:
 
 def model_choices(lab) -> list[tuple[str, str]]:
     now = time.time()
-    return [(LATEST_LABEL, LATEST)] + [(fmt.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+    return [(LATEST_LABEL, LATEST)] + [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
 
 
 def build(lab) -> PredictUI:
@@ -80,7 +80,8 @@ def build(lab) -> PredictUI:
             with gr.Column():
                 many_btn = gr.Button("Classify all", variant="primary", elem_id="predict-many-btn")
                 csv = gr.File(label="Predictions as CSV", interactive=False, elem_id="predict-csv", height=90)
-        table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
+        table = gr.Dataframe(headers=view.TABLE_COLUMNS, value=pd.DataFrame(columns=view.TABLE_COLUMNS),
+                             interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State())
@@ -105,11 +106,7 @@ def _describe_run(lab, run_id: str, latest: bool) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a missing record still names the run
         record = {"run_id": run_id}
-    acc, _ = fmt.best_val_acc(record)
-    when = fmt.fmt_ago(record.get("finished"))
-    source = "the latest finished run" if latest else "the run you picked"
-    return (f"Answered by **{fmt.md_escape(fmt.run_label(record))}** (`{run_id}`, val accuracy {fmt.fmt_pct(acc)}, "
-            f"finished {when}) — {source}.")
+    return view.answered_by(record, run_id, latest)
 
 
 def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
@@ -122,9 +119,7 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a deleted run: say so
         return f"Run `{run_id}` is no longer available — pick another."
-    acc, _ = fmt.best_val_acc(record)
-    return (f"Now answering with **{fmt.md_escape(fmt.run_label(record))}** (val accuracy {fmt.fmt_pct(acc)}, "
-            f"finished {fmt.fmt_ago(record.get('finished'))}).")
+    return view.answering_with(record)
 
 
 def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
@@ -180,24 +175,26 @@ def _display_size(image, side: int = 320):
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
-NO_ANSWER = (None, None, "")  # label, CAM, "answered by": what the outputs show while there is no answer
+def no_answer(ui: PredictUI) -> dict:
+    """What the answer shows while there is none: no top-5, no CAM, no "answered by"."""
+    return {ui.label: None, ui.cam: None, ui.answer: ""}
 
 
-def predict(lab, image: Any, model: str | None = LATEST):
+def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered).
 
     A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
     next to a new one, least of all one that turns out unreadable (its error toast is the only answer then).
     API clients get the final value only; the page also gets the id of the run that answered (a State)."""
-    yield *NO_ANSWER, gr.skip()
+    yield no_answer(ui)
     if image is None:
         return
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    yield (fmt.top5_dict(top), _display_size(overlay),
-           _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id)
+    yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
+           ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), ui.answered: predictor.run_id}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
@@ -224,7 +221,7 @@ def _predict_batch(lab, predictor, files: list[str]) -> list[dict]:
     return results
 
 
-def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
+def predict_many(lab, ui: PredictUI, files: list[str] | None, model: str | None = LATEST) -> dict:
     """Many images → table, CSV file, which run answered (and its id, a State for the model line)."""
     if not files:
         raise user_error("Add some images first.", title="No images")
@@ -232,18 +229,13 @@ def predict_many(lab, files: list[str] | None, model: str | None = LATEST):
     results = []
     for start in range(0, len(files), BATCH):  # a batch of files in memory at a time, never all of them
         results += _predict_batch(lab, predictor, files[start:start + BATCH])
-    rows = []
-    for r in results:
-        top = r["top"]
-        rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
-                     top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
-                     r["error"] or ""])
     csv_path = write_predictions_csv(results, _csv_folder() / "predictions.csv")
     failed = sum(1 for r in results if r["error"])
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS), str(csv_path), _describe_run(
-        lab, predictor.run_id, (model or LATEST) == LATEST), predictor.run_id
+    return {ui.table: pd.DataFrame(view.table_rows(results), columns=view.TABLE_COLUMNS), ui.csv: str(csv_path),
+            ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST),
+            ui.answered: predictor.run_id}
 
 
 def answered_info(lab, run_id: str | None, model: str | None, state: dict | None):
@@ -255,22 +247,23 @@ def answered_info(lab, run_id: str | None, model: str | None, state: dict | None
     return info, state
 
 
-def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, force: bool = False):
-    """Keep the model list and the "now answering with" line current (newer runs land while the page is open)."""
+def refresh_models(lab, ui: PredictUI, model: str | None, active_tab: str, state: dict | None,
+                   force: bool = False) -> dict:
+    """Keep the model list and the "now answering with" line current (newer runs land while the page is open);
+    only what changed is sent."""
     state = dict(state or {})
+    out: dict = {ui.state: state}
     if active_tab != "predict" and not force:
-        return gr.skip(), gr.skip(), state
+        return out
     choices = model_choices(lab)
     values = [v for _, v in choices]
     info = model_info_text(lab, model)
-    dropdown = gr.skip()
     if force or state.get("choices") != values:
-        dropdown = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
+        out[ui.model] = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
         state["choices"] = values
-    info_out = gr.skip()
     if force or state.get("info") != info:
-        info_out, state["info"] = info, info
-    return dropdown, info_out, state
+        out[ui.model_info] = state["info"] = info
+    return out
 
 
 def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
@@ -283,17 +276,20 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     # lab.files (ui/guard.py): Gradio checks a payload's path only when the payload carries `meta`.
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
-    ui.image.upload(partial(predict, lab), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
+    # outputs as lists, not sets: their order is the order of the API's answer
+    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
                     api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
                     show_progress="minimal").success(**answered)
     # removing the picture (its ✕, or switching to the webcam) takes its answer away too
-    ui.image.clear(lambda: NO_ANSWER, None, [ui.label, ui.cam, ui.answer], api_visibility="private", queue=False,
-                   show_progress="hidden")
-    ui.many_btn.click(partial(predict_many, lab), [ui.files, ui.model], [ui.table, ui.csv, ui.answer, ui.answered],
-                      api_name="predict_many", concurrency_limit=2).success(**answered)
+    ui.image.clear(partial(no_answer, ui), None, {ui.label, ui.cam, ui.answer}, api_visibility="private",
+                   queue=False, show_progress="hidden")
+    ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model],
+                      [ui.table, ui.csv, ui.answer, ui.answered], api_name="predict_many",
+                      concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
-    timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state], [ui.model, ui.model_info, ui.state],
+    models_outputs = {ui.model, ui.model_info, ui.state}
+    timer.tick(partial(refresh_models, lab, ui), [ui.model, active_tab, ui.state], models_outputs,
                api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
-    tab.select(lambda m, st: refresh_models(lab, m, "predict", st, force=True), [ui.model, ui.state],
-               [ui.model, ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
+    tab.select(lambda m, st: refresh_models(lab, ui, m, "predict", st, force=True), [ui.model, ui.state],
+               models_outputs, api_visibility="private", show_progress="hidden")

@@ -28,6 +28,7 @@ from shared.runs.store import RunNotFound
 
 from .. import formatting as fmt
 from .. import results_view as view
+from .. import runs_view
 from ..client import QueueUnavailable
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
@@ -72,7 +73,7 @@ def run_choices(lab) -> list[tuple[str, str]]:
     import time
 
     now = time.time()
-    return [(fmt.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+    return [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
 
 
 def build(lab) -> ResultsUI:
@@ -176,10 +177,6 @@ def run_results(lab, run_id: str) -> dict:
 
 def _download(path: Path) -> gr.DownloadButton:
     return gr.DownloadButton(value=str(path), visible=True) if path.is_file() else gr.DownloadButton(visible=False)
-
-
-PLOTS = ["roc", "pr", "calibration", "tsne"]
-PLOT_KINDS = [gr.LinePlot, gr.LinePlot, gr.LinePlot, gr.ScatterPlot]
 
 
 def show_run(lab, ui: ResultsUI, run_id: str | None, mode: str, state: dict | None = None) -> dict:
@@ -366,9 +363,9 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     show = dict(fn=partial(show_run, lab, ui), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
                 api_visibility="private")
     # the plots' captions after their data (see ui/tabs/__init__.py: why it takes two steps)
-    props = dict(fn=lambda st: plot_props_step(st, PLOTS, PLOT_KINDS), inputs=ui.state,
-                 outputs=[ui.roc, ui.pr, ui.calibration, ui.tsne, ui.state], api_visibility="private",
-                 show_progress="hidden")
+    plots = {"roc": ui.roc, "pr": ui.pr, "calibration": ui.calibration, "tsne": ui.tsne}
+    props = dict(fn=lambda st: plot_props_step(st, plots, ui.state), inputs=ui.state,
+                 outputs={*plots.values(), ui.state}, api_visibility="private", show_progress="hidden")
     gr.on([ui.run.input], trigger_mode="always_last", **show).then(**props)
     tab.select(partial(refresh, lab), ui.run, ui.run, api_visibility="private", show_progress="hidden").then(
         **show).then(**props)

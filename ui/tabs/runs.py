@@ -7,7 +7,6 @@ an epoch, the banner when Redis went away or came back. Everything else answers 
 
 from __future__ import annotations
 
-import html
 import logging
 import time
 from dataclasses import dataclass
@@ -18,9 +17,10 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from shared.runs.store import DAMAGED, RunNotFound, read_metrics
+from shared.runs.store import RunNotFound, read_metrics
 
 from .. import formatting as fmt
+from .. import runs_view as view
 from ..client import QueueUnavailable
 from . import train as train_tab
 from . import park_plot_props, plot_props_step, user_error
@@ -56,7 +56,7 @@ class RunsUI:
 
 def build(lab) -> RunsUI:
     gr.Markdown(HELP, elem_classes="help")
-    table = gr.Dataframe(headers=fmt.RUN_COLUMNS, value=pd.DataFrame(columns=fmt.RUN_COLUMNS), interactive=False,
+    table = gr.Dataframe(headers=view.RUN_COLUMNS, value=pd.DataFrame(columns=view.RUN_COLUMNS), interactive=False,
                          elem_id="runs-table", max_height=420, wrap=False, label="Runs", show_label=False)
     with gr.Row(elem_classes="toolbar"):
         select = gr.Dropdown(choices=[], value=[], multiselect=True, label="Selected runs", elem_id="runs-select",
@@ -74,9 +74,9 @@ def build(lab) -> RunsUI:
         curves_note = gr.Markdown(elem_id="curves-note")
         split = gr.Radio([("Both", "both"), ("Validation", "val"), ("Training", "train")], value="both",
                          show_label=False, elem_id="curves-split", scale=0, min_width=340, container=False)
-    # epochs are categories up to fmt.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
+    # epochs are categories up to view.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
     # category axis averages a run's points per epoch (y_aggregate), so an epoch logged twice is not summed
-    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=fmt.EPOCH_ORDER,
+    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=view.EPOCH_ORDER,
                 y_aggregate="mean", height=340, tooltip="all")
     with gr.Row(elem_id="curves"):
         loss_plot = gr.LinePlot(title="Loss", y_title="loss", elem_id="curves-loss", **axis)
@@ -122,12 +122,12 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     histories = {}
     ended = []  # why finished runs without a single epoch will never have curves
     for record in chosen:
-        histories[fmt.curve_label(record)] = history = history_of(lab, record)
-        reason = None if history else fmt.no_curves_reason(record)
+        histories[view.curve_label(record)] = history = history_of(lab, record)
+        reason = None if history else view.no_curves_reason(record)
         if reason:
             ended.append(reason)
     sig = (split, tuple(histories)) + tuple((len(h), h[-1].get("epoch") if h else None) for h in histories.values())
-    loss, acc = fmt.curves_frame(histories, split)
+    loss, acc = view.curves_frame(histories, split)
     which = {"val": " (validation)", "train": " (training)"}.get(split, "")
     if not records:
         note = "No runs yet — queue some on the **Train** tab."
@@ -145,90 +145,61 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     return " ".join(part for part in (note, *ended) if part), loss, acc, sig
 
 
-def curves_caption(split: str, labels: tuple[str, ...]) -> str:
-    which = {"val": "validation", "train": "training"}.get(split, "training and validation")
-    return f"{which}: {', '.join(label.split(' ', 1)[0] for label in labels)}" if labels else ""
-
-
-def detail_text(records: list[dict], selected: list[str], now: float) -> str:
-    by_id = {r["run_id"]: r for r in records}
-    lines = []
-    for rid in selected[:MAX_CURVES]:
-        r = by_id.get(rid)
-        if r is None:
-            continue
-        status = r.get("status")
-        head = f"**{fmt.md_escape(fmt.run_label(r))}** — {fmt.STATUS_ICONS.get(status, status)}"
-        if status in ("failed", DAMAGED) and r.get("error"):
-            lines.append(f"{head}: {fmt.md_escape(fmt.first_line(r['error']))}")
-        elif status == "running":
-            p = r.get("progress") or {}
-            speed = f", {p['images_per_s']:.0f} images/s" if p.get("images_per_s") else ""
-            lines.append(f"{head}: {fmt.progress_text(r)}{speed} on {r.get('worker') or 'a worker'}")
-        elif status == "cancelled":
-            lines.append(f"{head}: {fmt.md_escape(r.get('error') or 'cancelled')}")
-        elif status == "succeeded":
-            acc, epoch = fmt.best_val_acc(r)
-            lines.append(f"{head}: best val accuracy {fmt.fmt_pct(acc)} at epoch {epoch}, took "
-                         f"{fmt.fmt_duration(fmt.run_duration(r, now))} — see **Results**")
-        else:
-            lines.append(head)
-    return "\n\n".join(lines)
-
-
 def banner_update(problem: str | None):
-    if not problem:
-        return gr.Markdown(value="", visible=False)
-    # our own message (the Redis URL has its password removed); its `code` spans are meant as code
-    text = html.escape(problem.rstrip(". "), quote=False)
-    return gr.Markdown(value=f"⚠ **The run queue is unreachable** — {text}. Runs below are read from the run "
-                             "folders; live progress comes back by itself, no reload needed.", visible=True)
+    text = view.banner_text(problem)
+    return gr.Markdown(value=text, visible=bool(text))
 
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
-def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: dict | None, force: bool = False):
-    """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed."""
+def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split: str, active_tab: str,
+         state: dict | None, force: bool = False) -> dict:
+    """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed. The
+    outputs left out of the returned dict are not sent."""
     state = dict(state or {})
+    out: dict = {ui.state: state}
     selected = list(selected or [])
     records, problem = lab.snapshot()
-    banner = gr.skip()
     if state.get("problem", "unset") != problem:
-        banner = banner_update(problem)
+        out[banner] = banner_update(problem)
         state["problem"] = problem
     if active_tab != "runs" and not force:
-        return (gr.skip(),) * 6 + (banner, state)
+        return out
     now = time.time()
-    rows = [fmt.run_row(r, now) for r in records]
-    table = gr.skip()
+    rows = [view.run_row(r, now) for r in records]
     if force or state.get("rows") != rows:
-        table = pd.DataFrame(rows, columns=fmt.RUN_COLUMNS)
+        out[ui.table] = pd.DataFrame(rows, columns=view.RUN_COLUMNS)
         state["rows"] = rows
-    choices = [(f"{fmt.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
-    select = gr.skip()
+    choices = [(f"{view.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
     if force or state.get("choices") != choices:
         known = {value for _, value in choices}
-        select = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
+        out[ui.select] = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
         state["choices"] = choices
-    note, loss, acc, sig = curves(lab, records, selected, split or "both")
-    loss_out = acc_out = note_out = gr.skip()
-    if force or state.get("curves") != (sig, note):
-        top = fmt.robust_upper(list(loss["value"]))
-        if top is not None:
-            worst = loss.loc[loss["value"].idxmax()]
-            note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
-                     f"at epoch {int(worst['epoch'])}.")
-        (loss_out, acc_out), note_out = fmt.epochs_as_categories(loss, acc), note
-        state["curves"] = (sig, note)
-        caption = curves_caption(sig[0], sig[1])
-        park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
-        park_plot_props(state, "acc", caption=caption)
-    detail = detail_text(records, selected, now)
-    detail_out = gr.skip()
+    out.update(_curve_outputs(lab, ui, records, selected, split or "both", state, force))
+    detail = view.detail_text(records, selected[:MAX_CURVES], now)
     if force or state.get("detail") != detail:
-        detail_out = detail
+        out[ui.detail] = detail
         state["detail"] = detail
-    return table, select, note_out, loss_out, acc_out, detail_out, banner, state
+    return out
+
+
+def _curve_outputs(lab, ui: RunsUI, records: list[dict], selected: list[str], split: str, state: dict,
+                   force: bool) -> dict:
+    """The curves' note and frames when they changed (their caption and axis are parked in `state`)."""
+    note, loss, acc, sig = curves(lab, records, selected, split)
+    if not force and state.get("curves") == (sig, note):
+        return {}
+    top = view.robust_upper(list(loss["value"]))
+    if top is not None:
+        worst = loss.loc[loss["value"].idxmax()]
+        note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
+                 f"at epoch {int(worst['epoch'])}.")
+    state["curves"] = (sig, note)
+    caption = view.curves_caption(sig[0], sig[1])
+    park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
+    park_plot_props(state, "acc", caption=caption)
+    loss, acc = view.epochs_as_categories(loss, acc)
+    return {ui.curves_note: note, ui.loss_plot: loss, ui.acc_plot: acc}
 
 
 def on_row_select(selected: list[str] | None, evt: gr.SelectData):
@@ -279,18 +250,20 @@ def cancel_runs(lab, run_ids: list[str] | None) -> str:
     return " ".join(parts)
 
 
-def ask_delete(run_ids: list[str] | None):
+def ask_delete(ui: RunsUI, run_ids: list[str] | None) -> dict:
     if not run_ids:
         raise user_error("Select one or more runs first (click their rows).", title="Nothing selected")
     n = len(run_ids)
     text = (f"**Delete {n} run{'s' if n != 1 else ''} and all {'their' if n != 1 else 'its'} files** "
             "(checkpoints, metrics, figures)? This cannot be undone.")
-    return gr.Row(visible=True), text
+    return {ui.confirm_row: gr.Row(visible=True), ui.confirm_text: text}
 
 
-def delete_runs(lab, run_ids: list[str] | None):
+def delete_runs(lab, ui: RunsUI, run_ids: list[str] | None) -> dict:
+    """Delete the selected runs with their folders (a running one is refused: cancel it first); the selection
+    keeps the runs that were not deleted."""
     if not run_ids:
-        return gr.Row(visible=False), "", gr.skip()
+        return {ui.confirm_row: gr.Row(visible=False), ui.message: ""}
     try:
         client = lab.client()
     except QueueUnavailable as exc:
@@ -318,11 +291,13 @@ def delete_runs(lab, run_ids: list[str] | None):
     if refused:
         parts.append("Not deleted: " + "; ".join(refused))
     remaining = [rid for rid in run_ids if rid not in deleted]
-    return gr.Row(visible=False), " ".join(parts), gr.Dropdown(value=remaining)
+    return {ui.confirm_row: gr.Row(visible=False), ui.message: " ".join(parts), ui.select: gr.Dropdown(value=remaining)}
 
 
-def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
-    """Fill the Train form from the first selected run's config and switch to the Train tab."""
+def clone_run(lab, run_ids: list[str] | None, *, form: dict[str, gr.components.Component], data_dir: gr.Dropdown,
+              tabs: gr.Tabs) -> dict:
+    """Fill the Train form (`form`: its fields by name) from the first selected run's config, pick the run's
+    dataset and switch to the Train tab."""
     if not run_ids:
         raise user_error("Select a run to clone (click its row).", title="Nothing selected")
     run_id = run_ids[0]
@@ -335,24 +310,28 @@ def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
     if not config:
         raise user_error(f"run {run_id} has no saved settings", title="Cannot clone")
     values = train_tab.config_to_form(config)
-    updates = [values.get(name, gr.skip()) for name in field_names]
+    out = {form[name]: value for name, value in values.items() if name in form}
+    if config.get("data_dir"):
+        out[data_dir] = config["data_dir"]
     gr.Info(f"The Train form now holds the settings of {run_id}; change what you like and queue.")
-    return [*updates, config.get("data_dir") or gr.skip(), gr.Tabs(selected="train")]
+    return {**out, tabs: gr.Tabs(selected="train")}
 
 
 # --- API ----------------------------------------------------------------------------------------------------
 
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
-    outputs = [ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
+    outputs = {ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state}
     # after new curve data, the plots' caption / axis (see ui/tabs/__init__.py: why it takes two steps)
-    props = dict(fn=lambda st: plot_props_step(st, ["loss", "acc"], [gr.LinePlot, gr.LinePlot]), inputs=ui.state,
-                 outputs=[ui.loss_plot, ui.acc_plot, ui.state], api_visibility="private", show_progress="hidden")
-    timer.tick(partial(tick, lab), [ui.select, ui.split, active_tab, ui.state], outputs, api_visibility="private",
-               show_progress="hidden", trigger_mode="once", concurrency_limit=None).then(**props)
+    plots = {"loss": ui.loss_plot, "acc": ui.acc_plot}
+    props = dict(fn=lambda st: plot_props_step(st, plots, ui.state), inputs=ui.state,
+                 outputs={*plots.values(), ui.state}, api_visibility="private", show_progress="hidden")
+    timer.tick(partial(tick, lab, ui, banner), [ui.select, ui.split, active_tab, ui.state], outputs,
+               api_visibility="private", show_progress="hidden", trigger_mode="once",
+               concurrency_limit=None).then(**props)
 
     def refresh_now(selected, split, state):
-        return tick(lab, selected, split, "runs", state, force=True)
+        return tick(lab, ui, banner, selected, split, "runs", state, force=True)
 
     refresh = dict(fn=refresh_now, inputs=[ui.select, ui.split, ui.state], outputs=outputs,
                    api_visibility="private", show_progress="hidden")
@@ -362,13 +341,13 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
                     show_progress="hidden").then(**refresh).then(**props)
     ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(
         **refresh).then(**props)
-    ui.delete_btn.click(ask_delete, ui.select, [ui.confirm_row, ui.confirm_text], api_visibility="private")
+    ui.delete_btn.click(partial(ask_delete, ui), ui.select, {ui.confirm_row, ui.confirm_text},
+                        api_visibility="private")
     ui.abort_btn.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private")
-    ui.confirm_btn.click(partial(delete_runs, lab), ui.select, [ui.confirm_row, ui.message, ui.select],
+    ui.confirm_btn.click(partial(delete_runs, lab, ui), ui.select, {ui.confirm_row, ui.message, ui.select},
                          api_visibility="private").then(**refresh).then(**props)
-    names = list(train_ui.fields)
-    ui.clone_btn.click(partial(clone_run, lab, field_names=names), ui.select,
-                       [*train_ui.fields.values(), data_dir, tabs], api_visibility="private")
+    ui.clone_btn.click(partial(clone_run, lab, form=train_ui.fields, data_dir=data_dir, tabs=tabs), ui.select,
+                       {*train_ui.fields.values(), data_dir, tabs}, api_visibility="private")
 
     def run_status() -> list[dict]:
         """All runs, newest first, as small dicts: run_id, status, model, lr, batch_size, epochs, progress (0..1),
@@ -377,7 +356,7 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
         if problem:
             raise user_error(problem, title="Queue unavailable")
         now = time.time()
-        return [fmt.run_summary(r, now) for r in records]
+        return [view.run_summary(r, now) for r in records]
 
     def run_curves(run_ids: list[str]) -> dict:
         """Epoch records (epoch, train_loss, train_acc, val_loss, val_acc, lr, ...) for each run id."""

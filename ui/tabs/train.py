@@ -18,6 +18,7 @@ from shared.training.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHED
 from shared.training.models import confine_weights
 
 from .. import formatting as fmt
+from .. import train_view as view
 from ..client import QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
 from . import user_error
@@ -141,7 +142,7 @@ def build(lab) -> TrainUI:
             f["val_ratio"] = gr.Slider(0.05, 0.45, value=0.15, step=0.05, label="Validation share",
                                        elem_id="val-ratio")
             f["test_ratio"] = gr.Slider(0.0, 0.45, value=0.15, step=0.05, label="Test share", elem_id="test-ratio")
-            ui.ratio_note = gr.Markdown(_ratio_note(0.15, 0.15), elem_id="ratio-note")
+            ui.ratio_note = gr.Markdown(view.ratio_note(0.15, 0.15), elem_id="ratio-note")
     with gr.Accordion("Advanced settings", open=False):
         with gr.Row():
             f["weight_decay"] = gr.Number(0.05, label="Weight decay", minimum=0, maximum=0.99)
@@ -154,16 +155,10 @@ def build(lab) -> TrainUI:
                                           minimum=1)
             f["device"] = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", allow_custom_value=True)
     with gr.Row(elem_classes="toolbar"):
-        ui.run_count = gr.Markdown(fmt.grid_count(["resnet18"], [1e-3], [32])[1], elem_id="run-count")
+        ui.run_count = gr.Markdown(view.grid_count(["resnet18"], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
     ui.result = gr.Markdown(elem_id="queue-result")
     return ui
-
-
-def _ratio_note(val: float, test: float) -> str:
-    train = 1 - (val or 0) - (test or 0)
-    warn = " ⚠ keep at least 10% for training" if train < 0.1 else ""
-    return f"Split: **{train:.0%} train** / {val or 0:.0%} validation / {test or 0:.0%} test.{warn}"
 
 
 # --- form ↔ configs -----------------------------------------------------------------------------------------
@@ -172,7 +167,7 @@ def _lrs(values: dict) -> list[float]:
     lrs = [float(x) for x in values.get("lrs") or []]
     custom = values.get("lrs_custom")
     if custom:
-        lrs += fmt.parse_lrs(str(custom))
+        lrs += view.parse_lrs(str(custom))
     return list(dict.fromkeys(lrs))
 
 
@@ -181,7 +176,7 @@ def count_text(models, lrs, lrs_custom, batch_sizes) -> str:
         lr_values = _lrs({"lrs": lrs, "lrs_custom": lrs_custom})
     except ValueError as exc:
         return f"⚠ {exc}"
-    n, text = fmt.grid_count(models or [], lr_values, batch_sizes or [])
+    n, text = view.grid_count(models or [], lr_values, batch_sizes or [])
     if n > MAX_RUNS_PER_SUBMIT:
         text += f" — ⚠ at most {MAX_RUNS_PER_SUBMIT} at once"
     return text
@@ -344,7 +339,7 @@ def wire(lab, ui: TrainUI, *, data_dir: gr.Dropdown, tab: gr.Tab) -> None:
           queue=False, show_progress="hidden")
     gr.on([f["weights"].change, f["models"].change], on_weights, [f["models"], f["weights"]],
           [f["finetune"], ui.weights_note], api_visibility="private", show_progress="hidden")
-    gr.on([f["val_ratio"].change, f["test_ratio"].change], _ratio_note, [f["val_ratio"], f["test_ratio"]],
+    gr.on([f["val_ratio"].change, f["test_ratio"].change], view.ratio_note, [f["val_ratio"], f["test_ratio"]],
           ui.ratio_note, api_visibility="private", queue=False, show_progress="hidden")
     gr.on([data_dir.change, tab.select], partial(dataset_text, lab), data_dir, ui.dataset,
           api_visibility="private", show_progress="hidden")

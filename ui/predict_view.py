@@ -1,0 +1,43 @@
+"""Pure views for the Predict tab: the top-5 for gr.Label, the many-images table, and the lines that name the run
+answering."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .formatting import fmt_ago, fmt_pct, md_escape
+from .runs_view import best_val_acc, run_label
+
+TABLE_COLUMNS = ["file", "prediction", "probability", "2nd", "3rd", "error"]
+
+
+def top5_dict(top: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Predictor top-k list → {class: probability} for gr.Label."""
+    return {item["class"]: float(item["probability"]) for item in top}
+
+
+def table_rows(results: Iterable[Mapping[str, Any]]) -> list[list]:
+    """One row per file of "Classify all", in TABLE_COLUMNS order: the top three classes, or the error."""
+    rows = []
+    for r in results:
+        top = r["top"]
+        rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
+                     top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
+                     r["error"] or ""])
+    return rows
+
+
+def answered_by(record: Mapping[str, Any], run_id: str, latest: bool) -> str:
+    """Under an answer: which run gave it, and whether it was picked or is the latest."""
+    acc, _ = best_val_acc(record)
+    when = fmt_ago(record.get("finished"))
+    source = "the latest finished run" if latest else "the run you picked"
+    return (f"Answered by **{md_escape(run_label(record))}** (`{run_id}`, val accuracy "
+            f"{fmt_pct(acc)}, finished {when}) — {source}.")
+
+
+def answering_with(record: Mapping[str, Any]) -> str:
+    """The model line: the run that answers now."""
+    acc, _ = best_val_acc(record)
+    return (f"Now answering with **{md_escape(run_label(record))}** (val accuracy {fmt_pct(acc)}, "
+            f"finished {fmt_ago(record.get('finished'))}).")
