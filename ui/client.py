@@ -17,12 +17,10 @@ from shared.training.config import TrainConfig
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import RunNotFound, RunStore
 from shared.settings import Settings
+from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
-EVALUATE_TASK = "resnet_lab.evaluate"
-PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 
 
 class QueueUnavailable(RuntimeError):

@@ -29,10 +29,10 @@ import redis
 
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import DAMAGED, RunDamaged, RunNotFound, RunStore
+from shared.tasks import TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
 # a run whose worker died this many times in a row without finishing an epoch is failed instead of re-queued again
 # (a process killed every time, e.g. by the kernel's out-of-memory killer, would take every worker down in turn)
 MAX_CRASHES = 3

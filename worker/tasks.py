@@ -32,6 +32,7 @@ from shared.data.paths import PathError, confine_dataset_path, confine_path, is_
 from shared.runs.registry import RunRegistry
 from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
+from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 from .celery_app import settings_of
 from .progress import TaskReporter
@@ -39,9 +40,6 @@ from .recovery import MAX_CRASHES, Lease, resend_train, settle_unrunnable, shutd
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
-EVALUATE_TASK = "resnet_lab.evaluate"
-PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 # errors whose message already says what to do: shown as they are, without the exception's class name
 USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError,
                RunDamaged, CacheFullError)
