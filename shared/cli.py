@@ -48,15 +48,19 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text or f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead
         required = default is dataclasses.MISSING
-        parser.add_argument(flag, type=kind, default=None if required else default, required=required,
+        parser.add_argument(flag, type=kind, default=None if required else default,
                             help=help_text if required else f"{help_text} (default {default})".strip())
 
 
 def _train_config(args: argparse.Namespace):
-    from shared.training.config import TrainConfig
+    from shared.training.config import ConfigError, TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["data_dir"] is None:
+        raise ConfigError("--data-dir is required: a folder with one sub-folder per class (or --resume RUN to "
+                          "continue a run)")
     values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
     return TrainConfig(**values)
 
@@ -175,8 +179,9 @@ class TqdmReporter:
 
 
 def cmd_train(args, settings: Settings) -> int:
-    from shared.training.engine import fit
+    from shared.runs.lifecycle import transition
     from shared.runs.store import RunStore
+    from shared.training.engine import fit
 
     store = RunStore(settings.models_dir)
     if args.resume:
@@ -191,20 +196,22 @@ def cmd_train(args, settings: Settings) -> int:
     run_dir = store.path(run_id)
     print(f"run {run_id} in {run_dir}", file=sys.stderr)
     reporter = TqdmReporter()
-    store.set_status(run_id, "running")
+    # the run folder is the record (no registry: the page shows CLI runs from their folders); a run that already
+    # succeeded is refused here, before anything is trained
+    transition(store, None, run_id, "running")
     try:
         result = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
+        _print_skipped(run_dir)
+        if not args.skip_eval:  # as on a worker: a run whose evaluation fails is failed
+            _evaluate(run_dir, "test", None, settings.eval_figures)
     except KeyboardInterrupt:
-        store.set_status(run_id, "cancelled", error="interrupted from the keyboard")
+        transition(store, None, run_id, "cancelled", error="interrupted from the keyboard")
         print(f"interrupted; resume with: resnet-lab train --resume {run_id}", file=sys.stderr)
         return 130
     except Exception as exc:
-        store.set_status(run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
+        transition(store, None, run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
-    _print_skipped(run_dir)
-    if not args.skip_eval:
-        _evaluate(run_dir, "test", None, settings.eval_figures)
-    store.set_status(run_id, "succeeded", best=result)
+    transition(store, None, run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
     return 0
 

@@ -13,6 +13,7 @@ import redis
 from celery import Celery
 
 from shared.training.config import TrainConfig
+from shared.runs.lifecycle import TransitionRefused, transition
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import RunNotFound, RunStore
 from shared.settings import Settings, redact_url
@@ -114,12 +115,11 @@ class QueueClient:
         """Queued: marked cancelled now and skipped by the worker. Running: the engine stops within one batch."""
         self._require_redis()
         self.registry.request_cancel(run_id)
-        status = self.store.status(run_id)
-        if status["status"] == "queued":
-            self.store.set_status(run_id, "cancelled", error="cancelled before it started")
-            return self.registry.update(run_id, status="cancelled", error="cancelled before it started",
-                                        finished=self.store.status(run_id)["finished"])
-        return self.registry.update(run_id, cancel_requested=True)
+        try:
+            return transition(self.store, self.registry, run_id, "cancelled", expected=("queued",),
+                              error="cancelled before it started")
+        except TransitionRefused:  # running (or finished): the flag above is what stops it
+            return self.registry.update(run_id, cancel_requested=True)
 
     def delete(self, run_id: str) -> None:
         """Remove a finished or queued run with its files (a running run must be cancelled first)."""

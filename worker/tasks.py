@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,7 @@ from shared.training.engine import Cancelled, fit, pick_device
 from shared.data.images import expand_image_paths
 from shared.training.models import WeightsUnavailable
 from shared.data.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
+from shared.runs.lifecycle import TransitionRefused, fail_in_registry_only, transition
 from shared.runs.registry import RunRegistry
 from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
@@ -57,13 +57,6 @@ class RunFailed(RuntimeError):
 @lru_cache(maxsize=4)
 def _services(settings: Settings) -> tuple[RunStore, RunRegistry]:
     return RunStore(settings.models_dir), RunRegistry.from_url(settings.redis_url, timeout=10.0)
-
-
-def transition(store: RunStore, registry: RunRegistry, run_id: str, status: str, **fields: Any) -> dict:
-    """Set the status in the run folder, then copy the whole record into the registry."""
-    record = store.set_status(run_id, status, **fields)
-    registry.update(run_id, **{k: v for k, v in record.items() if k != "run_id"})
-    return record
 
 
 def failure_reason(exc: BaseException, config=None) -> str:
@@ -141,7 +134,9 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
     config, outcome, reason = None, None, None
     try:
         config = store.config(run_id)
-        transition(store, registry, run_id, "running", worker=task.request.hostname, task_id=task.request.id,
+        # queued, or running when its worker died; cancelled (from the page) since the checks above: not ours
+        transition(store, registry, run_id, "running", expected=("queued", "running"),
+                   worker=task.request.hostname, task_id=task.request.id,
                    attempt=int(record.get("attempt") or 0) + 1, error=None)
         best = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
         reporter.phase("evaluating")
@@ -152,6 +147,8 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
                                      settings.eval_figures)}
     except Cancelled:
         outcome = "cancelled"
+    except TransitionRefused as exc:
+        return {"run_id": run_id, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
         log.exception("run %s failed", run_id)
         reason = failure_reason(exc, config)
@@ -170,7 +167,7 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
             # the run folder itself cannot be written (read-only, disk full): the registry still tells the page,
             # and a run left 'queued' there would be re-sent by the recovery scan forever
             log.error("run %s: cannot write its failure into %s: %s", run_id, run_dir, exc)
-            registry.update(run_id, status="failed", error=reason, finished=time.time())
+            fail_in_registry_only(registry, run_id, reason)
         raise RunFailed(reason)
     if outcome == "cancelled":
         return _stopped(task, store, registry, run_id, reporter)
