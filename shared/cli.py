@@ -32,7 +32,6 @@ TRAIN_HELP = {
     "optimizer": "adamw, adam or sgd (Nesterov)",
     "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
     "device": "auto, cpu, cuda or cuda:N",
-    "num_workers": "kept for compatibility: decoded images are cached, so no loader processes are needed",
 }
 
 
@@ -358,23 +357,17 @@ COMMANDS = {
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
+    from shared.analysis.predict import NoModelError
+    from shared.data.datasets import DatasetError
+    from shared.data.download import DownloadError
+    from shared.data.images import ImageError
+    from shared.runs.store import RunNotFound
     from shared.training.checkpoint import CheckpointError
     from shared.training.config import ConfigError
-    from shared.data.datasets import DatasetError
-    from shared.data.images import ImageError
     from shared.training.models import WeightsUnavailable
-    from shared.analysis.predict import NoModelError
-    from shared.runs.store import RunNotFound
 
-    types: list[type[BaseException]] = [ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError,
-                                        RunNotFound, CheckpointError, FileNotFoundError, NotADirectoryError,
-                                        PermissionError]
-    try:
-        from shared.data.download import DownloadError
-        types.append(DownloadError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError, RunNotFound, CheckpointError,
+            DownloadError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

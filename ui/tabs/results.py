@@ -270,10 +270,8 @@ def evaluate_again(lab, run_id: str | None) -> str:
 def build_report(lab, run_id: str | None):
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
-    try:
-        from shared.analysis.report import write_report
-    except ImportError:
-        raise user_error("The HTML report is not available in this version.", title="Not available") from None
+    from shared.analysis.report import write_report
+
     try:
         path = write_report(lab.store.path(run_id))
     except FileNotFoundError as exc:
