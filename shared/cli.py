@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--csv", help="also write the predictions to this CSV file")
+    predict.add_argument("--queue", action="store_true",
+                         help="send the batch through Redis (REDIS_URL) to a worker and wait for its answer; the "
+                              "files must lie in the worker's data folders (RESNET_LAB_DATA_ROOTS)")
 
     runs = sub.add_parser("runs", help="list runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="all runs, newest first")
@@ -265,17 +268,42 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_predict(args, settings: Settings) -> int:
+    from shared.analysis.predict import Predictor
     from shared.data.images import expand_image_paths
-    from shared.analysis.predict import Predictor, write_predictions_csv
     from shared.runs.store import RunStore
 
+    if args.queue and not settings.redis_url:
+        raise ValueError("--queue needs REDIS_URL: the address of the Redis your workers use (resnet-lab up prints "
+                         "it), e.g. REDIS_URL=redis://:password@host:6379/0")
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
+    if args.queue:
+        return _predict_on_a_worker(args, run_id, settings)
     predictor = Predictor(store.path(run_id))
     files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
-    print(f"model: run {run_id} ({predictor.meta['model_name']}, classes: {', '.join(predictor.classes)})",
-          file=sys.stderr)
+    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv)
+
+
+def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
+    """Hand over to `python -m worker.queued_predict` (shared/ never imports Celery), which sends the batch to a
+    worker, waits and prints the answer with `print_predictions`."""
+    from shared.launch.up import run_child
+
+    files = [str(Path(f).expanduser().absolute()) for f in args.files]  # the worker does not share our cwd
+    extra = [run_id, *files, "--top-k", str(args.top_k)]
+    if args.csv:
+        extra += ["--csv", str(Path(args.csv).expanduser().absolute())]
+    return run_child("worker.queued_predict", extra, settings)
+
+
+def print_predictions(run_id: str, model_name: str, classes: Sequence[str], results: list[dict], top_k: int,
+                      csv_path: str | None) -> int:
+    """What `resnet-lab predict` prints (the table on stdout, the model on stderr) and writes (--csv), whether the
+    model ran here or on a worker; returns the exit code (1 when no file could be classified)."""
+    from shared.analysis.predict import write_predictions_csv
+
+    print(f"model: run {run_id} ({model_name}, classes: {', '.join(classes)})", file=sys.stderr)
     failures = 0
     for r in results:
         if r["error"]:
@@ -284,9 +312,9 @@ def cmd_predict(args, settings: Settings) -> int:
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
             print(f"{r['source']}: {top}")
-    if args.csv:
-        write_predictions_csv(results, Path(args.csv), top_k=args.top_k)
-        print(f"wrote {args.csv}", file=sys.stderr)
+    if csv_path:
+        write_predictions_csv(results, Path(csv_path), top_k=top_k)
+        print(f"wrote {csv_path}", file=sys.stderr)
     return 1 if failures == len(results) else 0
 
 

@@ -240,8 +240,10 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
 
 
 @shared_task(bind=True, name=PREDICT_BATCH_TASK)
-def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256) -> dict:
-    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run.
+def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256,
+                  with_results: bool = False) -> dict:
+    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run and returns
+    its path with the model's name and classes, and every row too when `with_results` (`resnet-lab predict --queue`).
 
     Every source must lie inside this worker's data roots (checked before any folder is listed), and files
     found in those folders that link out of the roots get an error row instead of being read: the CSV lands in
@@ -251,6 +253,8 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
 
     settings = settings_of(self.app)
     top_k, chunk = _bounded("top_k", top_k, 1, 100), _bounded("chunk", chunk, 1, 4096)
+    if not isinstance(with_results, bool):
+        raise ConfigError(f"with_results must be true or false; got {str(with_results)[:40]!r}")
     roots = settings.data_roots
     if not isinstance(sources, list) or not sources:
         raise PathError(f"sources must be a non-empty list of image files or folders inside {roots_text(roots)}")
@@ -279,7 +283,9 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
     finally:
         free_gpu_memory()
     errors = sum(1 for r in results if r["error"])
-    return {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors}
+    answer = {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors,
+              "model": predictor.meta["model_name"], "classes": list(predictor.classes)}
+    return {**answer, "results": results} if with_results else answer
 
 
 def _confine_source(source: Any, roots) -> Path:
