@@ -32,7 +32,6 @@ TRAIN_HELP = {
     "optimizer": "adamw, adam or sgd (Nesterov)",
     "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
     "device": "auto, cpu, cuda or cuda:N",
-    "num_workers": "kept for compatibility: decoded images are cached, so no loader processes are needed",
 }
 
 
@@ -48,15 +47,19 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text or f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead
         required = default is dataclasses.MISSING
-        parser.add_argument(flag, type=kind, default=None if required else default, required=required,
+        parser.add_argument(flag, type=kind, default=None if required else default,
                             help=help_text if required else f"{help_text} (default {default})".strip())
 
 
 def _train_config(args: argparse.Namespace):
-    from shared.training.config import TrainConfig
+    from shared.training.config import ConfigError, TrainConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["data_dir"] is None:
+        raise ConfigError("--data-dir is required: a folder with one sub-folder per class (or --resume RUN to "
+                          "continue a run)")
     values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
     return TrainConfig(**values)
 
@@ -94,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--csv", help="also write the predictions to this CSV file")
+    predict.add_argument("--queue", action="store_true",
+                         help="send the batch through Redis (REDIS_URL) to a worker and wait for its answer; the "
+                              "files must lie in the worker's data folders (RESNET_LAB_DATA_ROOTS)")
 
     runs = sub.add_parser("runs", help="list runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="all runs, newest first")
@@ -175,8 +181,9 @@ class TqdmReporter:
 
 
 def cmd_train(args, settings: Settings) -> int:
-    from shared.training.engine import fit
+    from shared.runs.lifecycle import transition
     from shared.runs.store import RunStore
+    from shared.training.engine import fit
 
     store = RunStore(settings.models_dir)
     if args.resume:
@@ -191,20 +198,22 @@ def cmd_train(args, settings: Settings) -> int:
     run_dir = store.path(run_id)
     print(f"run {run_id} in {run_dir}", file=sys.stderr)
     reporter = TqdmReporter()
-    store.set_status(run_id, "running")
+    # the run folder is the record (no registry: the page shows CLI runs from their folders); a run that already
+    # succeeded is refused here, before anything is trained
+    transition(store, None, run_id, "running")
     try:
         result = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
+        _print_skipped(run_dir)
+        if not args.skip_eval:  # as on a worker: a run whose evaluation fails is failed
+            _evaluate(run_dir, "test", None, settings.eval_figures)
     except KeyboardInterrupt:
-        store.set_status(run_id, "cancelled", error="interrupted from the keyboard")
+        transition(store, None, run_id, "cancelled", error="interrupted from the keyboard")
         print(f"interrupted; resume with: resnet-lab train --resume {run_id}", file=sys.stderr)
         return 130
     except Exception as exc:
-        store.set_status(run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
+        transition(store, None, run_id, "failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
-    _print_skipped(run_dir)
-    if not args.skip_eval:
-        _evaluate(run_dir, "test", None, settings.eval_figures)
-    store.set_status(run_id, "succeeded", best=result)
+    transition(store, None, run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
     return 0
 
@@ -259,17 +268,42 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_predict(args, settings: Settings) -> int:
+    from shared.analysis.predict import Predictor
     from shared.data.images import expand_image_paths
-    from shared.analysis.predict import Predictor, write_predictions_csv
     from shared.runs.store import RunStore
 
+    if args.queue and not settings.redis_url:
+        raise ValueError("--queue needs REDIS_URL: the address of the Redis your workers use (resnet-lab up prints "
+                         "it), e.g. REDIS_URL=redis://:password@host:6379/0")
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
+    if args.queue:
+        return _predict_on_a_worker(args, run_id, settings)
     predictor = Predictor(store.path(run_id))
     files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
-    print(f"model: run {run_id} ({predictor.meta['model_name']}, classes: {', '.join(predictor.classes)})",
-          file=sys.stderr)
+    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv)
+
+
+def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
+    """Hand over to `python -m worker.queued_predict` (shared/ never imports Celery), which sends the batch to a
+    worker, waits and prints the answer with `print_predictions`."""
+    from shared.launch.up import run_child
+
+    files = [str(Path(f).expanduser().absolute()) for f in args.files]  # the worker does not share our cwd
+    extra = [run_id, *files, "--top-k", str(args.top_k)]
+    if args.csv:
+        extra += ["--csv", str(Path(args.csv).expanduser().absolute())]
+    return run_child("worker.queued_predict", extra, settings)
+
+
+def print_predictions(run_id: str, model_name: str, classes: Sequence[str], results: list[dict], top_k: int,
+                      csv_path: str | None) -> int:
+    """What `resnet-lab predict` prints (the table on stdout, the model on stderr) and writes (--csv), whether the
+    model ran here or on a worker; returns the exit code (1 when no file could be classified)."""
+    from shared.analysis.predict import write_predictions_csv
+
+    print(f"model: run {run_id} ({model_name}, classes: {', '.join(classes)})", file=sys.stderr)
     failures = 0
     for r in results:
         if r["error"]:
@@ -278,9 +312,9 @@ def cmd_predict(args, settings: Settings) -> int:
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
             print(f"{r['source']}: {top}")
-    if args.csv:
-        write_predictions_csv(results, Path(args.csv), top_k=args.top_k)
-        print(f"wrote {args.csv}", file=sys.stderr)
+    if csv_path:
+        write_predictions_csv(results, Path(csv_path), top_k=top_k)
+        print(f"wrote {csv_path}", file=sys.stderr)
     return 1 if failures == len(results) else 0
 
 
@@ -351,23 +385,17 @@ COMMANDS = {
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
+    from shared.analysis.predict import NoModelError
+    from shared.data.datasets import DatasetError
+    from shared.data.download import DownloadError
+    from shared.data.images import ImageError
+    from shared.runs.store import RunNotFound
     from shared.training.checkpoint import CheckpointError
     from shared.training.config import ConfigError
-    from shared.data.datasets import DatasetError
-    from shared.data.images import ImageError
     from shared.training.models import WeightsUnavailable
-    from shared.analysis.predict import NoModelError
-    from shared.runs.store import RunNotFound
 
-    types: list[type[BaseException]] = [ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError,
-                                        RunNotFound, CheckpointError, FileNotFoundError, NotADirectoryError,
-                                        PermissionError]
-    try:
-        from shared.data.download import DownloadError
-        types.append(DownloadError)
-    except ImportError:
-        pass
-    return tuple(types)
+    return (ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError, RunNotFound, CheckpointError,
+            DownloadError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,13 +10,46 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 ENV_PREFIX = "RESNET_LAB_"
 
 
-def _split_paths(value: str) -> tuple[Path, ...]:
+def _path(name: str, value: str) -> Path:
+    return Path(value).expanduser().resolve()
+
+
+def _split_paths(name: str, value: str) -> tuple[Path, ...]:
     return tuple(Path(p).expanduser().resolve() for p in value.split(os.pathsep) if p.strip())
+
+
+def _join_paths(paths: tuple[Path, ...]) -> str:
+    return os.pathsep.join(str(p) for p in paths)
+
+
+def _text(name: str, value: str) -> str:
+    return value
+
+
+def _integer(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _gigabytes(name: str, value: str) -> float:
+    try:
+        gb = float(value)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and gb >= 0):
+        raise ValueError(f"{name} must be a number of gigabytes >= 0 (e.g. 20 or 0.5), got {value!r}")
+    return gb
+
+
+def _host_names(name: str, value: str) -> tuple[str, ...]:
+    return tuple(h.strip().lower() for h in value.split(",") if h.strip())
 
 
 @dataclass(frozen=True)
@@ -75,50 +108,22 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
-        """Build settings from environment variables; keyword overrides (CLI flags) win."""
+        """Build settings from environment variables (`ENV_VARS`); keyword overrides (CLI flags) win."""
         env = os.environ if env is None else env
-        values: dict = {}
-
-        def get(name: str) -> str | None:
-            value = env.get(ENV_PREFIX + name)
-            return value if value not in (None, "") else None
-
-        if (v := get("MODELS_DIR")) is not None:
-            values["models_dir"] = Path(v).expanduser().resolve()
-        if (v := get("DATA_ROOTS")) is not None:
-            values["data_roots"] = _split_paths(v)
-        if (v := get("CACHE_DIR")) is not None:
-            values["cache_dir"] = Path(v).expanduser().resolve()
-        if (v := get("WEIGHTS_DIR")) is not None:
-            values["weights_dir"] = Path(v).expanduser().resolve()
-        if env.get("REDIS_URL"):
-            values["redis_url"] = env["REDIS_URL"]
-        if (v := get("HOST")) is not None:
-            values["host"] = v
-        if (v := get("AUTH")) is not None:
-            values["auth"] = v
-        if (v := get("ALLOWED_HOSTS")) is not None:
-            values["allowed_hosts"] = tuple(h.strip().lower() for h in v.split(",") if h.strip())
-        if (v := get("EVAL_FIGURES")) is not None:
-            values["eval_figures"] = v
-        for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),
-                          ("MAX_UPLOAD_MB", "max_upload_mb"), ("WORKER_THREADS", "worker_threads"),
-                          ("MAX_QUEUED_RUNS", "max_queued_runs")):
-            if (v := get(name)) is not None:
-                try:
-                    values[key] = int(v)
-                except ValueError:
-                    raise ValueError(f"{ENV_PREFIX}{name} must be an integer, got {v!r}") from None
-        for name, key in (("CACHE_MAX_GB", "cache_max_gb"), ("UPLOADS_MAX_GB", "uploads_max_gb")):
-            if (v := get(name)) is not None:
-                values[key] = _gigabytes(name, v)
+        values = {var.field: var.parse(var.name, env[var.name]) for var in ENV_VARS if env.get(var.name)}
         values.update({k: v for k, v in overrides.items() if v is not None})
         for key in ("models_dir", "cache_dir", "weights_dir"):
             if isinstance(values.get(key), str):
-                values[key] = Path(values[key]).expanduser().resolve()
+                values[key] = _path(key, values[key])
         if isinstance(values.get("data_roots"), (str, Path)):
-            values["data_roots"] = _split_paths(str(values["data_roots"]))
+            values["data_roots"] = _split_paths("data_roots", str(values["data_roots"]))
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that hand these settings (CLI overrides included) to a child process;
+        `Settings.from_env(s.to_env()) == s`. Unset optional settings are left out."""
+        return {var.name: var.format(getattr(self, var.field)) for var in ENV_VARS
+                if getattr(self, var.field) is not None}
 
     def with_overrides(self, **overrides) -> "Settings":
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -133,14 +138,55 @@ class Settings:
         return user, password
 
 
-def _gigabytes(name: str, value: str) -> float:
-    try:
-        gb = float(value)
-    except ValueError:
-        gb = math.nan
-    if not (math.isfinite(gb) and gb >= 0):
-        raise ValueError(f"{ENV_PREFIX}{name} must be a number of gigabytes >= 0 (e.g. 20 or 0.5), got {value!r}")
-    return gb
+@dataclass(frozen=True)
+class EnvVar:
+    """One setting's environment variable: `parse(name, text)` reads it (errors name the variable), `format`
+    writes it back for a child process."""
+
+    field: str
+    name: str
+    parse: Callable[[str, str], Any]
+    format: Callable[[Any], str] = str
+
+
+# every Settings field, both ways (tests/test_settings.py checks that none is missing and that each round-trips)
+ENV_VARS = (
+    EnvVar("models_dir", ENV_PREFIX + "MODELS_DIR", _path),
+    EnvVar("data_roots", ENV_PREFIX + "DATA_ROOTS", _split_paths, _join_paths),
+    EnvVar("cache_dir", ENV_PREFIX + "CACHE_DIR", _path),
+    EnvVar("cache_max_gb", ENV_PREFIX + "CACHE_MAX_GB", _gigabytes, repr),
+    EnvVar("redis_url", "REDIS_URL", _text),
+    EnvVar("host", ENV_PREFIX + "HOST", _text),
+    EnvVar("port", ENV_PREFIX + "PORT", _integer),
+    EnvVar("auth", ENV_PREFIX + "AUTH", _text),
+    EnvVar("allowed_hosts", ENV_PREFIX + "ALLOWED_HOSTS", _host_names, ",".join),
+    EnvVar("visibility_timeout", ENV_PREFIX + "VISIBILITY_TIMEOUT", _integer),
+    EnvVar("max_upload_mb", ENV_PREFIX + "MAX_UPLOAD_MB", _integer),
+    EnvVar("uploads_max_gb", ENV_PREFIX + "UPLOADS_MAX_GB", _gigabytes, repr),
+    EnvVar("worker_threads", ENV_PREFIX + "WORKER_THREADS", _integer),
+    EnvVar("weights_dir", ENV_PREFIX + "WEIGHTS_DIR", _path),
+    EnvVar("max_queued_runs", ENV_PREFIX + "MAX_QUEUED_RUNS", _integer),
+    EnvVar("eval_figures", ENV_PREFIX + "EVAL_FIGURES", _text),
+)
+
+
+def redact_url(url: str | None) -> str:
+    """A Redis URL for messages: the scheme, host, port and database, never a password.
+
+    Credentials end at the *last* '@': a password may hold '@', ':' or '/' unencoded, which urllib's split (the
+    host ends at the first '/') would cut in the middle and half show. A query (`?password=...`) is hidden whole;
+    when a '?' comes before the last '@' (a password with '?', or a query with '@') nothing past the scheme shows.
+    """
+    if not url:
+        return "<unset>"
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "redis", url
+    credentials, at, tail = rest.rpartition("@")
+    if at and "?" in credentials:
+        return f"{scheme}://***"
+    address, question, _query = tail.partition("?")
+    return f"{scheme}://{'***@' if at else ''}{address}{'?***' if question else ''}"
 
 
 def is_loopback(host: str) -> bool:

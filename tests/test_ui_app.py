@@ -81,12 +81,28 @@ def test_a_stale_running_record_takes_the_finished_status_of_its_folder(tmp_path
     assert lab.client().registry.get(run_id)["status"] == "succeeded"
 
 
-def test_activation_sheet_has_one_row_per_stage():
-    from ui.tabs.results import activation_sheet
+def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):
+    # one drawing for the feature-map sheet: the page's picture is plots.plot_activations of the same maps
+    from shared.analysis.explain import top_channels
+    from shared.analysis.plots import plot_activations
+    from shared.data.images import load_rgb
+    from shared.training.engine import fit
+    from ui.app import Lab
+    from ui.tabs.results import activations
 
-    maps = {"conv1": [np.random.rand(32, 32) for _ in range(8)], "layer4": [np.zeros((2, 2)) for _ in range(8)]}
-    sheet = activation_sheet(maps, tile=40, gap=4, label_width=100)
-    assert sheet.size == (100 + 8 * 44, 2 * 44) and sheet.mode == "RGB"
+    data = make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=6, size=32)
+    lab = Lab(Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",)))
+    config = TrainConfig(data_dir=str(data), weights="none", image_size=32, epochs=1, batch_size=4, augment="none",
+                         device="cpu", amp=False)
+    run_id = lab.store.create(config)
+    lab.store.set_status(run_id, "succeeded", best=fit(config, lab.store.path(run_id)))
+    photo = next((data / "class_1").glob("*.jpg"))
+
+    shown = activations(lab, run_id, {"path": str(photo)})
+    predictor = lab.predictors.get(run_id)
+    x = predictor.transform(load_rgb(photo)).unsqueeze(0)
+    expected = plot_activations(top_channels(predictor.model, x, top=8))
+    assert shown.size == expected.size and np.array_equal(np.asarray(shown), np.asarray(expected))
 
 
 def test_binding_beyond_loopback_needs_credentials(tmp_path):

@@ -16,6 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from shared.analysis.predict import PredictorCache
+from shared.runs.lifecycle import mirror
 from shared.runs.store import DAMAGED, FINISHED, RunDamaged, RunNotFound, RunStore, read_metrics
 from shared.settings import Settings
 
@@ -115,7 +116,7 @@ class Lab:
         if status.get("status") not in FINISHED and record.get("status") != DAMAGED:
             return record
         try:
-            client.registry.update(record["run_id"], **{k: v for k, v in status.items() if k != "run_id"})
+            mirror(client.registry, status)
         except Exception as exc:  # noqa: BLE001 - shown from the folder anyway; the next tick retries
             log.warning("could not repair the registry record of %s: %s", record["run_id"], exc)
         return {**record, **status}

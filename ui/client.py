@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import logging
 from functools import cached_property
-from typing import Any
 
 import redis
 from celery import Celery
 
 from shared.training.config import TrainConfig
+from shared.runs.lifecycle import TransitionRefused, transition
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import RunNotFound, RunStore
-from shared.settings import Settings
+from shared.settings import Settings, redact_url
+from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
-EVALUATE_TASK = "resnet_lab.evaluate"
-PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 
 
 class QueueUnavailable(RuntimeError):
@@ -55,7 +53,7 @@ class QueueClient:
 
     def _require_redis(self) -> None:
         if not self.redis_ok():
-            raise QueueUnavailable(f"cannot reach Redis at {_safe_url(self.settings.redis_url)}: start it "
+            raise QueueUnavailable(f"cannot reach Redis at {redact_url(self.settings.redis_url)}: start it "
                                    "(`resnet-lab up` starts one) and the page reconnects by itself")
 
     def submit(self, configs: list[TrainConfig]) -> list[str]:
@@ -104,7 +102,7 @@ class QueueClient:
         try:
             return self.registry.list(limit)
         except redis.RedisError as exc:
-            raise QueueUnavailable(f"cannot reach Redis at {_safe_url(self.settings.redis_url)}: {exc}") from exc
+            raise QueueUnavailable(f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {exc}") from exc
 
     def run(self, run_id: str) -> dict:
         record = self.registry.get(run_id)
@@ -117,12 +115,11 @@ class QueueClient:
         """Queued: marked cancelled now and skipped by the worker. Running: the engine stops within one batch."""
         self._require_redis()
         self.registry.request_cancel(run_id)
-        status = self.store.status(run_id)
-        if status["status"] == "queued":
-            self.store.set_status(run_id, "cancelled", error="cancelled before it started")
-            return self.registry.update(run_id, status="cancelled", error="cancelled before it started",
-                                        finished=self.store.status(run_id)["finished"])
-        return self.registry.update(run_id, cancel_requested=True)
+        try:
+            return transition(self.store, self.registry, run_id, "cancelled", expected=("queued",),
+                              error="cancelled before it started")
+        except TransitionRefused:  # running (or finished): the flag above is what stops it
+            return self.registry.update(run_id, cancel_requested=True)
 
     def delete(self, run_id: str) -> None:
         """Remove a finished or queued run with its files (a running run must be cancelled first)."""
@@ -133,25 +130,3 @@ class QueueClient:
     def resync(self) -> int:
         """After Redis lost its data (restarted without persistence), rebuild records from the run folders."""
         return self.registry.sync_from_store(self.store)
-
-
-def _safe_url(url: str | None) -> str:
-    """The Redis URL without its credentials, for messages shown to users.
-
-    The credentials end at the *last* '@' before the host: a password may hold '@', ':' or '/' unencoded, which
-    urllib's own split (netloc ends at the first '/') would cut in the middle and half show.
-    """
-    if not url:
-        return "<unset>"
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "redis", url
-    _credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    return f"{scheme}://***@{host}"
-
-
-def describe(record: dict[str, Any]) -> str:
-    config = record.get("config") or {}
-    return f"{record['run_id']} ({config.get('model', '?')}, lr {config.get('lr', '?')})"

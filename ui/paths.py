@@ -3,8 +3,8 @@
 Every dataset path that reaches `shared/` from the page goes through `confine_dataset_path`: symlinks are
 resolved first, so neither `../` nor a link can lead out of the configured data roots, and a file where a folder
 is expected gets a message that says what to pick instead. Uploaded .zip archives are unpacked by
-`extract_zip` into the first data root, entry by entry, refusing absolute names, `..`, symlinks and archives
-that expand past a size or file-count cap or far beyond their compressed size (zip bombs), or that would take
+`extract_zip` into the first data root, entry by entry, refusing what `shared.data.archives` refuses (absolute
+names, `..`, links, zip bombs) and archives that expand past a size or file-count cap, or that would take
 the upload folder past its total cap, and writing into a hidden temporary folder that is renamed into place only
 when everything went well; such a folder left by a crash is removed when the page starts
 (`remove_stale_extractions`). Only image files are extracted: the data roots are served by the page's file route,
@@ -19,14 +19,14 @@ import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Sequence
 
+from shared.data.archives import MAX_ENTRY_DEPTH, UnsafeEntry, check_inflation, zip_entry_parts
 from shared.data.images import is_image_name
 # the confinement lives in shared/: the worker checks task arguments with the same function
 from shared.data.paths import PathError, confine_dataset_path, is_within  # noqa: F401 - re-exported for the tabs
@@ -35,10 +35,6 @@ from shared.data.paths import PathError, confine_dataset_path, is_within  # noqa
 _SKIP = frozenset({"__MACOSX", "__pycache__", "node_modules"})
 # How deep below a data root `discover_datasets` looks for dataset folders.
 _DISCOVER_DEPTH = 3
-_MAX_ENTRY_DEPTH = 32
-# Images are compressed already: an entry inflating more than this many times (above _RATIO_MIN_BYTES) is a bomb.
-MAX_COMPRESSION_RATIO = 200
-_RATIO_MIN_BYTES = 1_000_000
 # Left free on the data folder's disk after an extraction.
 _FREE_MARGIN_BYTES = 100_000_000
 # An unlocked `.upload-*` folder older than this was left by an extraction that crashed.
@@ -119,27 +115,6 @@ def safe_folder_name(name: str) -> str:
     return clean[:80] or "dataset"
 
 
-def _entry_parts(info: zipfile.ZipInfo) -> tuple[str, ...]:
-    """The checked path parts of one archive entry; raises PathError for names that could escape."""
-    name = info.filename.replace("\\", "/")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise PathError(f"the archive holds an absolute path ({info.filename!r}) — refusing to extract it")
-    parts = tuple(p for p in PurePosixPath(name).parts if p not in ("", "."))
-    if any(p == ".." for p in parts):
-        raise PathError(f"the archive holds a path that climbs out of its folder ({info.filename!r}) — "
-                        "refusing to extract it")
-    if any("\x00" in p for p in parts):
-        raise PathError(f"the archive holds a name with a NUL character ({info.filename!r})")
-    if len(parts) > _MAX_ENTRY_DEPTH:
-        raise PathError(f"the archive nests folders more than {_MAX_ENTRY_DEPTH} deep ({info.filename!r})")
-    return parts
-
-
-def _is_symlink(info: zipfile.ZipInfo) -> bool:
-    # Unix archivers keep st_mode in the high 16 bits of external_attr
-    return info.create_system == 3 and stat.S_ISLNK(info.external_attr >> 16)
-
-
 @dataclass
 class Extracted:
     """What `extract_zip` did: the dataset folder, how many images it wrote, which entries it left out."""
@@ -154,12 +129,9 @@ def _plan(zf: zipfile.ZipFile, max_bytes: int, max_files: int, skipped: list[str
     """Check every entry before anything is written; returns (entry, parts) for the images to extract."""
     plan, total = [], 0
     for info in zf.infolist():
-        parts = _entry_parts(info)
+        parts = _checked(zip_entry_parts, info)
         if not parts or parts[0] == "__MACOSX" or parts[-1] == ".DS_Store":
             continue
-        if _is_symlink(info):
-            raise PathError(f"the archive holds a symbolic link ({info.filename!r}) — links are refused; "
-                            "zip the real files instead")
         if info.is_dir():
             continue
         if info.flag_bits & 0x1:
@@ -177,12 +149,17 @@ def _plan(zf: zipfile.ZipFile, max_bytes: int, max_files: int, skipped: list[str
                             "copy the folder into the data folder instead")
     if not plan:
         raise PathError("the archive holds no image files — zip a folder with one sub-folder of images per class")
-    for info, parts in plan:
-        if info.file_size > _RATIO_MIN_BYTES and info.file_size > MAX_COMPRESSION_RATIO * max(1, info.compress_size):
-            raise PathError(f"the archive entry {'/'.join(parts)!r} inflates {_mb(info.compress_size)} into "
-                            f"{_mb(info.file_size)}, more than {MAX_COMPRESSION_RATIO} times — images do not compress "
-                            "like that (a zip bomb?); zip the real image files again")
+    for info, _ in plan:
+        _checked(check_inflation, info)
     return plan
+
+
+def _checked(rule, info: zipfile.ZipInfo):
+    """One of shared.data.archives' entry rules, its refusal said as the page says it."""
+    try:
+        return rule(info)
+    except UnsafeEntry as exc:
+        raise PathError(f"the archive's {exc} — refusing to extract it; zip the real image files again") from None
 
 
 def _bytes_under(root: Path, stop_above: int) -> int:
@@ -341,7 +318,7 @@ def _unique(path: Path) -> Path:
 
 def _dataset_inside(folder: Path) -> Path:
     """Descend through single wrapper folders (`upload/flowers/<classes>` → `upload/flowers`)."""
-    for _ in range(_MAX_ENTRY_DEPTH):
+    for _ in range(MAX_ENTRY_DEPTH):
         try:
             entries = [e for e in os.scandir(folder) if not e.name.startswith(".") and e.name not in _SKIP]
         except OSError:

@@ -27,12 +27,13 @@ import time
 import uuid
 import redis
 
+from shared.runs.lifecycle import mirror
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import DAMAGED, RunDamaged, RunNotFound, RunStore
+from shared.tasks import TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
 # a run whose worker died this many times in a row without finishing an epoch is failed instead of re-queued again
 # (a process killed every time, e.g. by the kernel's out-of-memory killer, would take every worker down in turn)
 MAX_CRASHES = 3
@@ -196,7 +197,7 @@ def settle_unrunnable(store: RunStore, registry: RunRegistry, run_id: str) -> st
     try:
         store.status(run_id)
     except RunDamaged as exc:
-        registry.update(run_id, status=DAMAGED, error=str(exc))
+        mirror(registry, {"run_id": run_id, "status": DAMAGED, "error": str(exc)})
         return f"its run folder is damaged: {exc}"
     except RunNotFound:
         registry.delete(run_id)

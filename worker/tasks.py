@@ -12,7 +12,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import time
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -29,9 +28,11 @@ from shared.training.engine import Cancelled, fit, pick_device
 from shared.data.images import expand_image_paths
 from shared.training.models import WeightsUnavailable
 from shared.data.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
+from shared.runs.lifecycle import TransitionRefused, fail_in_registry_only, transition
 from shared.runs.registry import RunRegistry
 from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
+from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 from .celery_app import settings_of
 from .progress import TaskReporter
@@ -39,9 +40,6 @@ from .recovery import MAX_CRASHES, Lease, resend_train, settle_unrunnable, shutd
 
 log = logging.getLogger(__name__)
 
-TRAIN_TASK = "resnet_lab.train"
-EVALUATE_TASK = "resnet_lab.evaluate"
-PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
 # errors whose message already says what to do: shown as they are, without the exception's class name
 USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError,
                RunDamaged, CacheFullError)
@@ -59,13 +57,6 @@ class RunFailed(RuntimeError):
 @lru_cache(maxsize=4)
 def _services(settings: Settings) -> tuple[RunStore, RunRegistry]:
     return RunStore(settings.models_dir), RunRegistry.from_url(settings.redis_url, timeout=10.0)
-
-
-def transition(store: RunStore, registry: RunRegistry, run_id: str, status: str, **fields: Any) -> dict:
-    """Set the status in the run folder, then copy the whole record into the registry."""
-    record = store.set_status(run_id, status, **fields)
-    registry.update(run_id, **{k: v for k, v in record.items() if k != "run_id"})
-    return record
 
 
 def failure_reason(exc: BaseException, config=None) -> str:
@@ -143,7 +134,9 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
     config, outcome, reason = None, None, None
     try:
         config = store.config(run_id)
-        transition(store, registry, run_id, "running", worker=task.request.hostname, task_id=task.request.id,
+        # queued, or running when its worker died; cancelled (from the page) since the checks above: not ours
+        transition(store, registry, run_id, "running", expected=("queued", "running"),
+                   worker=task.request.hostname, task_id=task.request.id,
                    attempt=int(record.get("attempt") or 0) + 1, error=None)
         best = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
         reporter.phase("evaluating")
@@ -154,6 +147,8 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
                                      settings.eval_figures)}
     except Cancelled:
         outcome = "cancelled"
+    except TransitionRefused as exc:
+        return {"run_id": run_id, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
         log.exception("run %s failed", run_id)
         reason = failure_reason(exc, config)
@@ -172,7 +167,7 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
             # the run folder itself cannot be written (read-only, disk full): the registry still tells the page,
             # and a run left 'queued' there would be re-sent by the recovery scan forever
             log.error("run %s: cannot write its failure into %s: %s", run_id, run_dir, exc)
-            registry.update(run_id, status="failed", error=reason, finished=time.time())
+            fail_in_registry_only(registry, run_id, reason)
         raise RunFailed(reason)
     if outcome == "cancelled":
         return _stopped(task, store, registry, run_id, reporter)
@@ -245,8 +240,10 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
 
 
 @shared_task(bind=True, name=PREDICT_BATCH_TASK)
-def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256) -> dict:
-    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run.
+def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: int = 256,
+                  with_results: bool = False) -> dict:
+    """Classify many images with a run's best model; writes `predictions-<timestamp>.csv` into the run and returns
+    its path with the model's name and classes, and every row too when `with_results` (`resnet-lab predict --queue`).
 
     Every source must lie inside this worker's data roots (checked before any folder is listed), and files
     found in those folders that link out of the roots get an error row instead of being read: the CSV lands in
@@ -256,6 +253,8 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
 
     settings = settings_of(self.app)
     top_k, chunk = _bounded("top_k", top_k, 1, 100), _bounded("chunk", chunk, 1, 4096)
+    if not isinstance(with_results, bool):
+        raise ConfigError(f"with_results must be true or false; got {str(with_results)[:40]!r}")
     roots = settings.data_roots
     if not isinstance(sources, list) or not sources:
         raise PathError(f"sources must be a non-empty list of image files or folders inside {roots_text(roots)}")
@@ -284,7 +283,9 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
     finally:
         free_gpu_memory()
     errors = sum(1 for r in results if r["error"])
-    return {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors}
+    answer = {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors,
+              "model": predictor.meta["model_name"], "classes": list(predictor.classes)}
+    return {**answer, "results": results} if with_results else answer
 
 
 def _confine_source(source: Any, roots) -> Path:

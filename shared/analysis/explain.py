@@ -208,10 +208,10 @@ def tsne_embed(features: np.ndarray, seed: int = 0, n_jobs: int = 1) -> np.ndarr
     """2-D t-SNE of (N, D) features → (N, 2) float32, deterministic for a seed.
 
     PCA to 50 dimensions first (standard practice; it makes the neighbour search cheap), then openTSNE
-    (Barnes-Hut below 10,000 points, PCA initialisation), or scikit-learn's TSNE(init="pca") when openTSNE is not
-    installed. bench/bench_tsne.py, 3,000 x 512 resnet18 features of the flower photos on this 2-core machine, equal
-    quality (trustworthiness@10 0.989 vs 0.989, 10-NN accuracy in 2-D 0.385 vs 0.389): openTSNE 10-12 CPU-seconds,
-    scikit-learn 21-22, one thread each; 6.4 s vs 12.9 s wall with two threads on a quiet machine.
+    (Barnes-Hut below 10,000 points, PCA initialisation), chosen over scikit-learn's TSNE by bench/bench_tsne.py:
+    3,000 x 512 resnet18 features of the flower photos on this 2-core machine, equal quality (trustworthiness@10
+    0.989 vs 0.989, 10-NN accuracy in 2-D 0.385 vs 0.389): openTSNE 10-12 CPU-seconds, scikit-learn 21-22, one
+    thread each; 6.4 s vs 12.9 s wall with two threads on a quiet machine.
     n_jobs defaults to 1: on a busy machine a second thread made openTSNE slower (468 points: 1.2 → 9 CPU-seconds;
     3,000 points: no gain), and one thread keeps 3,000 points near 11 s.
     """
@@ -236,21 +236,9 @@ def tsne_embed(features: np.ndarray, seed: int = 0, n_jobs: int = 1) -> np.ndarr
         x = PCA(n_components=dims, random_state=seed).fit_transform(x).astype(np.float32)
     perplexity = float(min(30.0, (n - 1) / 3.0))
     threads = max(1, int(n_jobs))
-    try:
-        import openTSNE
-    except ImportError:
-        logger.info("openTSNE not installed: using scikit-learn's TSNE (about twice as slow)")
-        return _sklearn_tsne(x, perplexity, seed, threads)
+    import openTSNE  # imported here: loading it takes a while, and only evaluations draw a t-SNE
+
     embedding = openTSNE.TSNE(n_components=2, perplexity=perplexity, initialization="pca", random_state=seed,
                               n_jobs=threads, verbose=False).fit(x)
     return np.asarray(embedding, dtype=np.float32)
 
-
-def _sklearn_tsne(x: np.ndarray, perplexity: float, seed: int, threads: int) -> np.ndarray:
-    from sklearn.manifold import TSNE
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(threads):  # its gradient loop uses OpenMP, which n_jobs does not limit
-        tsne = TSNE(n_components=2, init="pca", learning_rate="auto", perplexity=perplexity, random_state=seed,
-                    n_jobs=threads)
-        return tsne.fit_transform(x).astype(np.float32)

@@ -20,6 +20,8 @@ import zlib
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from shared.data.archives import UnsafeEntry, tar_member_parts
+
 log = logging.getLogger(__name__)
 
 FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
@@ -179,7 +181,11 @@ def _extract(archive: Path, dest: Path, name: str, archive_name: str) -> None:
             with tarfile.open(archive, "r:*") as tar:
                 members = tar.getmembers()
                 for member in members:
-                    _check_member(member, archive_name)
+                    try:
+                        tar_member_parts(member)
+                    except UnsafeEntry as exc:
+                        raise DownloadError(f"refusing to extract {archive_name}: {exc} — the archive is corrupt or "
+                                            f"malicious; nothing was extracted.") from None
                 if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4: the stdlib's own safety net as well
                     tar.extractall(work, members=members, filter="data")
                 else:
@@ -204,23 +210,6 @@ def _extract(archive: Path, dest: Path, name: str, archive_name: str) -> None:
         log.info("extracted %s to %s", archive_name, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _check_member(member: tarfile.TarInfo, archive_name: str) -> None:
-    """Refuse members that could write outside the extraction folder or are not plain files/folders."""
-    path = PurePosixPath(member.name)
-    problem = None
-    if member.name.startswith(("/", "\\")) or path.is_absolute() or (len(member.name) > 1 and member.name[1] == ":"):
-        problem = "has an absolute path"
-    elif ".." in path.parts or "\\" in member.name:
-        problem = "points outside the folder"
-    elif member.issym() or member.islnk():
-        problem = "is a link"
-    elif not (member.isfile() or member.isdir()):
-        problem = "is a device or other special file"
-    if problem:
-        raise DownloadError(f"refusing to extract {archive_name}: member {member.name!r} {problem} — the archive is "
-                            f"corrupt or malicious; nothing was extracted.")
 
 
 # --- Oxford Flowers-102 (optional) -------------------------------------------------------------------------------

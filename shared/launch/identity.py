@@ -35,6 +35,8 @@ from pathlib import Path
 import redis
 from redis.connection import parse_url
 
+from shared.settings import redact_url
+
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = ".redis-identity"
@@ -61,7 +63,11 @@ class Pairing:
 
 def redis_address(url: str) -> str:
     """`host:port/db` (or `unix:<path>/db`) of a Redis URL, without user or password."""
-    parts = parse_url(url)
+    try:
+        parts = parse_url(url)
+    except ValueError:  # redis-py's message quotes the piece it could not read: maybe part of the password
+        raise ValueError(f"REDIS_URL {redact_url(url)} is not a Redis URL redis-py can read — percent-encode "
+                         "'/', '?', '#' and '@' in its password (e.g. %2F for '/')") from None
     db = parts.get("db", 0)
     if parts.get("path"):
         return f"unix:{parts['path']}/{db}"

@@ -58,7 +58,10 @@ def redis_ping(url: str, timeout: float = 1.0) -> bool:
     """True when the Redis at `url` answers PING within `timeout` seconds (auth errors and LOADING count as no)."""
     import redis  # imported here: nothing happens at import time
 
-    client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    except ValueError:  # not a URL redis-py can read; its message may quote a piece of the password
+        return False
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):

@@ -20,11 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 from shared.launch.identity import IdentityMismatch, check_models_dir
 from shared.launch.services import http_ok, port_in_use, redis_ping, start_redis
-from shared.settings import ENV_PREFIX, Settings
+from shared.settings import ENV_PREFIX, Settings, redact_url
 from shared.launch.supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched
 
 log = logging.getLogger(__name__)
@@ -69,26 +68,6 @@ def parse_gpus(gpus: str | Sequence[str] | None, env: Mapping[str, str] | None =
             return []
         gpus = gpus.split(",")
     return [str(g).strip() for g in gpus if str(g).strip()]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that hand `settings` (CLI overrides included) to a child process."""
-    env = {
-        ENV_PREFIX + "MODELS_DIR": str(settings.models_dir),
-        ENV_PREFIX + "DATA_ROOTS": os.pathsep.join(str(p) for p in settings.data_roots),
-        ENV_PREFIX + "HOST": settings.host,
-        ENV_PREFIX + "PORT": str(settings.port),
-        ENV_PREFIX + "VISIBILITY_TIMEOUT": str(settings.visibility_timeout),
-        ENV_PREFIX + "MAX_UPLOAD_MB": str(settings.max_upload_mb),
-        ENV_PREFIX + "WORKER_THREADS": str(settings.worker_threads),
-    }
-    if settings.cache_dir is not None:
-        env[ENV_PREFIX + "CACHE_DIR"] = str(settings.cache_dir)
-    if settings.auth:
-        env[ENV_PREFIX + "AUTH"] = settings.auth
-    if settings.redis_url:
-        env["REDIS_URL"] = settings.redis_url
-    return env
 
 
 def page_url(settings: Settings) -> str:
@@ -210,7 +189,7 @@ def _run(settings: Settings, worker_cmd, ui_cmd, gpus, stop: StopRequest, stop_t
     try:
         if settings.redis_url:
             if not redis_ping(settings.redis_url, timeout=5):
-                _say(f"REDIS_URL does not answer PING ({_redact(settings.redis_url)}) — start that Redis, "
+                _say(f"REDIS_URL does not answer PING ({redact_url(settings.redis_url)}) — start that Redis, "
                      f"fix the URL or password, or unset REDIS_URL to use the embedded one", logging.ERROR)
                 return 1
             redis_url = settings.redis_url
@@ -226,7 +205,7 @@ def _run(settings: Settings, worker_cmd, ui_cmd, gpus, stop: StopRequest, stop_t
         except (IdentityMismatch, ConnectionError) as exc:
             _say(f"error: {exc}", logging.ERROR)
             return 1
-        base_env = {**os.environ, **settings_env(settings), "REDIS_URL": redis_url}
+        base_env = {**os.environ, **settings.to_env(), "REDIS_URL": redis_url}
         children = plan_children(settings, parse_gpus(gpus), worker_cmd, ui_cmd)
         watched = []
         if redis_server is not None:
@@ -254,16 +233,6 @@ def _ready_notice(settings: Settings, poll: float):
     return tick
 
 
-def _redact(url: str) -> str:
-    """A Redis URL with its password replaced, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 # --- `resnet-lab ui` / `resnet-lab worker` ----------------------------------------------------------------------
 
 def run_child(module: str, args: Sequence[str] = (), settings: Settings | None = None, *,
@@ -273,7 +242,7 @@ def run_child(module: str, args: Sequence[str] = (), settings: Settings | None =
     `settings` (CLI overrides included) reach the child as environment variables, plus any extra `env`.
     """
     argv = [sys.executable, "-m", module, *args]
-    child_env = {**os.environ, **(settings_env(settings) if settings else {}), **(env or {})}
+    child_env = {**os.environ, **(settings.to_env() if settings else {}), **(env or {})}
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, argv, child_env)

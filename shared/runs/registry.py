@@ -17,7 +17,7 @@ from typing import Any, Iterable
 
 import redis
 
-from shared.runs.store import FINISHED, FIT_RECORD_KEYS, RunNotFound, RunStore
+from shared.runs.store import FIT_RECORD_KEYS, RunNotFound, RunStore
 
 PREFIX = "resnet_lab"
 
@@ -138,7 +138,3 @@ class RunRegistry:
                 self.put(record)
                 count += 1
         return count
-
-
-def is_finished(record: dict) -> bool:
-    return record.get("status") in FINISHED

@@ -6,12 +6,14 @@ for cheap polling across machines.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import secrets
 import socket
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
@@ -161,7 +163,26 @@ class RunStore:
         return {"run_id": run_id, "status": DAMAGED, "error": error, "created": created, "started": None,
                 "finished": None, "worker": None, "best": None}
 
+    @contextmanager
+    def locked(self, run_id: str) -> Iterator[None]:
+        """Hold the run folder's lock (an flock on the folder, dropped if the holder dies): status changes read,
+        check and write under it (`shared.runs.lifecycle`). RunNotFound when the folder is gone."""
+        try:
+            fd = os.open(self.path(run_id), os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise RunNotFound(f"run {run_id!r} not found in {self.root}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # a filesystem without locks: the status is still written atomically
+                _warn_once(f"cannot lock run folders in {self.root} ({exc.strerror}); status changes go unlocked")
+            yield
+        finally:
+            os.close(fd)  # closing drops the flock
+
     def set_status(self, run_id: str, status: str, **fields: Any) -> dict:
+        """Write status.json (the folder's half of a status change: use `shared.runs.lifecycle.transition`,
+        which checks the change and updates the registry too)."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
         data = self.status(run_id)
@@ -212,21 +233,25 @@ class RunStore:
         return best[1] if best else None
 
     def delete(self, run_id: str) -> None:
-        """Remove a run folder that is not running (a DAMAGED one too: deleting it is the advertised fix)."""
-        try:
-            status = self.status(run_id)["status"]
-        except RunDamaged:
-            status = DAMAGED
-        if status == "running":
-            raise ValueError(f"run {run_id} is running: cancel it before deleting")
-        # renamed away first, in one step: a worker writing into the run from now on finds it gone instead of
-        # recreating files in a half-removed folder; a crash mid-removal leaves a dot folder `remove_leftovers`
-        # clears
+        """Remove a run folder that is not running (a DAMAGED one too: deleting it is the advertised fix).
+
+        Checked and renamed under the folder's lock: a worker starting the run at the same moment either makes it
+        running first (then this refuses) or finds the folder gone."""
         trash = self.root / f"{TRASH_PREFIX}{run_id}-{secrets.token_hex(3)}"
-        try:
-            os.rename(self.path(run_id), trash)
-        except FileNotFoundError:
-            raise RunNotFound(f"run {run_id!r} not found in {self.root}") from None
+        with self.locked(run_id):
+            try:
+                status = self.status(run_id)["status"]
+            except RunDamaged:
+                status = DAMAGED
+            if status == "running":
+                raise ValueError(f"run {run_id} is running: cancel it before deleting")
+            # renamed away first, in one step: a worker writing into the run from now on finds it gone instead of
+            # recreating files in a half-removed folder; a crash mid-removal leaves a dot folder `remove_leftovers`
+            # clears
+            try:
+                os.rename(self.path(run_id), trash)
+            except FileNotFoundError:
+                raise RunNotFound(f"run {run_id!r} not found in {self.root}") from None
         remove_tree(trash)
 
     def metrics(self, run_id: str) -> list[dict]:

@@ -19,7 +19,8 @@ MAX_IMAGE_SIZE = 1024
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 1024
 MAX_SEED = 2**32 - 1  # numpy's seed range
-MAX_NUM_WORKERS = 64
+# fields older versions wrote into config.json that no longer do anything: read back without an error
+RETIRED_FIELDS = ("num_workers",)  # decoded images are cached, so there are no loader processes to size
 
 
 # TrainConfig's field annotations (strings: `from __future__ import annotations`) → accepted Python types
@@ -78,8 +79,6 @@ class TrainConfig:
     device: str = "auto"
     # mixed precision on CUDA (bf16 where supported, else fp16); never used on CPU (it is ~10x slower there)
     amp: bool = True
-    # data-loader processes; -1 sizes them to the cores
-    num_workers: int = -1
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -113,8 +112,6 @@ class TrainConfig:
             ("test_ratio", self.test_ratio, 0 <= self.test_ratio < 1, "in [0, 1)"),
             ("val_ratio + test_ratio", ratio_sum, ratio_sum <= 0.9, "at most 0.9"),
             ("seed", self.seed, 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
-            ("num_workers", self.num_workers, -1 <= self.num_workers <= MAX_NUM_WORKERS,
-             f"between -1 (one per core) and {MAX_NUM_WORKERS}"),
         ]
         for name, value, ok, expected in checks:
             if not ok:
@@ -141,8 +138,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        """Build from a dict, refusing unknown keys (a typo must not be silently ignored)."""
+        """Build from a dict, refusing unknown keys (a typo must not be silently ignored); the RETIRED fields of
+        older config.json files are dropped."""
         known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}; valid: {', '.join(sorted(known))}")

@@ -196,10 +196,6 @@ def backbone_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in head_ids]
 
 
-def head_linear(model: nn.Module) -> nn.Linear:
-    return model.fc[-1] if isinstance(model.fc, nn.Sequential) else model.fc
-
-
 class Backbone(nn.Module):
     """The model up to the pooled penultimate features (what the head sees)."""
 

@@ -212,10 +212,8 @@ def _forget_upload(file_path: str) -> None:
 
 
 def download(lab, progress=gr.Progress()):
-    try:
-        from shared.data.download import DownloadError, download_flowers
-    except ImportError:
-        raise user_error("The download helper is not installed in this version.", title="Not available") from None
+    from shared.data.download import DownloadError, download_flowers
+
     progress(0, desc="downloading the flowers set (about 230 MB)…")
     try:
         folder = download_flowers(lab.settings.upload_root, progress=False)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-import numpy as np
 import pandas as pd
 
 from shared.analysis.eval_result import EvalResult, EvalResultError, load_eval_result
@@ -268,10 +267,8 @@ def evaluate_again(lab, run_id: str | None) -> str:
 def build_report(lab, run_id: str | None):
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
-    try:
-        from shared.analysis.report import write_report
-    except ImportError:
-        raise user_error("The HTML report is not available in this version.", title="Not available") from None
+    from shared.analysis.report import write_report
+
     try:
         path = write_report(lab.store.path(run_id))
     except FileNotFoundError as exc:
@@ -287,7 +284,8 @@ def activations(lab, run_id: str | None, image: Any):
         return None
     if not run_id:
         raise user_error("Pick a finished run first.", title="No run")
-    from shared.analysis.explain import layer_activations
+    from shared.analysis.explain import top_channels
+    from shared.analysis.plots import plot_activations
 
     try:
         data, name = lab.files.read(image)
@@ -307,36 +305,9 @@ def activations(lab, run_id: str | None, image: Any):
         raise user_error(str(exc), title="Not a usable image") from None
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
-        maps = layer_activations(predictor.model, x, top=8)
-    return activation_sheet(maps)
-
-
-def activation_sheet(maps: dict[str, list[np.ndarray]], tile: int = 88, gap: int = 4, label_width: int = 120):
-    """Feature maps as a grid: one labelled row per stage, each map scaled to [0, 1] on its own (viridis)."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw, ImageFont
-
-    cmap = colormaps["viridis"]
-    try:
-        font = ImageFont.load_default(size=15)
-    except TypeError:  # Pillow < 10.1: the bitmap font has one size
-        font = ImageFont.load_default()
-    columns = max((len(v) for v in maps.values()), default=1)
-    width = label_width + columns * (tile + gap)
-    sheet = Image.new("RGB", (width, max(1, len(maps)) * (tile + gap)), "white")
-    draw = ImageDraw.Draw(sheet)
-    for row, (stage, stage_maps) in enumerate(maps.items()):
-        top = row * (tile + gap)
-        size = f"{stage_maps[0].shape[1]} x {stage_maps[0].shape[0]}" if stage_maps else ""
-        draw.text((8, top + tile // 2 - 18), stage, fill=(30, 30, 30), font=font)
-        draw.text((8, top + tile // 2 + 2), size, fill=(110, 110, 110), font=font)
-        for col, m in enumerate(stage_maps):
-            m = np.asarray(m, dtype=np.float32)
-            lo, hi = float(m.min()), float(m.max())
-            norm = (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
-            rgb = Image.fromarray((cmap(norm)[..., :3] * 255).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-            sheet.paste(rgb, (label_width + col * (tile + gap), top))
-    return sheet
+        channels = top_channels(predictor.model, x, top=8)
+    # the same sheet as the evaluation's activations.png, minus the input image (shown beside it already)
+    return plot_activations(channels)
 
 
 def pick_test_image(lab, run_id: str | None, rel: str | None):

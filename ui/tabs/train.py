@@ -215,7 +215,7 @@ def params_to_configs(lab, params: dict[str, Any]) -> list[TrainConfig]:
     if unknown:
         raise ValueError(f"unknown setting(s) {', '.join(unknown)}; valid: "
                          f"{', '.join(sorted(known | set(GRID_FIELDS) | {'lrs_custom'}))}")
-    for key in ("epochs", "image_size", "seed", "warmup_epochs", "patience", "probe_epochs", "num_workers"):
+    for key in ("epochs", "image_size", "seed", "warmup_epochs", "patience", "probe_epochs"):
         if params.get(key) is not None:
             params[key] = _whole(key, params[key])
     n = len(lists["model"]) * len(lists["lr"]) * len(lists["batch_size"])

@@ -1,0 +1,80 @@
+"""`resnet-lab predict RUN FILES... --queue`: the batch goes through the real Redis to a real worker, which reads
+the files inside its data roots; the CLI prints and writes what a local `resnet-lab predict` does."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.runs.store import RunStore
+from shared.training.config import TrainConfig
+from tests.imagegen import make_image_folder
+from tests.procs import REPO
+
+pytestmark = pytest.mark.timeout(400)
+
+
+def _cli(models: Path, *args, redis_url: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("REDIS_URL", None)
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return subprocess.run([sys.executable, "-m", "shared.cli", "predict", *map(str, args)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=REPO)
+
+
+def _rows(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
+def _same_predictions(local: list[list[str]], queued: list[list[str]]) -> None:
+    """Same files, errors and classes in the same order; probabilities equal up to float noise (the worker runs
+    on one thread)."""
+    assert len(local) == len(queued) and local[0] == queued[0]
+    for a, b in zip(local[1:], queued[1:]):
+        assert a[:2] == b[:2] and a[2::2] == b[2::2], (a, b)
+        assert all(abs(float(x) - float(y)) < 1e-3 for x, y in zip(a[3::2], b[3::2])), (a, b)
+
+
+def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, redis_url, start_worker):
+    from shared.training.engine import fit
+
+    root = (tmp_path / "data").resolve()
+    data = make_image_folder(root / "shapes", classes=2, per_class=6, size=32)
+    models = tmp_path / "models"
+    store = RunStore(models)
+    config = TrainConfig(data_dir=str(data), weights="none", image_size=32, epochs=1, batch_size=4, augment="none",
+                         device="cpu", amp=False)
+    run_id = store.create(config)
+    store.set_status(run_id, "succeeded", best=fit(config, store.path(run_id)))
+    broken = data / "class_0" / "broken.jpg"
+    broken.write_text("not an image")
+    outside = make_image_folder(tmp_path / "outside", classes=1, per_class=1, size=32)
+    start_worker(models, RESNET_LAB_DATA_ROOTS=root)
+
+    sources = [data / "class_1", broken]
+    local = _cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "local.csv")
+    assert local.returncode == 0, local.stderr[-3000:]
+    queued = _cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "queued.csv", "--queue",
+                  redis_url=redis_url)
+    assert queued.returncode == 0, queued.stderr[-3000:]
+    assert "waiting for a worker" in queued.stderr and f"model: run {run_id} (resnet18" in queued.stderr
+    assert len(queued.stdout.splitlines()) == 7 and f"{broken}: skipped:" in queued.stdout
+    _same_predictions(_rows(tmp_path / "local.csv"), _rows(tmp_path / "queued.csv"))
+    assert [line.split(": ")[0] for line in queued.stdout.splitlines()] == \
+        [line.split(": ")[0] for line in local.stdout.splitlines()]
+    assert list(store.path(run_id).glob("predictions-*.csv")), "the worker keeps its table in the run folder"
+
+    # the worker reads nothing outside its data roots: refused with its message, exit 2, no traceback
+    refused = _cli(models, run_id, outside, "--queue", redis_url=redis_url)
+    assert refused.returncode == 2 and "outside the data folders" in refused.stderr, refused.stderr[-3000:]
+    assert "Traceback" not in refused.stderr
+    unset = _cli(models, run_id, data, "--queue")
+    assert unset.returncode == 2 and "--queue needs REDIS_URL" in unset.stderr, unset.stderr[-3000:]
+
