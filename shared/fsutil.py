@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import time
 from contextlib import contextmanager
 from functools import lru_cache
@@ -116,6 +117,31 @@ def write_json_atomic(path: str | os.PathLike, data: Any, **dumps_kwargs: Any) -
 
 
 # --- what a crash leaves behind -----------------------------------------------------------------------------------
+
+class NotARegularFile(OSError):
+    """A path that names a FIFO, a device, a socket or a folder where a file was expected."""
+
+
+def open_regular(path: str | os.PathLike, *, follow_links: bool = True) -> IO[bytes]:
+    """Open `path` for binary reading only if it is a regular file; NotARegularFile otherwise.
+
+    O_NONBLOCK, because opening a FIFO blocks until someone writes to it: a FIFO named `x.png` in a dataset would
+    otherwise hang a dataset check or a training worker for ever, and `/dev/zero` would be read without end. The
+    type is checked on the open descriptor, so a file swapped for a FIFO after a check cannot slip through.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise NotARegularFile(errno.EINVAL, f"not a regular file: it is {kind}", os.fspath(path))
+        os.set_blocking(fd, True)  # a regular file never blocks; later reads behave as usual
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
 
 def _pid_alive(pid: int) -> bool:
     if os.name == "nt":  # os.kill would terminate the process there; leave such temps to the age rule

@@ -11,9 +11,12 @@ what the page shows or offers for download.
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 
 from shared.settings import ENV_PREFIX, Settings, is_loopback
 from ui.guard import check_allowed_hosts
@@ -93,12 +96,27 @@ def launch_kwargs(settings: Settings) -> dict:
     )
 
 
+def private_upload_folder() -> None:
+    """Unless GRADIO_TEMP_DIR is set, give Gradio an upload folder of this page's own (mode 0700, removed at exit).
+
+    Gradio's default, /tmp/gradio, is shared by every user and every Gradio app of the machine: its outputs there
+    (Grad-CAM overlays of users' photos, predictions.csv) would be readable by all, and the page trusts the files in
+    its upload folder (ui/guard.py), so no one else must be able to put files there.
+    """
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="resnet-lab-page-")  # created 0700, owned by us, a fresh name
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     # before gradio is imported anywhere: analytics would call out to api.gradio.app / huggingface.co
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    private_upload_folder()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
@@ -129,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     from ui.app import build_app
 
     demo = build_app(settings)
-    demo.queue(default_concurrency_limit=4, max_size=256)  # a bounded queue: a flood of calls gets "queue is full"
+    # a bounded queue: a flood of calls gets "queue is full". api_open=False: Gradio's direct REST routes
+    # (/gradio_api/run/<api>) would run events beside the queue, past its size and every concurrency limit
+    demo.queue(default_concurrency_limit=4, max_size=256, api_open=False)
     print(f"ResNet Lab page: {page_url(settings)}", flush=True)
     demo.launch(**launch_kwargs(settings))
     return 0

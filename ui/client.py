@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 
 
+class EvaluationPending(RuntimeError):
+    """An evaluation of this run is already queued or running."""
+
+
 class QueueUnavailable(RuntimeError):
     """Redis cannot be reached; the message says what to start."""
 
@@ -90,7 +94,15 @@ class QueueClient:
     def submit_evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> str:
         self._require_redis()
         self.store.status(run_id)  # raises RunNotFound early
-        return self.celery.send_task(EVALUATE_TASK, args=[run_id], kwargs={"split": split, "data_dir": data_dir}).id
+        # one pending evaluation per run: a client pressing "Evaluate again" in a loop must not bury the workers
+        if not self.registry.claim_evaluation(run_id):
+            raise EvaluationPending(f"an evaluation of {run_id} is already queued or running — wait for it to finish")
+        try:
+            return self.celery.send_task(EVALUATE_TASK, args=[run_id],
+                                         kwargs={"split": split, "data_dir": data_dir}).id
+        except BaseException:
+            self.registry.release_evaluation(run_id)
+            raise
 
     def submit_predict_batch(self, run_id: str, sources: list[str]) -> str:
         self._require_redis()

@@ -138,13 +138,14 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
         transition(store, registry, run_id, "running", expected=("queued", "running"),
                    worker=task.request.hostname, task_id=task.request.id,
                    attempt=int(record.get("attempt") or 0) + 1, error=None)
-        best = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb)
+        best = fit(config, run_dir, reporter, cache_dir=settings.cache_path, cache_max_gb=settings.cache_max_gb,
+                   data_roots=settings.data_roots)
         reporter.phase("evaluating")
         split = _eval_split(config)
         device = str(pick_device(config.device))
         outcome = {"best": best, "split": split,
                    "eval": _evaluate(run_dir, split, None, device, reporter.evaluation_progress,
-                                     settings.eval_figures)}
+                                     settings.eval_figures, settings.data_roots)}
     except Cancelled:
         outcome = "cancelled"
     except TransitionRefused as exc:
@@ -198,12 +199,12 @@ def _eval_split(config) -> str:
 
 
 def _evaluate(run_dir: Path, split: str, data_dir: str | None, device: str,
-              progress: Callable[[int, int], None], figures: str) -> dict:
+              progress: Callable[[int, int], None], figures: str, data_roots: tuple[Path, ...]) -> dict:
     """`evaluate_run`'s headline numbers (eval.json in the run folder has the tables, curves and figures)."""
     from shared.analysis.evaluation import evaluate_run  # imported late: the suite pulls in matplotlib and sklearn
 
     result = evaluate_run(run_dir, split=split, data_dir=data_dir, device=device, progress=progress,
-                          figures=figures)
+                          figures=figures, data_roots=data_roots)
     summary = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or v is None}
     if isinstance(result.get("macro"), dict):
         summary["macro_f1"] = result["macro"].get("f1")
@@ -218,6 +219,13 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
     `data_dir` a folder inside this worker's own data roots (RESNET_LAB_DATA_ROOTS), checked before any work.
     """
     settings = settings_of(self.app)
+    try:
+        return _evaluate_task(self, settings, run_id, split, data_dir)
+    finally:
+        _services(settings)[1].release_evaluation(str(run_id))  # the page may queue the next one
+
+
+def _evaluate_task(self, settings: Settings, run_id: str, split: str, data_dir: str | None) -> dict:
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)}; got {str(split)[:40]!r}")
     if data_dir is not None:
@@ -233,7 +241,8 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
                                                   "done": done, "total": total})
 
     try:
-        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), progress, settings.eval_figures)
+        result = _evaluate(run_dir, split, data_dir, str(pick_device("auto")), progress, settings.eval_figures,
+                           settings.data_roots)
     finally:
         free_gpu_memory()
     return {"run_id": run_id, "split": split, "data_dir": data_dir, **result}

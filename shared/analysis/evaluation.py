@@ -255,12 +255,14 @@ def eval_dir_for(run_dir: Path, split: str = "test", data_dir: str | os.PathLike
 
 def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: str | os.PathLike | None = None,
                  batch_size: int = 64, device: str = "cpu", cam_samples_per_class: int = 2,
-                 progress: Callable[[int, int], None] | None = None, figures: str = "all") -> dict:
+                 progress: Callable[[int, int], None] | None = None, figures: str = "all",
+                 data_roots: Sequence[Path] | None = None) -> dict:
     """Run the best checkpoint over a split (or a folder with the same classes) and write eval.json + figures.
 
     figures: "all"; "basic" (charts only: no t-SNE, Grad-CAM or image galleries); "none" (eval.json only).
     progress(done, total) counts images, then three more steps: t-SNE, Grad-CAM, figures.
     Unreadable images are skipped and listed under `skipped`. Returns eval.json's contents (`EvalResult.to_dict()`).
+    `data_roots` (the worker's): links in `data_dir` that lead outside them are not read (see `scan_dataset`).
     """
     import torch
 
@@ -273,7 +275,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     out_dir = eval_dir_for(run_dir, split, data_dir)
     model, meta = load_model_from_run(run_dir, "best")
     classes = list(meta["classes"])
-    root, items, source = _collect_items(run_dir, split, data_dir, classes)
+    root, items, source = _collect_items(run_dir, split, data_dir, classes, data_roots)
     total = len(items) + 3
     report = progress or (lambda done, total: None)
 
@@ -326,12 +328,13 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     return result
 
 
-def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str]) -> tuple[Path, list[tuple[str, int]], str]:
+def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str], data_roots: Sequence[Path] | None = None
+                   ) -> tuple[Path, list[tuple[str, int]], str]:
     """(root, [(path relative to root, label)], description) for the run's split or another folder."""
     from shared.data.datasets import read_manifest, scan_dataset
 
     if data_dir is not None:
-        scan = scan_dataset(data_dir)
+        scan = scan_dataset(data_dir, link_roots=data_roots)
         unknown = sorted(set(scan.classes) - set(classes))
         if unknown:
             raise ValueError(f"{scan.root} has class folders the model was not trained on: {', '.join(unknown)}; "

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shared.fsutil import write_atomic
+from shared.fsutil import open_regular, write_atomic
 from shared.data.images import IMAGE_EXTENSIONS, ImageError, is_image_name, verify_image
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,14 @@ class DatasetScan:
 
 # --- scan ----------------------------------------------------------------------------------------------------
 
-def scan_dataset(root: str | os.PathLike) -> DatasetScan:
-    """List classes (sub-folders) and image files (found recursively) without decoding anything."""
+def scan_dataset(root: str | os.PathLike, *, link_roots: Sequence[Path] | None = None) -> DatasetScan:
+    """List classes (sub-folders) and image files (found recursively) without decoding anything.
+
+    `link_roots`: when given (the page and the worker pass their data roots), a class folder or image file that is
+    a symbolic link is taken only if it leads inside one of these folders; other links are listed as ignored and
+    never read. A link is how someone who may write into a data folder would make the page read a picture it may
+    not serve. None (the CLI, on the user's own files) follows links wherever they lead.
+    """
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist — check the path; expected a folder with one "
@@ -69,10 +75,14 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
         raise DatasetError(f"cannot read dataset folder {root} ({e.strerror or e}) — check its permissions.") from None
     classes: list[str] = []
     ignored: list[tuple[str, str]] = []
+    allowed = None if link_roots is None else [Path(r).resolve() for r in link_roots]
     for entry in entries:
         if _hidden(entry.name):
             continue
         if _is_dir(entry):
+            if _links_out(Path(entry.path), allowed):
+                ignored.append((entry.name + "/", LINK_OUT))
+                continue
             classes.append(entry.name)
         else:
             ignored.append((entry.name, "not inside a class folder"))
@@ -82,7 +92,7 @@ def scan_dataset(root: str | os.PathLike) -> DatasetScan:
     files: list[tuple[str, int]] = []
     empty: list[str] = []
     for index, name in enumerate(classes):
-        found = _walk_class(root, name, ignored)
+        found = _walk_class(root, name, ignored, allowed)
         if not found:
             empty.append(name)
         files.extend((path, index) for path in found)
@@ -108,7 +118,22 @@ def _looks_like_archive(path: Path) -> bool:
     return path.name.lower().endswith((".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tar.xz", ".7z", ".rar"))
 
 
-def _walk_class(root: Path, name: str, ignored: list[tuple[str, str]]) -> list[str]:
+LINK_OUT = "a link that leads outside the data folders — not read"
+
+
+def _links_out(path: Path, allowed: list[Path] | None) -> bool:
+    """True when `path` is a link whose target lies outside every allowed folder (never with allowed=None)."""
+    if allowed is None or not path.is_symlink():
+        return False
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # dangling or looping: nothing to read anyway
+        return True
+    return not any(target == r or r in target.parents for r in allowed)
+
+
+def _walk_class(root: Path, name: str, ignored: list[tuple[str, str]], allowed: list[Path] | None = None
+                ) -> list[str]:
     """Image paths (relative, '/') under root/name. Symlinked sub-folders are not followed (no loops)."""
     def rel(path: str) -> str:
         return Path(os.path.relpath(path, root)).as_posix()
@@ -132,7 +157,9 @@ def _walk_class(root: Path, name: str, ignored: list[tuple[str, str]]) -> list[s
             if _hidden(f):
                 continue
             path = rel(os.path.join(dirpath, f))
-            if is_image_name(f):
+            if _links_out(Path(dirpath, f), allowed):
+                ignored.append((path, LINK_OUT))
+            elif is_image_name(f):
                 found.append(path)
             else:
                 ignored.append((path, f"not an image file ({Path(f).suffix or 'no extension'})"))
@@ -177,14 +204,15 @@ def _empty_classes(root: Path, empty: list[str], ignored: list[tuple[str, str]])
 # --- check ---------------------------------------------------------------------------------------------------
 
 def check_dataset(root: str | os.PathLike, *, decode: bool = True, workers: int | None = None,
-                  manifest: dict | None = None) -> dict:
+                  manifest: dict | None = None, link_roots: Sequence[Path] | None = None) -> dict:
     """Read, hash and (optionally) decode every image; return a JSON-serialisable report.
 
     Files that fail to decode are listed under `unreadable` and left out of every count. With `manifest`,
     the report also says whether that split still matches the dataset (see `compare_manifest`).
-    Raises DatasetError when the layout is unusable or a class has no usable image left.
+    Raises DatasetError when the layout is unusable or a class has no usable image left. `link_roots`: see
+    `scan_dataset`.
     """
-    scan = scan_dataset(root)
+    scan = scan_dataset(root, link_roots=link_roots)
     workers = workers or min(16, 2 * (os.cpu_count() or 2))
     jobs = [(scan.root, path, decode) for path, _ in scan.files]
     with ThreadPoolExecutor(max_workers=workers) as pool:  # decoding and hashing release the GIL
@@ -249,7 +277,7 @@ def _inspect_file(job: tuple[Path, str, bool]) -> tuple[str | None, tuple[int, i
 def _sha256_of(path: Path) -> tuple[str, int]:
     """(hex sha256, size in bytes) of a file, read in 1 MB chunks (hashlib.file_digest needs Python 3.11)."""
     digest, nbytes = hashlib.sha256(), 0
-    with open(path, "rb") as f:
+    with open_regular(path) as f:  # a FIFO named like an image must not hang the check
         while chunk := f.read(1 << 20):
             digest.update(chunk)
             nbytes += len(chunk)
@@ -382,7 +410,7 @@ def _listing(title: str, items: list[str]) -> list[str]:
 # --- split manifest ------------------------------------------------------------------------------------------
 
 def make_split(root: str | os.PathLike, *, ratios: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 0,
-               report: dict | None = None) -> dict:
+               report: dict | None = None, link_roots: Sequence[Path] | None = None) -> dict:
     """A seeded, stratified, deterministic train/val/test split of the usable images of `root`.
 
     Identical files (same sha256, even under different classes) always land in the same split, so a test image
@@ -392,7 +420,7 @@ def make_split(root: str | os.PathLike, *, ratios: Sequence[float] = (0.7, 0.15,
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DatasetError(f"seed must be an integer, got {seed!r}")
     if report is None:
-        report = check_dataset(root)
+        report = check_dataset(root, link_roots=link_roots)
     elif report.get("root") != str(Path(root).expanduser().resolve()) or "hashes" not in report:
         raise DatasetError(f"the report passed to make_split is not a check_dataset report of {root} "
                            f"(it is for {report.get('root')!r}) — call check_dataset({str(root)!r}) first.")

@@ -24,6 +24,8 @@ from typing import BinaryIO, Iterable, Iterator, Union
 import numpy as np
 from PIL import Image, ImageMode, ImageOps
 
+from shared.fsutil import NotARegularFile, open_regular
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -222,7 +224,9 @@ def _source_file(src) -> tuple[str, BinaryIO]:
     if isinstance(src, (str, os.PathLike)):
         name = os.fspath(src)
         try:
-            return name, open(name, "rb")
+            return name, open_regular(name)
+        except NotARegularFile as e:
+            raise ImageError(f"{name}: {e.strerror} — expected an image file.") from None
         except FileNotFoundError:
             raise ImageError(f"{name}: file not found — check the path.") from None
         except IsADirectoryError:

@@ -26,6 +26,9 @@ def roots_text(roots: Iterable[Path]) -> str:
     return ", ".join(str(r) for r in roots)
 
 
+MAX_PATH_CHARS = 4096  # Linux's PATH_MAX
+
+
 def confine_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
     """The resolved, existing file or folder for `user_path`, which must lie inside one of `roots`.
 
@@ -41,6 +44,9 @@ def confine_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
                         f"{roots_text(roots)}")
     if "\x00" in text:
         raise PathError("the path contains a NUL character — type a plain folder path")
+    if len(text) > MAX_PATH_CHARS:  # the OS refuses longer ones anyway ("file name too long"), past our checks
+        raise PathError(f"the path is {len(text):,} characters long; paths here have at most {MAX_PATH_CHARS:,} — "
+                        "type a folder inside " + roots_text(roots))
     resolved_roots = [Path(r).resolve() for r in roots]
     raw = Path(text).expanduser()
     candidate = raw if raw.is_absolute() else resolved_roots[0] / raw
@@ -52,7 +58,11 @@ def confine_path(user_path: str | os.PathLike, roots: Sequence[Path]) -> Path:
         raise PathError(f"{text!r} is outside the data folders ({roots_text(roots)}) — copy the dataset into one "
                         "of them, upload it as a .zip, or start the page and the workers with RESNET_LAB_DATA_ROOTS "
                         "pointing at its parent folder")
-    if not resolved.exists():
+    try:
+        exists = resolved.exists()
+    except OSError:  # a component too long, a permission error on the way: as unusable as a missing path
+        exists = False
+    if not exists:
         raise PathError(f"{text!r} does not exist — pick a folder from the list")
     return resolved
 

@@ -20,6 +20,8 @@ import redis
 from shared.runs.store import FIT_RECORD_KEYS, RunNotFound, RunStore
 
 PREFIX = "resnet_lab"
+# how long an evaluation may stay pending before another may be queued: a worker that died must not block it for ever
+EVALUATION_CLAIM_TTL_S = 6 * 3600
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,14 @@ class RunRegistry:
 
     def cancel_requested(self, run_id: str) -> bool:
         return bool(self.r.exists(self._key("cancel", run_id)))
+
+    def claim_evaluation(self, run_id: str, ttl: int = EVALUATION_CLAIM_TTL_S) -> bool:
+        """True when no evaluation of `run_id` was queued or running; marks one as pending until
+        `release_evaluation` (or `ttl` seconds, should the worker die): a page may queue one evaluation per run."""
+        return bool(self.r.set(self._key("evaluating", run_id), str(time.time()), nx=True, ex=ttl))
+
+    def release_evaluation(self, run_id: str) -> None:
+        self.r.delete(self._key("evaluating", run_id))
 
     def count_unfinished(self) -> int:
         """How many runs are queued or running (what the page caps)."""

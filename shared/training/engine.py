@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -279,12 +279,13 @@ def environment_info(device: torch.device) -> dict:
     return info
 
 
-def prepare_split(config: TrainConfig, run_dir: Path) -> dict:
-    """The run's manifest: read it when resuming (same split), else make and save it."""
+def prepare_split(config: TrainConfig, run_dir: Path, data_roots: Sequence[Path] | None = None) -> dict:
+    """The run's manifest: read it when resuming (same split), else make and save it (links confined to
+    `data_roots` when given: see `scan_dataset`)."""
     path = run_dir / "split.json"
     if path.is_file():
         return read_manifest(path)
-    manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed)
+    manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed, link_roots=data_roots)
     if not run_dir.is_dir():  # deleted while the split was made (minutes on a large dataset): never recreate it
         raise FileNotFoundError(errno.ENOENT, "the run folder was deleted while its split was made", str(run_dir))
     write_manifest(manifest, path)
@@ -324,11 +325,12 @@ class _Subset:
 
 
 def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *, cache_dir: Path | None = None,
-        cache_max_gb: float | None = None) -> dict:
+        cache_max_gb: float | None = None, data_roots: Sequence[Path] | None = None) -> dict:
     """Train one run into `run_dir`, resuming from `last.pt` when present. Returns the best metrics.
 
     `cache_max_gb` caps the decoded-image cache folder (None or 0: only the disk does); a cache that cannot fit
-    raises `CacheFullError` before anything is decoded.
+    raises `CacheFullError` before anything is decoded. `data_roots` (the worker's): links in the dataset that lead
+    outside them are not read (see `scan_dataset`).
     Raises `Cancelled` when the reporter asks to stop (last.pt stays), and lets other errors propagate.
     """
     run_dir = Path(run_dir)
@@ -339,7 +341,7 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     seed_everything(config.seed)
 
     reporter.phase("preparing data")
-    manifest = prepare_split(config, run_dir)
+    manifest = prepare_split(config, run_dir, data_roots)
     classes = manifest["classes"]
     splits = load_splits(manifest, resize_size(config.image_size), cache_dir, reporter,
                          cache_max_bytes=int(cache_max_gb * 1e9) if cache_max_gb else None)

@@ -116,8 +116,10 @@ def _file_inside(name: str, folders: Sequence[Path]) -> Path | None:
     raw = Path(name).expanduser()
     try:
         path = (raw if raw.is_absolute() else roots[0] / raw).resolve(strict=False)
-        inside = any(is_within(path, root) for root in roots)
-        return path if inside and path.is_file() else None
+        root = next((r for r in roots if is_within(path, r)), None)
+        # hidden files and folders (.env, .git/, .redis/) are never weights: the page serves none of them either
+        hidden = root is not None and any(part.startswith(".") for part in path.relative_to(root).parts)
+        return path if root is not None and not hidden and path.is_file() else None
     except (OSError, RuntimeError):  # a symlink loop, a name too long: as unusable as a missing file
         return None
 

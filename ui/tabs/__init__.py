@@ -19,6 +19,29 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, print_exception=False)
 
 
+MAX_RUN_IDS = 500  # run ids one API call may name (the store's runs fit; a flood of ids does not)
+
+
+def shown(value) -> str:
+    """A user's value as it may appear in a message: repr'd and cut short (a 100 kB id is not echoed back)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def run_ids_arg(value, *, title: str = "Unknown run") -> list[str]:
+    """The list of run ids an API call named, checked at the edge: a list of at most MAX_RUN_IDS short texts."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or len(value) > MAX_RUN_IDS:
+        raise user_error(f"expected a list of at most {MAX_RUN_IDS} run ids, got {shown(value)}", title=title)
+    bad = next((v for v in value if not isinstance(v, str) or not v or len(v) > 120), None)
+    if bad is not None:
+        raise user_error(f"no run {shown(bad)} — run ids are listed by /run_status", title=title)
+    return value
+
+
 # --- native plots ---------------------------------------------------------------------------------------------
 # Gradio 6.31's LinePlot/BarPlot/ScatterPlot (Vega) keep the colour legend of their first data: a new DataFrame
 # redraws the lines but not the legend, and an update that sets the value and other props in one message is not

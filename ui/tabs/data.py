@@ -138,7 +138,7 @@ def preview(lab, ui: DataUI, path: str | None) -> dict:
 
     root = _confine(lab, path)
     try:
-        scan = scan_dataset(root)
+        scan = scan_dataset(root, link_roots=lab.settings.data_roots)
     except DatasetError as exc:
         return _preview_outputs(ui, f"⚠ {fmt.md_escape(exc)}")
     counts = {name: 0 for name in scan.classes}
@@ -157,7 +157,7 @@ def check(lab, ui: DataUI, path: str | None, progress=gr.Progress()) -> dict:
     root = _confine(lab, path)
     progress(0, desc="decoding every image…")
     try:
-        report = check_dataset(root)
+        report = check_dataset(root, link_roots=lab.settings.data_roots)
     except DatasetError as exc:
         raise user_error(str(exc), title="Dataset not usable") from None
     sizes = view.size_stats_markdown(report.get("sizes"))

@@ -62,8 +62,10 @@ def model_choices(lab) -> list[tuple[str, str]]:
 def build(lab) -> PredictUI:
     gr.Markdown(HELP, elem_classes="help")
     with gr.Row(equal_height=True):
-        model = gr.Dropdown(choices=model_choices(lab), value=LATEST, label="Model", elem_id="predict-model",
-                            scale=2)
+        # allow_custom_value: API clients may name a run that finished after this page was built (Gradio would
+        # refuse a value outside the build-time choices); `_predictor` checks every value
+        model = gr.Dropdown(choices=model_choices(lab), value=LATEST, allow_custom_value=True, label="Model",
+                            elem_id="predict-model", scale=2)
         model_info = gr.Markdown(model_info_text(lab, LATEST), elem_id="predict-model-info")
     with gr.Row(equal_height=False):
         image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
@@ -89,7 +91,12 @@ def build(lab) -> PredictUI:
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
+MODEL_HINT = "pick \"latest\" or a finished run's id (the Predict tab's list, or /run_status)"
+
+
 def _predictor(lab, model: str | None):
+    if model is not None and (not isinstance(model, str) or len(model) > 120):
+        raise user_error(f"No such model — {MODEL_HINT}.", title="Model not available")
     try:
         return lab.predictors.get(model or LATEST)
     except CheckpointError as exc:  # damaged, or carrying code (never run: weights_only=True)

@@ -28,10 +28,10 @@ from shared.runs.store import RunNotFound
 from .. import formatting as fmt
 from .. import results_view as view
 from .. import runs_view
-from ..client import QueueUnavailable
+from ..client import EvaluationPending, QueueUnavailable
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
-from . import park_plot_props, plot_props_step, user_error
+from . import park_plot_props, plot_props_step, shown, user_error
 
 log = logging.getLogger(__name__)
 
@@ -147,18 +147,18 @@ def build(lab) -> ResultsUI:
 
 # --- reading eval.json --------------------------------------------------------------------------------------
 
-NOT_EVALUATED = "no evaluation for run {!r}: the run does not exist or has not been evaluated yet"
+NOT_EVALUATED = "no evaluation for run {}: the run does not exist or has not been evaluated yet"
 
 
 def load_result(lab, run_id) -> EvalResult | None:
     """The run's evaluation; None when there is none yet. Raises user_error for an unknown run or an eval.json that
     cannot be used (its message says to evaluate again)."""
-    if not isinstance(run_id, str):
-        raise user_error(NOT_EVALUATED.format(run_id), title="No results")
+    if not isinstance(run_id, str) or len(run_id) > 120:
+        raise user_error(NOT_EVALUATED.format(shown(run_id)), title="No results")
     try:
         return load_eval_result(lab.store.path(run_id))
     except RunNotFound:  # a hostile or mistyped id: the same answer as a run that does not exist
-        raise user_error(NOT_EVALUATED.format(run_id), title="No results") from None
+        raise user_error(NOT_EVALUATED.format(shown(run_id)), title="No results") from None
     except EvalResultError as exc:
         raise user_error(str(exc), title="Unusable evaluation") from None
 
@@ -168,7 +168,7 @@ def run_results(lab, run_id: str) -> dict:
     per-class table, classes, confusion counts, the names of the figures drawn and skipped (no images)."""
     result = load_result(lab, run_id)
     if result is None:
-        raise user_error(NOT_EVALUATED.format(run_id), title="No results")
+        raise user_error(NOT_EVALUATED.format(shown(run_id)), title="No results")
     return result.api_summary()
 
 
@@ -260,6 +260,8 @@ def evaluate_again(lab, run_id: str | None) -> str:
         lab.client().submit_evaluate(run_id)
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue unavailable") from None
+    except EvaluationPending as exc:
+        raise user_error(str(exc), title="Already queued") from None
     gr.Info("Evaluation queued; press Refresh list when the worker is done.")
     return "Evaluation queued — the worker runs it after the current training step; reload this run when it is done."
 

@@ -23,7 +23,7 @@ from .. import formatting as fmt
 from .. import runs_view as view
 from ..client import QueueUnavailable
 from . import train as train_tab
-from . import park_plot_props, plot_props_step, user_error
+from . import park_plot_props, plot_props_step, run_ids_arg, shown, user_error
 
 log = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def on_row_select(selected: list[str] | None, evt: gr.SelectData):
 
 
 def cancel_runs(lab, run_ids: list[str] | None) -> str:
+    run_ids = run_ids_arg(run_ids, title="Nothing cancelled")
     if not run_ids:
         raise user_error("Select one or more runs first (click their rows).", title="Nothing selected")
     try:
@@ -361,11 +362,12 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     def run_curves(run_ids: list[str]) -> dict:
         """Epoch records (epoch, train_loss, train_acc, val_loss, val_acc, lr, ...) for each run id."""
         out = {}
-        for run_id in run_ids or []:
+        for run_id in run_ids_arg(run_ids):
             try:
                 out[run_id] = history_of(lab, lab.record(run_id))
             except RunNotFound:
-                raise user_error(f"no run {run_id!r}", title="Unknown run") from None
+                raise user_error(f"no run {shown(run_id)} — run ids are listed by /run_status", title="Unknown run") \
+                    from None
         return out
 
     def cancel(run_ids: list[str]) -> str:
