@@ -310,7 +310,7 @@ def activations(lab, run_id: str | None, image: Any):
         raise user_error(str(exc), title="Not a usable image") from None
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
-        maps = layer_activations(predictor.model, x, top=8)
+        maps = layer_activations(predictor.model, predictor.spec, x, top=8)
     return activation_sheet(maps)
 
 
