@@ -8,6 +8,7 @@ import urllib.error
 
 import pytest
 import torch
+from torchvision.models import WeightsEnum
 
 from shared.training.checkpoint import CheckpointError, load_checkpoint, load_model_from_run, save_checkpoint
 from shared.training.config import ConfigError, TrainConfig, expand_grid
@@ -127,7 +128,8 @@ def test_missing_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     def offline(*args, **kwargs):  # the network library, not our code: this machine is offline by design
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # the download itself: torchvision binds torch.hub's function at import, so patching torch.hub would miss it
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     with pytest.raises(WeightsUnavailable) as info:
         create_model("resnet34", num_classes=3, weights="IMAGENET1K_V1")
     message = str(info.value)
