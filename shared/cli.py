@@ -383,6 +383,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS[key]
     try:
         settings = Settings.from_env(models_dir=args.models_dir)
+        if settings.model_plugins:
+            from shared.training.models import load_model_plugins
+
+            load_model_plugins(settings.model_plugins)
         return handler(args, settings)
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)

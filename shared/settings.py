@@ -53,6 +53,9 @@ class Settings:
     max_queued_runs: int = 200
     # figures an evaluation draws: "all", "basic" (no t-SNE, Grad-CAM, image galleries) or "none" (eval.json only)
     eval_figures: str = "all"
+    # "module:function" callables that register extra models (shared.training.models.register_model), called
+    # by the page, the worker and the CLI at start; e.g. the test suite's tiny ResNet. Comma-separated in the env.
+    model_plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
         from shared.analysis.eval_result import FIGURE_LEVELS
@@ -99,6 +102,8 @@ class Settings:
             values["auth"] = v
         if (v := get("ALLOWED_HOSTS")) is not None:
             values["allowed_hosts"] = tuple(h.strip().lower() for h in v.split(",") if h.strip())
+        if (v := get("MODEL_PLUGINS")) is not None:
+            values["model_plugins"] = tuple(p.strip() for p in v.split(",") if p.strip())
         if (v := get("EVAL_FIGURES")) is not None:
             values["eval_figures"] = v
         for name, key in (("PORT", "port"), ("VISIBILITY_TIMEOUT", "visibility_timeout"),

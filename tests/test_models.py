@@ -176,3 +176,44 @@ def test_resnet50_v2_weights_load_from_a_file_in_the_offline_cache(offline_cache
     assert not os.path.exists(offline_cache / "resnet50-0676ba61.pth")
     with pytest.raises(WeightsUnavailable, match="tried to download.*resnet50-0676ba61.pth"):
         create_model("resnet50", num_classes=3, weights="IMAGENET1K_V1")
+
+
+# --- other processes learn the tiny model from RESNET_LAB_MODEL_PLUGINS ---------------------------------------
+
+PLUGIN = "tests.tinymodel:register_tiny_resnet"
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_started_with_the_plugin_trains_the_tiny_model(tmp_path, redis_url, start_worker, tiny):
+    from shared.runs.store import FINISHED
+    from shared.settings import Settings
+    from tests.procs import wait_for
+    from ui.client import QueueClient
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=8, size=32)
+    client = QueueClient(Settings(models_dir=tmp_path / "models", redis_url=redis_url, visibility_timeout=3600))
+    config = TrainConfig(data_dir=str(data), model=TINY_RESNET, weights="none", image_size=32, epochs=1,
+                         batch_size=8, augment="none", warmup_epochs=0, device="cpu", amp=False, val_ratio=0.25,
+                         test_ratio=0.25)
+    (run_id,) = client.submit([config])
+    worker = start_worker(tmp_path / "models", RESNET_LAB_MODEL_PLUGINS=PLUGIN, RESNET_LAB_DATA_ROOTS=data)
+
+    def finished():
+        assert worker.alive(), worker.log()[-3000:]
+        record = client.registry.get(run_id)
+        return record if record["status"] in FINISHED else None
+
+    record = wait_for(finished, 180, f"run {run_id} to finish")
+    assert record["status"] == "succeeded", (record, worker.log()[-3000:])
+    _, meta = load_model_from_run(client.store.path(run_id))
+    assert meta["model_name"] == TINY_RESNET
+
+
+def test_a_plugin_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    from shared.cli import main
+
+    for plugin in ("tests.no_such_module:register", "tests.tinymodel:no_such_function", "tests.tinymodel"):
+        monkeypatch.setenv("RESNET_LAB_MODEL_PLUGINS", plugin)
+        assert main(["--models-dir", str(tmp_path / "models"), "runs", "list"]) == 2
+        err = capsys.readouterr().err
+        assert f"RESNET_LAB_MODEL_PLUGINS: cannot load {plugin!r}" in err and "module:function" in err, err

@@ -12,6 +12,7 @@ so a machine without network can use a file copied there by hand.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -115,6 +116,23 @@ def register_model(spec: ModelSpec) -> ModelSpec:
         raise ValueError(f"model {spec.name!r} is already registered with another spec — choose another name")
     _REGISTRY[spec.name] = spec
     return spec
+
+
+def load_model_plugins(plugins: Sequence[str]) -> None:
+    """Call each "module:function" (RESNET_LAB_MODEL_PLUGINS) so it registers its models in this process.
+
+    Set by whoever starts the processes (like `celery -A`), never taken from the page's API."""
+    for plugin in plugins:
+        module_name, _, function_name = plugin.partition(":")
+        try:
+            if not module_name or not function_name:
+                raise ImportError("expected module:function")
+            register = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"RESNET_LAB_MODEL_PLUGINS: cannot load {plugin!r} ({exc}) — give 'module:function' "
+                             "importable from this Python, or unset it") from exc
+        register()
+        log.info("model plugin %s loaded; models: %s", plugin, ", ".join(list_models()))
 
 
 class WeightsUnavailable(RuntimeError):
