@@ -105,7 +105,6 @@ _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
 )}
 
 
-
 def register_model(spec: ModelSpec) -> ModelSpec:
     """Add an architecture. Registering the same spec again is a no-op; another spec under a taken name is an error
     (a silent replacement would change what existing checkpoints of that name load into)."""
