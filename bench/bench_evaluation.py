@@ -39,14 +39,14 @@ def test_features(run_dir: Path, cache_dir: Path):
     from shared.training.checkpoint import load_model_from_run
     from shared.data.datasets import read_manifest
     from shared.training.engine import extract_features
-    from shared.training.models import Backbone
+    from shared.training.models import Backbone, get_spec
     from shared.data.transforms import BatchTransform
 
     model, meta = load_model_from_run(run_dir, "best")
     manifest = read_manifest(run_dir / "split.json")
     splits, _ = common.load_engine_splits(manifest, int(meta["image_size"]), cache_dir)
     transform = BatchTransform("none", int(meta["image_size"]), meta["mean"], meta["std"])
-    feats = extract_features(Backbone(model), splits["test"], transform, torch.device("cpu"), 64)
+    feats = extract_features(Backbone(model, get_spec(meta["model_name"])), splits["test"], transform, torch.device("cpu"), 64)
     return feats.numpy(), splits["test"].labels.numpy()
 
 

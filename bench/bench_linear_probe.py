@@ -48,7 +48,7 @@ class Probe:
         import torch
         from torch import nn
 
-        from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model
+        from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model, get_spec
         from shared.data.transforms import BatchTransform
 
         torch.manual_seed(0)
@@ -57,10 +57,11 @@ class Probe:
         self.model = self.model.to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
-        for p in self.model.fc.parameters():
+        spec = get_spec("resnet18")
+        for p in spec.head_parameters(self.model):
             p.requires_grad_(True)
-        self.backbone = Backbone(self.model).eval()
-        self.head = self.model.fc
+        self.backbone = Backbone(self.model, spec).eval()
+        self.head = spec.head_of(self.model)
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=0.05)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=0.1)
         self.transform = BatchTransform("standard", image_size, IMAGENET_MEAN, IMAGENET_STD)

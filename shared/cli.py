@@ -23,8 +23,12 @@ log = logging.getLogger("resnet_lab")
 # field name → help text; fields without an entry still get a flag
 TRAIN_HELP = {
     "data_dir": "dataset folder with one sub-folder per class (required)",
-    "model": "architecture: resnet18, resnet34 or resnet50",
-    "weights": "IMAGENET1K_V1, IMAGENET1K_V2 (resnet50), DEFAULT, none (from scratch) or a state-dict file",
+    # written out rather than read from the registry, so `--help` does not import torch; tests/test_models.py
+    # checks it names every registered model
+    "model": "architecture, torchvision's ResNet family: resnet18 (fastest), resnet34, resnet50, resnet101, "
+             "resnet152, resnext50_32x4d, resnext101_32x8d, resnext101_64x4d, wide_resnet50_2, wide_resnet101_2",
+    "weights": "IMAGENET1K_V1, IMAGENET1K_V2 (all but resnet18/34 and resnext101_64x4d), DEFAULT (the best ImageNet "
+               "weights), none (from scratch) or a state-dict file",
     "finetune": "full, head (linear probe on cached features) or probe_then_unfreeze",
     "image_size": "square input size in pixels (128 is ~3x faster than 224 on CPU)",
     "augment": "none, light, standard or trivialaugment",
@@ -407,6 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS[key]
     try:
         settings = Settings.from_env(models_dir=args.models_dir)
+        if settings.model_plugins:
+            from shared.training.models import load_model_plugins
+
+            load_model_plugins(settings.model_plugins)
         return handler(args, settings)
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)

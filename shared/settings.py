@@ -48,6 +48,11 @@ def _gigabytes(name: str, value: str) -> float:
     return gb
 
 
+def _names(name: str, value: str) -> tuple[str, ...]:
+    """A comma-separated list, blanks dropped."""
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
 def _host_names(name: str, value: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in value.split(",") if h.strip())
 
@@ -86,6 +91,9 @@ class Settings:
     max_queued_runs: int = 200
     # figures an evaluation draws: "all", "basic" (no t-SNE, Grad-CAM, image galleries) or "none" (eval.json only)
     eval_figures: str = "all"
+    # "module:function" callables that register extra models (shared.training.models.register_model), called
+    # by the page, the worker and the CLI at start; e.g. the test suite's tiny ResNet. Comma-separated in the env.
+    model_plugins: tuple[str, ...] = ()
 
     def __post_init__(self):
         from shared.analysis.eval_result import FIGURE_LEVELS
@@ -167,6 +175,7 @@ ENV_VARS = (
     EnvVar("weights_dir", ENV_PREFIX + "WEIGHTS_DIR", _path),
     EnvVar("max_queued_runs", ENV_PREFIX + "MAX_QUEUED_RUNS", _integer),
     EnvVar("eval_figures", ENV_PREFIX + "EVAL_FIGURES", _text),
+    EnvVar("model_plugins", ENV_PREFIX + "MODEL_PLUGINS", _names, ",".join),
 )
 
 

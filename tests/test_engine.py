@@ -8,6 +8,7 @@ import urllib.error
 
 import pytest
 import torch
+from torchvision.models import WeightsEnum
 
 from shared.training.checkpoint import CheckpointError, load_checkpoint, load_model_from_run, save_checkpoint
 from shared.training.config import ConfigError, TrainConfig, expand_grid
@@ -15,6 +16,7 @@ from shared.training.engine import Cancelled, Reporter, fit
 from shared.training.models import WeightsUnavailable, create_model, weights_cache_dir
 from shared.runs.store import RunStore, read_metrics
 from tests.imagegen import make_image_folder
+from tests.tinymodel import TINY_RESNET, register_tiny_resnet
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +32,12 @@ def dataset(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("data") / "shapes", classes=3, per_class=20, size=48)
 
 
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    """The tiny ResNet's name (~10x faster to train than resnet18 here): for tests of the loop, not of a model."""
+    return register_tiny_resnet().name
+
+
 def tiny_config(data_dir, **changes) -> TrainConfig:
     base = dict(data_dir=str(data_dir), weights="none", image_size=32, epochs=3, batch_size=8, lr=3e-3,
                 warmup_epochs=0)
@@ -43,8 +51,8 @@ def new_run(tmp_path, config):
     return store, store.path(run_id)
 
 
-def test_fit_learns_and_writes_a_complete_run(tmp_path, dataset):
-    config = tiny_config(dataset)
+def test_fit_learns_and_writes_a_complete_run(tmp_path, dataset, tiny):
+    config = tiny_config(dataset, model=tiny)
     _, run_dir = new_run(tmp_path, config)
     result = fit(config, run_dir, cache_dir=tmp_path / "cache")
 
@@ -127,7 +135,8 @@ def test_missing_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     def offline(*args, **kwargs):  # the network library, not our code: this machine is offline by design
         raise urllib.error.URLError("no network")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    # the download itself: torchvision binds torch.hub's function at import, so patching torch.hub would miss it
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", offline)
     with pytest.raises(WeightsUnavailable) as info:
         create_model("resnet34", num_classes=3, weights="IMAGENET1K_V1")
     message = str(info.value)
@@ -149,7 +158,7 @@ def test_fine_tuning_modes(tmp_path, dataset, cached_resnet18_weights, mode):
 
 
 def test_config_errors_name_the_field_and_choices():
-    with pytest.raises(ConfigError, match="model must be one of resnet18, resnet34, resnet50"):
+    with pytest.raises(ConfigError, match="model must be one of resnet18, resnet34, resnet50, resnet101"):
         TrainConfig(data_dir="x", model="vgg16")
     with pytest.raises(ConfigError, match="batch_size"):
         TrainConfig(data_dir="x", batch_size=0)
@@ -190,3 +199,57 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     save_checkpoint({"model": {"w": torch.ones(2)}}, path)
     assert load_checkpoint(path)["model"]["w"].sum() == 2
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp files left behind
+
+
+# --- optimizers, schedules and early stopping, each run once on the tiny ResNet ----------------------------------
+
+def test_onecycle_warms_up_then_anneals_per_step(tmp_path, dataset, tiny):
+    config = tiny_config(dataset, model=tiny, scheduler="onecycle", lr=1e-2)
+    _, run_dir = new_run(tmp_path, config)
+    fit(config, run_dir, cache_dir=tmp_path / "cache")
+    lrs = [r["lr"] for r in read_metrics(run_dir)]
+    # OneCycleLR starts at lr/25, peaks at lr 30% in, then anneals far below its start: stepped per batch
+    assert lrs[0] > 0.5e-2 and lrs[0] > lrs[1] > lrs[2], lrs
+    assert lrs[-1] < 1e-2 / 25, lrs
+
+
+def test_plateau_halves_the_lr_when_val_loss_stalls(tmp_path, dataset, tiny):
+    # A stall on purpose: only the head trains (on features computed once), at an lr too small to move it, so the
+    # val loss stays flat after epoch 1 and the schedule must halve the lr after 2 more epochs without progress.
+    weights = tmp_path / "tiny.pth"
+    torch.save(create_model(tiny, 3).state_dict(), weights)
+    config = tiny_config(dataset, model=tiny, weights=str(weights), finetune="head", scheduler="plateau", epochs=5,
+                         lr=1e-6)
+    _, run_dir = new_run(tmp_path, config)
+    fit(config, run_dir, cache_dir=tmp_path / "cache")
+    records = read_metrics(run_dir)
+    assert [r["lr"] for r in records] == pytest.approx([1e-6, 1e-6, 1e-6, 5e-7, 5e-7], rel=1e-6)
+    # and the same as torch's ReduceLROnPlateau (factor 0.5, patience 2) fed the val losses the run recorded
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-6)
+    oracle = torch.optim.lr_scheduler.ReduceLROnPlateau(probe, mode="min", factor=0.5, patience=2)
+    expected = []
+    for record in records:
+        oracle.step(record["val_loss"])
+        expected.append(probe.param_groups[0]["lr"])
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-6)
+
+
+def test_adam_is_the_optimizer_asked_for(tmp_path, dataset, tiny):
+    config = tiny_config(dataset, model=tiny, optimizer="adam", epochs=2)
+    _, run_dir = new_run(tmp_path, config)
+    result = fit(config, run_dir, cache_dir=tmp_path / "cache")
+    optimizer = load_checkpoint(run_dir / "last.pt")["optimizer"]
+    assert not optimizer["param_groups"][0]["decoupled_weight_decay"]  # Adam (L2 decay), not AdamW
+    assert all("exp_avg_sq" in state for state in optimizer["state"].values())  # not SGD's momentum buffer
+    assert result["best_val_acc"] > 0.5
+
+
+def test_patience_stops_when_val_accuracy_stops_improving(tmp_path, dataset, tiny):
+    # 9 validation images: accuracy takes at most 10 values, so 12 epochs cannot all improve — the run must stop
+    config = tiny_config(dataset, model=tiny, patience=1, epochs=12)
+    _, run_dir = new_run(tmp_path, config)
+    result = fit(config, run_dir, cache_dir=tmp_path / "cache")
+    accs = [r["val_acc"] for r in read_metrics(run_dir)]
+    assert result["stopped_early"] and result["epochs_run"] == len(accs) < 12
+    assert accs[-1] <= max(accs[:-1])  # the last epoch did not improve: that is what stopped it
+    assert all(later > earlier for earlier, later in zip(accs[:-2], accs[1:-1]))  # it was the first that did not

@@ -10,6 +10,9 @@ import torchvision
 from PIL import Image
 
 from shared.analysis.explain import GradCAM, FeatureRecorder, layer_activations, overlay_cam, top_channels, tsne_embed
+from shared.training.models import get_spec
+
+RESNET18 = get_spec("resnet18")
 
 
 @pytest.fixture(autouse=True)
@@ -52,14 +55,14 @@ def test_gradcam_equals_the_formula_and_leaves_the_model_clean():
     model = small_resnet()
     x = torch.randn(1, 3, 96, 96)
     for target in (0, 2):
-        cam = GradCAM(model)(x, class_idx=target)
+        cam = GradCAM(model, RESNET18)(x, class_idx=target)
         assert cam.shape == (96, 96) and cam.dtype == np.float32
         assert cam.min() == 0.0 and cam.max() == pytest.approx(1.0)
         assert np.allclose(cam, reference_gradcam(model, x, target), atol=1e-4)
     # default target: the predicted class
     with torch.no_grad():
         predicted = int(model(x).argmax())
-    assert np.allclose(GradCAM(model)(x), GradCAM(model)(x, predicted))
+    assert np.allclose(GradCAM(model, RESNET18)(x), GradCAM(model, RESNET18)(x, predicted))
     assert no_hooks_left(model)
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
@@ -69,14 +72,14 @@ def test_gradcam_batch_matches_single_images_and_restores_train_mode():
     model = small_resnet()
     x = torch.randn(3, 3, 64, 64)
     model.train()
-    cams, probs = GradCAM(model).batch(x, [0, 1, 2])
+    cams, probs = GradCAM(model, RESNET18).batch(x, [0, 1, 2])
     assert model.training  # restored
     model.eval()
     for i in range(3):
-        assert np.allclose(cams[i], GradCAM(model)(x[i:i + 1], i), atol=1e-5)
+        assert np.allclose(cams[i], GradCAM(model, RESNET18)(x[i:i + 1], i), atol=1e-5)
     assert probs.shape == (3, 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
     with pytest.raises(ValueError, match="class index"):
-        GradCAM(model).batch(x, [0, 1, 7])
+        GradCAM(model, RESNET18).batch(x, [0, 1, 7])
     assert no_hooks_left(model)
 
 
@@ -85,7 +88,7 @@ def test_gradcam_works_with_a_frozen_backbone_and_dropout_head():
     model.fc = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(512, 3))
     for p in model.parameters():
         p.requires_grad_(False)
-    cam = GradCAM(model)(torch.randn(1, 3, 64, 64), 1)
+    cam = GradCAM(model, RESNET18)(torch.randn(1, 3, 64, 64), 1)
     assert cam.shape == (64, 64) and np.isfinite(cam).all()
     assert no_hooks_left(model)
 
@@ -167,7 +170,7 @@ def shapes_model():
 
 def test_gradcam_peak_falls_on_the_object(shapes_model):
     x, y, boxes = shapes_dataset(90, seed=1)
-    cams, probs = GradCAM(shapes_model).batch(x)
+    cams, probs = GradCAM(shapes_model, RESNET18).batch(x)
     pred = probs.argmax(1)
     y = y.numpy()
     assert (pred == y).mean() > 0.8, "the little model did not learn the task; the CAM test would mean nothing"
@@ -186,7 +189,7 @@ def test_gradcam_peak_falls_on_the_object(shapes_model):
 
 def test_gradcam_is_not_flat(shapes_model):
     x, y, _ = shapes_dataset(12, seed=2)
-    cams, _ = GradCAM(shapes_model).batch(x, y.tolist())
+    cams, _ = GradCAM(shapes_model, RESNET18).batch(x, y.tolist())
     for cam, label in zip(cams, y.tolist()):
         if label == 2:
             continue
@@ -211,7 +214,7 @@ def test_overlay_cam_blends_a_colormap_over_the_image():
 def test_layer_activations_are_the_real_feature_maps():
     model = small_resnet()
     x = torch.randn(1, 3, 64, 64)
-    info = top_channels(model, x, top=8)
+    info = top_channels(model, RESNET18, x, top=8)
     assert list(info) == ["conv1", "layer1", "layer2", "layer3", "layer4"]
     shapes = {"conv1": (32, 32), "layer1": (16, 16), "layer2": (8, 8), "layer3": (4, 4), "layer4": (2, 2)}
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_layer_activations_are_the_real_feature_maps():
         assert channels == torch.argsort(means, descending=True)[:8].tolist()
         for ch, m in zip(channels, maps):
             assert np.allclose(m, ref[0, ch].numpy(), atol=1e-5)
-    plain = layer_activations(model, x, top=3)
+    plain = layer_activations(model, RESNET18, x, top=3)
     assert [len(v) for v in plain.values()] == [3] * 5
     assert no_hooks_left(model)
 
@@ -233,7 +236,7 @@ def test_layer_activations_are_the_real_feature_maps():
 def test_feature_recorder_collects_penultimate_features_and_unhooks():
     model = small_resnet()
     x = torch.randn(4, 3, 64, 64)
-    with FeatureRecorder(model) as rec, torch.no_grad():
+    with FeatureRecorder(model, RESNET18) as rec, torch.no_grad():
         model(x[:2])
         logits = model(x[2:])
     feats = rec.features()

@@ -101,7 +101,7 @@ def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):
     shown = activations(lab, run_id, {"path": str(photo)})
     predictor = lab.predictors.get(run_id)
     x = predictor.transform(load_rgb(photo)).unsqueeze(0)
-    expected = plot_activations(top_channels(predictor.model, x, top=8))
+    expected = plot_activations(top_channels(predictor.model, predictor.spec, x, top=8))
     assert shown.size == expected.size and np.array_equal(np.asarray(shown), np.asarray(expected))
 
 

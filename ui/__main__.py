@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     try:
         settings = Settings.from_env(host=args.host, port=args.port)
+        if settings.model_plugins:  # before the Train tab lists the models and the API validates them
+            from shared.training.models import load_model_plugins
+
+            load_model_plugins(settings.model_plugins)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

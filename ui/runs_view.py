@@ -11,6 +11,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from shared.runs.store import DAMAGED
+from shared.training.config import DEFAULT_MODEL
 
 from .formatting import DASH, first_line, fmt_ago, fmt_duration, fmt_lr, fmt_pct, md_escape
 
@@ -176,12 +177,14 @@ def run_label(record_or_config: Mapping[str, Any]) -> str:
 
 
 def curve_label(record: Mapping[str, Any]) -> str:
-    """The legend name of a run's curves, short enough not to be cut: '1a2b3c lr 1e-3' (+ 'r50' when not a resnet18).
-    The id suffix ties it to the run's full label in the selector and the details."""
+    """The legend name of a run's curves, short enough not to be cut: '1a2b3c lr 1e-3' (+ 'r50', 'rx50_32x4d',
+    'wr50_2' when not the default model). The id suffix ties it to the run's full label in the selector and the
+    details."""
     config = record.get("config") or {}
     suffix = (record.get("run_id") or "").rsplit("-", 1)[-1]
     model = config.get("model")
-    extra = f" r{model.removeprefix('resnet')}" if model and model != "resnet18" else ""
+    short = str(model).replace("wide_resnet", "wr").replace("resnext", "rx").replace("resnet", "r")
+    extra = f" {short}" if model and model != DEFAULT_MODEL else ""
     return f"{suffix}{extra} lr {fmt_lr(config.get('lr'))}"
 
 

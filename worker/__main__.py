@@ -66,6 +66,14 @@ def run_worker(args: argparse.Namespace) -> int:
         # read by Settings.from_env when the app is created below, and by the pool's children
         os.environ["RESNET_LAB_WORKER_THREADS"] = str(max(1, args.threads // args.concurrency))
     check_pairing()
+    plugins = Settings.from_env().model_plugins
+    if plugins:  # before the pool forks: its children inherit the registry
+        from shared.training.models import load_model_plugins
+
+        try:
+            load_model_plugins(plugins)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
     from .celery_app import app
 
     argv = ["worker", f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]

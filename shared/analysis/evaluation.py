@@ -376,7 +376,9 @@ def _predict_items(model, meta: dict, root: Path, items: list[tuple[str, int]], 
 
     transform = eval_transform(int(meta["image_size"]), meta["mean"], meta["std"])
     out: dict[str, list] = {"paths": [], "labels": [], "probs": [], "losses": [], "skipped": []}
-    with FeatureRecorder(model) as recorder, torch.no_grad():
+    from shared.training.models import get_spec
+
+    with FeatureRecorder(model, get_spec(meta["model_name"])) as recorder, torch.no_grad():
         for start in range(0, len(items), batch_size):
             tensors, labels = [], []
             for rel, label in items[start:start + batch_size]:
@@ -425,9 +427,11 @@ class _FigureContext:
 
     def __init__(self, run_dir: Path, out_dir: Path, model, meta: dict, root: Path, device):
         from shared.data.transforms import eval_transform
+        from shared.training.models import get_spec
 
         self.run_dir, self.out_dir, self.model, self.root, self.device = run_dir, out_dir, model, root, device
         self.classes = list(meta["classes"])
+        self.spec = get_spec(meta["model_name"])
         self.mean = np.asarray(meta["mean"], dtype=np.float32).reshape(3, 1, 1)
         self.std = np.asarray(meta["std"], dtype=np.float32).reshape(3, 1, 1)
         self.transform = eval_transform(int(meta["image_size"]), meta["mean"], meta["std"])
@@ -457,7 +461,7 @@ class _FigureContext:
         from shared.analysis.explain import GradCAM
 
         t0 = time.perf_counter()
-        cam = GradCAM(self.model)
+        cam = GradCAM(self.model, self.spec)
         out: list[np.ndarray] = []
         for start in range(0, len(rels), 16):
             batch = torch.stack([self.tensor(r) for r in rels[start:start + 16]])
@@ -518,7 +522,7 @@ def _render_image_figures(ctx: _FigureContext, y: np.ndarray, probs: np.ndarray,
 
         i = samples[0]
         x = ctx.tensor(paths[i])
-        info = top_channels(ctx.model, x, top=8)
+        info = top_channels(ctx.model, ctx.spec, x, top=8)
         ctx.save("activations", plots.plot_activations(
             info, ctx.view(x), title=f"Strongest feature maps for {paths[i]} ({classes[y[i]]})"))
 
@@ -550,7 +554,8 @@ def _cam_sample_figure(ctx, samples, y, pred, probs, paths) -> None:
     per_row = 2 * max(1, min(3, len(samples) // max(1, len(np.unique(y)))))
     ctx.save("cam_samples", plots.image_grid(
         images, titles, ncols=per_row,
-        suptitle="Grad-CAM (layer4) for the predicted class — true class on the left (✓ correct, ✗ wrong)"))
+        suptitle=f"Grad-CAM ({ctx.spec.cam_layer}) for the predicted class — true class on the left "
+                 "(✓ correct, ✗ wrong)"))
 
 
 def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:

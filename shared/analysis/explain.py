@@ -1,7 +1,7 @@
 """Why did the model say that? Grad-CAM, layer activations and t-SNE of penultimate features.
 
-Everything here works on a plain torchvision ResNet (`conv1`, `layer1..4`, `avgpool`, `fc`) through forward hooks;
-nothing re-implements the forward pass. Hooks are removed in `finally` blocks, gradients are taken with
+Everything here works on any registered model through forward hooks on the modules its `ModelSpec` names (the CAM
+layer, the stages, the head); nothing re-implements the forward pass. Hooks are removed in `finally` blocks, gradients are taken with
 `torch.autograd.grad` (so no `.grad` is ever left on the parameters), and the model's train/eval mode is restored.
 """
 
@@ -16,12 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared.training.models import ModelSpec
+
 logger = logging.getLogger(__name__)
-
-# Stages shown by `layer_activations`, in forward order. "conv1" is read after bn1 + relu (what layer1 receives);
-# a raw conv1 output would be signed and un-normalised.
-ACTIVATION_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
-
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
@@ -40,7 +37,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 class GradCAM:
-    """Grad-CAM (Selvaraju et al., 2017, arXiv:1610.02391) on a convolutional layer, default `model.layer4`.
+    """Grad-CAM (Selvaraju et al., 2017, arXiv:1610.02391) on the spec's CAM layer (a ResNet's `layer4`).
 
     cam = ReLU(sum_k w_k * A_k) with w_k = spatial mean of d score_c / d A_k, upsampled (bilinear) to the input
     size and scaled to [0, 1]. A is the layer's (N, K, h, w) activation map, not the pooled 1x1 features (pooling
@@ -51,13 +48,9 @@ class GradCAM:
     this implementation against the formula written out by hand and against known object positions.
     """
 
-    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
-        if target_layer is None:
-            if not hasattr(model, "layer4"):
-                raise ValueError("expected a torchvision ResNet with .layer4 — pass target_layer= for other models")
-            target_layer = model.layer4
+    def __init__(self, model: nn.Module, spec: ModelSpec):
         self.model = model
-        self.target_layer = target_layer
+        self.target_layer = spec.cam_layer_of(model)
 
     def __call__(self, input_tensor: torch.Tensor, class_idx: int | None = None) -> np.ndarray:
         """CAM for one image (1, 3, H, W) or (3, H, W) → (H, W) float32 in [0, 1]; class_idx None = predicted."""
@@ -130,20 +123,9 @@ def overlay_cam(pil_image, cam: np.ndarray, alpha: float = 0.45, cmap: str = "in
     return Image.fromarray(np.clip(out * 255.0 + 0.5, 0, 255).astype(np.uint8))
 
 
-def _stage_modules(model: nn.Module) -> dict[str, nn.Module]:
-    stages = {}
-    for name in ACTIVATION_STAGES:
-        module = getattr(model, "relu", None) if name == "conv1" else getattr(model, name, None)
-        if module is None and name == "conv1":
-            module = getattr(model, "conv1", None)
-        if module is None:
-            raise ValueError(f"expected a torchvision ResNet with .{name}, got {type(model).__name__}")
-        stages[name] = module
-    return stages
-
-
-def top_channels(model: nn.Module, input_tensor: torch.Tensor, top: int = 8) -> dict[str, dict]:
-    """Strongest feature maps per stage: {stage: {"channels": [int], "means": [float], "maps": [(h, w) arrays]}}.
+def top_channels(model: nn.Module, spec: ModelSpec, input_tensor: torch.Tensor, top: int = 8) -> dict[str, dict]:
+    """Strongest feature maps per stage of `spec.stages`, in forward order:
+    {stage: {"channels": [int], "means": [float], "maps": [(h, w) arrays]}}.
 
     Channels are ranked by their mean activation over the image; maps are the real post-ReLU activations.
     """
@@ -154,8 +136,8 @@ def top_channels(model: nn.Module, input_tensor: torch.Tensor, top: int = 8) -> 
     captured: dict[str, torch.Tensor] = {}
     handles = []
     try:
-        for name, module in _stage_modules(model).items():
-            # clone: the top-level ReLU is in-place and its output tensor is reused downstream
+        for name, module in spec.stage_modules(model).items():
+            # clone: a ResNet's stem ReLU is in-place and its output tensor is reused downstream
             handles.append(module.register_forward_hook(
                 lambda m, i, o, name=name: captured.setdefault(name, o.detach().clone())))
         with _eval_mode(model), torch.no_grad():
@@ -164,7 +146,7 @@ def top_channels(model: nn.Module, input_tensor: torch.Tensor, top: int = 8) -> 
         for handle in handles:
             handle.remove()
     result = {}
-    for name in ACTIVATION_STAGES:
+    for name, _ in spec.stages:
         acts = captured[name][0].float().cpu()                              # (C, h, w)
         means = acts.mean(dim=(1, 2))
         k = min(top, acts.shape[0])
@@ -174,25 +156,27 @@ def top_channels(model: nn.Module, input_tensor: torch.Tensor, top: int = 8) -> 
     return result
 
 
-def layer_activations(model: nn.Module, input_tensor: torch.Tensor, top: int = 8) -> dict[str, list[np.ndarray]]:
-    """{"conv1"|"layer1".."layer4": [top (h, w) activation maps, strongest mean activation first]}."""
-    return {name: info["maps"] for name, info in top_channels(model, input_tensor, top).items()}
+def layer_activations(model: nn.Module, spec: ModelSpec, input_tensor: torch.Tensor, top: int = 8
+                      ) -> dict[str, list[np.ndarray]]:
+    """{stage ("conv1", "layer1".."layer4" on a ResNet): [top (h, w) activation maps, strongest mean first]}."""
+    return {name: info["maps"] for name, info in top_channels(model, spec, input_tensor, top).items()}
 
 
 class FeatureRecorder:
-    """Collect penultimate features (the flattened `avgpool` output) during ordinary forward passes.
+    """Collect penultimate features (what the head receives) during ordinary forward passes.
 
-    with FeatureRecorder(model) as rec: model(x) ... rec.features() → (N, 512) array. The hook is removed on exit.
+    with FeatureRecorder(model, spec) as rec: model(x) ... rec.features() → (N, spec.feature_size) array.
+    The hook is removed on exit.
     """
 
-    def __init__(self, model: nn.Module, layer: nn.Module | None = None):
-        self.layer = layer if layer is not None else model.avgpool
+    def __init__(self, model: nn.Module, spec: ModelSpec):
+        self.head = spec.head_of(model)
         self._chunks: list[np.ndarray] = []
         self._handle = None
 
     def __enter__(self) -> "FeatureRecorder":
-        self._handle = self.layer.register_forward_hook(
-            lambda m, i, o: self._chunks.append(o.detach().flatten(1).float().cpu().numpy()))
+        self._handle = self.head.register_forward_pre_hook(
+            lambda m, args: self._chunks.append(args[0].detach().flatten(1).float().cpu().numpy()))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -367,7 +367,7 @@ def _colour_map(values, cmap: str = "viridis") -> np.ndarray:
 
 
 def plot_activations(activations: Mapping[str, Any], image=None, title: str | None = None):
-    """Feature maps per stage (rows: conv1, layer1..4), strongest first, each on its own 'viridis' scale: a PIL image.
+    """Feature maps per stage (a row per stage), strongest first, each on its own 'viridis' scale: a PIL image.
 
     activations: {stage: [maps]} from `explain.layer_activations`, or {stage: {"maps", "channels", "means"}}
     from `explain.top_channels` (then channel numbers appear in the titles).

@@ -12,6 +12,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from shared.training.checkpoint import load_model_from_run
+from shared.training.models import get_spec
 from shared.fsutil import atomic_open
 from shared.data.images import ImageError, load_rgb
 from shared.runs.store import RunNotFound, RunStore
@@ -33,6 +34,7 @@ class Predictor:
         self.device = torch.device(device)
         self.model, self.meta = load_model_from_run(self.run_dir, "best")
         self.model.to(self.device)
+        self.spec = get_spec(self.meta["model_name"])  # where its head, CAM layer and stages are
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"])
@@ -89,7 +91,7 @@ class Predictor:
         with self._lock:
             probs = self.probabilities(x)[0]
             target = int(probs.argmax()) if class_idx is None else class_idx
-            cam = GradCAM(self.model)(x, target)
+            cam = GradCAM(self.model, self.spec)(x, target)
         return self._top(probs, 5), overlay_cam(_centre_crop_view(image, self.image_size), cam)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from shared.fsutil import atomic_path
-from shared.training.models import create_model
+from shared.training.models import create_model, list_models
 
 FORMAT_VERSION = 1
 
@@ -75,9 +75,13 @@ def model_meta(state: dict[str, Any]) -> dict[str, Any]:
 
 def load_model_from_run(run_dir: Path, which: str = "best") -> tuple[torch.nn.Module, dict[str, Any]]:
     """The run's model in eval mode on CPU, plus its meta (classes, image_size, mean, std, model_name, config)."""
-    state = load_checkpoint(Path(run_dir) / f"{which}.pt")
+    path = Path(run_dir) / f"{which}.pt"
+    state = load_checkpoint(path)
     meta = model_meta(state)
     config = meta.get("config") or {}
+    if meta["model_name"] not in list_models():
+        raise CheckpointError(f"{path} holds a {meta['model_name']!r} model, which is not registered here "
+                              f"(known: {', '.join(list_models())})")
     model = create_model(meta["model_name"], len(meta["classes"]), weights="none",
                          dropout=float(config.get("dropout", 0.0)))
     model.load_state_dict(state["model"])

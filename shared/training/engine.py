@@ -31,7 +31,7 @@ from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.training.config import TrainConfig
 from shared.data.datasets import make_split, read_manifest, write_manifest
 from shared.fsutil import write_atomic, write_json_atomic
-from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, backbone_parameters, create_model, head_parameters
+from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model, get_spec
 from shared.data.transforms import BatchTransform, resize_size
 
 log = logging.getLogger(__name__)
@@ -375,6 +375,7 @@ class _Trainer:
         self.config, self.run_dir, self.model, self.splits = config, run_dir, model, splits
         self.transform, self.criterion, self.device, self.amp_dtype = transform, criterion, device, amp_dtype
         self.reporter, self.meta = reporter, meta
+        self.spec = get_spec(config.model)
         self.history: list[dict] = []
         self.best_val_acc, self.best_epoch = -1.0, 0
         self.start_epoch = 1
@@ -396,16 +397,16 @@ class _Trainer:
     def build_optimizer(self, stage: str) -> tuple[torch.optim.Optimizer, StepScheduler, int]:
         c = self.config
         if stage == "head":
-            for p in backbone_parameters(self.model):
+            for p in self.spec.backbone_parameters(self.model):
                 p.requires_grad_(False)
-            groups = [{"params": head_parameters(self.model), "lr": c.lr}]
+            groups = [{"params": self.spec.head_parameters(self.model), "lr": c.lr}]
             steps_per_epoch = math.ceil(len(self.splits["train"]) / c.batch_size)
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
             backbone_lr = c.lr * (c.backbone_lr_mult if c.finetune == "probe_then_unfreeze" else 1.0)
-            groups = [{"params": backbone_parameters(self.model), "lr": backbone_lr},
-                      {"params": head_parameters(self.model), "lr": c.lr}]
+            groups = [{"params": self.spec.backbone_parameters(self.model), "lr": backbone_lr},
+                      {"params": self.spec.head_parameters(self.model), "lr": c.lr}]
             steps_per_epoch = max(1, len(self.splits["train"]) // c.batch_size)
         optimizer = make_optimizer(c, groups)
         _, n_epochs = self.stage_epochs(stage)
@@ -511,13 +512,13 @@ class _Trainer:
         """Linear probe on features computed once: the frozen backbone never runs twice on the same image."""
         c = self.config
         if not self._features:
-            backbone = Backbone(self.model)
+            backbone = Backbone(self.model, self.spec)
             for name in ("train", "val"):
                 self.reporter.phase("extracting features", split=name)
                 self._features[name] = extract_features(backbone, self.splits[name], self.transform, self.device,
                                                         c.batch_size * 2, self.amp_dtype, self.reporter)
             self.reporter.phase("training", epochs=c.epochs)
-        head = self.model.fc
+        head = self.spec.head_of(self.model)
         feats, labels = self._features["train"], self.splits["train"].labels.to(self.device)
         n = len(labels)
         steps = math.ceil(n / c.batch_size)

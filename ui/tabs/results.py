@@ -307,7 +307,7 @@ def activations(lab, run_id: str | None, image: Any):
         raise user_error(str(exc), title="Not a usable image") from None
     x = predictor.transform(picture).unsqueeze(0)
     with predictor._lock:  # the hooks must not interleave with a concurrent Grad-CAM on the same model
-        channels = top_channels(predictor.model, x, top=8)
+        channels = top_channels(predictor.model, predictor.spec, x, top=8)
     # the same sheet as the evaluation's activations.png, minus the input image (shown beside it already)
     return plot_activations(channels)
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import gradio as gr
 
-from shared.training.config import AUGMENTATIONS, MODEL_NAMES, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid
-from shared.training.models import confine_weights
+from shared.training.config import (AUGMENTATIONS, DEFAULT_MODEL, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig,
+                                    expand_grid)
+from shared.training.models import cached_weights_path, confine_weights, list_models
 
 from .. import formatting as fmt
 from .. import train_view as view
@@ -59,19 +60,14 @@ class TrainUI:
 
 # --- pretrained weights -------------------------------------------------------------------------------------
 
-def weights_file(model: str) -> Path:
-    """Where torchvision keeps the default ImageNet weights of `model` (what the worker looks up offline)."""
-    import os
-
-    from torchvision.models import get_model_weights
-
-    from shared.training.models import weights_cache_dir
-
-    return weights_cache_dir() / os.path.basename(get_model_weights(model).DEFAULT.url)
+def weights_file(model: str) -> Path | None:
+    """Where torchvision keeps the default ImageNet weights of `model` (what the worker looks up offline); None
+    for a model without pretrained weights."""
+    return cached_weights_path(model, "DEFAULT")
 
 
 def default_weights() -> str:
-    """'DEFAULT' (ImageNet) when resnet18's weights are cached on this machine, else 'none'.
+    """'DEFAULT' (ImageNet) when the default model's weights are cached on this machine, else 'none'.
 
     Why: pretrained weights are by far the better default (minutes instead of hours to a useful model), but a
     machine without network and without the cached file would fail every run at its first step. The page
@@ -79,7 +75,8 @@ def default_weights() -> str:
     form starts on ImageNet, without it on 'none', and the note under the choice says how to get the file.
     """
     try:
-        return "DEFAULT" if weights_file("resnet18").is_file() else "none"
+        path = weights_file(DEFAULT_MODEL)
+        return "DEFAULT" if path is not None and path.is_file() else "none"
     except Exception:  # noqa: BLE001 - an odd torchvision/TORCH_HOME setup must not stop the page from loading
         return "none"
 
@@ -94,7 +91,7 @@ def weights_note(models: list[str], weights: str) -> str:
             path = weights_file(model)
         except Exception:  # noqa: BLE001
             continue
-        if not path.is_file():
+        if path is not None and not path.is_file():
             missing.append((model, path))
     if not missing:
         return "✔ ImageNet weights are on this machine."
@@ -114,11 +111,12 @@ def build(lab) -> TrainUI:
     weights = default_weights()
     with gr.Row(equal_height=False):
         with gr.Column():
-            f["models"] = gr.CheckboxGroup(list(MODEL_NAMES), value=["resnet18"], label="Models",
-                                           info="ResNet18 is the fastest; 50 the most accurate on big datasets.",
+            f["models"] = gr.CheckboxGroup(list_models(), value=[DEFAULT_MODEL], label="Models",
+                                           info="resnet18 is the fastest; the deeper and wider ones learn more "
+                                                "from big datasets but are much slower on a CPU.",
                                            elem_id="models")
             f["weights"] = gr.Radio(WEIGHTS_CHOICES, value=weights, label="Pretrained weights", elem_id="weights")
-            ui.weights_note = gr.Markdown(weights_note(["resnet18"], weights), elem_id="weights-note")
+            ui.weights_note = gr.Markdown(weights_note([DEFAULT_MODEL], weights), elem_id="weights-note")
             f["finetune"] = gr.Radio(FINETUNE_CHOICES, label="Fine-tuning", elem_id="finetune",
                                      **{"value": "full", **finetune_state(weights)})
         with gr.Column():
@@ -155,7 +153,7 @@ def build(lab) -> TrainUI:
                                           minimum=1)
             f["device"] = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", allow_custom_value=True)
     with gr.Row(elem_classes="toolbar"):
-        ui.run_count = gr.Markdown(view.grid_count(["resnet18"], [1e-3], [32])[1], elem_id="run-count")
+        ui.run_count = gr.Markdown(view.grid_count([DEFAULT_MODEL], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
     ui.result = gr.Markdown(elem_id="queue-result")
     return ui
@@ -207,7 +205,7 @@ def params_to_configs(lab, params: dict[str, Any]) -> list[TrainConfig]:
         lists[single] = value
     custom = params.pop("lrs_custom", None)
     lists["lr"] = _lrs({"lrs": lists["lr"] or [], "lrs_custom": custom}) if (lists["lr"] or custom) else [1e-3]
-    lists["model"] = lists["model"] if lists["model"] is not None else ["resnet18"]
+    lists["model"] = lists["model"] if lists["model"] is not None else [DEFAULT_MODEL]
     lists["batch_size"] = ([_whole("batch_sizes", b) for b in lists["batch_size"]]
                            if lists["batch_size"] is not None else [32])
     known = {f.name for f in dc_fields(TrainConfig)}
@@ -262,7 +260,7 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
     match = next((v for v in known_lrs if abs(v - lr) < 1e-12), None)
     batch = config.get("batch_size", 32)
     values = {
-        "models": [config.get("model", "resnet18")],
+        "models": [config.get("model", DEFAULT_MODEL)],
         "lrs": [match] if match is not None else [],
         "lrs_custom": "" if match is not None else fmt.fmt_lr(lr),
         "batch_sizes": [batch] if batch in BATCH_CHOICES else [],
