@@ -68,12 +68,12 @@ class Settings:
     # most the decoded-image cache may hold, in GB; least recently used arrays are deleted first; 0: no cap
     cache_max_gb: float = 20.0
     # broker + result backend + run registry; None means "start an embedded one" for `up`
-    redis_url: str | None = None
+    redis_url: str | None = field(default=None, repr=False)  # holds the Redis password: never in a repr
     # page bind address and port; binding beyond loopback requires `auth`
     host: str = "127.0.0.1"
     port: int = 7860
     # "user:password" for the page; required when host is not loopback
-    auth: str | None = None
+    auth: str | None = field(default=None, repr=False)  # the login: never in a repr or a log line
     # host names the page answers besides loopback ("lab.example.com", "*.example.com"); needs `auth`
     allowed_hosts: tuple[str, ...] = ()
     # seconds a task may stay un-acknowledged before Redis redelivers it: longer than the longest run

@@ -19,7 +19,7 @@ def _all_changed(tmp_path) -> Settings:
                   cache_max_gb=0.25, redis_url="redis://:p@ss/w:rd@host:1/0", host="0.0.0.0", port=8000,
                   auth="u:p", allowed_hosts=("lab.example.com", "*.example.org"), visibility_timeout=60,
                   max_upload_mb=5, uploads_max_gb=1.5, worker_threads=2, weights_dir=tmp_path / "w",
-                  max_queued_runs=7, eval_figures="basic")
+                  max_queued_runs=7, eval_figures="basic", model_plugins=("tests.tinymodel:register_tiny_resnet",))
     default = Settings()
     fields = {f.name for f in dataclasses.fields(Settings)}
     assert set(values) == fields, f"give the new setting(s) {sorted(fields - set(values))} a value here"
@@ -102,3 +102,9 @@ def test_every_message_naming_redis_uses_the_one_redaction(tmp_path):
     assert "se" not in str(caught.value).replace("redis-py", "").replace("percent-encode", "") \
         and "cret" not in str(caught.value), caught.value
     assert redis_ping(url) is False
+
+
+def test_the_repr_of_settings_shows_no_secret(tmp_path):
+    # settings end up in log lines and tracebacks: the login and the Redis password must not
+    text = repr(Settings(models_dir=tmp_path, auth="admin:hunter2", redis_url="redis://:s3cret@h:1/0"))
+    assert "hunter2" not in text and "s3cret" not in text, text
