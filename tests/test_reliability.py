@@ -29,12 +29,12 @@ from shared.launch.services import start_redis
 from shared.settings import Settings
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import Processes, wait_for
+from tests.tiny import TINY_MODEL, TINY_TRAIN
 from ui.client import TRAIN_TASK, QueueClient
 
 pytestmark = pytest.mark.timeout(420)
 
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
-            device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2, optimizer="sgd")
+TINY = dict(TINY_TRAIN, val_ratio=0.2, test_ratio=0.2)
 # workers here take over a dead worker's run after 3 s (production: 30 s) and never redeliver by timeout
 WORKER_ENV = {"RESNET_LAB_LEASE_SECONDS": 3, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600}
 PASSWORD = "s3cret pass/word"  # a space and a slash: the URL must quote it
@@ -186,7 +186,7 @@ def page_runs(page) -> dict[str, dict]:
 @pytest.mark.slow
 def test_redis_restart_loses_no_queued_run_and_the_page_recovers_by_itself(stack):
     page = stack.page.client()
-    params = dict(TINY, data_dir=str(stack.bigger), models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=2)
+    params = dict(TINY, data_dir=str(stack.bigger), models=[TINY_MODEL], lrs=[1e-3], batch_sizes=[8], epochs=2)
     [running] = page.predict(params, api_name="/submit_runs")
     queued = page.predict({**params, "data_dir": "small", "lrs": [1e-3, 2e-3], "epochs": 1},
                           api_name="/submit_runs")
@@ -372,7 +372,7 @@ def test_disk_full_fails_the_run_clearly_and_never_replaces_a_good_checkpoint(tm
 
         lab = Lab(Settings(models_dir=models, data_roots=(data.parent,), redis_url=redis_url))
         with pytest.raises(gr.Error, match="(?i)read-only"):
-            queue_runs(lab, dict(TINY, data_dir=str(data), models=["resnet18"], lrs=[1e-3], batch_sizes=[8],
+            queue_runs(lab, dict(TINY, data_dir=str(data), models=[TINY_MODEL], lrs=[1e-3], batch_sizes=[8],
                                  epochs=1))
     finally:
         remount(models, "rw")
@@ -481,7 +481,7 @@ def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_
         page_pid, worker_pid = _child_running(up.pid, "ui"), _child_running(up.pid, "worker")
         assert page_pid and worker_pid, log()[-4000:]
         poller = PagePoller(f"http://127.0.0.1:{port}")
-        [run_id] = poller.client.predict(dict(TINY, data_dir="imgs", models=["resnet18"], lrs=[1e-3],
+        [run_id] = poller.client.predict(dict(TINY, data_dir="imgs", models=[TINY_MODEL], lrs=[1e-3],
                                               batch_sizes=[8], epochs=4), api_name="/submit_runs")
         store = RunStore(models)
         # the embedded Redis has a fresh password each start: read its URL where the worker got it
