@@ -132,11 +132,12 @@ def models_dir(tmp_path, marker) -> Path:
 
 
 class Up:
-    """`run_up` in its own process with stand-in children; collects its output."""
+    """`run_up` in its own process with stand-in children (or `ui_cmd` for the page: the real one); collects its
+    output."""
 
     def __init__(self, tmp_path: Path, marker: str, *, models_dir: Path, worker_mode: str = "ok",
                  gpus: str | None = "cpu", env: dict | None = None, stop_timeout: float = 5, port: int | None = None,
-                 policy: dict | None = None):
+                 policy: dict | None = None, ui_cmd: list[str] | None = None):
         self.records = tmp_path / f"records-{uuid.uuid4().hex[:6]}"
         self.records.mkdir()
         scripts = tmp_path / "scripts"
@@ -148,7 +149,7 @@ class Up:
         cfg = {
             "models_dir": str(models_dir), "port": self.port, "gpus": gpus, "stop_timeout": stop_timeout,
             "worker_cmd": [sys.executable, str(scripts / "worker.py"), str(self.records), worker_mode],
-            "ui_cmd": [sys.executable, str(scripts / "ui.py"), str(self.records)],
+            "ui_cmd": ui_cmd or [sys.executable, str(scripts / "ui.py"), str(self.records)],
             "policy": policy or FAST_RESTARTS,
         }
         base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
