@@ -29,7 +29,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_first_screen_gives_the_start_and_test_commands():
     commands = readme_commands()
-    assert commands == ["./run app", "./run test"]
+    assert commands == ["./run app", "./run test", './run test -m "not slow"']  # start, all tests, quick lane
     ci = (REPO / ".ci" / "run").read_text()
     assert "./run test" in ci  # CI runs exactly the README's test command
 
