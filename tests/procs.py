@@ -1,7 +1,8 @@
-"""Real processes for the fault, bad-input and security tests: pages (`python -m ui`), workers (`python -m worker`).
+"""Real processes for the tests: pages (`python -m ui`), workers (`python -m worker`), and the one polling loop.
 
 `Processes` starts them in their own process groups with output in log files and stops every one it started
 (SIGTERM, then SIGKILL) in `close()`, which the tests' fixtures call in their finalizers whatever happened.
+`SharedStack` is the session's Redis + worker + page (tests/conftest.py). `wait_for` is how every test waits.
 Everything binds 127.0.0.1; nothing leaves the machine.
 """
 
@@ -170,8 +171,9 @@ class SharedStack:
     nor rely on what other tests did: the models folder holds their runs too, so a test names its runs by id.
 
     The page has a 1 MB upload cap; the worker draws only the "basic" evaluation figures (charts, no t-SNE or
-    Grad-CAM), has its own data root as RESNET_LAB_DATA_ROOTS, and carries a page login in its environment
-    (RESNET_LAB_AUTH, which the page itself does not get) that must never show up where the worker answers.
+    Grad-CAM), has the data root as RESNET_LAB_DATA_ROOTS, a 3 s lease (its recovery scan runs every 1.5 s), and
+    carries a page login in its environment (RESNET_LAB_AUTH, which the page itself does not get) that must never
+    show up where the worker answers.
     """
 
     REDIS_PASSWORD = "Zq9x:xYq7@wv7Kp/k2Jm"  # URL-special characters on purpose; each piece distinctive
