@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.launch.services import find_free_port, popen_in_own_group
+from tests.procs import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts" / "e2e"
@@ -32,27 +33,10 @@ MARKER_VAR = "RESNET_LAB_E2E_MARKER"
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str, *, interval: float = 0.5,
                describe: Callable[[], str] | None = None, page=None):
-    """Poll `predicate` until it returns something truthy (returned); AssertionError naming `what` after `timeout` s.
-
-    With `page`, the poll sleeps through Playwright (so its events keep flowing); `describe()` adds what was seen.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            seen = ""
-            if describe is not None:
-                try:
-                    seen = f"\nlast seen: {describe()}"
-                except Exception as exc:  # noqa: BLE001 - the description must not hide the timeout
-                    seen = f"\n(could not describe the page: {exc})"
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}{seen}")
-        if page is not None:
-            page.wait_for_timeout(interval * 1000)
-        else:
-            time.sleep(interval)
+    """tests.procs.wait_for with a slower default pace; with `page`, the poll sleeps through Playwright (so its
+    events keep flowing)."""
+    sleep = time.sleep if page is None else (lambda seconds: page.wait_for_timeout(seconds * 1000))
+    return wait_for(predicate, timeout, what, interval, describe=describe, sleep=sleep)
 
 
 # --- the app ------------------------------------------------------------------------------------------------

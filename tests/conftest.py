@@ -1,8 +1,36 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: the session's Redis, the session's worker + page stack, and workers of a test's own.
+
+RESNET_LAB_TEST_SHUFFLE=<seed> runs the modules, and the tests inside each module, in a random order (seeded):
+a test that passes only after another one fails then. Tests stay grouped by module so that module fixtures
+start once.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    seed = os.environ.get("RESNET_LAB_TEST_SHUFFLE")
+    if not seed:
+        return
+    rng = random.Random(seed)
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+    order = list(modules.values())
+    rng.shuffle(order)
+    for group in order:
+        rng.shuffle(group)
+    items[:] = [item for group in order for item in group]
+
+
+def pytest_report_header(config):
+    seed = os.environ.get("RESNET_LAB_TEST_SHUFFLE")
+    return f"RESNET_LAB_TEST_SHUFFLE={seed}: modules and tests in a random order" if seed else None
 
 
 # --- Redis: one private server per test session (shared.launch.services.start_redis) ---------------------------------
@@ -32,77 +60,44 @@ def redis_url(redis_server) -> str:
     return redis_server.url
 
 
-# --- Worker: real `python -m worker` processes (tests/test_worker.py) -------------------------------------------
-# `start_worker(models_dir, **env)` starts one worker against the session's Redis with one torch thread, its
-# output in a log file, and waits until Celery says it is ready; every worker started is stopped at teardown
-# (SIGTERM, then SIGKILL), whatever the test did. Its evaluations draw no figures (RESNET_LAB_EVAL_FIGURES=none:
-# ~5 s less per tiny run); a test that looks at figures passes RESNET_LAB_EVAL_FIGURES="all".
+# --- one Redis + worker + page for the whole session (tests.procs.SharedStack) ---------------------------------------
+# For tests that use a worker or a page as they are. The stack has its own Redis (the `redis_url` fixture flushes
+# the other one before every test). `session_stack` starts Redis and the worker and trains one tiny run;
+# `session_page` adds the page (only sessions that need one pay for it).
 
-class WorkerProcess:
-    def __init__(self, proc, log_path):
-        self.proc, self.log_path = proc, log_path
+@pytest.fixture(scope="session")
+def session_stack(tmp_path_factory):
+    """tests.procs.SharedStack: Redis, one worker, a models folder with one finished run, a data root."""
+    from tests.procs import SharedStack
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    stack = SharedStack(tmp_path_factory.mktemp("session-stack"))
+    yield stack
+    stack.close()
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
 
-    def kill9(self) -> None:
-        """SIGKILL the whole process group, as a crash or a power cut would."""
-        import os
-        import signal
+@pytest.fixture(scope="session")
+def session_page(session_stack):
+    """The session stack with its page up (`.page`: a tests.procs.Page)."""
+    session_stack.start_page()
+    return session_stack
 
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=30)
 
-    def stop(self, timeout: float = 20.0) -> int | None:
-        from shared.launch.services import stop_group
-
-        if self.proc.returncode is None:
-            return stop_group(self.proc, timeout=timeout)
-        return self.proc.returncode
-
+# --- workers of a test's own: real `python -m worker` processes (tests/test_worker.py) -----------------------------
+# `start_worker(models_dir, **env)` starts one worker against the session's Redis (`redis_url`: flushed) with one
+# torch thread, its output in a log file, and waits until Celery says it is ready; every worker started is stopped
+# at teardown (SIGTERM, then SIGKILL), whatever the test did. Its evaluations draw no figures
+# (RESNET_LAB_EVAL_FIGURES=none: ~5 s less per tiny run); a test that looks at figures passes
+# RESNET_LAB_EVAL_FIGURES="all".
 
 @pytest.fixture
 def start_worker(redis_url, tmp_path):
-    """Factory: start_worker(models_dir, args=(), ready=1, ready_timeout=120, **extra_env) -> WorkerProcess.
+    """Factory: start_worker(models_dir, args=(), ready=1, ready_timeout=120, **extra_env) -> tests.procs.Proc."""
+    from tests.procs import Processes
 
-    Returns once the log shows `ready` Celery workers ready (more than one with `args=["--gpus", ...]`).
-    """
-    import os
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    procs = Processes(tmp_path / "worker-logs")
 
-    from shared.launch.services import popen_in_own_group
-
-    started: list[WorkerProcess] = []
-
-    def start(models_dir, *, args=(), ready: int = 1, ready_timeout: float = 120.0, **extra_env) -> WorkerProcess:
-        log_path = Path(tmp_path) / f"worker-{len(started)}.log"
-        env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(models_dir),
-               "RESNET_LAB_WORKER_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1",
-               "RESNET_LAB_EVAL_FIGURES": "none", **{k: str(v) for k, v in extra_env.items()}}
-        with open(log_path, "wb") as out:
-            proc = popen_in_own_group([sys.executable, "-m", "worker", "--loglevel", "info", *args], env=env,
-                                      cwd=Path(__file__).resolve().parents[1], stdout=out,
-                                      stderr=subprocess.STDOUT)
-        worker = WorkerProcess(proc, log_path)
-        started.append(worker)
-        deadline = time.monotonic() + ready_timeout
-        while worker.log().count(" ready.") < ready:
-            if not worker.alive():
-                raise RuntimeError(f"worker exited with {proc.returncode}:\n{worker.log()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"worker not ready within {ready_timeout:.0f} s:\n{worker.log()[-3000:]}")
-            time.sleep(0.1)
-        return worker
+    def start(models_dir, *, args=(), ready: int = 1, ready_timeout: float = 120.0, **extra_env):
+        return procs.worker(redis_url, models_dir, args=args, ready=ready, ready_timeout=ready_timeout, **extra_env)
 
     yield start
-    for worker in started:
-        worker.stop()
+    procs.close()

@@ -13,8 +13,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import redis
 from shared.runs.registry import RunRegistry
 from shared.runs.store import RunStore
 from tests.imagegen import make_image, make_image_folder
-from tests.procs import REPO, Processes
+from tests.procs import Processes
+from tests.tiny import tiny_form, train_tiny
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,7 +31,7 @@ MAX_QUEUED = 4
 # class folders named like formulas: their names land in the CSV's class columns
 FORMULA_CLASSES = ["=SUM(1+1)", "+cmd", "-2+3", "@A1"]
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-RUN = dict(models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=1, image_size=32, weights="none")
+RUN = tiny_form(".")  # data_dir: each test's own
 
 
 class Lab:
@@ -49,7 +48,7 @@ class Lab:
         (self.weights / "mine.pth").write_bytes(b"the page never opens it; the worker loads it")
         os.symlink(self.outside / "secret.pth", self.weights / "link.pth")
         (self.data_root / "in_data.pth").write_bytes(b"weights kept with the data")
-        self._train()
+        train_tiny(self.models, self.dataset)  # a finished run on the formula-named classes, for /predict_many
         self.store = RunStore(self.models)
         self.registry = RunRegistry.from_url(redis_url)
         self.procs = Processes(root / "logs")
@@ -57,18 +56,8 @@ class Lab:
                                     RESNET_LAB_MAX_QUEUED_RUNS=MAX_QUEUED)
         self.client = self.page.client()
 
-    def _train(self) -> None:
-        """One tiny succeeded run on the formula-named classes, for /predict_many."""
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RESNET_LAB_MODELS_DIR": str(self.models),
-               "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "shared.cli", "train", "--data-dir", str(self.dataset),
-                               "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-                               "--augment", "none", "--device", "cpu", "--no-amp", "--skip-eval"],
-                              capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-        assert done.returncode == 0, done.stderr[-3000:]
-
     def submit(self, **params) -> list[str]:
-        return self.client.predict({"data_dir": str(self.dataset), **RUN, **params}, api_name="/submit_runs")
+        return self.client.predict({**RUN, "data_dir": str(self.dataset), **params}, api_name="/submit_runs")
 
     def refused(self, **params) -> str:
         """The message of a refused submission (and nothing was queued)."""

@@ -20,7 +20,8 @@ from PIL import Image
 
 from tests.imagegen import (make_image, make_image_folder, write_bomb_png, write_exif_rotated_jpeg,
                             write_text_as_image, write_truncated_jpeg, write_zero_byte)
-from tests.procs import REPO, Processes
+from tests.procs import REPO
+from tests.tiny import TINY_CLI, tiny_form
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -96,9 +97,7 @@ def corpus(tmp_path_factory) -> Path:
 def trained(corpus, tmp_path_factory):
     """One tiny `resnet-lab train` on the corpus: (models dir, run id, CLI result)."""
     models = tmp_path_factory.mktemp("models")
-    done = cli("train", "--data-dir", str(corpus), "--epochs", "1", "--weights", "none", "--image-size", "32",
-               "--batch-size", "8", "--augment", "none", "--device", "cpu", "--no-amp", "--skip-eval",
-               models=models)
+    done = cli("train", "--data-dir", str(corpus), *TINY_CLI, "--skip-eval", models=models)
     no_crash(done)
     assert done.returncode == 0, done.stderr[-3000:]
     [run_id] = [p.name for p in models.iterdir() if (p / "status.json").is_file()]
@@ -176,50 +175,46 @@ def test_predict_cli_gives_each_bad_file_its_own_message(trained, corpus):
 # --- the page ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def page(trained, corpus, tmp_path_factory):
-    """`python -m ui` (no Redis needed to predict or check) over the trained run, with the corpus's parent as the
-    only data root, plus an outside folder and links that point out of it."""
-    models, run_id, _ = trained
-    root = tmp_path_factory.mktemp("page")
-    outside = make_image_folder(root / "outside", classes=2, per_class=3, size=40)
-    data_root = corpus.parent
+def page(session_page, tmp_path_factory):
+    """The session's page (tests/procs.py SharedStack) with the corpus in a data-root folder of this module's own,
+    next to links that point out of it; an outside folder; the stack's finished run answers predictions."""
+    stack = session_page
+    data_root = stack.folder("bad-input")
+    corpus = write_corpus(data_root / "data")
+    outside = make_image_folder(tmp_path_factory.mktemp("page") / "outside", classes=2, per_class=3, size=40)
     for name, target in (("escape", outside), ("etc", Path("/etc"))):
-        if not (data_root / name).exists():
-            os.symlink(target, data_root / name)
+        os.symlink(target, data_root / name)
     (data_root / "a_file.txt").write_text("not a folder")
-    procs = Processes(root / "logs")
-    try:
-        yield procs.page(models, data_root), outside
-    finally:
-        procs.close()
+    return stack, corpus, outside
 
 
 @pytest.mark.slow
-def test_predict_tab_answers_bad_uploads_with_a_message(page, corpus):
+def test_predict_tab_answers_bad_uploads_with_a_message(page):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    server, _ = page
+    stack, corpus, _ = page
+    server = stack.page
     client = server.client()
     expected = {"class_0/notes.jpg": "it contains text", "class_1/login page.png": "HTML page",
                 "class_1/bomb.png": "decompression bomb", "class_0/truncated.jpg": "truncated",
                 "class_1/drawing.svg": "SVG", "class_0/empty.jpg": "empty file"}
     for path, message in expected.items():
         with pytest.raises(AppError, match=message):
-            client.predict(handle_file(str(corpus / path)), "latest", api_name="/predict")
+            client.predict(handle_file(str(corpus / path)), stack.run_id, api_name="/predict")
     for path in ("class_0/cmyk.jpg", "class_0/deep16.png", "class_1/animated.gif", f"class_2/{NON_ASCII}"):
-        label, _, answer = client.predict(handle_file(str(corpus / path)), "latest", api_name="/predict")
-        assert label["label"].startswith("class_") and "Answered by" in answer, (path, label)
+        label, _, answer = client.predict(handle_file(str(corpus / path)), stack.run_id, api_name="/predict")
+        assert label["label"] in stack.CLASSES and "Answered by" in answer, (path, label)
     assert server.alive()
 
 
 @pytest.mark.slow
-def test_dataset_paths_outside_the_data_roots_are_refused(page, corpus, tmp_path):
+def test_dataset_paths_outside_the_data_roots_are_refused(page):
     from gradio_client.exceptions import AppError
 
-    server, outside = page
-    client = server.client()
-    params = dict(models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=1, weights="none", image_size=32)
+    stack, corpus, outside = page
+    client = stack.page.client()
+    params = tiny_form(corpus)
     refused = {
         f"{corpus}/{os.path.relpath(outside, corpus)}": "outside the data folders",   # ../ traversal
         "../" * 12 + "etc": "outside the data folders",
@@ -234,7 +229,7 @@ def test_dataset_paths_outside_the_data_roots_are_refused(page, corpus, tmp_path
         with pytest.raises(AppError, match=message):
             client.predict(path, api_name="/check_dataset")
         with pytest.raises(AppError, match=message):
-            client.predict({**params, "data_dir": path}, api_name="/submit_runs")
+            client.predict({**params, "data_dir": path}, api_name="/submit_runs")  # refused: nothing queued
     # inside the root it works (the check needs no Redis)
     result = client.predict(str(corpus), api_name="/check_dataset")
     assert "43 usable images" in result[0]

@@ -18,6 +18,8 @@ import torch
 from tests.imagegen import make_image_folder
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+# the scripts' health, not the product's: the full lane (`./run test`, CI), not the quick one
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,6 @@ def test_evaluation(tmp_path, images):
 
 # --- the running system: Redis + page (+ worker) as real processes; each starts its own, so these take longer ---
 
-@pytest.mark.slow
 def test_predict_latency(tmp_path, images):
     result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images), "--py-spy", "3")
     for call in ("top5_client", "top5_cam_client", "top5_rest", "top5_cam_rest", "top5_local", "top5_cam_local"):
@@ -100,14 +101,12 @@ def test_predict_latency(tmp_path, images):
         assert sum(profile["cpu_ms_per_call"].values()) > 0
 
 
-@pytest.mark.slow
 def test_queue_latency(tmp_path, images):
     result = run_quick("bench_queue_latency", tmp_path, "--data-dir", str(images))
     assert result["results"]["submit_to_running"]["n"] == 1
     assert result["results"]["epoch_end_to_visible"]["n"] >= 1
 
 
-@pytest.mark.slow
 def test_memory(tmp_path, images):
     result = run_quick("bench_memory", tmp_path, "--data-dir", str(images))
     assert len(result["worker"]) == 3 and all(w["rss_mb"] > 0 for w in result["worker"])

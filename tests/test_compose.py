@@ -185,7 +185,11 @@ def test_dockerfile_copies_every_package_and_installs_it():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     copied = {Path(s).parts[0] for s in copy_sources()}
     assert "pyproject.toml" in copied
-    assert set(project["tool"]["setuptools"]["packages"]) <= copied
+    from setuptools import find_packages
+
+    include = project["tool"]["setuptools"]["packages"]["find"]["include"]  # as pip finds them at install
+    packages = {name.split(".")[0] for name in find_packages(str(REPO), include=include)}
+    assert {"shared", "worker", "ui"} <= packages <= copied
     runs = " ".join(rest for word, rest in dockerfile_instructions() if word == "RUN")
     assert re.search(r"pip install (--no-deps )?\.( |$)", runs)
     assert "resnet-lab" in project["project"]["scripts"], "the compose commands call `resnet-lab`"

@@ -9,7 +9,6 @@ for `resnet-lab up`, the page's Runs list, Results, Predict "latest" or the Redi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,11 +26,11 @@ from shared.launch.services import find_free_port
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from tests.procs import wait_for
-from tests.test_up import DRIVER, FAST_RESTARTS, MARK, WORKER, marked_processes, marker  # noqa: F401 - marker is a fixture
+from tests.tiny import TINY_TRAIN
+from tests.test_up import Up, marked_processes, marker  # noqa: F401 - marker is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
-            device="cpu", amp=False, val_ratio=0.25, test_ratio=0.0, optimizer="sgd", epochs=1)
+TINY = dict(TINY_TRAIN, test_ratio=0.0, epochs=1)
 EMPTY_ID = "20240101-000000-resnet18-e0e0e0"     # status.json empty (a power cut mid-write)
 GARBLED_ID = "20240101-000001-resnet18-bad000"   # status.json binary garbage
 WRONG_ID = "20240101-000002-resnet18-bad001"     # status.json valid JSON, but no run status
@@ -146,33 +145,21 @@ def test_the_cli_lists_damaged_runs(models):
 
 # --- the real page, started by `resnet-lab up` -------------------------------------------------------------------
 
+@pytest.mark.slow  # `up` and a real page
 @pytest.mark.timeout(300)
 def test_up_and_the_page_start_over_damaged_runs_and_show_them(models, good_run, data, tmp_path, marker, redis_url):
     """Before: the page died at start with a JSONDecodeError from RunStore.list(), and `up` stopped everything."""
     from gradio_client import Client, handle_file
 
     _, good_id = good_run
-    scripts = tmp_path / "scripts"
-    scripts.mkdir()
-    (scripts / "worker.py").write_text(WORKER)
-    port = find_free_port()
-    cfg = {"models_dir": str(models), "port": port, "gpus": "cpu", "stop_timeout": 10,
-           "worker_cmd": [sys.executable, str(scripts / "worker.py"), str(scripts), "ok"],
-           "ui_cmd": [sys.executable, "-m", "ui"], "policy": FAST_RESTARTS}
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
-    env = {**base, MARK: marker, "REDIS_URL": redis_url, "RESNET_LAB_DATA_ROOTS": str(data.parent),
-           "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-    log_path = tmp_path / "up.log"
-    with open(log_path, "w") as log:
-        up = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=REPO, env=env, text=True,
-                              stdout=log, stderr=subprocess.STDOUT)
+    up = Up(tmp_path, marker, models_dir=models, stop_timeout=10, ui_cmd=[sys.executable, "-m", "ui"],
+            env={"REDIS_URL": redis_url, "RESNET_LAB_DATA_ROOTS": str(data.parent),
+                 "GRADIO_TEMP_DIR": str(tmp_path / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False",
+                 "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)})
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: "resnet-lab is up" in log_path.read_text() or up.poll() is not None, 240,
-                 "`resnet-lab up` to say it is up", interval=0.5)
-        assert up.poll() is None, log_path.read_text()
-        assert "Traceback" not in log_path.read_text(), log_path.read_text()
+        url = up.url
+        up.wait_output("resnet-lab is up", timeout=240)
+        assert "Traceback" not in up.output, up.output
 
         client = Client(url, verbose=False, download_files=False, analytics_enabled=False)
 
@@ -195,10 +182,9 @@ def test_up_and_the_page_start_over_damaged_runs_and_show_them(models, good_run,
             client.predict(good_id, api_name="/run_results")
         with urllib.request.urlopen(url + "/gradio_api/info", timeout=10) as response:
             assert response.status == 200
-        assert up.poll() is None, log_path.read_text()
+        assert up.proc.poll() is None, up.output
     finally:
-        up.terminate()
-        up.wait(timeout=60)
+        up.stop(timeout=60)
     wait_for(lambda: not marked_processes(marker), 15, "up's children to stop")
 
 
@@ -209,35 +195,43 @@ def _record(store: RunStore, run_id: str, **fields) -> dict:
 
 
 @pytest.mark.timeout(240)
-def test_the_recovery_scan_never_resends_a_deleted_run_and_removes_its_record(tmp_path, redis_url, start_worker):
-    """A real worker's recovery scan. Before: the 'running' record a starting worker wrote back after the page's
-    delete was re-sent every half minute, forever (the task skipped it: its folder was gone)."""
-    models = tmp_path / "models"
-    store, registry = RunStore(models), RunRegistry.from_url(redis_url)
-    config = TrainConfig(data_dir=str(tmp_path / "data"), **TINY)
+def test_the_recovery_scan_never_resends_a_deleted_run_and_removes_its_record(session_stack):
+    """A real worker's recovery scan (the session's worker: it scans every 1.5 s). Before: the 'running' record a
+    starting worker wrote back after the page's delete was re-sent every half minute, forever (the task skipped
+    it: its folder was gone)."""
+    worker = session_stack.worker
+    store, registry = RunStore(session_stack.models), RunRegistry.from_url(session_stack.redis_url)
+    config = TrainConfig(data_dir=str(session_stack.data_root / "no-such-data"), **TINY)
     ghost, lost, damaged, alive = (store.create(config) for _ in range(4))
-    # the record a worker wrote back while the page deleted the run: running, a task id, no lease
-    registry.put(_record(store, ghost, status="running", task_id=ghost, worker="celery@gone"))
-    # queued an hour ago, its message lost, then deleted by hand
-    registry.put(_record(store, lost, created=time.time() - 3600))
-    # running when the power went: its status.json is empty now
-    registry.put(_record(store, damaged, status="running", task_id=damaged, worker="celery@gone"))
-    registry.put(_record(store, alive))
+    records = [
+        # the record a worker wrote back while the page deleted the run: running, a task id, no lease
+        _record(store, ghost, status="running", task_id=ghost, worker="celery@gone"),
+        # queued an hour ago, its message lost, then deleted by hand
+        _record(store, lost, created=time.time() - 3600),
+        # running when the power went: its status.json is empty now
+        _record(store, damaged, status="running", task_id=damaged, worker="celery@gone"),
+        _record(store, alive)]
     store.delete(ghost)
     store.delete(lost)
     (store.path(damaged) / "status.json").write_bytes(b"")
+    seen = len(worker.log())
+    for record in records:  # the folders are as the scan must find them before the records appear
+        registry.put(record)
 
-    worker = start_worker(models, RESNET_LAB_LEASE_SECONDS=2)
     wait_for(lambda: registry.get(ghost) is None and registry.get(lost) is None
              and (registry.get(damaged) or {}).get("status") == DAMAGED, 60, "the scan to settle the three runs",
              interval=0.2)
     assert "delete the folder" in registry.get(damaged)["error"]
     for run_id in (ghost, lost, damaged):
         assert not registry.r.exists(f"{PREFIX}:recover:{run_id}"), f"{run_id} was re-sent"
-    assert "re-queued run" not in worker.log(), worker.log()[-3000:]
+    assert "re-queued run" not in worker.log()[seen:], worker.log()[-3000:]
     assert not store.path(ghost).exists() and not store.path(lost).exists()
     assert registry.get(alive)["status"] == "queued"  # a run whose folder is fine is left alone
     assert worker.alive()
+    store.delete(damaged)  # what the message says to do; the shared stack keeps no damaged folder
+    registry.delete(damaged)
+    store.delete(alive)
+    registry.delete(alive)
 
 
 def test_a_delete_landing_between_the_two_writes_of_running_recreates_nothing(tmp_path, redis_url, data,

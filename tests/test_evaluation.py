@@ -203,16 +203,25 @@ def tiny_run(tmp_path_factory):
         torch.set_num_threads(previous)
 
 
-EXPECTED_FIGURES = {"curves", "confusion", "confusion_normalized", "roc", "pr", "reliability", "tsne",
-                    "class_counts", "cam_samples", "top_losses", "class_samples", "activations"}
-
-
-def test_evaluate_run_writes_eval_json_and_every_figure(tiny_run):
+@pytest.fixture(scope="module")
+def evaluated(tiny_run):
+    """The tiny run evaluated once with every figure, for the tests that read it: (result, progress calls, the
+    matplotlib figures left open right after)."""
     import matplotlib.pyplot as plt
 
     run_dir, _ = tiny_run
     calls = []
     result = evaluate_run(run_dir, progress=lambda done, total: calls.append((done, total)))
+    return result, calls, plt.get_fignums()
+
+
+EXPECTED_FIGURES = {"curves", "confusion", "confusion_normalized", "roc", "pr", "reliability", "tsne",
+                    "class_counts", "cam_samples", "top_losses", "class_samples", "activations"}
+
+
+def test_evaluate_run_writes_eval_json_and_every_figure(tiny_run, evaluated):
+    run_dir, _ = tiny_run
+    result, calls, left_open = evaluated
 
     saved = json.loads((run_dir / "eval" / "eval.json").read_text(), parse_constant=_no_constants)
     assert saved == strict_json(result)
@@ -231,7 +240,7 @@ def test_evaluate_run_writes_eval_json_and_every_figure(tiny_run):
             assert img.width > 300 and img.height > 200, name
         assert path.stat().st_size > 8_000, name
     assert calls[-1][0] == calls[-1][1] and len(calls) >= 4
-    assert plt.get_fignums() == []
+    assert left_open == []
 
 
 def _no_constants(name):
@@ -242,14 +251,14 @@ def test_evaluate_another_split_and_another_folder(tiny_run, tmp_path):
     from tests.imagegen import make_image_folder, write_corrupt
 
     run_dir, _ = tiny_run
-    val = evaluate_run(run_dir, split="val", cam_samples_per_class=1)
+    val = evaluate_run(run_dir, split="val", figures="none")  # figures: the tests above and below
     assert val["split"] == "val" and (eval_dir_for(run_dir, "val") / "eval.json").is_file()
     assert eval_dir_for(run_dir, "val").name == "eval-val"
 
     # a folder with a subset of the classes, plus one broken file: evaluated, the broken file listed
     other = make_image_folder(tmp_path / "more", classes=["class_0", "class_2"], per_class=4, size=56, seed=5)
     write_corrupt(other / "class_2" / "broken.jpg", "truncated")
-    result = evaluate_run(run_dir, data_dir=other, cam_samples_per_class=1)
+    result = evaluate_run(run_dir, data_dir=other, figures="none")
     assert result["n"] == 8 and [s["path"] for s in result["skipped"]] == ["class_2/broken.jpg"]
     assert result["per_class"][1]["support"] == 0 and result["per_class"][1]["recall"] is None
     assert (run_dir / "eval-folder-more" / "eval.json").is_file()
@@ -359,7 +368,7 @@ def results_page(tiny_run):
     return lab, ui
 
 
-def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_run, results_page):
+def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_run, evaluated, results_page):
     """A real evaluation's eval.json has exactly the schema's fields (none filled in by a default), and the Results
     tab, the HTML report and /run_results all read it through load_eval_result: a reader asking for a field that is
     not in the schema fails here (typed attributes raise), a field the writer forgot fails the key check."""
@@ -368,7 +377,6 @@ def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_ru
     from ui.tabs import results
 
     run_dir, _ = tiny_run
-    evaluate_run(run_dir, cam_samples_per_class=1)
     raw = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert missing_and_unknown(raw, EvalResult) == []
     assert raw["schema_version"] == 1 and raw["figure_level"] == "all" and raw["skipped_figures"] == []
@@ -405,7 +413,7 @@ def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_ru
     json.dumps(api, allow_nan=False)
 
 
-def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, results_page, tmp_path):
+def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, evaluated, results_page, tmp_path):
     """Files written by the code before schema_version: same layout without the four new fields. They load in one
     place (the conversion), with balanced accuracy from the per-class recalls, and the page shows them."""
     import shutil
@@ -415,8 +423,6 @@ def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, results_page,
     from ui.tabs import results
 
     run_dir, _ = tiny_run
-    if not (run_dir / "eval" / "eval.json").is_file():
-        evaluate_run(run_dir, cam_samples_per_class=1)
     new = json.loads((run_dir / "eval" / "eval.json").read_text())
     old = {k: v for k, v in new.items()
            if k not in ("schema_version", "balanced_accuracy", "figure_level", "skipped_figures")}
@@ -432,7 +438,7 @@ def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, results_page,
     assert f"**Macro F1:** {new['macro']['f1']:.3f}" in shown[ui.metrics] and shown[ui.cams].value
 
 
-def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, results_page, tmp_path):
+def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, evaluated, results_page, tmp_path):
     """A newer schema, a damaged file or one that lost a field: no guessing — the page says what is wrong and to
     evaluate again (the button is beside it); the API refuses with the same message."""
     import gradio as gr
@@ -442,8 +448,6 @@ def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, results_page, tm
     from ui.tabs import results
 
     run_dir, _ = tiny_run
-    if not (run_dir / "eval" / "eval.json").is_file():
-        evaluate_run(run_dir, cam_samples_per_class=1)
     good = json.loads((run_dir / "eval" / "eval.json").read_text())
     lab = SimpleNamespace(store=RunStore(tmp_path / "models"))
     _, ui = results_page

@@ -140,7 +140,7 @@ def near_box(point, box, margin=MARGIN) -> bool:
 
 
 @pytest.fixture(scope="module")
-def shapes_model():
+def shapes_model():  # tests that use it are marked slow: the quick lane skips this training
     # ~40 CPU-seconds: one thread (a busy 2-core machine makes more threads slower, not faster)
     torch.manual_seed(0)
     previous = torch.get_num_threads()
@@ -168,6 +168,7 @@ def shapes_model():
     return model
 
 
+@pytest.mark.slow  # trains shapes_model
 def test_gradcam_peak_falls_on_the_object(shapes_model):
     x, y, boxes = shapes_dataset(90, seed=1)
     cams, probs = GradCAM(shapes_model, RESNET18).batch(x)
@@ -187,6 +188,7 @@ def test_gradcam_peak_falls_on_the_object(shapes_model):
     assert no_hooks_left(shapes_model)
 
 
+@pytest.mark.slow  # trains shapes_model
 def test_gradcam_is_not_flat(shapes_model):
     x, y, _ = shapes_dataset(12, seed=2)
     cams, _ = GradCAM(shapes_model, RESNET18).batch(x, y.tolist())

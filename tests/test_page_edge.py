@@ -19,37 +19,28 @@ from pathlib import Path
 import pytest
 import requests
 
-from shared.training.config import TrainConfig
-from shared.runs.store import RunStore
-from tests.imagegen import make_image, make_image_folder
-from tests.procs import Processes
+from tests.imagegen import make_image
+from tests.procs import SharedStack
 from ui.guard import REFUSED
 
 pytestmark = pytest.mark.timeout(300)
 
-UPLOAD_MB = 1
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
-            device="cpu", amp=False, val_ratio=0.25, test_ratio=0.25, optimizer="sgd", epochs=1)
+UPLOAD_MB = SharedStack.UPLOAD_MB
 META = {"_type": "gradio.FileData"}
 
 
 class Edge:
-    """A finished run, a data root and an outside folder full of traps, and the page over them."""
+    """The session's page (tests/procs.py SharedStack: a finished run, a 1 MB upload cap) with traps planted in a
+    data-root folder of this module's own, in an outside folder, in the models folder and in the run's folder."""
 
-    def __init__(self, root: Path):
-        from shared.training.engine import fit
-
-        self.models, self.data_root, self.outside = root / "models", root / "data", root / "outside"
-        data = make_image_folder(self.data_root / "shapes", classes=2, per_class=8, size=40)
-        store = RunStore(self.models)
-        config = TrainConfig(data_dir=str(data), **TINY)
-        self.run_id = store.create(config)
-        self.run_dir = store.path(self.run_id)
-        store.set_status(self.run_id, "succeeded", best=fit(config, self.run_dir))
-        self.photo = sorted((data / "class_0").iterdir())[0]
+    def __init__(self, stack, outside: Path):
+        self.page = stack.page
+        self.models, self.data_root, self.outside = stack.models, stack.folder("edge"), outside
+        self.classes = stack.CLASSES
+        self.run_id = stack.run_id
+        self.run_dir = stack.models / stack.run_id
+        self.photo = stack.image("circle")
         self._plant()
-        self.procs = Processes(root / "logs")
-        self.page = self.procs.page(self.models, self.data_root, RESNET_LAB_MAX_UPLOAD_MB=UPLOAD_MB)
         self.url = self.page.url
         self.port = int(self.url.rsplit(":", 1)[1])
 
@@ -122,7 +113,7 @@ class Edge:
 
     def predict_photo(self) -> dict:
         [uploaded] = self.upload("photo.jpg", self.photo.read_bytes()).json()
-        kind, data = self.call("predict", [{"path": uploaded, "meta": META, "orig_name": "photo.jpg"}, "latest"])
+        kind, data = self.call("predict", [{"path": uploaded, "meta": META, "orig_name": "photo.jpg"}, self.run_id])
         assert kind == "complete", data
         return data[0]
 
@@ -135,15 +126,11 @@ class Edge:
                 return dep["id"]
         raise AssertionError(f"no handler from {inputs} to {outputs}")
 
-    def close(self) -> None:
-        self.procs.close()
 
 
 @pytest.fixture(scope="module")
-def edge(tmp_path_factory):
-    e = Edge(tmp_path_factory.mktemp("edge"))
-    yield e
-    e.close()
+def edge(session_page, tmp_path_factory):
+    return Edge(session_page, tmp_path_factory.mktemp("edge") / "outside")
 
 
 def refused_message(data) -> str:
@@ -155,8 +142,8 @@ def refused_message(data) -> str:
 @pytest.mark.slow
 def test_predict_opens_only_uploads_and_the_data_roots(edge):
     photo = edge.predict_photo()
-    assert photo["label"].startswith("class_")
-    inside = edge.call("predict", [{"path": str(edge.data_image)}, "latest"])  # a data root: allowed
+    assert photo["label"] in edge.classes
+    inside = edge.call("predict", [{"path": str(edge.data_image)}, edge.run_id])  # a data root: allowed
     assert inside[0] == "complete", inside
     probes = [
         {"path": str(edge.secret)},                               # a real image outside every root, no `meta`
@@ -180,7 +167,7 @@ def test_predict_opens_only_uploads_and_the_data_roots(edge):
     answers = []
     for probe in probes:
         started = time.monotonic()
-        kind, data = edge.call("predict", [probe, "latest"])
+        kind, data = edge.call("predict", [probe, edge.run_id])
         assert kind == "error", (probe, data)
         answers.append(refused_message(data))
         assert time.monotonic() - started < 20, probe
@@ -192,20 +179,20 @@ def test_predict_opens_only_uploads_and_the_data_roots(edge):
     # "Classify all": Gradio lets a `meta` payload in the models folder through (a static path); the guard does not
     [uploaded] = edge.upload("photo.jpg", edge.photo.read_bytes()).json()
     kind, data = edge.call("predict_many", [[{"path": str(edge.cached_image), "meta": META},
-                                             {"path": uploaded, "meta": META}], "latest"])
+                                             {"path": uploaded, "meta": META}], edge.run_id])
     assert kind == "complete", data
     rows = data[0]["data"]
-    assert rows[0][-1] == REFUSED and rows[1][1].startswith("class_"), rows
+    assert rows[0][-1] == REFUSED and rows[1][1] in edge.classes, rows
     assert edge.page.alive()
 
 
 @pytest.mark.slow
 def test_data_urls_are_capped(edge):
     small = base64.b64encode(edge.photo.read_bytes()).decode()
-    kind, data = edge.call("predict", [{"url": f"data:image/jpeg;base64,{small}", "path": None}, "latest"])
+    kind, data = edge.call("predict", [{"url": f"data:image/jpeg;base64,{small}", "path": None}, edge.run_id])
     assert kind == "complete", data
     big = base64.b64encode(os.urandom(UPLOAD_MB * 1024 * 1024 + 1000)).decode()
-    kind, data = edge.call("predict", [{"url": f"data:image/jpeg;base64,{big}", "path": None}, "latest"])
+    kind, data = edge.call("predict", [{"url": f"data:image/jpeg;base64,{big}", "path": None}, edge.run_id])
     assert kind == "error" and f"larger than {UPLOAD_MB} MB" in refused_message(data), data
 
 
@@ -228,11 +215,12 @@ def test_fifos_and_devices_never_hold_a_handler_while_a_photo_waits(edge):
     stuck: list[tuple[str, object]] = []
     probes = [{"path": str(edge.fifo_out)}, {"path": str(edge.fifo_in)}, {"path": "/dev/zero"},
               {"path": "/dev/zero"}, {"path": str(edge.fifo_out)}, {"path": str(edge.fifo_in)}]
-    threads = [threading.Thread(target=lambda p=p: stuck.append(edge.call("predict", [p, "latest"]))) for p in probes]
+    threads = [threading.Thread(target=lambda p=p: stuck.append(edge.call("predict", [p, edge.run_id])))
+               for p in probes]
     for t in threads:
         t.start()
     started = time.monotonic()
-    assert edge.predict_photo()["label"].startswith("class_")
+    assert edge.predict_photo()["label"] in edge.classes
     assert time.monotonic() - started < 30, "a real photo waited behind the FIFO and /dev/zero calls"
     for t in threads:
         t.join(timeout=60)
@@ -286,7 +274,7 @@ def test_foreign_hosts_and_origins_are_refused(edge):
         headers = {"Origin": origin}
         assert edge.upload("photo.jpg", image, headers=headers).status_code == 403, origin
         posted = requests.post(f"{edge.url}/gradio_api/call/predict", headers=headers, timeout=10,
-                               json={"data": [{"path": str(edge.data_image)}, "latest"]})
+                               json={"data": [{"path": str(edge.data_image)}, edge.run_id]})
         assert posted.status_code == 403, origin
         assert requests.get(f"{edge.url}/gradio_api/info", headers=headers, timeout=10).status_code == 403, origin
     # the page itself still works, from both of its loopback names

@@ -123,6 +123,7 @@ def rss_mb() -> float:
     raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow  # a soak: fifty rounds of every plot
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_fifty_plot_and_save_rounds_do_not_leak(tmp_path, metrics):
     import matplotlib.pyplot as plt

@@ -1,15 +1,21 @@
 """The README's start command, as a new user runs it: from a fresh clone, `./run app`, queue a run, stop, no leftovers.
 
 The clone reuses this checkout's installed .venv (a fresh install is what `.ci/run` itself proves), with the
-clone's own code first on the path so what runs is what was committed.
+clone's own code first on the path so what runs is what was committed. It must never install into that .venv:
+`pip install -e` from the clone would point the checkout's editable install and its `resnet-lab` script at the
+clone, which is deleted after the test. So the clone's .venv is a folder of links to this one's, carrying the
+install stamp `./run` expects, and its `python` refuses `-m pip`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import platform
 import re
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,7 +35,7 @@ def readme_commands() -> list[str]:
 
 def test_readme_first_screen_gives_the_start_and_test_commands():
     commands = readme_commands()
-    assert commands == ["./run app", "./run test"]
+    assert commands == ["./run app", "./run test", './run test -m "not slow"']  # start, all tests, quick lane
     ci = (REPO / ".ci" / "run").read_text()
     assert "./run test" in ci  # CI runs exactly the README's test command
 
@@ -41,7 +47,7 @@ class ClonedApp(UpApp):
         super().__init__(root, data_root)
         self.clone = self.root / "clone"
         subprocess.run(["git", "clone", "-q", str(REPO), str(self.clone)], check=True, timeout=120)
-        (self.clone / ".venv").symlink_to(REPO / ".venv")
+        borrow_venv(self.clone)
         self.env["PYTHONPATH"] = str(self.clone)
         self.env["CUDA_VISIBLE_DEVICES"] = ""  # CPU worker, whatever this machine has
 
@@ -51,6 +57,31 @@ class ClonedApp(UpApp):
             self.proc = popen_in_own_group(start_command, env=self.env, cwd=self.clone, stdout=out,
                                            stderr=subprocess.STDOUT)
         return self
+
+
+def borrow_venv(clone: Path) -> None:
+    """clone/.venv: links to this checkout's .venv, `./run`'s install stamp for the clone (so it installs nothing),
+    and a `python` that refuses pip, so a stamp this test computes differently from `./run` fails loudly instead
+    of rewriting the shared .venv."""
+    shared = (REPO / ".venv").resolve()
+    venv = clone / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    for entry in shared.iterdir():
+        if entry.name not in ("bin", ".resnet-lab-installed"):
+            (venv / entry.name).symlink_to(entry)
+    for entry in (shared / "bin").iterdir():
+        if entry.name != "python":
+            (venv / "bin" / entry.name).symlink_to(entry)
+    python = venv / "bin" / "python"
+    python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && {{ echo "test clone: no pip into the shared .venv" >&2; '
+                      f'exit 3; }}\nexec {shared / "bin" / "python"} "$@"\n')
+    python.chmod(0o755)
+    # what ./run's setup() compares: the pyproject's sha256 and, on x86_64, the torch pins
+    run_script = (clone / "run").read_text()
+    pins = re.search(r"x86_64 \] && TORCH_PINS=\(([^)]*)\)", run_script).group(1).split()
+    digest = hashlib.sha256((clone / "pyproject.toml").read_bytes()).hexdigest()
+    (venv / ".resnet-lab-installed").write_text(" ".join([digest, *(pins if platform.machine() == "x86_64" else [])])
+                                                + "\n")
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (REPO / ".git").exists(), reason="needs a git checkout")

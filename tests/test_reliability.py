@@ -29,12 +29,12 @@ from shared.launch.services import start_redis
 from shared.settings import Settings
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import Processes, wait_for
+from tests.tiny import TINY_MODEL, TINY_TRAIN
 from ui.client import TRAIN_TASK, QueueClient
 
 pytestmark = pytest.mark.timeout(420)
 
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
-            device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2, optimizer="sgd")
+TINY = dict(TINY_TRAIN, val_ratio=0.2, test_ratio=0.2)
 # workers here take over a dead worker's run after 3 s (production: 30 s) and never redeliver by timeout
 WORKER_ENV = {"RESNET_LAB_LEASE_SECONDS": 3, "RESNET_LAB_VISIBILITY_TIMEOUT": 3600}
 PASSWORD = "s3cret pass/word"  # a space and a slash: the URL must quote it
@@ -186,7 +186,7 @@ def page_runs(page) -> dict[str, dict]:
 @pytest.mark.slow
 def test_redis_restart_loses_no_queued_run_and_the_page_recovers_by_itself(stack):
     page = stack.page.client()
-    params = dict(TINY, data_dir=str(stack.bigger), models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=2)
+    params = dict(TINY, data_dir=str(stack.bigger), models=[TINY_MODEL], lrs=[1e-3], batch_sizes=[8], epochs=2)
     [running] = page.predict(params, api_name="/submit_runs")
     queued = page.predict({**params, "data_dir": "small", "lrs": [1e-3, 2e-3], "epochs": 1},
                           api_name="/submit_runs")
@@ -372,7 +372,7 @@ def test_disk_full_fails_the_run_clearly_and_never_replaces_a_good_checkpoint(tm
 
         lab = Lab(Settings(models_dir=models, data_roots=(data.parent,), redis_url=redis_url))
         with pytest.raises(gr.Error, match="(?i)read-only"):
-            queue_runs(lab, dict(TINY, data_dir=str(data), models=["resnet18"], lrs=[1e-3], batch_sizes=[8],
+            queue_runs(lab, dict(TINY, data_dir=str(data), models=[TINY_MODEL], lrs=[1e-3], batch_sizes=[8],
                                  epochs=1))
     finally:
         remount(models, "rw")
@@ -454,36 +454,23 @@ class PagePoller:
 
 @pytest.mark.slow
 def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_finishes(tmp_path):
-    from shared.launch.services import find_free_port, popen_in_own_group, stop_group
+    from tests.browser import UpApp
 
     data_root = tmp_path / "data"
     make_image_folder(data_root / "imgs", classes=3, per_class=40, size=40)
-    models = tmp_path / "models"
-    port = find_free_port()
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
-    env = {**base, "RESNET_LAB_MODELS_DIR": str(models), "RESNET_LAB_DATA_ROOTS": str(data_root),
-           "RESNET_LAB_PORT": str(port), "RESNET_LAB_WORKER_THREADS": "1", "RESNET_LAB_LEASE_SECONDS": "3",
-           "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "HF_HUB_OFFLINE": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio-tmp")}
-    log_path = tmp_path / "up.log"
-    with open(log_path, "wb") as out:
-        up = popen_in_own_group([sys.executable, "-m", "shared.cli", "up", "--gpus", "cpu"], env=env,
-                                cwd=Path(__file__).resolve().parents[1], stdout=out, stderr=subprocess.STDOUT)
+    up = UpApp(tmp_path, data_root, extra_env={"RESNET_LAB_LEASE_SECONDS": "3", "CUDA_VISIBLE_DEVICES": ""}).start()
     poller = None
-
-    def log() -> str:
-        return log_path.read_text(errors="replace")
-
     try:
-        wait_for(lambda: "resnet-lab is up" in log() or up.poll() is not None, 180, "the page under up")
-        wait_for(lambda: " ready." in log() or up.poll() is not None, 120, "the worker under up", interval=0.2)
-        assert up.poll() is None, log()[-4000:]
-        page_pid, worker_pid = _child_running(up.pid, "ui"), _child_running(up.pid, "worker")
-        assert page_pid and worker_pid, log()[-4000:]
-        poller = PagePoller(f"http://127.0.0.1:{port}")
-        [run_id] = poller.client.predict(dict(TINY, data_dir="imgs", models=["resnet18"], lrs=[1e-3],
+        up.wait_ready(timeout=180)
+        wait_for(lambda: " ready." in up.log(0) or up.proc.poll() is not None, 120, "the worker under up",
+                 interval=0.2)
+        assert up.proc.poll() is None, up.log()
+        page_pid, worker_pid = _child_running(up.proc.pid, "ui"), _child_running(up.proc.pid, "worker")
+        assert page_pid and worker_pid, up.log()
+        poller = PagePoller(up.url)
+        [run_id] = poller.client.predict(dict(TINY, data_dir="imgs", models=[TINY_MODEL], lrs=[1e-3],
                                               batch_sizes=[8], epochs=4), api_name="/submit_runs")
-        store = RunStore(models)
+        store = RunStore(up.models)
         # the embedded Redis has a fresh password each start: read its URL where the worker got it
         environ = Path(f"/proc/{worker_pid}/environ").read_bytes().split(b"\0")
         redis_url = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"REDIS_URL="))
@@ -492,16 +479,17 @@ def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_
         os.killpg(worker_pid, signal.SIGKILL)  # as the out-of-memory killer would
         assert epochs_of(store.metrics(run_id)) == [1], "the kill must land inside epoch 2"
 
-        wait_for(lambda: store.status(run_id)["status"] in FINISHED or up.poll() is not None, 240,
+        wait_for(lambda: store.status(run_id)["status"] in FINISHED or up.proc.poll() is not None, 240,
                  "the run to finish", interval=0.5)
         poller.stop()
-        assert up.poll() is None, log()[-4000:]
-        assert f"worker (CPU) (pid {worker_pid}) was killed by SIGKILL" in log() and "restarting it in 1 s" in log()
+        assert up.proc.poll() is None, up.log()
+        assert f"worker (CPU) (pid {worker_pid}) was killed by SIGKILL" in up.log(0), up.log()
+        assert "restarting it in 1 s" in up.log(0), up.log()
         assert store.status(run_id)["status"] == "succeeded", store.status(run_id)
         assert epochs_of(store.metrics(run_id)) == [1, 2, 3, 4]
-        new_worker = _child_running(up.pid, "worker")
+        new_worker = _child_running(up.proc.pid, "worker")
         assert new_worker and new_worker != worker_pid
-        assert _child_running(up.pid, "ui") == page_pid, "the page must be the same process"
+        assert _child_running(up.proc.pid, "ui") == page_pid, "the page must be the same process"
         # the page answered throughout, and saw the run finish
         assert not poller.failures, poller.failures
         times = [t for t, _ in poller.answers]
@@ -510,8 +498,9 @@ def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_
     finally:
         if poller is not None:
             poller.stop()
-        stop_group(up, timeout=30)
-    assert up.returncode == 0, log()[-4000:]
+        code = up.stop(timeout=30)
+        up.kill_all()
+    assert code == 0, up.log()
 
 
 # --- 7. two workers as two machines would run them: one killed, the other resumes the run ------------------------

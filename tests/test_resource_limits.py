@@ -41,6 +41,7 @@ from shared.data.cache import CacheFullError, load_image_array
 from shared.data.images import ByteBudget, ImageError, load_rgb, load_rgb_resized, verify_image
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import REPO, Processes, wait_for
+from tests.tiny import TINY_TRAIN, train_tiny
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -191,6 +192,7 @@ PARALLEL_DECODES = (
 )
 
 
+@pytest.mark.slow  # three processes decoding six 9-megapixel images each
 def test_parallel_decodes_share_one_memory_budget(tmp_path):
     """Six threads decode six 16-bit images at once. With a budget of one image's decode they take turns and the
     process grows as much as when one thread decodes them in a row; with room for all six it grows several times
@@ -356,15 +358,14 @@ def test_a_run_whose_cache_does_not_fit_fails_once_with_disk_full(small_disk, tm
     data = make_image_folder(tmp_path / "data", classes=2, per_class=6, size=40)
     models = tmp_path / "models"
     client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
-    tiny = dict(model="resnet18", weights="none", batch_size=4, epochs=1, augment="none", warmup_epochs=0,
-                device="cpu", amp=False, val_ratio=0.25, test_ratio=0.25)
+    tiny = dict(TINY_TRAIN, batch_size=4)
     worker = start_worker(models, RESNET_LAB_CACHE_DIR=small_disk, RESNET_LAB_LEASE_SECONDS=3)
-    [earlier] = client.submit([TrainConfig(data_dir=str(data), image_size=32, **tiny)])
+    [earlier] = client.submit([TrainConfig(data_dir=str(data), **tiny)])
     wait_for(lambda: client.registry.get(earlier)["status"] == "succeeded", 180, "the earlier run to succeed")
     before = {p: p.read_bytes() for p in (models / earlier).rglob("*") if p.is_file()}
 
     # 12 images x 3 x 1170 x 1170 (image size 1024) = 49 MB: over the 20 MB disk
-    [doomed] = client.submit([TrainConfig(data_dir=str(data), image_size=1024, **tiny)])
+    [doomed] = client.submit([TrainConfig(data_dir=str(data), **{**tiny, "image_size": 1024})])
     wait_for(lambda: client.registry.get(doomed)["status"] not in ("queued", "running") or not worker.alive(),
              120, "the run to end")
     record = client.registry.get(doomed)
@@ -391,13 +392,7 @@ class Page:
         self.models = root / "models"
         self.data_root = root / "data"
         self.dataset = make_image_folder(self.data_root / "shapes", classes=2, per_class=6, size=40)
-        done = subprocess.run(
-            [sys.executable, "-m", "shared.cli", "train", "--data-dir", str(self.dataset), "--epochs", "1",
-             "--weights", "none", "--image-size", "32", "--batch-size", "4", "--augment", "none", "--device", "cpu",
-             "--no-amp", "--skip-eval"], capture_output=True, text=True, timeout=240, cwd=REPO,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "RESNET_LAB_MODELS_DIR": str(self.models),
-                 "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-3000:]
+        train_tiny(self.models, self.dataset, batch_size=4)
         (self.dataset / "class_0" / bomb.name).write_bytes(bomb.read_bytes())  # after training: the check finds it
         self.stale = self.data_root / ".upload-crashed"  # what an extraction killed mid-way left
         (self.stale / "ds" / "a").mkdir(parents=True)

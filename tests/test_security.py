@@ -25,14 +25,14 @@ from shared.launch.services import start_redis
 from shared.settings import Settings
 from tests.imagegen import make_image, make_image_folder
 from tests.procs import REPO, Processes, wait_for
+from tests.tiny import TINY_TRAIN, tiny_form
 
 pytestmark = pytest.mark.timeout(300)
 
 USER, SECRET = "tester", "a-long-page-secret"
 REDIS_PASSWORD = "r3dis:pass@word"  # URL-special characters on purpose
 UPLOAD_MB = 1
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
-            device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2, optimizer="sgd")
+TINY = dict(TINY_TRAIN, val_ratio=0.2, test_ratio=0.2)
 
 
 class _Exploit:
@@ -220,7 +220,7 @@ def test_uploads_over_the_cap_are_refused(secure, tmp_path):
 @pytest.mark.slow
 def test_redis_with_a_password_works_end_to_end(secure):
     client = secure.page.client()
-    params = dict(TINY, data_dir=str(secure.data), models=["resnet18"], lrs=[1e-3], batch_sizes=[8], epochs=1)
+    params = tiny_form(secure.data)
     [run_id] = client.predict(params, api_name="/submit_runs")
 
     def finished():

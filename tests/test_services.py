@@ -137,15 +137,17 @@ def test_wait_for_http():
         server.server_close()
 
 
-def test_conftest_redis_url_is_flushed_per_test(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    assert client.dbsize() == 0
-    client.set("left-behind", 1)  # the next user of the fixture must not see this
-    client.close()
-
-
-def test_conftest_redis_url_is_flushed_per_test_again(redis_url):
-    assert redis.Redis.from_url(redis_url).dbsize() == 0
+def test_conftest_redis_url_is_flushed_per_test(redis_server, request):
+    # what an earlier test left in the session's server, in two databases (the fixture is asked for only now, so
+    # this holds whatever order the tests run in, or alone)
+    for db in (0, 3):
+        client = redis.Redis(host="127.0.0.1", port=redis_server.port, db=db)
+        client.set("left-behind", 1)
+        client.close()
+    url = request.getfixturevalue("redis_url")
+    assert url == redis_server.url
+    for db in (0, 3):
+        assert redis.Redis(host="127.0.0.1", port=redis_server.port, db=db).dbsize() == 0, db
 
 
 def test_child_started_from_a_short_lived_thread_outlives_the_thread(tmp_path):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from shared.launch.supervisor import Child, RestartPolicy, StopRequest, Supervisor, Watched, describe_exit
+from tests.procs import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,8 +126,8 @@ def test_sigterm_stops_every_child_and_returns_0(tmp_path):
     finished = threading.Event()
 
     def kill_self_when_started():  # a real SIGTERM to this process, handled by StopRequest
-        while not (starts(tmp_path, "w") and starts(tmp_path, "page")) and not finished.is_set():
-            time.sleep(0.05)
+        wait_for(lambda: (starts(tmp_path, "w") and starts(tmp_path, "page")) or finished.is_set(), 60,
+                 "both stand-ins to start")
         if not finished.is_set():
             signal.raise_signal(signal.SIGTERM)
 

@@ -1,16 +1,15 @@
-"""The page end to end: `python -m ui` and `python -m worker` as real processes on a real Redis, driven through
-the page's named API with `gradio_client` — submit two tiny runs, poll them to success, read their curves and
-results, predict an uploaded image (top-5 + CAM) while another run trains, and get the right errors for bad
-uploads and paths. Plus the parts of the page process that need no server (Redis down, resync, bind guard).
+"""The page end to end: `python -m ui` and `python -m worker` as real processes on a real Redis (the session's
+stack, tests/procs.py SharedStack), driven through the page's named API with `gradio_client` — submit two tiny
+runs, poll them to success, read their curves and results, predict an uploaded image (top-5 + CAM) while another
+run trains, and get the right errors for bad uploads and paths. Plus the parts of the page process that need no
+server (Redis down, resync, bind guard, no finished run yet).
 
-Tiny runs: resnet18 from scratch at 32 px on 3 x 12 generated images with one torch thread.
+Tiny runs (tests/tiny.py) at 32 px on 3 x 12 generated images with one torch thread.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -21,17 +20,16 @@ from PIL import Image
 
 from shared.training.config import TrainConfig
 from shared.runs.store import FINISHED, RunStore
-from shared.launch.services import find_free_port, popen_in_own_group, stop_group, wait_for_http
+from shared.launch.services import find_free_port
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
+from tests.procs import REPO, wait_for
+from tests.tiny import tiny_form
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = {"models": ["resnet18"], "weights": "none", "image_size": 32, "batch_sizes": [8], "epochs": 2,
-        "augment": "none", "device": "cpu", "amp": False, "val_ratio": 0.2, "test_ratio": 0.2}
+TINY = tiny_form("shapes", epochs=2, val_ratio=0.2, test_ratio=0.2)  # a dataset in the session stack's data root
 
 
 # --- the page process without a server ------------------------------------------------------------------------
-# (these come first: the `redis_url` fixture empties every Redis database, the module's stack below included)
 
 def _lab(tmp_path, redis_url):
     from ui.app import Lab
@@ -81,6 +79,18 @@ def test_a_stale_running_record_takes_the_finished_status_of_its_folder(tmp_path
     assert lab.client().registry.get(run_id)["status"] == "succeeded"
 
 
+def test_predict_before_any_run_finished_says_train_one_first(tmp_path):
+    import gradio as gr
+
+    from tests.imagegen import make_image
+    from ui.tabs.predict import predict
+
+    lab, _ = _lab(tmp_path, None)  # one queued run, none finished
+    image = make_image(tmp_path / "data" / "photo.png", 16)
+    with pytest.raises(gr.Error, match="No model yet: no run has finished. Train one on the Train tab"):
+        list(predict(lab, {"path": str(image)}, "latest"))
+
+
 def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):
     # one drawing for the feature-map sheet: the page's picture is plots.plot_activations of the same maps
     from shared.analysis.explain import top_channels
@@ -105,15 +115,12 @@ def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):
     assert shown.size == expected.size and np.array_equal(np.asarray(shown), np.asarray(expected))
 
 
-def test_binding_beyond_loopback_needs_credentials(tmp_path):
-    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(tmp_path / "m"), "RESNET_LAB_DATA_ROOTS": str(tmp_path / "d")}
-    env.pop("RESNET_LAB_AUTH", None)
-    proc = subprocess.run([sys.executable, "-m", "ui", "--host", "0.0.0.0", "--port", "1"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
-    assert "RESNET_LAB_AUTH=user:password" in proc.stderr and "refusing to serve on 0.0.0.0" in proc.stderr
+def test_binding_beyond_loopback_needs_credentials():
+    # `python -m ui --host 0.0.0.0` refusing to start: tests/test_security.py, as a real process
     from ui.__main__ import check_bind
 
+    with pytest.raises(SystemExit, match="RESNET_LAB_AUTH=user:password"):
+        check_bind(Settings(host="0.0.0.0"))
     check_bind(Settings(host="0.0.0.0", auth="me:secret"))  # with credentials it may
     with pytest.raises(SystemExit, match="user:password"):
         check_bind(Settings(host="0.0.0.0", auth="no-colon"))
@@ -129,100 +136,45 @@ def test_file_route_may_serve_only_the_models_folder_and_data_roots(tmp_path):
     assert kwargs["max_file_size"] == 200 * 1024 * 1024
 
 
-# --- the launched page + worker -------------------------------------------------------------------------------
+# --- the launched page + worker (the session's: tests/procs.py SharedStack) -------------------------------------
+# The page and worker are shared with other modules, and the models folder holds the stack's own finished run
+# and other tests' runs: each test here names the runs it looks at, and works in any order.
 
-class Stack:
-    def __init__(self, root: Path, redis_url: str):
-        self.root = root
-        self.models = root / "models"
-        self.data_root = root / "data"
-        self.data = make_image_folder(self.data_root / "shapes", classes=["circle", "square", "stripe"],
-                                      per_class=12, size=40)
-        self.port = find_free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.env = {**os.environ, "REDIS_URL": redis_url, "RESNET_LAB_MODELS_DIR": str(self.models),
-                    "RESNET_LAB_DATA_ROOTS": str(self.data_root), "RESNET_LAB_PORT": str(self.port),
-                    "RESNET_LAB_HOST": "127.0.0.1", "RESNET_LAB_WORKER_THREADS": "1", "RESNET_LAB_MAX_UPLOAD_MB": "1",
-                    "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1", "GRADIO_TEMP_DIR": str(root / "gradio")}
-        self.env.pop("RESNET_LAB_AUTH", None)
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, module: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "wb")
-        self.procs[name] = popen_in_own_group([sys.executable, "-m", module, *args], env=self.env, cwd=REPO,
-                                              stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while " ready." not in self.log("worker"):
-            assert self.procs["worker"].poll() is None, f"worker died:\n{self.log('worker')}"
-            assert time.monotonic() < deadline, f"worker not ready:\n{self.log('worker')}"
-            time.sleep(0.2)
-        try:
-            wait_for_http(self.url, timeout=max(1.0, deadline - time.monotonic()))
-        except TimeoutError:
-            raise AssertionError(f"page did not come up:\n{self.log('page')}") from None
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                stop_group(proc, timeout=20)
+@pytest.fixture(scope="module")
+def stack(session_page):
+    return session_page
 
 
 @pytest.fixture(scope="module")
-def stack(redis_server, tmp_path_factory):
-    import redis
-
-    redis.Redis.from_url(redis_server.url).flushall()
-    s = Stack(tmp_path_factory.mktemp("page"), redis_server.url)
-    s.start("worker", "worker", "--loglevel", "info")
-    s.start("page", "ui")
-    try:
-        s.wait_ready()
-        yield s
-    finally:
-        s.stop()
-
-
-@pytest.fixture(scope="module")
-def client(stack):
+def client(stack, tmp_path_factory):
     from gradio_client import Client
 
-    return Client(stack.url, verbose=False, download_files=str(stack.root / "downloads"))
+    return Client(stack.page.url, verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
 
 
 def _wait(client, run_ids, statuses, timeout, stack):
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = {r["run_id"]: r for r in client.predict(api_name="/run_status")}
-        if all(runs.get(rid, {}).get("status") in statuses for rid in run_ids):
-            return runs
-        if time.monotonic() > deadline:
-            raise AssertionError(f"runs {run_ids} not {statuses} after {timeout} s: "
-                                 f"{[runs.get(r) for r in run_ids]}\nworker log:\n{stack.log('worker')}")
-        time.sleep(1.0)
+    last = {}
+
+    def settled():
+        last.update({r["run_id"]: r for r in client.predict(api_name="/run_status")})
+        return dict(last) if all(last.get(rid, {}).get("status") in statuses for rid in run_ids) else None
+
+    return wait_for(settled, timeout, f"runs {run_ids} to be {statuses}", interval=1.0,
+                    describe=lambda: f"{[last.get(r) for r in run_ids]}\nworker log:\n{stack.worker.log()[-4000:]}")
 
 
 def _image(stack) -> str:
-    return str(sorted((stack.data / "square").iterdir())[0])
+    return str(stack.image("square"))
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_named_endpoints_and_no_model_yet(client, stack):
-    from gradio_client import handle_file
-
+def test_named_endpoints(client, stack):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in ("/predict", "/submit_runs", "/run_status", "/run_curves", "/run_results", "/predict_many",
                  "/cancel_runs"):
         assert name in endpoints
-    assert client.predict(api_name="/run_status") == []
-    with pytest.raises(Exception, match="No model yet"):
-        client.predict(handle_file(_image(stack)), api_name="/predict")
+    assert stack.run_id in {r["run_id"] for r in client.predict(api_name="/run_status")}
 
 
 @pytest.mark.slow
@@ -241,7 +193,7 @@ def test_paths_outside_the_data_roots_are_refused(client, stack):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_two_runs_train_to_success_with_curves_and_results(client, stack):
-    run_ids = client.predict({**TINY, "data_dir": "shapes", "lrs": [1e-3, 3e-3]}, api_name="/submit_runs")
+    run_ids = client.predict({**TINY, "lrs": [1e-3, 3e-3]}, api_name="/submit_runs")
     assert len(run_ids) == 2
     queued = {r["run_id"]: r for r in client.predict(api_name="/run_status")}
     assert set(run_ids) <= set(queued) and {queued[r]["lr"] for r in run_ids} == {1e-3, 3e-3}
@@ -256,11 +208,11 @@ def test_two_runs_train_to_success_with_curves_and_results(client, stack):
     assert 0 <= results["accuracy"] <= 1
     assert results["classes"] == ["circle", "square", "stripe"]
     assert np.asarray(results["confusion"]["counts"]).shape == (3, 3)
-    assert any("cam" in name for name in results["figures"])
+    assert "confusion" in results["figures"] and "tsne" in results["skipped_figures"]  # the stack's worker: basic
     # what the README's HTTP API table promises, under the names it gives (macro F1 used to be missing)
     for key in ("macro_f1", "balanced_accuracy", "top_k_accuracy", "loss", "ece"):
         assert 0 <= results[key] <= (1 if key != "loss" else 100), key
-    assert results["n"] == sum(row["support"] for row in results["per_class"]) and results["figure_level"] == "all"
+    assert results["n"] == sum(row["support"] for row in results["per_class"]) and results["figure_level"] == "basic"
     for hostile in ("../../etc", "20990101-000000-resnet18-ffffff"):  # one answer for "missing" and "not allowed"
         with pytest.raises(Exception, match="no evaluation for run .*: the run does not exist or has not been"):
             client.predict(hostile, api_name="/run_results")
@@ -271,18 +223,17 @@ def test_two_runs_train_to_success_with_curves_and_results(client, stack):
 def test_predict_answers_while_a_run_trains_then_cancel(client, stack):
     from gradio_client import handle_file
 
-    latest = RunStore(stack.models).latest_succeeded()
-    assert latest is not None, "needs the runs of the previous test"
-    (long_run,) = client.predict({**TINY, "data_dir": "shapes", "epochs": 200}, api_name="/submit_runs")
+    store = RunStore(stack.models)
+    latest = store.latest_succeeded()  # the stack's run at least; newer ones when other tests trained some
+    classes = json.loads((store.path(latest) / "split.json").read_text())["classes"]
+    (long_run,) = client.predict({**TINY, "epochs": 200}, api_name="/submit_runs")
     _wait(client, [long_run], ("running",), 120, stack)
-    deadline = time.monotonic() + 60
-    while not (RunStore(stack.models).path(long_run) / "metrics.jsonl").exists():  # past data preparation
-        assert time.monotonic() < deadline
-        time.sleep(0.5)
+    wait_for(lambda: (store.path(long_run) / "metrics.jsonl").exists(), 60, "the long run's first epoch",
+             interval=0.5)  # past data preparation: training for real while the page predicts
     started = time.monotonic()
     label, cam, answer = client.predict(handle_file(_image(stack)), api_name="/predict")
     elapsed = time.monotonic() - started
-    assert {c["label"] for c in label["confidences"]} == {"circle", "square", "stripe"}
+    assert {c["label"] for c in label["confidences"]} == set(classes)
     assert abs(sum(c["confidence"] for c in label["confidences"]) - 1) < 1e-3
     assert label["label"] == label["confidences"][0]["label"]
     overlay = Image.open(cam)
@@ -319,7 +270,7 @@ def test_bad_uploads_get_clear_errors(client, stack, tmp_path):
     assert big.stat().st_size > 1024 * 1024
     with pytest.raises(Exception, match="exceeds the maximum file size"):
         client.predict(handle_file(str(big)), api_name="/predict")
-    assert "Traceback" not in stack.log("page")[-200:]
+    assert "Traceback" not in stack.page.log()[-200:]
 
 
 @pytest.mark.slow
@@ -329,15 +280,15 @@ def test_file_route_refuses_files_outside(stack):
 
     def status(path: str) -> int:
         try:
-            with urllib.request.urlopen(f"{stack.url}gradio_api/file={path}", timeout=10) as r:
+            with urllib.request.urlopen(f"{stack.page.url}/gradio_api/file={path}", timeout=10) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
 
     assert status("/etc/passwd") == 403
     assert status(str(REPO / "pyproject.toml")) == 403
-    assert status(str(stack.root / "page.log")) == 403
+    assert status(str(stack.page.log_path)) == 403
     assert status(_image(stack)) == 200  # the data roots are served (thumbnails, test images)
-    run_dir = next(p for p in stack.models.iterdir() if (p / "best.pt").exists())
+    run_dir = stack.models / stack.run_id
     assert status(str(run_dir / "best.pt")) == 200  # offered for download
     assert status(str(run_dir / "config.json")) == 403  # not shown by the page, so not served (ui/guard.py)

@@ -22,6 +22,7 @@ import pytest
 from shared.launch.services import find_free_port, find_redis_server, http_ok, redis_ping, redis_server_version
 from shared.settings import Settings
 from shared.launch.up import detect_gpus, page_url, parse_gpus, plan_children
+from tests.procs import wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 
@@ -109,15 +110,6 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(interval)
-    return predicate()
-
-
 @pytest.fixture
 def marker():
     """A unique marker for the processes a test starts; whatever still carries it after the test is killed."""
@@ -129,7 +121,8 @@ def marker():
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    wait_until(lambda: not marked_processes(value), 5)
+    if leftovers:
+        wait_for(lambda: not marked_processes(value), 5, "the processes left behind to die once killed")
     assert not leftovers, f"processes left behind: {leftovers}"
 
 
@@ -139,11 +132,12 @@ def models_dir(tmp_path, marker) -> Path:
 
 
 class Up:
-    """`run_up` in its own process with stand-in children; collects its output."""
+    """`run_up` in its own process with stand-in children (or `ui_cmd` for the page: the real one); collects its
+    output."""
 
     def __init__(self, tmp_path: Path, marker: str, *, models_dir: Path, worker_mode: str = "ok",
                  gpus: str | None = "cpu", env: dict | None = None, stop_timeout: float = 5, port: int | None = None,
-                 policy: dict | None = None):
+                 policy: dict | None = None, ui_cmd: list[str] | None = None):
         self.records = tmp_path / f"records-{uuid.uuid4().hex[:6]}"
         self.records.mkdir()
         scripts = tmp_path / "scripts"
@@ -155,7 +149,7 @@ class Up:
         cfg = {
             "models_dir": str(models_dir), "port": self.port, "gpus": gpus, "stop_timeout": stop_timeout,
             "worker_cmd": [sys.executable, str(scripts / "worker.py"), str(self.records), worker_mode],
-            "ui_cmd": [sys.executable, str(scripts / "ui.py"), str(self.records)],
+            "ui_cmd": ui_cmd or [sys.executable, str(scripts / "ui.py"), str(self.records)],
             "policy": policy or FAST_RESTARTS,
         }
         base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
@@ -173,10 +167,11 @@ class Up:
     def output(self) -> str:
         return "".join(self._lines)
 
-    def wait_for(self, text: str, timeout: float = 30) -> None:
-        if not wait_until(lambda: text in self.output or self.proc.poll() is not None, timeout) \
-                or text not in self.output:
-            raise AssertionError(f"{text!r} not printed within {timeout} s; output:\n{self.output}")
+    def wait_output(self, text: str, timeout: float = 30) -> None:
+        """Until `up` prints `text`; AssertionError with its output if it exits first or takes too long."""
+        wait_for(lambda: text in self.output or self.proc.poll() is not None, timeout, f"up to print {text!r}",
+                 describe=lambda: self.output)
+        assert text in self.output, f"up exited before printing {text!r}; output:\n{self.output}"
 
     def workers(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.records.glob("worker-*.json"))]
@@ -199,10 +194,10 @@ class Up:
 def test_up_starts_redis_workers_per_gpu_and_page_then_sigterm_leaves_nothing(tmp_path, marker, models_dir):
     models = models_dir
     up = Up(tmp_path, marker, models_dir=models, gpus="0,1")
-    up.wait_for(f"resnet-lab is up: open {up.url}")
+    up.wait_output(f"resnet-lab is up: open {up.url}")
 
     # one worker per GPU, each pinned to its GPU, each in its own process group, sharing the embedded Redis
-    assert wait_until(lambda: len(up.workers()) == 2, 10)
+    wait_for(lambda: len(up.workers()) == 2, 10, "two workers to start")
     workers = up.workers()
     assert sorted(w["cuda"] for w in workers) == ["0", "1"]
     assert all(w["pgid"] == w["pid"] for w in workers)
@@ -217,7 +212,8 @@ def test_up_starts_redis_workers_per_gpu_and_page_then_sigterm_leaves_nothing(tm
     assert len(marked_processes(marker)) == 1 + 1 + 2 * 2 + 1, marked_processes(marker)
 
     assert up.stop(signal.SIGTERM) == 0
-    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
+             describe=lambda: marked_processes(marker))
     assert not redis_ping(redis_url, timeout=0.5)
     assert not (models / ".up.lock").exists()
     assert "received SIGTERM" in up.output
@@ -226,15 +222,15 @@ def test_up_starts_redis_workers_per_gpu_and_page_then_sigterm_leaves_nothing(tm
 def test_ctrl_c_with_external_redis_and_a_cpu_worker(tmp_path, marker, redis_url, models_dir):
     up = Up(tmp_path, marker, models_dir=models_dir, gpus=None,
             env={"REDIS_URL": redis_url, "CUDA_VISIBLE_DEVICES": ""})
-    up.wait_for("resnet-lab is up")
-    assert wait_until(lambda: len(up.workers()) == 1, 10)
+    up.wait_output("resnet-lab is up")
+    wait_for(lambda: len(up.workers()) == 1, 10, "the worker to start")
     worker = up.workers()[0]
     assert worker["cuda"] == ""  # the CPU worker sees no GPU
     assert worker["redis_url"] == redis_url
     assert not (models_dir / ".redis").exists()  # REDIS_URL set: no embedded Redis
 
     assert up.stop(signal.SIGINT) == 0
-    assert wait_until(lambda: not marked_processes(marker), 5)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit")
     assert redis_ping(redis_url)  # someone else's Redis is left alone
 
 
@@ -252,31 +248,33 @@ def test_a_worker_that_cannot_start_is_given_up_after_quick_crashes_and_everythi
     assert len(starts) == 3, starts
     # each stand-in lives 1 s; the supervisor waited at least the back-off on top of that
     assert starts[1] - starts[0] >= 1.5 and starts[2] - starts[1] >= 2.0, starts
-    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
+             describe=lambda: marked_processes(marker))
 
 
 def test_a_killed_worker_is_restarted_and_the_page_and_redis_stay_up(tmp_path, marker, models_dir):
     up = Up(tmp_path, marker, models_dir=models_dir)
-    up.wait_for("resnet-lab is up")
-    assert wait_until(lambda: up.workers(), 10)
+    up.wait_output("resnet-lab is up")
+    wait_for(lambda: up.workers(), 10, "a worker to start")
     [first] = up.workers()
     page = up.ui()
     os.killpg(first["pgid"], signal.SIGKILL)  # as the out-of-memory killer would (the worker's group)
-    assert wait_until(lambda: len(up.workers()) == 2, 20), up.output
+    wait_for(lambda: len(up.workers()) == 2, 20, "two workers to start", describe=lambda: up.output)
     second = up.workers()[1]
     assert second["pid"] != first["pid"] and second["redis_url"] == first["redis_url"]
     assert "worker (CPU) (pid %d) was killed by SIGKILL" % first["pid"] in up.output
     assert up.proc.poll() is None and up.ui() == page and redis_ping(first["redis_url"])
     assert http_ok(up.url)
     assert up.stop(signal.SIGTERM) == 0
-    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
+             describe=lambda: marked_processes(marker))
 
 
 @pytest.mark.parametrize("victim", ["page", "redis"])
 def test_the_page_or_the_embedded_redis_dying_stops_everything(tmp_path, marker, models_dir, victim):
     up = Up(tmp_path, marker, models_dir=models_dir)
-    up.wait_for("resnet-lab is up")
-    assert wait_until(lambda: up.workers(), 10)
+    up.wait_output("resnet-lab is up")
+    wait_for(lambda: up.workers(), 10, "a worker to start")
     if victim == "page":
         os.kill(up.ui()["pid"], signal.SIGKILL)
         expected = "page (pid %d) was killed by SIGKILL" % up.ui()["pid"]
@@ -287,7 +285,8 @@ def test_the_page_or_the_embedded_redis_dying_stops_everything(tmp_path, marker,
     assert up.wait(timeout=30) == 1
     assert expected in up.output and "stopping everything" in up.output, up.output
     assert "restarting" not in up.output
-    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
+             describe=lambda: marked_processes(marker))
 
 
 def _redis_pid(models_dir: Path) -> int:
@@ -305,18 +304,19 @@ def _redis_pid(models_dir: Path) -> int:
 def test_a_child_that_ignores_sigterm_is_killed_after_the_timeout(tmp_path, marker, redis_url, models_dir):
     up = Up(tmp_path, marker, models_dir=models_dir, worker_mode="stubborn", stop_timeout=1,
             env={"REDIS_URL": redis_url})
-    up.wait_for("resnet-lab is up")
-    assert wait_until(lambda: up.workers(), 10)
+    up.wait_output("resnet-lab is up")
+    wait_for(lambda: up.workers(), 10, "a worker to start")
     started = time.monotonic()
     assert up.stop(signal.SIGTERM) == 0
     assert time.monotonic() - started < 10
-    assert wait_until(lambda: not marked_processes(marker), 5), marked_processes(marker)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
+             describe=lambda: marked_processes(marker))
 
 
 def test_second_up_on_the_same_models_dir_is_refused(tmp_path, marker, redis_url, models_dir):
     models = models_dir
     first = Up(tmp_path, marker, models_dir=models, env={"REDIS_URL": redis_url})
-    first.wait_for("resnet-lab is up")
+    first.wait_output("resnet-lab is up")
     second = Up(tmp_path, marker, models_dir=models, env={"REDIS_URL": redis_url})
     assert second.wait(timeout=20) == 1
     assert "already running" in second.output and str(first.proc.pid) in second.output
@@ -324,7 +324,7 @@ def test_second_up_on_the_same_models_dir_is_refused(tmp_path, marker, redis_url
     assert first.proc.poll() is None and first.workers()  # and the first one is untouched
 
     assert first.stop() == 0
-    assert wait_until(lambda: not marked_processes(marker), 5)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit")
 
 
 def test_stale_lock_from_a_dead_up_is_taken_over(tmp_path, marker, redis_url, models_dir):
@@ -334,7 +334,7 @@ def test_stale_lock_from_a_dead_up_is_taken_over(tmp_path, marker, redis_url, mo
     dead.wait()
     (models / ".up.lock").write_text(f"{dead.pid} some-host\n")
     up = Up(tmp_path, marker, models_dir=models, env={"REDIS_URL": redis_url})
-    up.wait_for("resnet-lab is up")
+    up.wait_output("resnet-lab is up")
     assert f"stale lock from a previous `up` ({dead.pid} some-host)" in up.output
     assert up.stop() == 0
 
@@ -355,18 +355,18 @@ def test_port_already_taken_is_refused_before_starting_anything(tmp_path, marker
 def test_killed_supervisor_takes_its_children_and_redis_along(tmp_path, marker, models_dir):
     # SIGKILL cannot be handled; the children get SIGTERM from the kernel (parent-death signal) instead
     up = Up(tmp_path, marker, models_dir=models_dir)
-    up.wait_for("resnet-lab is up")
-    assert wait_until(lambda: up.workers(), 10)
+    up.wait_output("resnet-lab is up")
+    wait_for(lambda: up.workers(), 10, "a worker to start")
     direct = [up.workers()[0]["pid"], up.ui()["pid"]]
     redis_url = up.workers()[0]["redis_url"]
     up.proc.kill()
     up.wait()
-    assert wait_until(lambda: not set(direct) & set(marked_processes(marker)), 10)
-    assert wait_until(lambda: not redis_ping(redis_url, timeout=0.5), 10)
+    wait_for(lambda: not set(direct) & set(marked_processes(marker)), 10, "the worker and the page to exit")
+    wait_for(lambda: not redis_ping(redis_url, timeout=0.5), 10, "the embedded Redis to stop")
     # the worker's own grandchild is the worker's business once the supervisor is gone
     for pid in marked_processes(marker):
         os.kill(pid, signal.SIGKILL)
-    assert wait_until(lambda: not marked_processes(marker), 5)
+    wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit")
 
 
 # --- the pieces, without processes ---------------------------------------------------------------------------

@@ -21,12 +21,12 @@ from shared.runs.store import FINISHED, RunStore
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from tests.procs import wait_for
+from tests.tiny import TINY_TRAIN
 from ui.client import TRAIN_TASK, QueueClient
 
 pytestmark = pytest.mark.timeout(300)
 
-TINY = dict(model="resnet18", weights="none", image_size=32, batch_size=8, epochs=2, augment="none",
-            warmup_epochs=0, device="cpu", amp=False, val_ratio=0.2, test_ratio=0.2)
+TINY = dict(TINY_TRAIN, epochs=2, val_ratio=0.2, test_ratio=0.2)
 LEASE_SECONDS = 3  # the workers here give up a dead worker's run after 3 s (production: 30 s)
 STATUS_FIELDS = ("status", "created", "started", "finished", "error", "worker", "best", "task_id")
 
@@ -88,9 +88,8 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
     worker = start_worker(lab.models, **lab.worker_env())
 
     live_progress, progress_state = set(), set()
-    deadline = time.monotonic() + 180
-    while not all(lab.registry.get(r)["status"] in FINISHED for r in run_ids):
-        assert time.monotonic() < deadline, f"runs did not finish:\n{worker.log()[-3000:]}"
+
+    def all_finished_noting_live_progress() -> bool:
         assert worker.alive(), worker.log()[-3000:]
         for record in lab.client.list_runs():
             progress = record["progress"] or {}
@@ -98,7 +97,9 @@ def test_three_queued_runs_succeed_with_live_progress(lab, start_worker):
                 live_progress.add(record["run_id"])
                 if lab.client.celery.AsyncResult(record["run_id"]).state == "PROGRESS":
                     progress_state.add(record["run_id"])
-        time.sleep(0.05)
+        return all(lab.registry.get(r)["status"] in FINISHED for r in run_ids)
+
+    wait_for(all_finished_noting_live_progress, 180, "the three runs to finish", describe=lambda: worker.log()[-3000:])
 
     for run_id in run_ids:
         status = assert_store_and_registry_agree(lab, run_id)

@@ -12,57 +12,38 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from celery import Celery
 
-from shared.runs.store import RunStore
-from shared.launch.services import start_redis
 from tests.imagegen import make_image_folder
-from tests.procs import REPO, Processes
+from tests.procs import SharedStack
 
 pytestmark = pytest.mark.timeout(300)
 
-PASSWORD = "Zq9x:xYq7@wv7Kp/k2Jm"  # URL-special characters on purpose; each piece distinctive
-AUTH_SECRET = "s3cret-AUTH-9f2"
+PASSWORD = SharedStack.REDIS_PASSWORD
+AUTH_SECRET = SharedStack.WORKER_AUTH.split(":", 1)[1]
 OUTSIDE_MESSAGE = "is outside the data folders"
 
 
 class Stack:
-    """Redis with a password, one trained run, a worker whose data root holds the dataset and links out of it."""
+    """The session's worker (tests/procs.py SharedStack: Redis with a password, a page login in the worker's
+    environment, a finished run), a dataset in a data-root folder of this module's own with links out of it, and
+    the attacker's Celery app."""
 
-    def __init__(self, root: Path):
-        self.data_root = root / "data"
+    def __init__(self, stack: SharedStack):
+        self.stack, self.worker, self.run_id, self.models = stack, stack.worker, stack.run_id, stack.models
+        self.data_root = stack.folder("confine")
         self.dataset = make_image_folder(self.data_root / "shapes", classes=3, per_class=8, size=40)
         # the same classes outside the root: evaluating it would succeed, so only the confinement can refuse it
-        self.outside = make_image_folder(root / "outside", classes=3, per_class=2, size=40)
-        self.models = root / "models"
-        self.run_id = self._train()
+        self.outside = make_image_folder(stack.data_root.parent / "confine-outside", classes=3, per_class=2, size=40)
         os.symlink(self.outside, self.data_root / "escape")
         self.link = self.dataset / "class_0" / "link.jpg"
         os.symlink(self.outside / "class_1" / "class_1_000.jpg", self.link)
-        self.redis = start_redis(root / "redis", password=PASSWORD, appendonly=False)
-        self.procs = Processes(root / "logs")
-        self.worker = self.procs.worker(self.redis.url, self.models, RESNET_LAB_DATA_ROOTS=self.data_root,
-                                        RESNET_LAB_AUTH=f"tester:{AUTH_SECRET}")
         # the attacker's own Celery app: the broker and a task name are all it needs
-        self.app = Celery("attacker", broker=self.redis.url, backend=self.redis.url)
+        self.app = Celery("attacker", broker=stack.redis_url, backend=stack.redis_url)
         self.app.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
-
-    def _train(self) -> str:
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "RESNET_LAB_MODELS_DIR": str(self.models),
-               "OMP_NUM_THREADS": "1"}
-        done = subprocess.run([sys.executable, "-m", "shared.cli", "train", "--data-dir", str(self.dataset),
-                               "--weights", "none", "--image-size", "32", "--epochs", "1", "--batch-size", "8",
-                               "--augment", "none", "--device", "cpu", "--no-amp", "--skip-eval"],
-                              capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
-        assert done.returncode == 0, done.stderr[-3000:]
-        [run_id] = RunStore(self.models).ids()
-        return run_id
 
     def send(self, name: str, *args, **kwargs):
         """Send a task by name and wait for its end; returns the AsyncResult (state SUCCESS or FAILURE)."""
@@ -74,21 +55,15 @@ class Stack:
     def run_files(self) -> list[str]:
         return sorted(p.name for p in (self.models / self.run_id).iterdir())
 
-    def close(self) -> None:
-        self.procs.close()
-        self.redis.stop()
-
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("confine"))
-    yield s
-    s.close()
+def stack(session_stack):
+    return Stack(session_stack)
 
 
 def test_inspect_conf_shows_neither_the_login_nor_the_redis_password(stack):
     # first: the solo pool answers control commands only between tasks
-    replies = stack.app.control.inspect(timeout=10).conf()
+    replies = stack.app.control.inspect(timeout=10, limit=1).conf()  # limit: done at the first reply
     assert replies, "the worker did not answer `inspect conf`"
     dump = json.dumps(replies)
     assert "broker_url" in dump, "expected the worker's configuration in the reply"
@@ -99,7 +74,7 @@ def test_inspect_conf_shows_neither_the_login_nor_the_redis_password(stack):
 
 def test_predict_batch_lists_and_reads_nothing_outside_the_data_roots(stack):
     before = stack.run_files()
-    hostile = [[str(stack.outside)], [str(stack.data_root / "escape")], ["../outside"],
+    hostile = [[str(stack.outside)], [str(stack.data_root / "escape")], ["../confine-outside"],
                [str(stack.outside / "class_0" / "class_0_000.jpg")], ["/"], ["/etc/passwd"],
                [str(stack.dataset), str(stack.outside)]]
     for sources in hostile:
@@ -121,7 +96,7 @@ def test_predict_batch_lists_and_reads_nothing_outside_the_data_roots(stack):
 
 def test_evaluate_reads_no_folder_outside_the_data_roots_and_writes_only_where_a_split_says(stack):
     before = stack.run_files()
-    for data_dir in (str(stack.outside), str(stack.data_root / "escape"), "../outside", "/etc"):
+    for data_dir in (str(stack.outside), str(stack.data_root / "escape"), "../confine-outside", "/etc"):
         result = stack.send("resnet_lab.evaluate", stack.run_id, data_dir=data_dir)
         assert result.state == "FAILURE", (data_dir, result.state, result.result)
         assert OUTSIDE_MESSAGE in str(result.result), (data_dir, result.result)
