@@ -13,6 +13,19 @@ import random
 import pytest
 
 
+def pytest_configure(config):
+    # Tests train the tiny ResNet (tests/tinymodel.py: 143 k parameters, ~10x faster than resnet18). This process
+    # registers it; the page, worker and CLI processes the tests start learn it from RESNET_LAB_MODEL_PLUGINS and
+    # import it from the checkout (PYTHONPATH, for the `resnet-lab` console script, whose path starts in .venv/bin).
+    from tests.tinymodel import register_tiny_resnet
+
+    register_tiny_resnet()
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ.setdefault("RESNET_LAB_MODEL_PLUGINS", "tests.tinymodel:register_tiny_resnet")
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo, *[p for p in paths if p != repo]])
+
+
 def pytest_collection_modifyitems(config, items):
     seed = os.environ.get("RESNET_LAB_TEST_SHUFFLE")
     if not seed:

@@ -114,7 +114,7 @@ def test_weights_files_in_the_weights_folder_or_the_data_roots_are_queued_with_t
             [run_id] = lab.submit(weights=weights)
             config = json.loads((lab.models / run_id / "config.json").read_text())
             assert config["weights"] == str(expected.resolve())
-        [run_id] = lab.submit(weights="default")
+        [run_id] = lab.submit(weights="default", models=["resnet18"])  # the tiny test model has no pretrained weights
         assert json.loads((lab.models / run_id / "config.json").read_text())["weights"] == "DEFAULT"
     finally:
         lab.clear_queued()

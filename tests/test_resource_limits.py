@@ -98,7 +98,7 @@ def test_a_160_kb_16bit_png_is_refused_from_its_header(bombs):
 def test_refusing_the_bombs_costs_no_memory(bombs):
     """Measured in a fresh process: the old code decoded the 160 kB file into about 1.6 GB."""
     done = run_python(
-        "import sys\n"
+        "import resource, sys\n"
         "from shared.data.images import ImageError, load_rgb\n"
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "for path in sys.argv[1:]:\n"

@@ -82,13 +82,11 @@ def test_a_stale_running_record_takes_the_finished_status_of_its_folder(tmp_path
 def test_predict_before_any_run_finished_says_train_one_first(tmp_path):
     import gradio as gr
 
-    from tests.imagegen import make_image
-    from ui.tabs.predict import predict
+    from ui.tabs.predict import _predictor  # what /predict and "Classify all" ask for the model
 
     lab, _ = _lab(tmp_path, None)  # one queued run, none finished
-    image = make_image(tmp_path / "data" / "photo.png", 16)
     with pytest.raises(gr.Error, match="No model yet: no run has finished. Train one on the Train tab"):
-        list(predict(lab, {"path": str(image)}, "latest"))
+        _predictor(lab, "latest")
 
 
 def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TINY_MODEL = "resnet18"
+TINY_MODEL = "tiny_resnet"  # tests/tinymodel.py, registered by tests/conftest.py in every process the tests start
 
 TINY_TRAIN = dict(model=TINY_MODEL, weights="none", image_size=32, batch_size=8, augment="none", warmup_epochs=0,
                   device="cpu", amp=False, optimizer="sgd", val_ratio=0.25, test_ratio=0.25)
