@@ -53,6 +53,7 @@ class PredictUI:
     csv: gr.File
     state: gr.State
     answered: gr.State  # the run id of the last answer, for the model line
+    choices: gr.State  # the model list; the selector follows it (see wire)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -84,7 +85,8 @@ def build(lab) -> PredictUI:
         table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
-    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State())
+    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
+                     gr.State([]))
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -257,21 +259,28 @@ def answered_info(lab, run_id: str | None, model: str | None, state: dict | None
 
 
 def refresh_models(lab, model: str | None, active_tab: str, state: dict | None, force: bool = False):
-    """Keep the model list and the "now answering with" line current (newer runs land while the page is open)."""
+    """Keep the model list and the "now answering with" line current (newer runs land while the page is open).
+    The list goes to a State that the selector follows (see `wire`)."""
     state = dict(state or {})
     if active_tab != "predict" and not force:
         return gr.skip(), gr.skip(), state
     choices = model_choices(lab)
     values = [v for _, v in choices]
     info = model_info_text(lab, model)
-    dropdown = gr.skip()
+    new_choices = gr.skip()
     if force or state.get("choices") != values:
-        dropdown = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
+        new_choices = choices
         state["choices"] = values
     info_out = gr.skip()
     if force or state.get("info") != info:
         info_out, state["info"] = info, info
-    return dropdown, info_out, state
+    return new_choices, info_out, state
+
+
+def model_select_update(choices: list | None, model: str | None):
+    """The model selector with a new list; the chosen model stays when still listed, else "latest"."""
+    choices = [tuple(c) for c in choices or []]
+    return gr.Dropdown(choices=choices, value=model if model in {value for _, value in choices} else LATEST)
 
 
 def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
@@ -293,7 +302,12 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
                       api_name="predict_many", concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
-    timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state], [ui.model, ui.model_info, ui.state],
-               api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
+    # the list goes through a State, not straight to the selector the timer reads: see the Runs tab's wire (a
+    # component both read and updated by a recurring event grows the page's memory in Gradio 6.31)
+    timer.tick(partial(refresh_models, lab), [ui.model, active_tab, ui.state],
+               [ui.choices, ui.model_info, ui.state], api_visibility="private", show_progress="hidden",
+               trigger_mode="once", concurrency_limit=None)
     tab.select(lambda m, st: refresh_models(lab, m, "predict", st, force=True), [ui.model, ui.state],
-               [ui.model, ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
+               [ui.choices, ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
+    ui.choices.change(model_select_update, [ui.choices, ui.model], ui.model, api_visibility="private",
+                      show_progress="hidden")

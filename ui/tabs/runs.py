@@ -52,6 +52,7 @@ class RunsUI:
     acc_plot: gr.LinePlot
     detail: gr.Markdown
     state: gr.State
+    choices: gr.State  # the selector's choices; the selector follows it (see wire)
 
 
 def build(lab) -> RunsUI:
@@ -83,7 +84,7 @@ def build(lab) -> RunsUI:
         acc_plot = gr.LinePlot(title="Accuracy", y_title="accuracy", y_lim=[0, 1], elem_id="curves-acc", **axis)
     state = gr.State({})
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
-                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state)
+                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state, gr.State([]))
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -188,7 +189,8 @@ def banner_update(problem: str | None):
 # --- handlers -----------------------------------------------------------------------------------------------
 
 def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: dict | None, force: bool = False):
-    """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed."""
+    """Timer handler: banner always; table, curves only on the Runs tab and only when changed; the selector's
+    choices on the Runs tab (into a State: the selector follows it only when they change, see `wire`)."""
     state = dict(state or {})
     selected = list(selected or [])
     records, problem = lab.snapshot()
@@ -205,11 +207,6 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
         table = pd.DataFrame(rows, columns=fmt.RUN_COLUMNS)
         state["rows"] = rows
     choices = [(f"{fmt.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
-    select = gr.skip()
-    if force or state.get("choices") != choices:
-        known = {value for _, value in choices}
-        select = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
-        state["choices"] = choices
     note, loss, acc, sig = curves(lab, records, selected, split or "both")
     loss_out = acc_out = note_out = gr.skip()
     if force or state.get("curves") != (sig, note):
@@ -228,7 +225,15 @@ def tick(lab, selected: list[str] | None, split: str, active_tab: str, state: di
     if force or state.get("detail") != detail:
         detail_out = detail
         state["detail"] = detail
-    return table, select, note_out, loss_out, acc_out, detail_out, banner, state
+    return table, choices, note_out, loss_out, acc_out, detail_out, banner, state
+
+
+def select_update(choices: list | None, selected: list[str] | None):
+    """The selector with new choices (a run came, went or changed status); the selection keeps the runs still
+    listed."""
+    choices = [tuple(c) for c in choices or []]
+    known = {value for _, value in choices}
+    return gr.Dropdown(choices=choices, value=[rid for rid in selected or [] if rid in known])
 
 
 def on_row_select(selected: list[str] | None, evt: gr.SelectData):
@@ -341,12 +346,18 @@ def clone_run(lab, run_ids: list[str] | None, field_names: list[str]):
 
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
-    outputs = [ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
+    outputs = [ui.table, ui.choices, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state]
     # after new curve data, the plots' caption / axis (see ui/tabs/__init__.py: why it takes two steps)
     props = dict(fn=lambda st: plot_props_step(st, ["loss", "acc"], [gr.LinePlot, gr.LinePlot]), inputs=ui.state,
                  outputs=[ui.loss_plot, ui.acc_plot, ui.state], api_visibility="private", show_progress="hidden")
     timer.tick(partial(tick, lab), [ui.select, ui.split, active_tab, ui.state], outputs, api_visibility="private",
                show_progress="hidden", trigger_mode="once", concurrency_limit=None).then(**props)
+    # The timer reads the selector, so it must not write it, not even gr.skip(): Gradio 6.31 keeps every session
+    # copy of a component that an event both reads and updates (BENCHMARKS.md item 7: ~4 KB a tick for as long as
+    # the page is open). The choices go to a State; the selector follows only when they change (a State's
+    # `change` fires on a new value).
+    ui.choices.change(select_update, [ui.choices, ui.select], ui.select, api_visibility="private",
+                      show_progress="hidden")
 
     def refresh_now(selected, split, state):
         return tick(lab, selected, split, "runs", state, force=True)
