@@ -152,3 +152,27 @@ def test_the_selectors_still_follow_new_runs(redis_url, tmp_path, monkeypatch, t
     before, after, second = asyncio.run(play())
     assert before == first and sorted(after) == sorted(first + second), (before, after)
 
+
+
+def test_the_tracemalloc_diagnostic_is_off_unless_asked_and_reports_what_grew(tmp_path):
+    """RESNET_LAB_TRACEMALLOC (the diagnostic that found the growth above): off by default, a clear message for
+    a bad period, and a report naming the line that allocated."""
+    import tracemalloc
+
+    from ui import memtrace
+
+    assert memtrace.start_from_env({}) is None and not tracemalloc.is_tracing()
+    with pytest.raises(SystemExit, match="RESNET_LAB_TRACEMALLOC_EVERY must be a number of seconds"):
+        memtrace.start_from_env({"RESNET_LAB_TRACEMALLOC": str(tmp_path / "r.txt"),
+                                 "RESNET_LAB_TRACEMALLOC_EVERY": "soon"})
+    tracemalloc.start(memtrace.FRAMES)
+    try:
+        first = memtrace._snapshot()
+        kept = [bytearray(4096) for _ in range(100)]  # this line must top the report
+        memtrace.write_report(tmp_path / "r.txt", first, memtrace._snapshot(), 60.0)
+    finally:
+        tracemalloc.stop()
+    report = (tmp_path / "r.txt").read_text()
+    assert report.startswith("after 1.0 min: traced") and len(kept) == 100
+    assert "kept = [bytearray(4096)" in report.split("\n\n")[1], report[:1500]
+    assert (tmp_path / "r.txt.log").read_text().count("after 1.0 min") == 1
