@@ -83,6 +83,14 @@ class BrowserSession:
         for fn in self.listeners(block._id, event):
             await self.run(fn)
 
+    async def load(self) -> None:
+        """What the page does when it opens: its load events, and the `change` listeners of every State (Gradio
+        6.31's frontend fires them once with the State's initial value)."""
+        for fn in [f for f in self.demo.fns.values() if any(t[1] == "load" for t in f.targets)]:
+            await self.run(fn)
+        for block in [b for b in self.demo.blocks.values() if isinstance(b, gr.State)]:
+            await self.trigger(block, "change")
+
 
 def session_size(session: BrowserSession) -> tuple[int, int]:
     return len(session.state.blocks_config.blocks), len(session.state.config_values)
@@ -106,6 +114,7 @@ def test_a_page_left_open_stops_growing(redis_url, tmp_path, monkeypatch, tab):
             await session.trigger(timer, "tick")
 
     async def open_tab() -> None:
+        await session.load()
         await session.trigger(tab_block, "select")
         await browse(WARMUP_TICKS)
 
@@ -141,6 +150,7 @@ def test_the_selectors_still_follow_new_runs(redis_url, tmp_path, monkeypatch, t
     session = BrowserSession(demo)
 
     async def play() -> tuple[list[str], list[str], list[str]]:
+        await session.load()
         await session.trigger(tab_block, "select")
         await session.trigger(timer, "tick")
         before = session.choices(select)

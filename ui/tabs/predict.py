@@ -63,9 +63,9 @@ def model_choices(lab) -> list[tuple[str, str]]:
 
 def build(lab) -> PredictUI:
     gr.Markdown(HELP, elem_classes="help")
+    choices = model_choices(lab)
     with gr.Row(equal_height=True):
-        model = gr.Dropdown(choices=model_choices(lab), value=LATEST, label="Model", elem_id="predict-model",
-                            scale=2)
+        model = gr.Dropdown(choices=choices, value=LATEST, label="Model", elem_id="predict-model", scale=2)
         model_info = gr.Markdown(model_info_text(lab, LATEST), elem_id="predict-model-info")
     with gr.Row(equal_height=False):
         image = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="Image",
@@ -85,8 +85,9 @@ def build(lab) -> PredictUI:
         table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
+    # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State([]))
+                     gr.State(choices))
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
