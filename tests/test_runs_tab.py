@@ -67,9 +67,14 @@ def _sent_value(output):
 
 
 def _open_runs_tab(demo, session) -> dict:
-    """Selecting the Runs tab refreshes it (the selector learns the run ids it may hold)."""
+    """Selecting the Runs tab refreshes it; the choices go to a State, and its change gives the selector the run
+    ids it may hold (as the browser runs it)."""
     fn = _event(demo, "tab-runs", "select", name="refresh_now")
-    return _run(demo, session, fn, [[], "both", None])
+    out = _run(demo, session, fn, [[], "both", None])
+    follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "select_update")
+    [choices] = [value for block_id, value in out.items() if block_id == follow.inputs[0]._id]
+    out.update(_run(demo, session, follow, [choices, []]))
+    return out
 
 
 def _finished_and_running(lab, data_dir):

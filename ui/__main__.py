@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     check_bind(settings)
+    from ui.memtrace import start_from_env
+
+    start_from_env()  # RESNET_LAB_TRACEMALLOC=path: allocation-growth reports (a diagnostic, off by default)
     for root in settings.data_roots:
         try:
             root.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,7 @@ class PredictUI:
     csv: gr.File
     state: gr.State
     answered: gr.State  # the run id of the last answer, for the model line
+    choices: gr.State  # the model list; the selector follows it (see wire)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -61,10 +62,11 @@ def model_choices(lab) -> list[tuple[str, str]]:
 
 def build(lab) -> PredictUI:
     gr.Markdown(HELP, elem_classes="help")
+    choices = model_choices(lab)
     with gr.Row(equal_height=True):
         # allow_custom_value: API clients may name a run that finished after this page was built (Gradio would
         # refuse a value outside the build-time choices); `_predictor` checks every value
-        model = gr.Dropdown(choices=model_choices(lab), value=LATEST, allow_custom_value=True, label="Model",
+        model = gr.Dropdown(choices=choices, value=LATEST, allow_custom_value=True, label="Model",
                             elem_id="predict-model", scale=2)
         model_info = gr.Markdown(model_info_text(lab, LATEST), elem_id="predict-model-info")
     with gr.Row(equal_height=False):
@@ -86,7 +88,9 @@ def build(lab) -> PredictUI:
                              interactive=False,
                              elem_id="predict-table", max_height=360)
     state = gr.State({})
-    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State())
+    # the same list as the selector's: the browser fires a State's `change` when the page loads
+    return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
+                     gr.State(choices))
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ def answered_info(lab, run_id: str | None, model: str | None, state: dict | None
 def refresh_models(lab, ui: PredictUI, model: str | None, active_tab: str, state: dict | None,
                    force: bool = False) -> dict:
     """Keep the model list and the "now answering with" line current (newer runs land while the page is open);
-    only what changed is sent."""
+    only what changed is sent. The list goes to a State that the selector follows (see `wire`)."""
     state = dict(state or {})
     out: dict = {ui.state: state}
     if active_tab != "predict" and not force:
@@ -266,11 +270,17 @@ def refresh_models(lab, ui: PredictUI, model: str | None, active_tab: str, state
     values = [v for _, v in choices]
     info = model_info_text(lab, model)
     if force or state.get("choices") != values:
-        out[ui.model] = gr.Dropdown(choices=choices, value=model if model in values else LATEST)
+        out[ui.choices] = choices
         state["choices"] = values
     if force or state.get("info") != info:
         out[ui.model_info] = state["info"] = info
     return out
+
+
+def model_select_update(choices: list | None, model: str | None):
+    """The model selector with a new list; the chosen model stays when still listed, else "latest"."""
+    choices = [tuple(c) for c in choices or []]
+    return gr.Dropdown(choices=choices, value=model if model in {value for _, value in choices} else LATEST)
 
 
 def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.Tab) -> None:
@@ -295,8 +305,12 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
                       concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
-    models_outputs = {ui.model, ui.model_info, ui.state}
+    # the list goes through a State, not straight to the selector the timer reads: see the Runs tab's wire (a
+    # component both read and updated by a recurring event grows the page's memory in Gradio 6.31)
+    models_outputs = {ui.choices, ui.model_info, ui.state}
     timer.tick(partial(refresh_models, lab, ui), [ui.model, active_tab, ui.state], models_outputs,
                api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
     tab.select(lambda m, st: refresh_models(lab, ui, m, "predict", st, force=True), [ui.model, ui.state],
                models_outputs, api_visibility="private", show_progress="hidden")
+    ui.choices.change(model_select_update, [ui.choices, ui.model], ui.model, api_visibility="private",
+                      show_progress="hidden")

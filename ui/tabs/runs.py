@@ -52,6 +52,7 @@ class RunsUI:
     acc_plot: gr.LinePlot
     detail: gr.Markdown
     state: gr.State
+    choices: gr.State  # the selector's choices; the selector follows it (see wire)
 
 
 def build(lab) -> RunsUI:
@@ -83,7 +84,7 @@ def build(lab) -> RunsUI:
         acc_plot = gr.LinePlot(title="Accuracy", y_title="accuracy", y_lim=[0, 1], elem_id="curves-acc", **axis)
     state = gr.State({})
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
-                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state)
+                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state, gr.State([]))
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -154,8 +155,8 @@ def banner_update(problem: str | None):
 
 def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split: str, active_tab: str,
          state: dict | None, force: bool = False) -> dict:
-    """Timer handler: banner always; table, selector, curves only on the Runs tab and only when changed. The
-    outputs left out of the returned dict are not sent."""
+    """Timer handler: banner always; table, selector choices, curves only on the Runs tab and only when changed.
+    The choices go into a State that the selector follows (see `wire`). Outputs left out of the dict are not sent."""
     state = dict(state or {})
     out: dict = {ui.state: state}
     selected = list(selected or [])
@@ -172,8 +173,7 @@ def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split
         state["rows"] = rows
     choices = [(f"{view.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
     if force or state.get("choices") != choices:
-        known = {value for _, value in choices}
-        out[ui.select] = gr.Dropdown(choices=choices, value=[rid for rid in selected if rid in known])
+        out[ui.choices] = choices
         state["choices"] = choices
     out.update(_curve_outputs(lab, ui, records, selected, split or "both", state, force))
     detail = view.detail_text(records, selected[:MAX_CURVES], now)
@@ -200,6 +200,14 @@ def _curve_outputs(lab, ui: RunsUI, records: list[dict], selected: list[str], sp
     park_plot_props(state, "acc", caption=caption)
     loss, acc = view.epochs_as_categories(loss, acc)
     return {ui.curves_note: note, ui.loss_plot: loss, ui.acc_plot: acc}
+
+
+def select_update(choices: list | None, selected: list[str] | None):
+    """The selector with new choices (a run came, went or changed status); the selection keeps the runs still
+    listed."""
+    choices = [tuple(c) for c in choices or []]
+    known = {value for _, value in choices}
+    return gr.Dropdown(choices=choices, value=[rid for rid in selected or [] if rid in known])
 
 
 def on_row_select(selected: list[str] | None, evt: gr.SelectData):
@@ -322,7 +330,7 @@ def clone_run(lab, run_ids: list[str] | None, *, form: dict[str, gr.components.C
 
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
-    outputs = {ui.table, ui.select, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state}
+    outputs = {ui.table, ui.choices, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state}
     # after new curve data, the plots' caption / axis (see ui/tabs/__init__.py: why it takes two steps)
     plots = {"loss": ui.loss_plot, "acc": ui.acc_plot}
     props = dict(fn=lambda st: plot_props_step(st, plots, ui.state), inputs=ui.state,
@@ -330,6 +338,12 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     timer.tick(partial(tick, lab, ui, banner), [ui.select, ui.split, active_tab, ui.state], outputs,
                api_visibility="private", show_progress="hidden", trigger_mode="once",
                concurrency_limit=None).then(**props)
+    # The timer reads the selector, so it must not write it, not even gr.skip(): Gradio 6.31 keeps every session
+    # copy of a component that an event both reads and updates (BENCHMARKS.md item 7: ~4 KB a tick for as long as
+    # the page is open). The choices go to a State; the selector follows only when they change (a State's
+    # `change` fires on a new value).
+    ui.choices.change(select_update, [ui.choices, ui.select], ui.select, api_visibility="private",
+                      show_progress="hidden")
 
     def refresh_now(selected, split, state):
         return tick(lab, ui, banner, selected, split, "runs", state, force=True)
