@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Gradio keeps a record of the last N events (10,000 by default, ~3 MB) that nothing reads with monitoring off
+    os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
     private_upload_folder()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP request otherwise
