@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared.launch.services import find_free_port, popen_in_own_group
-from tests.procs import wait_for
+from tests.procs import clean_env, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "tests" / "artifacts" / "e2e"
@@ -52,7 +52,7 @@ class UpApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.root / "up.log"
         self.marker = uuid.uuid4().hex
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
+        env = clean_env()
         env.update({
             "RESNET_LAB_MODELS_DIR": str(self.models), "RESNET_LAB_DATA_ROOTS": str(self.data_root),
             "RESNET_LAB_PORT": str(self.port), "RESNET_LAB_WORKER_THREADS": "1",

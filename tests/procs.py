@@ -20,6 +20,13 @@ from shared.launch.services import find_free_port, http_ok, popen_in_own_group, 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def clean_env() -> dict[str, str]:
+    """This environment without the lab's settings and REDIS_URL (a test gives its processes its own), but with
+    RESNET_LAB_MODEL_PLUGINS, through which every process the tests start knows the tiny test model."""
+    return {k: v for k, v in os.environ.items()
+            if not (k.startswith("RESNET_LAB_") and k != "RESNET_LAB_MODEL_PLUGINS") and k != "REDIS_URL"}
+
+
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05, *, describe=None, sleep=time.sleep):
     """Poll `predicate` until it returns something truthy (returned); AssertionError naming `what` after `timeout` s.
 

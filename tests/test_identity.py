@@ -5,13 +5,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
 import pytest
+
+from tests.procs import clean_env
 import redis
 
 from shared.launch.identity import IDENTITY_FILE, IDENTITY_KEY, IdentityMismatch, check_models_dir, claim_models_dir, \
@@ -115,7 +116,7 @@ def test_processes_starting_at_once_on_a_new_folder_agree(tmp_path, redis_url):
 # --- a second stack, as real processes --------------------------------------------------------------------------
 
 def run_module(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
+    base = clean_env()
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**base, "CUDA_VISIBLE_DEVICES": "", "GRADIO_ANALYTICS_ENABLED": "False",
                                **{k: str(v) for k, v in env.items()}})

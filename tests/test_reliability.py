@@ -221,7 +221,8 @@ def _try(fn):
 
 @pytest.mark.slow
 def test_page_restart_while_a_run_trains_brings_back_the_runs_and_their_curves(stack):
-    [run_id] = stack.client.submit([stack.config(stack.bigger, epochs=30, lr=5e-3)])
+    # resnet18, not the tiny model: the run must still be training when the page comes back
+    [run_id] = stack.client.submit([stack.config(stack.bigger, epochs=30, lr=5e-3, model="resnet18")])
     wait_for(lambda: in_epoch(stack.client.registry, run_id, 2), 120, "the run to train in epoch 2")
 
     port = stack.page.url.rsplit(":", 1)[1]

@@ -22,7 +22,7 @@ import pytest
 from shared.launch.services import find_free_port, find_redis_server, http_ok, redis_ping, redis_server_version
 from shared.settings import Settings
 from shared.launch.up import detect_gpus, page_url, parse_gpus, plan_children
-from tests.procs import wait_for
+from tests.procs import clean_env, wait_for
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="needs Linux /proc")
 
@@ -152,7 +152,7 @@ class Up:
             "ui_cmd": ui_cmd or [sys.executable, str(scripts / "ui.py"), str(self.records)],
             "policy": policy or FAST_RESTARTS,
         }
-        base = {k: v for k, v in os.environ.items() if not k.startswith("RESNET_LAB_") and k != "REDIS_URL"}
+        base = clean_env()
         self.proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(cfg)], cwd=REPO, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env={**base, MARK: marker, **(env or {})})

@@ -164,7 +164,8 @@ def test_cancel_queued_and_running_runs(lab, start_worker):
 @pytest.mark.slow  # real worker processes
 def test_kill9_mid_run_resumes_on_a_new_worker(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
-    [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
+    # resnet18, not the tiny model: epoch 2 must last long enough to be caught and killed
+    [run_id] = lab.client.submit([lab.config(bigger, epochs=3, model="resnet18")])
     first = start_worker(lab.models, **lab.worker_env())
 
     def in_epoch_2():
@@ -261,7 +262,8 @@ def test_pickled_message_is_refused(lab, start_worker, tmp_path):
 @pytest.mark.slow  # real worker processes
 def test_sigterm_hands_the_running_run_back_and_the_next_worker_resumes_it(lab, start_worker):
     bigger = make_image_folder(lab.models.parent / "bigger", classes=3, per_class=24, size=40)
-    [run_id] = lab.client.submit([lab.config(bigger, epochs=3)])
+    # resnet18, not the tiny model: epoch 2 must last long enough to be caught and killed
+    [run_id] = lab.client.submit([lab.config(bigger, epochs=3, model="resnet18")])
     first = start_worker(lab.models, **lab.worker_env())
     wait_for(lambda: len(lab.store.metrics(run_id)) == 1, 120, "the first epoch to finish")
 
