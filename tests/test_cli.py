@@ -117,3 +117,33 @@ def test_train_help_names_every_flag_with_its_real_default(tmp_path):
     assert "--data-dir DATA_DIR dataset folder with one sub-folder per class (required)" in text
     assert "MISSING" not in text and "object at 0x" not in text
     assert "(default resnet18)" in text and "(default 128)" in text
+
+
+def test_evaluate_and_report_the_latest_run(trained):
+    _, _, models, _ = trained
+    (run_id,) = RunStore(models).ids()
+    result = run_cli("evaluate", "latest", "--split", "val", models_dir=models)
+    assert result.returncode == 0, result.stderr
+    assert '"accuracy"' in result.stdout
+    from shared.analysis.eval_result import load_eval_result
+
+    evaluated = load_eval_result(models / run_id, folder="eval-val")  # another split than training's own test
+    assert evaluated is not None and evaluated.split == "val"
+    result = run_cli("report", "latest", models_dir=models)
+    assert result.returncode == 0, result.stderr
+    report = Path(result.stdout.strip())
+    assert report == models / run_id / "report.html" and "<html" in report.read_text()[:500].lower()
+
+
+def test_download_without_network_says_what_to_do_and_leaves_nothing(tmp_path):
+    # a proxy that refuses at once stands for "no network", and keeps the test off the real one
+    port = __import__("tests.test_download", fromlist=["_free_port"])._free_port()
+    proxy = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
+           "no_proxy": "", "NO_PROXY": ""}
+    dest = tmp_path / "data"
+    result = subprocess.run([str(CLI), "data", "download", "flowers", "--dest", str(dest)], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert "tar xzf flower_photos.tgz" in result.stderr and "browser" in result.stderr, result.stderr
+    assert not dest.exists() or list(dest.iterdir()) == []
