@@ -46,6 +46,18 @@ def pytest_report_header(config):
     return f"RESNET_LAB_TEST_SHUFFLE={seed}: modules and tests in a random order" if seed else None
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test, restored after: in-process training gives the same numbers on any machine
+    and leaves the other core to the processes a test starts."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 # --- Redis: one private server per test session (shared.launch.services.start_redis) ---------------------------------
 # `redis_server` is started once on a free 127.0.0.1 port in a temporary folder and stopped at the end;
 # `redis_url` hands each test that server's URL with every database flushed first.

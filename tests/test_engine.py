@@ -19,12 +19,7 @@ from tests.imagegen import make_image_folder
 from tests.tinymodel import TINY_RESNET, register_tiny_resnet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

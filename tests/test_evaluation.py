@@ -16,12 +16,7 @@ from sklearn import metrics as skm
 from shared.analysis.evaluation import calibration, compute_metrics, eval_dir_for, evaluate_run
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_probs(n: int, c: int, seed: int = 0, signal: float = 1.5, absent: int | None = None):

@@ -26,12 +26,7 @@ FAMILY = ["resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_3
           "wide_resnet50_2", "wide_resnet101_2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
