@@ -121,7 +121,7 @@ def run_ours(args, manifest: dict, work: Path) -> dict:
 
     from shared.training.checkpoint import load_model_from_run
     from shared.training.config import TrainConfig
-    from shared.data.datasets import write_manifest
+    from shared.data.manifest import write_manifest
     from shared.training.engine import Cancelled, Reporter, evaluate, fit, iterate_batches
     from shared.training.models import IMAGENET_MEAN, IMAGENET_STD
     from shared.data.transforms import BatchTransform

@@ -37,7 +37,7 @@ def test_features(run_dir: Path, cache_dir: Path):
     import torch
 
     from shared.training.checkpoint import load_model_from_run
-    from shared.data.datasets import read_manifest
+    from shared.data.manifest import read_manifest
     from shared.training.engine import extract_features
     from shared.training.models import Backbone, get_spec
     from shared.data.transforms import BatchTransform

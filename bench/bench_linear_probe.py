@@ -135,7 +135,7 @@ def run_fit(data_dir: Path, manifest: dict, weights: Path, image_size: int, epoc
             cache_dir: Path, work: Path, device: str, amp: bool) -> dict:
     """The engine's own head-only run, end to end, into a scratch run folder."""
     from shared.training.config import TrainConfig
-    from shared.data.datasets import write_manifest
+    from shared.data.manifest import write_manifest
     from shared.training.engine import fit
 
     run_dir = work / "probe-run"

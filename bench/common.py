@@ -234,7 +234,7 @@ def finish(args: argparse.Namespace, name: str, payload: dict[str, Any]) -> dict
 def make_manifest(data_dir: Path, seed: int = 0, ratios=(0.7, 0.15, 0.15)) -> tuple[dict, float]:
     """The engine's split manifest for `data_dir` (check + hash every file: a one-time cost), and its seconds."""
     ensure_repo_on_path()
-    from shared.data.datasets import make_split
+    from shared.data.split import make_split
 
     with Stopwatch() as sw:
         manifest = make_split(data_dir, ratios=ratios, seed=seed)
@@ -417,7 +417,7 @@ def make_run(models_dir: Path, data_dir: str, classes: list[str], image_size: in
 
     from shared.training.checkpoint import save_checkpoint
     from shared.training.config import TrainConfig
-    from shared.data.datasets import write_manifest
+    from shared.data.manifest import write_manifest
     from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, create_model
     from shared.runs.store import RunStore
 

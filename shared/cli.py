@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------- commands ----------
 
 def cmd_data_check(args, settings: Settings) -> int:
-    from shared.data.datasets import check_dataset, format_check_report
+    from shared.data.check import check_dataset, format_check_report
 
     report = check_dataset(args.dir)
     print(json.dumps(report, indent=2) if args.json else format_check_report(report))
@@ -194,7 +194,7 @@ def cmd_train(args, settings: Settings) -> int:
         run_id = args.resume
         config = store.config(run_id)
     else:
-        from shared.data.datasets import scan_dataset
+        from shared.data.scan import scan_dataset
 
         config = _train_config(args)
         scan_dataset(config.data_dir)  # a mistyped folder is refused before a run folder is made for it
@@ -390,7 +390,7 @@ COMMANDS = {
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
     from shared.analysis.predict import NoModelError
-    from shared.data.datasets import DatasetError
+    from shared.data.scan import DatasetError
     from shared.data.download import DownloadError
     from shared.data.images import ImageError
     from shared.runs.store import RunNotFound

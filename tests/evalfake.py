@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from shared.analysis.eval_result import EvalResult, skipped_figures_for
-from shared.analysis.evaluation import compute_metrics
+from shared.analysis.metrics import compute_metrics
 
 
 def fake_eval(classes: list[str], *, run_id: str = "20260101-000000-resnet18-abcdef", n: int = 60, seed: int = 0,

@@ -1,4 +1,4 @@
-"""shared.data.datasets: layout scan, image check, deterministic stratified split manifest."""
+"""shared.data scan, check, split and manifest: layout scan, image check, deterministic stratified split manifest."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shared.data.datasets import (DatasetError, check_dataset, duplicates_across_splits, format_check_report,
-                             make_split, read_manifest, scan_dataset, split_counts, write_manifest)
+from shared.data.check import check_dataset, format_check_report
+from shared.data.manifest import duplicates_across_splits, read_manifest, split_counts, write_manifest
+from shared.data.scan import DatasetError, scan_dataset
+from shared.data.split import make_split
 from tests import imagegen
 
 

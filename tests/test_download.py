@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from shared.data import download
-from shared.data.datasets import scan_dataset
+from shared.data.scan import scan_dataset
 from shared.data.download import COMPLETE_MARKER, FLOWERS_SHA256, DownloadError, download_flowers
 from tests import imagegen
 

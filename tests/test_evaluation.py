@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 from sklearn import metrics as skm
 
-from shared.analysis.evaluation import calibration, compute_metrics, eval_dir_for, evaluate_run
+from shared.analysis.evaluation import eval_dir_for, evaluate_run
+from shared.analysis.metrics import calibration, compute_metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

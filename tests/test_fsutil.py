@@ -56,7 +56,7 @@ def test_every_writer_of_the_app_goes_through_the_durable_write(tmp_path, fsyncs
     from PIL import Image
 
     from shared.training.checkpoint import save_checkpoint
-    from shared.data.datasets import write_manifest
+    from shared.data.manifest import write_manifest
     from shared.analysis.evaluation import _write_json
     from shared.analysis.plots import save_figure
     from shared.analysis.predict import write_predictions_csv

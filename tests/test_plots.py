@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from shared.analysis import plots
-from shared.analysis.evaluation import compute_metrics
+from shared.analysis.metrics import compute_metrics
 
 CLASSES = ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
 

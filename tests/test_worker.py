@@ -350,7 +350,7 @@ def test_one_worker_process_per_gpu_and_sigterm_stops_them_all(lab, start_worker
 def test_failure_reasons_are_readable(tmp_path):
     import torch
 
-    from shared.data.datasets import DatasetError
+    from shared.data.scan import DatasetError
     from worker.tasks import failure_reason
 
     config = TrainConfig(data_dir=str(tmp_path), batch_size=64)

@@ -23,7 +23,7 @@ from celery import shared_task
 from shared.data.cache import CacheFullError
 from shared.training.checkpoint import CheckpointError
 from shared.training.config import SPLITS, ConfigError
-from shared.data.datasets import DatasetError
+from shared.data.scan import DatasetError
 from shared.training.engine import Cancelled, fit, pick_device
 from shared.data.images import expand_image_paths
 from shared.training.models import WeightsUnavailable

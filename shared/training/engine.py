@@ -29,7 +29,8 @@ from shared import __version__
 from shared.data.cache import load_image_array
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.training.config import TrainConfig
-from shared.data.datasets import make_split, read_manifest, write_manifest
+from shared.data.manifest import read_manifest, write_manifest
+from shared.data.split import make_split
 from shared.fsutil import write_atomic, write_json_atomic
 from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model, get_spec
 from shared.data.transforms import BatchTransform, resize_size

@@ -134,7 +134,7 @@ def preview(lab, ui: DataUI, path: str | None) -> dict:
         if dataset_choices(lab):
             return _preview_outputs(ui, "Pick a dataset folder to see its classes.")
         return _preview_outputs(ui, view.no_dataset_text(lab.settings.data_roots))
-    from shared.data.datasets import DatasetError, scan_dataset
+    from shared.data.scan import DatasetError, scan_dataset
 
     root = _confine(lab, path)
     try:
@@ -152,7 +152,8 @@ def check(lab, ui: DataUI, path: str | None, progress=gr.Progress()) -> dict:
     """The full check (every image decoded and hashed): counts, problems, sizes."""
     if not path:
         raise user_error("Pick a dataset folder first.", title="No dataset")
-    from shared.data.datasets import DatasetError, check_dataset
+    from shared.data.check import check_dataset
+    from shared.data.scan import DatasetError
 
     root = _confine(lab, path)
     progress(0, desc="decoding every image…")
