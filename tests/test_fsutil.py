@@ -133,3 +133,23 @@ def test_stale_temps_and_half_deleted_runs_are_removed_at_start_and_nothing_else
         assert path.exists(), path
     assert not trash.exists()
     assert remove_stale_temps([tmp_path / "missing"]) == []  # a folder that is gone is not an error
+
+
+def test_the_worker_taking_over_a_run_removes_another_machines_temps_older_than_the_lease(tmp_path):
+    models = tmp_path / "models"
+    run = models / "20240101-000000-resnet18-abcdef"
+    (run / "eval").mkdir(parents=True)
+    dead_elsewhere = run / ".best.pt.tmp1-000000-abcdef"  # the killed worker's, on another machine, 40 s ago
+    in_eval = run / "eval" / ".eval.json.tmp1-000000-fedcba"
+    fresh = run / ".status.json.tmp1-000000-0a0a0a"       # someone writing right now (the page)
+    for path in (dead_elsewhere, in_eval, fresh):
+        path.write_text("half")
+    forty_s_ago = time.time() - 40
+    for path in (dead_elsewhere, in_eval):
+        os.utime(path, (forty_s_ago, forty_s_ago))
+
+    assert RunStore(models).remove_leftovers() == []  # at start, another machine's temp needs 15 minutes
+    removed = RunStore(models).remove_run_leftovers(run.name, max_age=30)
+
+    assert sorted(removed) == sorted([dead_elsewhere, in_eval])
+    assert fresh.exists()

@@ -515,15 +515,18 @@ def test_two_machines_the_survivor_resumes_a_killed_workers_run_within_a_minute(
     workers = {name: start_worker(models, args=["--hostname", f"worker@{name}"], RESNET_LAB_VISIBILITY_TIMEOUT=3600,
                                   RESNET_LAB_CACHE_DIR=tmp_path / f"cache-{name}")
                for name in ("machine-a", "machine-b")}
-    # resnet18: with the tiny model a checkpoint write is a large share of each epoch, so the kill could land in one
-    # and leave its temp file to the next start of a worker, which this test does not make
-    [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=4, **{**TINY, "model": "resnet18"})])
+    # the kill may land in a checkpoint write: the survivor removes the temp file when it takes the run over
+    [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=4, **TINY)])
     wait_for(lambda: in_epoch(client.registry, run_id, 2), 180, "the run to train in epoch 2")
     trainer = client.registry.get(run_id)["worker"].split("@")[1]
     other = "machine-b" if trainer == "machine-a" else "machine-a"
     workers[trainer].kill9()
     killed = time.monotonic()
     assert epochs_of(client.store.metrics(run_id)) == [1], "the kill must land inside epoch 2"
+    # and, as if the killed worker had been on another machine, a half-written checkpoint of its
+    orphan = client.store.path(run_id) / ".last.pt.tmp1-000000-abcdef"
+    orphan.write_bytes(b"half")
+    os.utime(orphan, (time.time() - 40, time.time() - 40))
 
     def resumed():
         record = client.registry.get(run_id)

@@ -133,6 +133,8 @@ def _train(task, store: RunStore, registry: RunRegistry, run_id: str, lease: Lea
     reporter = TaskReporter(task, run_id, registry, lease, run_dir=run_dir)
     config, outcome, reason = None, None, None
     try:
+        # a worker that died mid-write (perhaps on another machine) left temp files here: this one owns the run now
+        store.remove_run_leftovers(run_id, max_age=lease.ttl / 2)
         config = store.config(run_id)
         # queued, or running when its worker died; cancelled (from the page) since the checks above: not ours
         transition(store, registry, run_id, "running", expected=("queued", "running"),

@@ -265,9 +265,21 @@ class RunStore:
         folders = [self.root]
         for entry in self.root.iterdir():
             if entry.is_dir() and not entry.name.startswith("."):
-                # the run folder and its evaluation folders (eval/, eval-val/, eval-folder-<name>/)
-                folders += [entry, *(d for d in entry.glob("eval*") if d.is_dir())]
+                folders += _run_folders(entry)
         return remove_stale_temps(folders)
+
+    def remove_run_leftovers(self, run_id: str, max_age: float) -> list[Path]:
+        """Remove the temp files a dead writer left in one run's folders, any host's, older than `max_age` s.
+
+        The worker that takes over a run calls this under the run's lease with half the lease's TTL: the last holder
+        renewed its lease every TTL/3 until it died, so it stopped writing at least 2/3 TTL before the lease came
+        free, while a write the page is making right now is younger."""
+        return remove_stale_temps(_run_folders(self.path(run_id)), max_age=max_age)
+
+
+def _run_folders(run_dir: Path) -> list[Path]:
+    """A run folder and its evaluation folders (eval/, eval-val/, eval-folder-<name>/)."""
+    return [run_dir, *(d for d in run_dir.glob("eval*") if d.is_dir())]
 
 
 _warned: set[str] = set()
