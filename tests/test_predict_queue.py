@@ -78,3 +78,42 @@ def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, r
     unset = _cli(models, run_id, data, "--queue")
     assert unset.returncode == 2 and "--queue needs REDIS_URL" in unset.stderr, unset.stderr[-3000:]
 
+
+
+# --- the page's "Classify folder on the worker" (ui/tabs/predict_folder.py) --------------------------------------
+
+def test_the_page_sends_a_folder_to_the_worker_and_offers_its_csv(session_page):
+    import requests
+    from gradio_client.exceptions import AppError
+
+    from tests.imagegen import make_image
+
+    stack = session_page
+    folder = stack.folder("to-classify-on-the-worker")
+    for i in range(5):
+        make_image(folder / "nested" / f"photo_{i}.png", 40, seed=i)
+    (folder / "broken.jpg").write_text("not an image")
+    client = stack.page.client()
+
+    status, csv_file = client.predict(str(folder), "latest", api_name="/predict_folder")
+
+    assert f"Classified 6 images of `{folder.name}` with run `{stack.run_id}`, 1 could not be read" in status, status
+    rows = list(csv.reader(requests.get(csv_file["url"], timeout=10).text.splitlines()))
+    assert len(rows) == 7 and rows[0][:2] == ["source", "error"], rows
+    assert sorted(Path(r[0]).name for r in rows[1:]) == ["broken.jpg", *(f"photo_{i}.png" for i in range(5))]
+    assert [r for r in rows[1:] if r[1]] == [r for r in rows[1:] if r[0].endswith("broken.jpg")], rows
+    assert list((stack.models / stack.run_id).glob("predictions-*.csv")), "the worker writes it into the run"
+
+    # outside the data folders, `..` out of them, or missing: one answer, and nothing is queued
+    answers = set()
+    probes = ["/etc", f"{stack.data_root}/../models", str(stack.data_root / "missing"), "../" * 8,
+              str(stack.image()), "a\x00b"]
+    for probe in probes:
+        with pytest.raises(AppError) as refused:
+            client.predict(probe, "latest", api_name="/predict_folder")
+        message = str(refused.value)
+        assert message.startswith(repr(probe)), message
+        answers.add(message[len(repr(probe)):])
+    assert len(answers) == 1, answers
+    with pytest.raises(AppError, match="No such model"):
+        client.predict(str(folder), "../models", api_name="/predict_folder")

@@ -28,7 +28,7 @@ from shared.analysis.predict import NoModelError, write_predictions_csv
 from .. import predict_view as view
 from .. import runs_view
 from ..guard import FileRefused, UploadError
-from . import user_error
+from . import predict_folder, user_error
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class PredictUI:
     state: gr.State
     answered: gr.State  # the run id of the last answer, for the model line
     choices: gr.State  # the model list; the selector follows it (see wire)
+    folder: predict_folder.FolderUI  # a folder classified by the worker
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -87,10 +88,11 @@ def build(lab) -> PredictUI:
         table = gr.Dataframe(headers=view.TABLE_COLUMNS, value=pd.DataFrame(columns=view.TABLE_COLUMNS),
                              interactive=False,
                              elem_id="predict-table", max_height=360)
+        folder = predict_folder.build(lab)
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices))
+                     gr.State(choices), folder)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -303,6 +305,11 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model],
                       [ui.table, ui.csv, ui.answer, ui.answered], api_name="predict_many",
                       concurrency_limit=2).success(**answered)
+    # holds a slot while the worker works, not the CPU: two at a time
+    ui.folder.button.click(partial(predict_folder.classify_folder, lab, ui.folder, latest=LATEST, hint=MODEL_HINT,
+                                   csv_folder=_csv_folder),
+                           [ui.folder.folder, ui.model], [ui.folder.status, ui.folder.csv],
+                           api_name="predict_folder", concurrency_limit=2)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
                    show_progress="hidden")
     # the list goes through a State, not straight to the selector the timer reads: see the Runs tab's wire (a
