@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 
 from shared.analysis.evaluation import eval_dir_for, evaluate_run
 from shared.analysis.metrics import calibration, compute_metrics
+from tests.tiny import TINY_MODEL
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
@@ -189,7 +190,8 @@ def tiny_run(tmp_path_factory):
     try:
         base = tmp_path_factory.mktemp("evalrun")
         data = make_image_folder(base / "shapes", classes=3, per_class=20, size=56)
-        config = TrainConfig(data_dir=str(data), weights="none", image_size=48, epochs=3, batch_size=8, lr=3e-3,
+        config = TrainConfig(data_dir=str(data), model=TINY_MODEL, weights="none", image_size=48, epochs=3, batch_size=8,
+                             lr=3e-3,
                              warmup_epochs=0)
         store = RunStore(base / "models")
         run_dir = store.path(store.create(config))

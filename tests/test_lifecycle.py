@@ -18,6 +18,7 @@ from shared.runs.store import STATUSES, RunNotFound, RunStore
 from shared.training.config import TrainConfig
 from tests.imagegen import make_image_folder
 from tests.procs import REPO
+from tests.tiny import TINY_MODEL
 
 # the policy, written out again: a change to the table must be a change to this test too
 ALLOWED = {
@@ -142,7 +143,7 @@ def test_the_cli_resumes_a_cancelled_run_and_refuses_to_retrain_a_succeeded_one(
     data = make_image_folder(tmp_path / "data", classes=2, per_class=6, size=32)
     models = tmp_path / "models"
     store = RunStore(models)
-    run_id = store.create(TrainConfig(data_dir=str(data), model="resnet18", weights="none", image_size=32, epochs=1,
+    run_id = store.create(TrainConfig(data_dir=str(data), model=TINY_MODEL, weights="none", image_size=32, epochs=1,
                                       batch_size=4, augment="none", amp=False, device="cpu"))
     store.set_status(run_id, "running")
     store.set_status(run_id, "cancelled", error="interrupted from the keyboard")  # what Ctrl-C leaves

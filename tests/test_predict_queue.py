@@ -15,6 +15,7 @@ from shared.runs.store import RunStore
 from shared.training.config import TrainConfig
 from tests.imagegen import make_image_folder
 from tests.procs import REPO
+from tests.tiny import TINY_MODEL
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -49,7 +50,8 @@ def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, r
     data = make_image_folder(root / "shapes", classes=2, per_class=6, size=32)
     models = tmp_path / "models"
     store = RunStore(models)
-    config = TrainConfig(data_dir=str(data), weights="none", image_size=32, epochs=1, batch_size=4, augment="none",
+    config = TrainConfig(data_dir=str(data), model=TINY_MODEL, weights="none", image_size=32, epochs=1, batch_size=4,
+                         augment="none",
                          device="cpu", amp=False)
     run_id = store.create(config)
     store.set_status(run_id, "succeeded", best=fit(config, store.path(run_id)))
@@ -64,7 +66,7 @@ def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, r
     queued = _cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "queued.csv", "--queue",
                   redis_url=redis_url)
     assert queued.returncode == 0, queued.stderr[-3000:]
-    assert "waiting for a worker" in queued.stderr and f"model: run {run_id} (resnet18" in queued.stderr
+    assert "waiting for a worker" in queued.stderr and f"model: run {run_id} (tiny_resnet" in queued.stderr
     assert len(queued.stdout.splitlines()) == 7 and f"{broken}: skipped:" in queued.stdout
     _same_predictions(_rows(tmp_path / "local.csv"), _rows(tmp_path / "queued.csv"))
     assert [line.split(": ")[0] for line in queued.stdout.splitlines()] == \

@@ -17,6 +17,7 @@ import requests
 
 from tests.imagegen import make_image_folder
 from tests.procs import Processes
+from tests.tiny import TINY_MODEL
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -117,7 +118,7 @@ def test_predict_many_answers_with_a_run_that_finished_after_the_page_started(pa
     from shared.runs.store import RunStore
 
     store = RunStore(Path(page.models_dir))
-    config = TrainConfig(data_dir=str(page.data / "shapes"), model="resnet18", weights="none", image_size=32,
+    config = TrainConfig(data_dir=str(page.data / "shapes"), model=TINY_MODEL, weights="none", image_size=32,
                          epochs=1, batch_size=8, augment="none", warmup_epochs=0, device="cpu", val_ratio=0.25,
                          test_ratio=0.0)
     run_id = store.create(config)

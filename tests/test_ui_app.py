@@ -24,7 +24,7 @@ from shared.launch.services import find_free_port
 from shared.settings import Settings
 from tests.imagegen import make_image_folder
 from tests.procs import REPO, wait_for
-from tests.tiny import tiny_form
+from tests.tiny import TINY_MODEL, tiny_form
 
 TINY = tiny_form("shapes", epochs=2, val_ratio=0.2, test_ratio=0.2)  # a dataset in the session stack's data root
 
@@ -100,7 +100,8 @@ def test_the_pages_feature_maps_are_the_evaluations_sheet(tmp_path):
 
     data = make_image_folder(tmp_path / "data" / "ds", classes=2, per_class=6, size=32)
     lab = Lab(Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",)))
-    config = TrainConfig(data_dir=str(data), weights="none", image_size=32, epochs=1, batch_size=4, augment="none",
+    config = TrainConfig(data_dir=str(data), model=TINY_MODEL, weights="none", image_size=32, epochs=1, batch_size=4,
+                         augment="none",
                          device="cpu", amp=False)
     run_id = lab.store.create(config)
     lab.store.set_status(run_id, "succeeded", best=fit(config, lab.store.path(run_id)))
