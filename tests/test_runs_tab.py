@@ -70,7 +70,7 @@ def _open_runs_tab(demo, session) -> dict:
     """Selecting the Runs tab refreshes it; the choices go to a State, and its change gives the selector the run
     ids it may hold (as the browser runs it)."""
     fn = _event(demo, "tab-runs", "select", name="refresh_now")
-    out = _run(demo, session, fn, [[], "both", None])
+    out = _run(demo, session, fn, [[], "both", "", "", "", "", 1, None])
     follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "select_update")
     [choices] = [value for block_id, value in out.items() if block_id == follow.inputs[0]._id]
     out.update(_run(demo, session, follow, [choices, []]))
