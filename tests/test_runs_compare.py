@@ -90,7 +90,7 @@ def test_comparison_shows_only_the_differing_settings_and_marks_the_best():
     runs = [_record(f"r{i}-{lr}-{bs}", 0.3 + i / 10, lr=lr, batch_size=bs)
             for i, (lr, bs) in enumerate((lr, bs) for lr in (1e-3, 3e-3, 1e-2) for bs in (8, 16))]
     columns, rows = compare.comparison(runs, {"r0-0.001-8": (0.5, 0.4)}, baseline="r1-0.001-16")
-    assert columns == ["run", "mark", "model", "lr", "batch size", *compare.METRIC_COLUMNS]
+    assert columns == ["run", "mark", "model", "batch size", "lr", *compare.METRIC_COLUMNS]  # TrainConfig's order
     by_run = {row[0]: dict(zip(columns, row)) for row in rows}
     assert by_run["r5-0.01-16"]["mark"] == compare.BEST_MARK
     assert by_run["r1-0.001-16"]["mark"] == compare.BASELINE_MARK

@@ -70,7 +70,7 @@ def _open_runs_tab(demo, session) -> dict:
     """Selecting the Runs tab refreshes it; the choices go to a State, and its change gives the selector the run
     ids it may hold (as the browser runs it)."""
     fn = _event(demo, "tab-runs", "select", name="refresh_now")
-    out = _run(demo, session, fn, [[], "both", "", "", "", "", 1, None])
+    out = _run(demo, session, fn, [[], "both", "", "", "", "", 1, False, None])
     follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "select_update")
     [choices] = [value for block_id, value in out.items() if block_id == follow.inputs[0]._id]
     out.update(_run(demo, session, follow, [choices, []]))
@@ -157,11 +157,11 @@ def test_a_run_whose_first_epoch_comes_late_is_drawn_and_named_in_both_charts(pa
     epoch(runs[1], 1)
     _open_runs_tab(demo, session)  # the selector learns the runs
     tick = _timer_tick(demo)
-    session[tick.inputs[7]._id] = "runs"  # the active tab (a State: Gradio reads it from the session)
+    session[tick.inputs[8]._id] = "runs"  # the active tab (a State: Gradio reads it from the session)
     ids = {name: _block(demo, name)._id for name in ("curves-loss", "curves-acc", "runs-table")}
 
     def run_tick():  # the tab's State comes from the session (Gradio keeps it between events)
-        out = _run(demo, session, tick, [runs, "both", "", "", "", "", 1, "runs", None])
+        out = _run(demo, session, tick, [runs, "both", "", "", "", "", 1, False, "runs", None])
         return {name: _sent_value(out[i]) for name, i in ids.items()}
 
     first = run_tick()

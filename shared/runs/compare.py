@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import math
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from shared.fsutil import atomic_open
+from shared.training.config import TrainConfig
 
 # config.json keys that are not settings to compare (what `fit` adds, and the folder itself is shown as dataset)
 NOT_SETTINGS = ("env", "split_hash", "classes", "data_dir")
@@ -65,8 +67,9 @@ def duration_s(record: Mapping[str, Any], now: float | None = None) -> float | N
 
 
 def differing_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Config keys whose values differ between the runs (in config order); "model" is always shown apart."""
-    keys: list[str] = []
+    """Config keys whose values differ between the runs (in TrainConfig's field order, then any others); "model"
+    is always shown apart."""
+    keys: list[str] = [f.name for f in fields(TrainConfig)]
     for r in records:
         for key in r.get("config") or {}:
             if key not in keys and key not in NOT_SETTINGS and key != "model":

@@ -81,6 +81,8 @@ class RunsUI:
     sweep: gr.HTML
     export_btn: gr.Button
     export_file: gr.File
+    sweep_box: gr.Accordion
+    sweep_open: gr.State  # the sweep is drawn (and refreshed) only while its accordion is open
 
 
 def _filter(label: str, elem_id: str, choices: list | None = None) -> gr.Dropdown:
@@ -130,7 +132,7 @@ def build(lab) -> RunsUI:
     compare_note = gr.Markdown(elem_id="compare-note")
     compare_table = gr.Dataframe(interactive=False, elem_id="compare-table", wrap=False, show_label=False,
                                  max_height=360)
-    with gr.Accordion("Sweep: which setting won?", open=False, elem_id="sweep-box"):
+    with gr.Accordion("Sweep: which setting won?", open=False, elem_id="sweep-box") as sweep_box:
         sweep = gr.HTML(elem_id="sweep")
     with gr.Row(elem_classes="toolbar"):
         export_btn = gr.Button("Export runs as CSV", elem_id="export-btn", scale=0, min_width=200)
@@ -138,7 +140,8 @@ def build(lab) -> RunsUI:
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
                   abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, gr.State({}), gr.State([]),
                   tag, dataset, model, status, page, page_info, gr.State({}), tags_box, note_box, annotate_btn,
-                  baseline_btn, unpin_btn, compare_note, compare_table, sweep, export_btn, export_file)
+                  baseline_btn, unpin_btn, compare_note, compare_table, sweep, export_btn, export_file, sweep_box,
+                  gr.State(False))
 
 
 # --- data ---------------------------------------------------------------------------------------------------
@@ -345,8 +348,8 @@ def _page(value, pages: int) -> int:
 
 
 def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split: str, tag: str | None,
-         dataset: str | None, model: str | None, status: str | None, page, active_tab: str, state: dict | None,
-         force: bool = False) -> dict:
+         dataset: str | None, model: str | None, status: str | None, page, sweep_open: bool, active_tab: str,
+         state: dict | None, force: bool = False) -> dict:
     """Timer handler: banner always; table page, choices, curves, comparison and sweep only on the Runs tab and
     only when changed. Choices go into States that the selector and filters follow (see `wire`). Outputs left out
     of the dict are not sent."""
@@ -371,9 +374,9 @@ def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split
             else f"{len(records)} runs · page {page} of {pages}")
     if _changed(state, "page_info", info, force):
         out[ui.page_info] = info
-    # labels without the status, so a status change does not resend every choice; the filtered runs and the
-    # selected ones (a selection survives a filter)
-    listed = {r["run_id"] for r in v.filtered} | set(selected)
+    # the runs on the shown page and the selected ones (a selection survives a filter or another page): 500
+    # choices would be sent whole at every change; labels without the status, so a status change sends none
+    listed = {r["run_id"] for r in shown_runs} | set(selected)
     choices = [(view.run_label(r), r["run_id"]) for r in records if r["run_id"] in listed]
     if _changed(state, "choices", choices, force):
         out[ui.choices] = choices
@@ -391,7 +394,7 @@ def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split
         out[ui.compare_note] = compare_note
         out[ui.compare_table] = gr.Dataframe(value=table if table is not None else pd.DataFrame(),
                                              visible=table is not None)
-    sweep = sweep_html(v, selected)
+    sweep = sweep_html(v, selected) if sweep_open is True else ""
     if _changed(state, "sweep", sweep, force):
         out[ui.sweep] = sweep
     detail = view.detail_text(records, selected[:MAX_CURVES], now)
@@ -613,7 +616,7 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
     outputs = {ui.table, ui.choices, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state,
                ui.page_info, ui.filter_choices, ui.compare_note, ui.compare_table, ui.sweep}
-    view_inputs = [ui.select, ui.split, ui.tag, ui.dataset, ui.model, ui.status, ui.page]
+    view_inputs = [ui.select, ui.split, ui.tag, ui.dataset, ui.model, ui.status, ui.page, ui.sweep_open]
     timer.tick(partial(tick, lab, ui, banner), [*view_inputs, active_tab, ui.state], outputs,
                api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
     # The timer reads the selector and the filters, so it must not write them, not even gr.skip(): Gradio 6.31
@@ -625,8 +628,9 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     ui.filter_choices.change(filters_update, [ui.filter_choices, ui.tag, ui.dataset, ui.model],
                              [ui.tag, ui.dataset, ui.model], api_visibility="private", show_progress="hidden")
 
-    def refresh_now(selected, split, tag, dataset, model, status, page, state):
-        return tick(lab, ui, banner, selected, split, tag, dataset, model, status, page, "runs", state, force=True)
+    def refresh_now(selected, split, tag, dataset, model, status, page, sweep_open, state):
+        return tick(lab, ui, banner, selected, split, tag, dataset, model, status, page, sweep_open, "runs", state,
+                    force=True)
 
     refresh = dict(fn=refresh_now, inputs=[*view_inputs, ui.state], outputs=outputs,
                    api_visibility="private", show_progress="hidden")
@@ -636,6 +640,8 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     gr.on([tab.select, ui.split.input, ui.tag.input, ui.dataset.input, ui.model.input, ui.status.input,
            ui.page.input], trigger_mode="always_last", **refresh)
     ui.select.input(**refresh).then(**fields)
+    ui.sweep_box.expand(lambda: True, None, ui.sweep_open, api_visibility="private", queue=False).then(**refresh)
+    ui.sweep_box.collapse(lambda: False, None, ui.sweep_open, api_visibility="private", queue=False)
     ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private",
                     show_progress="hidden").then(**refresh).then(**fields)
     ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(**refresh)
