@@ -316,7 +316,7 @@ def chart_series(page, selector: str) -> list[dict]:
     return page.evaluate(
         """sel => Array.from(document.querySelectorAll(`${sel} svg.chart-svg g.series`)).map(g => {
                const line = g.querySelector('polyline');
-               return {name: g.getAttribute('data-series'), stroke: line && line.getAttribute('stroke'),
+               return {name: g.getAttribute('data-series'), stroke: line && getComputedStyle(line).stroke,
                        dashed: !!(line && line.getAttribute('stroke-dasharray')),
                        points: g.querySelectorAll('.point').length}; })""", selector)
 

@@ -13,7 +13,7 @@ import pytest
 from tests import browser as b
 from tests.imagegen import make_image_folder
 from tests.procs import wait_for
-from tests.test_browser_e2e import _skip_without_browser, _toggle_row
+from tests.test_browser_e2e import _skip_without_browser
 from tests.tiny import tiny_form
 
 LRS, BATCHES = [1e-3, 3e-3, 1e-2], [8, 16]
@@ -53,8 +53,15 @@ def test_six_grid_runs_compared_tagged_and_the_best_answers(session_page, tmp_pa
             b.open_tab(page, "runs")
             b.wait_until(lambda: all(any(rid in row[0] for row in b.table_rows(page, "#runs-table")) for rid in six),
                          30, "the six runs listed", page=page)
+            # the best run first: tag it (it survives a reload below), then add the other five
+            _select(page, best)
+            page.click("#annotate button, #annotate .label-wrap")
+            page.fill("#run-tags textarea, #run-tags input", "grid-best")
+            page.click("#annotate-btn")
+            b.wait_text(page, "#runs-message", "Saved tags and note of 1 run")
             for rid in six:
-                _toggle_row(page, rid, selected=True)
+                if rid != best:
+                    _select(page, rid)
             for plot in ("#curves-loss", "#curves-acc"):
                 def drawn(plot=plot):
                     lines = b.chart_series(page, plot)
@@ -77,14 +84,7 @@ def test_six_grid_runs_compared_tagged_and_the_best_answers(session_page, tmp_pa
             assert any("★ best" in " ".join(row) and best in " ".join(row)
                        for row in b.table_rows(page, "#compare-table")), b.table_rows(page, "#compare-table")
 
-            # a tag on the best run survives a reload (a new session: it is read back from the run folder)
-            for rid in six:
-                if rid != best:
-                    _toggle_row(page, rid, selected=False)
-            page.click("#annotate button, #annotate .label-wrap")
-            page.fill("#run-tags textarea, #run-tags input", "grid-best")
-            page.click("#annotate-btn")
-            b.wait_text(page, "#runs-message", "Saved tags and note of 1 run")
+            # the tag survives a reload (a new session: it is read back from the run folder)
             page.reload()
             b.open_tab(page, "runs")
             b.wait_until(lambda: any(best in row[0] and "grid-best" in row[-1]
@@ -100,3 +100,22 @@ def test_six_grid_runs_compared_tagged_and_the_best_answers(session_page, tmp_pa
         finally:
             chromium.close()
     print(f"compare e2e done at {time.strftime('%X')}")
+
+
+def _select(page, run_id: str) -> None:
+    """Click a run's row until the selector holds it (a click during a table refresh can miss)."""
+    suffix = run_id.rsplit("-", 1)[1]
+
+    def attempt() -> bool:
+        if suffix in b.md_text(page, "#runs-select"):
+            return True
+        b.table_cell(page, "#runs-table", run_id).click()
+        try:
+            b.wait_until(lambda: suffix in b.md_text(page, "#runs-select"), 3, "the row's run selected",
+                         interval=0.2, page=page)
+        except AssertionError:
+            return False
+        return True
+
+    b.wait_until(attempt, 30, f"run {run_id} selected by clicking its row", interval=0.2, page=page,
+                 describe=lambda: b.md_text(page, "#runs-select"))

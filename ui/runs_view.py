@@ -247,7 +247,7 @@ def curve_series(runs: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, A
                           and math.isfinite(h[key])]
                 if points:
                     out.append(Series(f"{label} · {part}", rid, _last_per_epoch(points), dashed=part == "train",
-                                      colour=colours[rid]))
+                                      colour=colours[rid], short=f"{rid.rsplit('-', 1)[-1]} {part}"))
                     drawn = True
         if drawn:
             legend.append((rid, colours[rid], label))
