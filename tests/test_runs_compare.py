@@ -128,3 +128,24 @@ def test_curves_name_every_run_in_full_with_stable_colours_and_one_epoch_visible
     html = charts.legend_html(legend)
     assert all(runs_view.full_label(r) in html for r in records) and "…" not in html
     assert charts.tick_label(0.25, 0.25) == "0.25" and charts.tick_label(2.0, 1.0) == "2"
+
+
+def test_predict_resolves_best_and_says_why(tmp_path):
+    from shared.analysis.predict import resolve_run
+    from ui.predict_view import best_reason
+
+    store = RunStore(tmp_path / "models")
+    best = _run(store, tmp_path / "flowers", acc=0.43, finished=100.0)
+    latest = _run(store, tmp_path / "flowers", acc=0.23, finished=200.0)
+    assert resolve_run(store, "latest") == latest and resolve_run(store, "best") == best
+    why = best_reason(store.best_succeeded(), best)
+    assert "highest validation accuracy of the 2 finished runs on **flowers**" in why
+    assert "when the request came in" in best_reason(store.best_succeeded(), latest)  # it changed meanwhile
+
+
+def test_filter_by_tag_dataset_model_status():
+    record = _record("r1", 0.5)
+    assert compare.matches(record, ("grid",), tag="grid", dataset="shapes", model="tiny_resnet", status="succeeded")
+    assert compare.matches(record, (), tag="", dataset="", model="", status="")
+    for criterion in ({"tag": "other"}, {"dataset": "flowers"}, {"model": "resnet18"}, {"status": "running"}):
+        assert not compare.matches(record, ("grid",), **criterion), criterion
