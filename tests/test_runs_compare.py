@@ -87,7 +87,7 @@ def _record(run_id, acc, **config):
 
 
 def test_comparison_shows_only_the_differing_settings_and_marks_the_best():
-    runs = [_record(f"r{i}-{lr}-{bs}", 0.3 + i / 10, lr=lr, batch_size=bs)
+    runs = [_record(f"r{i}-{lr}-{bs}", 0.3 + i / 10, lr=lr, batch_size=bs, model=("a", "b")[i % 2])
             for i, (lr, bs) in enumerate((lr, bs) for lr in (1e-3, 3e-3, 1e-2) for bs in (8, 16))]
     columns, rows = compare.comparison(runs, {"r0-0.001-8": (0.5, 0.4)}, baseline="r1-0.001-16")
     assert columns == ["run", "mark", "model", "batch size", "lr", *compare.METRIC_COLUMNS]  # TrainConfig's order
@@ -97,6 +97,7 @@ def test_comparison_shows_only_the_differing_settings_and_marks_the_best():
     assert by_run["r0-0.001-8"]["test acc"] == 0.5 and by_run["r0-0.001-8"]["test macro F1"] == 0.4
     assert by_run["r0-0.001-8"]["time (s)"] == 60.0 and by_run["r0-0.001-8"]["images/s"] == 123.5
     assert compare.differing_settings(runs[:1]) == []
+    assert compare.differing_settings(runs) == ["batch_size", "lr"]  # the model has its own column, once
 
 
 def test_runs_csv_keeps_formulas_as_text(tmp_path):

@@ -66,7 +66,7 @@ footer { display: none !important; }
 .chart-legend ul { list-style: none; padding: 0; margin: 0.3em 0 0 0; }
 .chart-legend li { display: flex; align-items: baseline; gap: 0.45em; margin: 0.15em 0; }
 .chart-legend .swatch { flex: 0 0 auto; width: 0.9em; height: 0.9em; border-radius: 2px; display: inline-block; }
-.legend-key svg { vertical-align: middle; }
+.legend-key svg { display: inline-block; vertical-align: middle; margin: 0 0.2em 0 0.6em; }
 .chart-empty { color: var(--body-text-color-subdued); padding: 1em 0; }
 """
 # Seconds between refreshes of the runs table / banner (issue 4: "about every 2 s, small payloads").

@@ -69,7 +69,7 @@ def duration_s(record: Mapping[str, Any], now: float | None = None) -> float | N
 def differing_settings(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """Config keys whose values differ between the runs (in TrainConfig's field order, then any others); "model"
     is always shown apart."""
-    keys: list[str] = [f.name for f in fields(TrainConfig)]
+    keys: list[str] = [f.name for f in fields(TrainConfig) if f.name not in NOT_SETTINGS and f.name != "model"]
     for r in records:
         for key in r.get("config") or {}:
             if key not in keys and key not in NOT_SETTINGS and key != "model":

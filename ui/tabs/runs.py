@@ -136,7 +136,7 @@ def build(lab) -> RunsUI:
         sweep = gr.HTML(elem_id="sweep")
     with gr.Row(elem_classes="toolbar"):
         export_btn = gr.Button("Export runs as CSV", elem_id="export-btn", scale=0, min_width=200)
-        export_file = gr.File(label="Runs (CSV)", interactive=False, elem_id="runs-csv", height=80)
+        export_file = gr.File(label="Runs (CSV)", interactive=False, elem_id="runs-csv", height=80, visible=False)
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
                   abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, gr.State({}), gr.State([]),
                   tag, dataset, model, status, page, page_info, gr.State({}), tags_box, note_box, annotate_btn,
@@ -471,7 +471,7 @@ _EXPORTS: tempfile.TemporaryDirectory | None = None
 _EXPORTS_LOCK = threading.Lock()
 
 
-def export_csv(lab, tag: str | None, dataset: str | None, model: str | None, status: str | None) -> str:
+def export_csv(lab, tag: str | None, dataset: str | None, model: str | None, status: str | None):
     """The listed (filtered) runs with their metrics as a CSV file, for the download box."""
     global _EXPORTS
     records, _ = lab.snapshot()
@@ -483,7 +483,7 @@ def export_csv(lab, tag: str | None, dataset: str | None, model: str | None, sta
         if _EXPORTS is None:
             _EXPORTS = tempfile.TemporaryDirectory(prefix="resnet-lab-runs-")
         folder = Path(tempfile.mkdtemp(dir=_EXPORTS.name))
-    return str(compare.write_runs_csv(rows, folder / "runs.csv"))
+    return gr.File(value=str(compare.write_runs_csv(rows, folder / "runs.csv")), visible=True)
 
 
 def select_update(choices: list | None, selected: list[str] | None):
