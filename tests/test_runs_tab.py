@@ -176,3 +176,36 @@ def test_a_run_whose_first_epoch_comes_late_is_drawn_and_named_in_both_charts(pa
             assert html.count(f'data-series="{rid} · ') == 2, f"{rid}: not both splits in {chart}"
     quiet = run_tick()  # nothing changed: charts and table are not sent again
     assert all(value is _NOT_SENT for value in quiet.values()), quiet
+
+
+def test_tags_from_the_page_are_checked_saved_and_filter_the_list_and_the_csv(page, tmp_path):
+    import csv
+
+    from gradio.exceptions import Error
+
+    lab, demo, session = page
+    done, running = _finished_and_running(lab, tmp_path / "data" / "shapes")
+    _open_runs_tab(demo, session)
+    save = _event(demo, "annotate-btn", "click")
+    with pytest.raises(Error, match="tag '<b>' is not allowed"):
+        _run(demo, session, save, [[done], "keep <b>", ""])
+    out = _run(demo, session, save, [[done], "keep, best", "=1+1 is a note"])
+    assert out[_block(demo, "runs-message")._id] == "Saved tags and note of 1 run."
+    assert lab.store.annotations(done).tags == ("keep", "best")
+
+    refresh = _event(demo, "tab-runs", "select", name="refresh_now")
+    _run(demo, session, refresh, [[], "both", "", "", "", "", 1, False, None])
+    follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "filters_update")
+    filters = session[follow.inputs[0]._id]  # a State: Gradio keeps its value in the session
+    assert filters["tag"] == ["best", "keep"]
+    _run(demo, session, follow, [filters, "", "", ""])  # the tag filter now offers them
+    table = _run(demo, session, refresh, [[], "both", "best", "", "", "", 1, False, None])[_block(demo, "runs-table")._id]
+    assert [row[0] for row in table["data"]] == [done] and table["data"][0][-1] == "keep best"
+
+    export = _event(demo, "export-btn", "click")
+    out = _run(demo, session, export, ["", "", "", ""])
+    path = out[_block(demo, "runs-csv")._id]["value"]["path"]
+    rows = {r["run_id"]: r for r in csv.DictReader(open(path))}
+    assert set(rows) == {done, running}
+    assert rows[done]["tags"] == "keep best" and rows[done]["note"] == "'=1+1 is a note"
+    assert rows[done]["best_val_acc"] == "0.5" and rows[running]["status"] == "running"
