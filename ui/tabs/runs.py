@@ -117,7 +117,8 @@ def build(lab) -> RunsUI:
         with gr.Row(elem_classes="toolbar"):
             tags_box = gr.Textbox(label="Tags", elem_id="run-tags", scale=2, max_length=420,
                                   info="Comma or space separated; letters, digits, _ . + - (at most 12).")
-            note_box = gr.Textbox(label="Note", elem_id="run-note", scale=3, lines=1, max_length=1000)
+            note_box = gr.Textbox(label="Note", elem_id="run-note", scale=3, lines=1, max_length=1000,
+                                  info="Tags and note are saved to every selected run (in its folder).")
             annotate_btn = gr.Button("Save tags and note", elem_id="annotate-btn", scale=0, min_width=170)
         with gr.Row(elem_classes="toolbar"):
             baseline_btn = gr.Button("Pin first selected run as baseline", elem_id="baseline-btn", scale=0,
