@@ -98,7 +98,7 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     """A run cancelled before it started showed "Waiting for the first epoch to finish…", which never happens."""
     from types import SimpleNamespace
 
-    from ui.tabs import runs
+    from ui import runs_data
 
     cancelled = {**_record("cancelled"), "started": None, "error": "cancelled before it started"}
     stopped = {**_record("cancelled"), "run_id": "20240101-120000-resnet18-def456",
@@ -116,7 +116,7 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     lab = SimpleNamespace(store=SimpleNamespace(root=tmp_path))  # no metrics.jsonl anywhere: no epochs
 
     def curves(records, selected):
-        return runs.curves(lab, runs.look(lab, records, "", "", "", ""), selected)
+        return runs_data.curves(lab, runs_data.look(lab, records, "", "", "", ""), selected)
 
     note, loss, _ = curves([cancelled], [cancelled["run_id"]])
     assert "No epoch finished yet" in loss and "cancelled before it started" in note and "Waiting" not in note
