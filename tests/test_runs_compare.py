@@ -150,3 +150,22 @@ def test_filter_by_tag_dataset_model_status():
     assert compare.matches(record, (), tag="", dataset="", model="", status="")
     for criterion in ({"tag": "other"}, {"dataset": "flowers"}, {"model": "resnet18"}, {"status": "running"}):
         assert not compare.matches(record, ("grid",), **criterion), criterion
+
+
+def test_sweep_view_one_mark_per_run_coloured_by_model_on_log_axes(tmp_path):
+    from types import SimpleNamespace
+
+    from ui import runs_data
+
+    runs = [_record(f"r-{lr}-{bs}-{m}", 0.3 + lr * 10, lr=lr, batch_size=bs, model=m)
+            for lr in (1e-3, 3e-3, 1e-2) for bs in (8, 16) for m in ("tiny_resnet", "resnet18")]
+    lab = SimpleNamespace(store=SimpleNamespace(root=tmp_path))
+    html = runs_data.sweep_html(runs_data.look(lab, runs, "", "", "", ""), [])
+    lr_svg, bs_svg = html.split("</svg>")[:2]
+    assert lr_svg.count('class="mark"') == bs_svg.count('class="mark"') == 12
+    ticks = [t.split(">")[-1] for t in lr_svg.split("</text>") if 'class="tick"' in t]
+    assert {"1e-3", "3e-3", "1e-2"} <= set(ticks)
+    assert {"8", "16"} <= {t.split(">")[-1] for t in bs_svg.split("</text>") if 'class="tick"' in t}
+    fills = {t.split('fill="')[1][:7] for t in lr_svg.split('<g class="mark"')[1:]}
+    assert len(fills) == 2  # one colour per model, never shared (their names may hash alike)
+    assert "tiny_resnet" in html and "resnet18" in html  # the legend names the models

@@ -30,9 +30,9 @@ def _hash(text: str) -> int:
 
 
 def run_colours(run_ids: Iterable[str]) -> dict[str, str]:
-    """A colour per run derived from its id, the same in every chart and refresh. Two runs drawn together whose
-    ids hash to one colour: the one with the larger id takes the next free one (runs taken in id order, so the
-    same set of runs always gets the same colours)."""
+    """A colour per run (or per model, in the sweep) derived from its id, the same in every chart and refresh.
+    Two drawn together whose ids hash to one colour: the one with the larger id takes the next free one (taken
+    in id order, so the same set always gets the same colours)."""
     taken: set[str] = set()
     out: dict[str, str] = {}
     for run_id in sorted(set(run_ids)):
@@ -44,11 +44,6 @@ def run_colours(run_ids: Iterable[str]) -> dict[str, str]:
         taken.add(colour)
         out[run_id] = colour
     return out
-
-
-def key_colour(name: str) -> str:
-    """A stable colour for a category (a model name in the sweep view)."""
-    return PALETTE[_hash(name) % len(PALETTE)]
 
 
 # --- axes -----------------------------------------------------------------------------------------------------
@@ -254,8 +249,10 @@ def _log_ticks(lo: float, hi: float, base: float) -> list[tuple[float, str]]:
     return sorted(ticks)
 
 
-def scatter_chart(marks: Sequence[Mark], *, x_title: str, y_title: str, log_base: float) -> str:
-    """Marks at (x, y) on a log x axis (base 10 for learning rates, 2 for batch sizes); y from 0 to 1."""
+def scatter_chart(marks: Sequence[Mark], *, x_title: str, y_title: str, log_base: float,
+                  colours: dict[str, str]) -> str:
+    """Marks at (x, y) on a log x axis (base 10 for learning rates, 2 for batch sizes), y from 0 to 1, coloured by
+    their group (`colours`: group → colour)."""
     marks = [m for m in marks if m.x and m.x > 0 and math.isfinite(m.y)]
     if not marks:
         return ""
@@ -265,7 +262,7 @@ def scatter_chart(marks: Sequence[Mark], *, x_title: str, y_title: str, log_base
     frame = Frame(lo, hi, 0.0, 1.0, left=_left_margin(tick_label(t, 0.2) for t in y_ticks), log_x=True)
     body = _axes(frame, [t for t in _log_ticks(lo, hi, log_base) if lo <= t[0] <= hi], y_ticks, x_title, y_title)
     for m in marks:
-        colour = key_colour(m.group)
+        colour = colours.get(m.group, PALETTE[0])
         body.append(f'<g class="mark" data-run="{_esc(m.run_id)}" data-group="{_esc(m.group)}">'
                     f'<circle cx="{frame.sx(m.x):.1f}" cy="{frame.sy(m.y):.1f}" r="5" fill="{colour}" '
                     f'fill-opacity="0.8" stroke="white"><title>{_esc(m.label)}: {m.y:.1%}</title></circle></g>')

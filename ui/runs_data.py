@@ -196,9 +196,12 @@ def sweep_html(v: View, selected: list[str]) -> str:
             marks_bs.append(charts.Mark(r["run_id"], label, float(config["batch_size"]), acc, model))
     if not marks_lr and not marks_bs:
         return '<div class="chart-empty">No run has a validation score yet.</div>'
-    legend = charts.legend_html([(m, charts.key_colour(m), m) for m in models], "colour: model")
-    lr = charts.scatter_chart(marks_lr, x_title="learning rate (log)", y_title="best val accuracy", log_base=10)
-    bs = charts.scatter_chart(marks_bs, x_title="batch size (log)", y_title="best val accuracy", log_base=2)
+    colours = charts.run_colours(models)
+    legend = charts.legend_html([(m, colours[m], m) for m in models], "colour: model")
+    lr = charts.scatter_chart(marks_lr, x_title="learning rate (log)", y_title="best val accuracy", log_base=10,
+                              colours=colours)
+    bs = charts.scatter_chart(marks_bs, x_title="batch size (log)", y_title="best val accuracy", log_base=2,
+                              colours=colours)
     return (f'<div class="chart-block sweep"><div class="chart-main">{lr}</div><div class="chart-main">{bs}</div>'
             f'{legend}</div>')
 
