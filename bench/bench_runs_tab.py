@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     parser.set_defaults(data_dir=Path(__file__).resolve().parent)  # no images are read: the runs are made up
     args = common.parse(parser, argv, __file__)
     if args.quick:
-        args.runs, args.epochs, args.repeats = 30, 3, 2
+        args.runs, args.epochs, args.repeats = 14, 2, 1
 
     from gradio.state_holder import SessionState
 
