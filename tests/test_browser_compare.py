@@ -58,9 +58,17 @@ def test_six_grid_runs_compared_tagged_and_the_best_answers(session_page, tmp_pa
             # the best run first: tag it (it survives a reload below), then add the other five
             _select(page, best)
             page.click("#annotate button, #annotate .label-wrap")
-            page.fill("#run-tags textarea, #run-tags input", "grid-best")
-            page.click("#annotate-btn")
-            b.wait_text(page, "#runs-message", "Saved tags and note of 1 run")
+            # selecting a run fills the tag box with its tags a moment later: wait for that before typing
+            page.wait_for_timeout(1500)
+            saved = stack.models / best / "annotations.json"
+
+            def tag_saved() -> bool:
+                page.fill("#run-tags textarea, #run-tags input", "grid-best")
+                page.click("#annotate-btn")
+                b.wait_text(page, "#runs-message", "Saved tags and note of 1 run")
+                return saved.is_file() and "grid-best" in saved.read_text()
+
+            b.wait_until(tag_saved, 30, "the tag saved in the run folder", page=page)
             for rid in six:
                 if rid != best:
                     _select(page, rid)

@@ -456,11 +456,12 @@ def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: g
     # .input, not .change: the timer itself rewrites the selector, which must not trigger another refresh
     gr.on([tab.select, ui.split.input, ui.tag.input, ui.dataset.input, ui.model.input, ui.status.input,
            ui.page.input], trigger_mode="always_last", **refresh)
-    ui.select.input(**refresh).then(**fields)
+    # the tag and note boxes first (a quick read), so they are filled before the user starts typing there
+    ui.select.input(**fields).then(**refresh)
     ui.sweep_box.expand(lambda: True, None, ui.sweep_open, api_visibility="private", queue=False).then(**refresh)
     ui.sweep_box.collapse(lambda: False, None, ui.sweep_open, api_visibility="private", queue=False)
     ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private",
-                    show_progress="hidden").then(**refresh).then(**fields)
+                    show_progress="hidden").then(**fields).then(**refresh)
     ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(**refresh)
     ui.delete_btn.click(partial(ask_delete, ui), ui.select, {ui.confirm_row, ui.confirm_text},
                         api_visibility="private")
