@@ -306,3 +306,31 @@ def toasts(page, kind: str = "error") -> list[str]:
     """Texts of Gradio's toast messages of `kind` (error, warning, info) now on the page."""
     return [t.strip() for t in page.locator(f"[data-testid=toast-body].{kind} [data-testid=toast-text]")
             .all_inner_texts()]
+
+
+# --- the Runs tab's own SVG charts (ui/charts.py) -------------------------------------------------------------
+
+def chart_series(page, selector: str) -> list[dict]:
+    """Every drawn series of an SVG chart of ui/charts.py: its full name, its line's colour and dash, and how many
+    point markers it shows."""
+    return page.evaluate(
+        """sel => Array.from(document.querySelectorAll(`${sel} svg.chart-svg g.series`)).map(g => {
+               const line = g.querySelector('polyline');
+               return {name: g.getAttribute('data-series'), stroke: line && getComputedStyle(line).stroke,
+                       dashed: !!(line && line.getAttribute('stroke-dasharray')),
+                       points: g.querySelectorAll('.point').length}; })""", selector)
+
+
+def chart_legend(page, selector: str) -> list[dict]:
+    """The chart's legend entries as shown: text, and whether any is cut (wider than its box, or hidden)."""
+    return page.evaluate(
+        """sel => Array.from(document.querySelectorAll(`${sel} .chart-legend li .legend-name`)).map(el => ({
+               text: el.innerText.trim(), cut: el.scrollWidth > el.clientWidth + 1 || el.offsetParent === null}))""",
+        selector)
+
+
+def chart_axis_labels(page, selector: str, axis: str = "x") -> list[str]:
+    """Tick labels of an SVG chart's x or y axis."""
+    return page.evaluate(
+        """([sel, axis]) => Array.from(document.querySelectorAll(`${sel} svg.chart-svg g.axis-${axis} text.tick`))
+               .map(t => t.textContent)""", [selector, axis])

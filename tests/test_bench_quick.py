@@ -111,3 +111,10 @@ def test_memory(tmp_path, images):
     result = run_quick("bench_memory", tmp_path, "--data-dir", str(images))
     assert len(result["worker"]) == 3 and all(w["rss_mb"] > 0 for w in result["worker"])
     assert result["page"]["rss_end_mb"] > 0
+
+
+def test_runs_tab(tmp_path):
+    result = run_quick("bench_runs_tab", tmp_path)
+    events = {row["event"]: row for row in result["rows"]}
+    assert set(events) == {"open", "open 12 selected", "tick idle", "tick live"}
+    assert events["tick idle"]["median bytes"] < events["tick live"]["median bytes"] < events["open"]["median bytes"]

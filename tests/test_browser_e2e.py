@@ -192,20 +192,17 @@ def test_a_user_clicks_through_the_page(app, page, tmp_path):
             _toggle_row(page, rid, selected=True)
         b.wait_text(page, "#curves-note", "Curves of the 2 selected runs")
         # lines of both runs (train and val each by default) in each chart, coloured and named in the legend
-        # (Gradio 6.31 draws series that appear after a plot's first render uncoloured and leaves them out of its
-        # legend unless the page works around it: ui/tabs/runs.py)
-        suffixes = [rid.rsplit("-", 1)[1] for rid in two]
         for plot in ("#curves-loss", "#curves-acc"):
             def visible(plot=plot):
-                lines, legend = b.vega_series(page, plot), b.vega_legend(page, plot)
-                return all(any(s in line["name"] and line["stroke"] not in (None, "", "none") for line in lines)
-                           and any(s in label for label in legend) for s in suffixes)
+                lines, legend = b.chart_series(page, plot), b.chart_legend(page, plot)
+                return all(sum(rid in line["name"] and line["stroke"] not in (None, "", "none") for line in lines)
+                           == 2 and any(rid in entry["text"] and not entry["cut"] for entry in legend) for rid in two)
 
-            b.wait_until(visible, 20, f"coloured curves of both runs, named in the legend, in {plot}", page=page,
-                         describe=lambda plot=plot: f"lines {b.vega_series(page, plot)}, "
-                                                    f"legend {b.vega_legend(page, plot)}")
+            b.wait_until(visible, 20, f"coloured curves of both runs, named in full in the legend, in {plot}",
+                         page=page, describe=lambda plot=plot: f"lines {b.chart_series(page, plot)}, "
+                                                               f"legend {b.chart_legend(page, plot)}")
             # whole epochs only, each once (a numeric axis over 1..2 showed "1, 2, 2")
-            assert b.vega_axis_labels(page, plot, "X") == ["1", "2"], b.vega_axis_labels(page, plot, "X")
+            assert b.chart_axis_labels(page, plot, "x") == ["1", "2"], b.chart_axis_labels(page, plot, "x")
         assert b.md_text(page, "#run-detail").count("best val accuracy") == 2, b.md_text(page, "#run-detail")
         shots.take("runs-done")
 

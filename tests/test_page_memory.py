@@ -61,9 +61,9 @@ class BrowserSession:
         return config.get("props", {}).get("value", getattr(block, "value", None))
 
     def choices(self, dropdown) -> list[str]:
-        """The values a dropdown offers in this session (its "latest" entry aside)."""
+        """The values a dropdown offers in this session (its "latest" and "best" entries aside)."""
         props = (self.state.config_values.get(dropdown._id) or {}).get("props", {})
-        return [value for _, value in props.get("choices", []) if value != "latest"]
+        return [value for _, value in props.get("choices", []) if value not in ("latest", "best")]
 
     def listeners(self, block_id: int, event: str) -> list:
         return [fn for fn in self.demo.fns.values() if (block_id, event) in [tuple(t) for t in fn.targets]]

@@ -70,7 +70,7 @@ def _open_runs_tab(demo, session) -> dict:
     """Selecting the Runs tab refreshes it; the choices go to a State, and its change gives the selector the run
     ids it may hold (as the browser runs it)."""
     fn = _event(demo, "tab-runs", "select", name="refresh_now")
-    out = _run(demo, session, fn, [[], "both", None])
+    out = _run(demo, session, fn, [[], "both", "", "", "", "", 1, False, None])
     follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "select_update")
     [choices] = [value for block_id, value in out.items() if block_id == follow.inputs[0]._id]
     out.update(_run(demo, session, follow, [choices, []]))
@@ -129,3 +129,83 @@ def test_clone_fills_the_train_form_with_the_runs_settings(page, tmp_path):
     _run(demo, session, queue, inputs)
     (new_id,) = [rid for rid in lab.store.ids() if rid != run_id]
     assert lab.store.config(new_id).to_dict() == original.to_dict()
+
+
+def _timer_tick(demo):
+    return next(f for f in demo.fns.values() if getattr(getattr(f.fn, "func", None), "__name__", None) == "tick")
+
+
+def test_a_run_whose_first_epoch_comes_late_is_drawn_and_named_in_both_charts(page, tmp_path):
+    """The bug behind issue 18: with three runs selected, the one whose first epoch finished after the others' was
+    left out of the Accuracy chart and its legend (Gradio's plot rebuilt its legend only when the caption — made
+    of the *selected* runs — changed, and it did not). Each chart now carries its own legend: every run with a
+    point is drawn and named in full, whatever came first. A tick that changes nothing sends nothing heavy."""
+    import json
+
+    lab, demo, session = page
+    runs = [lab.store.create(TrainConfig(data_dir=str(tmp_path / "data" / "shapes"), weights="none", lr=lr))
+            for lr in (1e-3, 3e-3, 1e-2)]
+    for rid in runs:
+        lab.store.set_status(rid, "running")
+
+    def epoch(rid, n):
+        with open(lab.store.path(rid) / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"epoch": n, "train_loss": 1.0, "val_loss": 1.1, "train_acc": 0.5,
+                                 "val_acc": 0.4}) + "\n")
+
+    epoch(runs[0], 1)
+    epoch(runs[1], 1)
+    _open_runs_tab(demo, session)  # the selector learns the runs
+    tick = _timer_tick(demo)
+    session[tick.inputs[8]._id] = "runs"  # the active tab (a State: Gradio reads it from the session)
+    ids = {name: _block(demo, name)._id for name in ("curves-loss", "curves-acc", "runs-table")}
+
+    def run_tick():  # the tab's State comes from the session (Gradio keeps it between events)
+        out = _run(demo, session, tick, [runs, "both", "", "", "", "", 1, False, "runs", None])
+        return {name: _sent_value(out[i]) for name, i in ids.items()}
+
+    first = run_tick()
+    assert runs[2] not in first["curves-acc"] and runs[0] in first["curves-acc"]
+    epoch(runs[2], 1)  # the third run's first epoch, after the charts were drawn
+    second = run_tick()
+    for chart in ("curves-loss", "curves-acc"):
+        html = second[chart]
+        legend = html[html.index('class="chart-legend"'):]
+        for rid in runs:
+            assert f'data-run="{rid}"' in legend, f"{rid} missing from the {chart} legend"
+            assert html.count(f'data-series="{rid} · ') == 2, f"{rid}: not both splits in {chart}"
+    quiet = run_tick()  # nothing changed: charts and table are not sent again
+    assert all(value is _NOT_SENT for value in quiet.values()), quiet
+
+
+def test_tags_from_the_page_are_checked_saved_and_filter_the_list_and_the_csv(page, tmp_path):
+    import csv
+
+    from gradio.exceptions import Error
+
+    lab, demo, session = page
+    done, running = _finished_and_running(lab, tmp_path / "data" / "shapes")
+    _open_runs_tab(demo, session)
+    save = _event(demo, "annotate-btn", "click")
+    with pytest.raises(Error, match="tag '<b>' is not allowed"):
+        _run(demo, session, save, [[done], "keep <b>", ""])
+    out = _run(demo, session, save, [[done], "keep, best", "=1+1 is a note"])
+    assert out[_block(demo, "runs-message")._id] == "Saved tags and note of 1 run."
+    assert lab.store.annotations(done).tags == ("keep", "best")
+
+    refresh = _event(demo, "tab-runs", "select", name="refresh_now")
+    _run(demo, session, refresh, [[], "both", "", "", "", "", 1, False, None])
+    follow = next(f for f in demo.fns.values() if getattr(f.fn, "__name__", None) == "filters_update")
+    filters = session[follow.inputs[0]._id]  # a State: Gradio keeps its value in the session
+    assert filters["tag"] == ["best", "keep"]
+    _run(demo, session, follow, [filters, "", "", ""])  # the tag filter now offers them
+    table = _run(demo, session, refresh, [[], "both", "best", "", "", "", 1, False, None])[_block(demo, "runs-table")._id]
+    assert [row[0] for row in table["data"]] == [done] and table["data"][0][-1] == "keep best"
+
+    export = _event(demo, "export-btn", "click")
+    out = _run(demo, session, export, ["", "", "", ""])
+    path = out[_block(demo, "runs-csv")._id]["value"]["path"]
+    rows = {r["run_id"]: r for r in csv.DictReader(open(path))}
+    assert set(rows) == {done, running}
+    assert rows[done]["tags"] == "keep best" and rows[done]["note"] == "'=1+1 is a note"
+    assert rows[done]["best_val_acc"] == "0.5" and rows[running]["status"] == "running"

@@ -98,7 +98,7 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     """A run cancelled before it started showed "Waiting for the first epoch to finish…", which never happens."""
     from types import SimpleNamespace
 
-    from ui.tabs import runs
+    from ui import runs_data
 
     cancelled = {**_record("cancelled"), "started": None, "error": "cancelled before it started"}
     stopped = {**_record("cancelled"), "run_id": "20240101-120000-resnet18-def456",
@@ -114,56 +114,38 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     assert runs_view.no_curves_reason(_record("queued")) is None
 
     lab = SimpleNamespace(store=SimpleNamespace(root=tmp_path))  # no metrics.jsonl anywhere: no epochs
-    note, loss, _, _ = runs.curves(lab, [cancelled], [cancelled["run_id"]])
-    assert loss.empty and "cancelled before it started" in note and "Waiting" not in note
-    note, *_ = runs.curves(lab, [failed, _record("running")], [failed["run_id"], _record()["run_id"]])
+
+    def curves(records, selected):
+        return runs_data.curves(lab, runs_data.look(lab, records, "", "", "", ""), selected)
+
+    note, loss, _ = curves([cancelled], [cancelled["run_id"]])
+    assert "No epoch finished yet" in loss and "cancelled before it started" in note and "Waiting" not in note
+    note, *_ = curves([failed, _record("running")], [failed["run_id"], _record()["run_id"]])
     assert note.startswith("Waiting for the first epoch") and "CUDA out of memory" in note
     trained = {**_record("succeeded"), "run_id": "20240101-120000-resnet18-aaa111",
                "progress": {"history": [{"epoch": 1, "val_loss": 1.0, "val_acc": 0.5}]}}
-    note, loss, _, _ = runs.curves(lab, [trained, cancelled], [trained["run_id"], cancelled["run_id"]])
+    note, loss, _ = curves([trained, cancelled], [trained["run_id"], cancelled["run_id"]])
     assert note.startswith("Curves of the 2 selected runs.") and "cancelled before it started" in note
-    assert len(loss) == 1
+    assert loss.count('class="series"') == 1 and loss.count("<li ") == 1  # the run with an epoch, named
 
 
 def test_run_label_is_short_and_distinct():
     a = runs_view.run_label(_record())
     assert a == "abc123 resnet18 lr 1e-3 bs 32"
-    assert runs_view.curve_label(_record()) == "abc123 lr 1e-3"
-    other = _record()
-    other["config"]["model"] = "resnet50"
-    assert runs_view.curve_label(other) == "abc123 r50 lr 1e-3"
+    assert runs_view.full_label(_record()).endswith("abc123 · resnet18 lr 1e-3 bs 32")
 
 
-def test_curves_frame_long_form():
-    histories = {"A": [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4, "val_acc": 0.5},
-                       {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")}],
-                 "B": [{"epoch": 1, "val_loss": 2.0, "val_acc": 0.3}]}
-    loss, acc = runs_view.curves_frame(histories, "val")
-    assert list(loss.columns) == ["epoch", "value", "run"]
-    assert loss.to_dict("records") == [{"epoch": 1, "value": 1.2, "run": "A"}, {"epoch": 1, "value": 2.0, "run": "B"}]
-    assert len(acc) == 2
-    train_loss, train_acc = runs_view.curves_frame(histories, "train")
-    assert list(train_loss["value"]) == [1.0, 0.8] and list(train_acc["value"]) == [0.4]
-    both_loss, _ = runs_view.curves_frame(histories)
-    assert set(both_loss["run"]) == {"A · train", "A · val", "B · val"} and len(both_loss) == 4
-    empty_loss, _ = runs_view.curves_frame({})
-    assert empty_loss.empty and list(empty_loss.columns) == ["epoch", "value", "run"]
-
-
-def test_epochs_are_categories_until_the_numeric_axis_steps_by_whole_epochs():
-    """Epochs 1..2 on a numeric axis got ticks "1, 2, 2" (1.5 shown as an integer): short runs plot categories."""
-    history = [{"epoch": e, "val_loss": 1.0 / e, "val_acc": 0.4 + e / 100} for e in (1, 2, 10)]
-    loss, acc = runs_view.epochs_as_categories(*runs_view.curves_frame({"A": history}, "val"))
-    assert list(loss["epoch"]) == list(acc["epoch"]) == ["1", "2", "10"]
-    assert list(loss["value"]) == [1.0, 0.5, 0.1]
-    # the plots sort by EPOCH_ORDER: "10" after "9"
-    assert runs_view.EPOCH_ORDER[:3] == ["1", "2", "3"]
-    assert runs_view.EPOCH_ORDER[-1] == str(runs_view.CATEGORICAL_EPOCHS)
-    long = [{"epoch": e, "val_loss": 1.0} for e in range(1, runs_view.CATEGORICAL_EPOCHS + 2)]
-    loss, _ = runs_view.epochs_as_categories(*runs_view.curves_frame({"A": long, "B": history}, "val"))
-    assert loss["epoch"].tolist()[:3] == [1, 2, 3]  # numbers: that axis steps by whole epochs by itself
-    empty = runs_view.curves_frame({})
-    assert all(f.empty for f in runs_view.epochs_as_categories(*empty))
+def test_curve_series_per_split_and_epoch():
+    record = _record()
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.2, "train_acc": 0.4, "val_acc": 0.5},
+               {"epoch": 2, "train_loss": 0.8, "val_loss": float("nan")},
+               {"epoch": 2, "train_loss": 0.7}]  # an epoch logged twice (a resumed run): its last value
+    loss, acc, legend = runs_view.curve_series([(record, history)], "val")
+    assert [(s.name.rsplit(" · ", 1)[1], s.points, s.dashed) for s in loss] == [("val", [(1.0, 1.2)], False)]
+    loss, acc, legend = runs_view.curve_series([(record, history)])
+    assert [(s.points, s.dashed) for s in loss] == [([(1.0, 1.0), (2.0, 0.7)], True), ([(1.0, 1.2)], False)]
+    assert legend == [(record["run_id"], loss[0].colour, runs_view.full_label(record))]
+    assert runs_view.curve_series([(record, [])]) == ([], [], [])
 
 
 def test_robust_upper_ignores_ordinary_curves_and_clips_spikes():
@@ -182,7 +164,6 @@ def test_detail_and_banner_texts_escape_what_users_and_workers_wrote():
     assert "best val accuracy 50.0% at epoch 2, took 5m 00s" in second
     assert runs_view.banner_text(None) == ""
     assert "cannot reach <redis>" not in runs_view.banner_text("cannot reach <redis>.")
-    assert runs_view.curves_caption("val", ("abc123 lr 1e-3", "def456 lr 3e-4")) == "validation: abc123, def456"
 
 
 # --- train view (ui/train_view.py) ---------------------------------------------------------------------------------

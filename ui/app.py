@@ -43,7 +43,7 @@ table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--
 #predict-image img, #act-image img { width: 100%; height: 100%; object-fit: contain; }
 /* native plots: the chart fills the block's fixed height, so a caption would be clipped half-way; captions are
    set only to make Gradio rebuild the legend (ui/tabs/__init__.py), the titles and notes say the same */
-#curves-loss .caption, #curves-acc .caption, #roc .caption, #pr .caption, #calibration .caption, #tsne .caption,
+#roc .caption, #pr .caption, #calibration .caption, #tsne .caption,
 #class-counts .caption { display: none; }
 /* the Results galleries grow with their figure; Gradio marks a labelled grid pt-6 for room under the floating
    label but ships no rule for it, so a tall figure's top row sat under the label */
@@ -54,6 +54,20 @@ table.confusion th.corner { font-weight: normal; font-size: 0.8em; color: var(--
 .toolbar { align-items: flex-end !important; }
 .toolbar button { max-height: 3.2em; }
 footer { display: none !important; }
+/* the Runs tab's own charts (ui/charts.py): the chart keeps a readable size, its legend sits beside it and wraps,
+   never cut; on a narrow page the legend goes under the chart */
+.chart-block { display: flex; flex-wrap: wrap; gap: 0.6em 1.2em; align-items: flex-start; }
+.chart-main { flex: 1 1 460px; max-width: 720px; min-width: 300px; }
+.chart-title { font-weight: 600; margin-bottom: 0.2em; }
+.chart-svg { width: 100%; height: auto; font-size: 12px; font-family: var(--font); }
+.chart-svg .grid { stroke: #e3e6ea; } .chart-svg .domain { stroke: #888; }
+.chart-svg .tick { fill: var(--body-text-color-subdued); } .chart-svg .title { fill: var(--body-text-color); }
+.chart-legend { flex: 1 1 260px; font-size: 0.85em; overflow-wrap: anywhere; }
+.chart-legend ul { list-style: none; padding: 0; margin: 0.3em 0 0 0; }
+.chart-legend li { display: flex; align-items: baseline; gap: 0.45em; margin: 0.15em 0; }
+.chart-legend .swatch { flex: 0 0 auto; width: 0.9em; height: 0.9em; border-radius: 2px; display: inline-block; }
+.legend-key svg { display: inline-block; vertical-align: middle; margin: 0 0.2em 0 0.6em; }
+.chart-empty { color: var(--body-text-color-subdued); padding: 1em 0; }
 """
 # Seconds between refreshes of the runs table / banner (issue 4: "about every 2 s, small payloads").
 POLL_SECONDS = 2.0

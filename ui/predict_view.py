@@ -3,6 +3,7 @@ answering."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .formatting import fmt_ago, fmt_pct, md_escape
@@ -27,11 +28,11 @@ def table_rows(results: Iterable[Mapping[str, Any]]) -> list[list]:
     return rows
 
 
-def answered_by(record: Mapping[str, Any], run_id: str, latest: bool) -> str:
-    """Under an answer: which run gave it, and whether it was picked or is the latest."""
+def answered_by(record: Mapping[str, Any], run_id: str, latest: bool, why: str | None = None) -> str:
+    """Under an answer: which run gave it, and why it was chosen (the latest, the best, or picked)."""
     acc, _ = best_val_acc(record)
     when = fmt_ago(record.get("finished"))
-    source = "the latest finished run" if latest else "the run you picked"
+    source = why or ("the latest finished run" if latest else "the run you picked")
     return (f"Answered by **{md_escape(run_label(record))}** (`{run_id}`, val accuracy "
             f"{fmt_pct(acc)}, finished {when}) — {source}.")
 
@@ -41,3 +42,13 @@ def answering_with(record: Mapping[str, Any]) -> str:
     acc, _ = best_val_acc(record)
     return (f"Now answering with **{md_escape(run_label(record))}** (val accuracy {fmt_pct(acc)}, "
             f"finished {fmt_ago(record.get('finished'))}).")
+
+
+def best_reason(choice, run_id: str) -> str:
+    """Why "best finished run" is this run (`choice`: shared.runs.store.BestChoice or None)."""
+    if choice is None or choice.run_id != run_id:
+        return "the best finished run when the request came in"
+    dataset = md_escape(Path(str(choice.data_dir or "?")).name)
+    others = f"the {choice.pool} finished runs" if choice.pool != 1 else "the only finished run"
+    return (f"the best finished run: highest validation accuracy of {others} on **{dataset}** with the same "
+            "classes as the latest run")

@@ -11,7 +11,6 @@ import time
 from typing import Any, Mapping, Sequence
 
 from shared.runs.store import DAMAGED
-from shared.training.config import DEFAULT_MODEL
 
 from .formatting import DASH, first_line, fmt_ago, fmt_duration, fmt_lr, fmt_pct, md_escape
 
@@ -176,29 +175,11 @@ def run_label(record_or_config: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def curve_label(record: Mapping[str, Any]) -> str:
-    """The legend name of a run's curves, short enough not to be cut: '1a2b3c lr 1e-3' (+ 'r50', 'rx50_32x4d',
-    'wr50_2' when not the default model). The id suffix ties it to the run's full label in the selector and the
-    details."""
-    config = record.get("config") or {}
-    suffix = (record.get("run_id") or "").rsplit("-", 1)[-1]
-    model = config.get("model")
-    short = str(model).replace("wide_resnet", "wr").replace("resnext", "rx").replace("resnet", "r")
-    extra = f" {short}" if model and model != DEFAULT_MODEL else ""
-    return f"{suffix}{extra} lr {fmt_lr(config.get('lr'))}"
-
-
 def run_choice_label(record: Mapping[str, Any], now: float | None = None) -> str:
     """Dropdown label: model, lr, accuracy, when; the value stays the run id."""
     acc, _ = best_val_acc(record)
     when = fmt_ago(record.get("finished") or record.get("created"), now)
     return f"{run_label(record)} — val {fmt_pct(acc)} — {when}"
-
-
-def curves_caption(split: str, labels: tuple[str, ...]) -> str:
-    """The curves plots' caption: which split, and the id suffix of each plotted run."""
-    which = {"val": "validation", "train": "training"}.get(split, "training and validation")
-    return f"{which}: {', '.join(label.split(' ', 1)[0] for label in labels)}" if labels else ""
 
 
 def detail_text(records: list[dict], selected: list[str], now: float) -> str:
@@ -238,46 +219,44 @@ def banner_text(problem: str | None) -> str:
             "comes back by itself, no reload needed.")
 
 
-# --- data frames for plots ----------------------------------------------------------------------------------
+# --- curves (drawn by ui/charts.py) ---------------------------------------------------------------------------
 
-def curves_frame(histories: Mapping[str, Sequence[Mapping[str, Any]]], split: str = "both"):
-    """Long-form frames (loss, accuracy) for the curves plots, columns epoch, value, run: one line per run and
-    split; `split` "val" or "train" keeps one split (and the plain run label), "both" draws both."""
-    import pandas as pd
+def full_label(record: Mapping[str, Any]) -> str:
+    """A run named in full in the curves' legend and series: its whole id and its model, lr and batch size."""
+    config = record.get("config") or {}
+    return (f"{record.get('run_id', '?')} · {config.get('model', '?')} lr {fmt_lr(config.get('lr'))} "
+            f"bs {config.get('batch_size', '?')}")
+
+
+def curve_series(runs: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], split: str = "both"):
+    """(loss series, accuracy series, legend entries) for (record, epoch history) pairs: per run and split one
+    `charts.Series` named '<full label> · val' / '· train' (training dashed), coloured by run id; the legend
+    lists every run that has a point, as (run id, colour, full label)."""
+    from .charts import Series, run_colours
 
     splits = ("train", "val") if split == "both" else (split,)
-    loss_rows, acc_rows = [], []
-    for label, records in histories.items():
-        for r in records:
-            epoch = r.get("epoch")
-            if epoch is None:
-                continue
-            for part in splits:
-                name = f"{label} · {part}" if split == "both" else label
-                for key, rows in ((f"{part}_loss", loss_rows), (f"{part}_acc", acc_rows)):
-                    value = r.get(key)
-                    if isinstance(value, (int, float)) and math.isfinite(value):
-                        rows.append({"epoch": int(epoch), "value": float(value), "run": name})
-    columns = ["epoch", "value", "run"]
-    return pd.DataFrame(loss_rows, columns=columns), pd.DataFrame(acc_rows, columns=columns)
+    colours = run_colours(r["run_id"] for r, _ in runs)
+    loss, acc, legend = [], [], []
+    for record, history in runs:
+        rid, label = record["run_id"], full_label(record)
+        drawn = False
+        for part in splits:
+            for key, out in ((f"{part}_loss", loss), (f"{part}_acc", acc)):
+                points = [(float(h["epoch"]), float(h[key])) for h in history
+                          if isinstance(h.get("epoch"), int) and isinstance(h.get(key), (int, float))
+                          and math.isfinite(h[key])]
+                if points:
+                    out.append(Series(f"{label} · {part}", rid, _last_per_epoch(points), dashed=part == "train",
+                                      colour=colours[rid], short=f"{rid.rsplit('-', 1)[-1]} {part}"))
+                    drawn = True
+        if drawn:
+            legend.append((rid, colours[rid], label))
+    return loss, acc, legend
 
 
-# Epoch axes. Vega puts about one tick per 40 px and Gradio's LinePlot cannot ask for whole-number steps, so a
-# numeric axis over epochs 1..2 gets ticks 1, 1.5, 2 — shown as "1, 2, 2" with the integer format. Up to this
-# many epochs the epochs are categories instead (exactly one tick each; the plots sort them by EPOCH_ORDER).
-# Beyond it the numeric axis steps by whole epochs by itself: Vega's step is >= 1 once (span / ticks) >= 0.71,
-# true for 20+ epochs on plots up to ~1100 px wide.
-CATEGORICAL_EPOCHS = 20
-EPOCH_ORDER = [str(e) for e in range(1, CATEGORICAL_EPOCHS + 1)]
-
-
-def epochs_as_categories(*frames):
-    """The curves frames with `epoch` as text ("1", "2", …) when no epoch exceeds CATEGORICAL_EPOCHS, else as
-    they are; a tuple either way."""
-    top = max((int(f["epoch"].max()) for f in frames if not f.empty), default=0)
-    if top > CATEGORICAL_EPOCHS:
-        return frames
-    return tuple(f.assign(epoch=f["epoch"].astype(int).astype(str)) for f in frames)
+def _last_per_epoch(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """One point per epoch (an epoch logged twice, by a resumed run, keeps its last value)."""
+    return sorted(dict(points).items())
 
 
 def robust_upper(values: Sequence[float], spike: float = 4.0) -> float | None:

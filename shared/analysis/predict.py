@@ -136,9 +136,14 @@ def write_predictions_csv(results: Iterable[dict], path: Path, top_k: int = 5) -
 
 
 def resolve_run(store: RunStore, run: str) -> str:
-    """'latest' → the newest succeeded run id; otherwise check the id exists and has a best checkpoint."""
-    if run == "latest":
-        run_id = store.latest_succeeded()
+    """'latest' → the newest succeeded run id; 'best' → the best one on the latest's dataset and classes
+    (`RunStore.best_succeeded`); otherwise check the id exists and has a best checkpoint."""
+    if run in ("latest", "best"):
+        if run == "best":
+            choice = store.best_succeeded()
+            run_id = choice.run_id if choice else None
+        else:
+            run_id = store.latest_succeeded()
         if run_id is None:
             raise NoModelError(f"no finished run with a model in {store.root}: train one first "
                                "(resnet-lab train --data-dir DIR, or the Train tab)")

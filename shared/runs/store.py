@@ -14,10 +14,13 @@ import secrets
 import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator
 
+from shared.runs.annotations import ANNOTATIONS_FILE, Annotations, check_note, parse_tags, read_annotations, \
+    write_annotations
 from shared.training.config import TrainConfig
 from shared.fsutil import TRASH_PREFIX, remove_stale_temps, remove_tree, write_json_atomic
 
@@ -30,7 +33,7 @@ DAMAGED = "damaged"
 # what `fit` adds to config.json next to the TrainConfig fields (not config, so not read back as config)
 FIT_RECORD_KEYS = ("env", "split_hash", "classes")
 
-__all__ = ["DAMAGED", "FINISHED", "STATUSES", "RunDamaged", "RunNotFound", "RunStore", "read_metrics",
+__all__ = ["DAMAGED", "FINISHED", "STATUSES", "BestChoice", "RunDamaged", "RunNotFound", "RunStore", "read_metrics",
            "read_run_file", "write_json_atomic"]
 
 
@@ -232,6 +235,67 @@ class RunStore:
                     best = key
         return best[1] if best else None
 
+    def best_succeeded(self) -> "BestChoice | None":
+        """What 'best finished run' means: among the succeeded runs with a best checkpoint trained on the same
+        dataset folder and the same class list as the latest one, the highest best validation accuracy (the newer
+        run on a tie). Runs on other data are not comparable (another validation set), so they never compete."""
+        latest = self.latest_succeeded()
+        if latest is None:
+            return None
+        def key_of(run_id: str) -> tuple:
+            config = self.display_config(run_id)
+            return config.get("data_dir"), tuple(config.get("classes") or ())
+        same = key_of(latest)
+        pool: list[tuple[float, float, str]] = []
+        for status in self.list():
+            run_id = status["run_id"]
+            if status.get("status") != "succeeded" or not (self.root / run_id / "best.pt").is_file():
+                continue
+            if key_of(run_id) != same:
+                continue
+            acc = (status.get("best") or {}).get("best_val_acc")
+            acc = float(acc) if isinstance(acc, (int, float)) else float("-inf")
+            pool.append((acc, status.get("finished") or 0.0, run_id))
+        acc, _, run_id = max(pool)
+        return BestChoice(run_id=run_id, val_acc=None if acc == float("-inf") else acc, pool=len(pool),
+                          data_dir=same[0], latest=latest)
+
+    # --- tags, note, baseline (shared/runs/annotations.py) ---
+
+    def annotations(self, run_id: str) -> Annotations:
+        return read_annotations(self.path(run_id))
+
+    def annotate(self, run_id: str, *, tags=None, note=None) -> Annotations:
+        """Set a run's tags and/or note (checked: AnnotationError names the problem); RunNotFound when gone."""
+        with self.locked(run_id):
+            current = self.annotations(run_id)
+            updated = Annotations(tags=current.tags if tags is None else parse_tags(tags),
+                                  note=current.note if note is None else check_note(note), baseline=current.baseline)
+            write_annotations(self.path(run_id), updated)
+        return updated
+
+    def baseline(self) -> str | None:
+        """The run pinned as the baseline (the newest one, should two folders say so after a copy)."""
+        for run_id in self.ids():
+            if (self.root / run_id / ANNOTATIONS_FILE).is_file() and self.annotations(run_id).baseline:
+                return run_id
+        return None
+
+    def set_baseline(self, run_id: str | None) -> None:
+        """Pin `run_id` as the one baseline (None: no baseline); the previous one is unpinned."""
+        if run_id is not None and not self.exists(run_id):
+            raise RunNotFound(f"run {run_id!r} not found in {self.root}")
+        for other in self.ids():
+            if other != run_id and (self.root / other / ANNOTATIONS_FILE).is_file():
+                with self.locked(other):
+                    current = self.annotations(other)
+                    if current.baseline:
+                        write_annotations(self.path(other), Annotations(current.tags, current.note, False))
+        if run_id is not None:
+            with self.locked(run_id):
+                current = self.annotations(run_id)
+                write_annotations(self.path(run_id), Annotations(current.tags, current.note, True))
+
     def delete(self, run_id: str) -> None:
         """Remove a run folder that is not running (a DAMAGED one too: deleting it is the advertised fix).
 
@@ -280,6 +344,16 @@ class RunStore:
 def _run_folders(run_dir: Path) -> list[Path]:
     """A run folder and its evaluation folders (eval/, eval-val/, eval-folder-<name>/)."""
     return [run_dir, *(d for d in run_dir.glob("eval*") if d.is_dir())]
+
+
+@dataclass(frozen=True)
+class BestChoice:
+    """`RunStore.best_succeeded`'s answer, with what the page says about why."""
+    run_id: str
+    val_acc: float | None
+    pool: int  # succeeded runs on the same dataset and classes that competed
+    data_dir: str | None
+    latest: str  # the latest succeeded run, whose dataset and classes define the pool
 
 
 _warned: set[str] = set()

@@ -36,6 +36,8 @@ HELP = ("Drop a photo (or paste one, or use the webcam) to see what the model th
         "Several photos at once go into a table you can download as CSV.")
 LATEST = "latest"
 LATEST_LABEL = "Latest finished run (switches automatically)"
+BEST = "best"
+BEST_LABEL = "Best finished run (highest validation accuracy on the latest run's dataset and classes)"
 
 
 @dataclass
@@ -58,7 +60,7 @@ class PredictUI:
 
 def model_choices(lab) -> list[tuple[str, str]]:
     now = time.time()
-    return [(LATEST_LABEL, LATEST)] + [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
+    return [(LATEST_LABEL, LATEST), (BEST_LABEL, BEST)] + [(runs_view.run_choice_label(r, now), r["run_id"]) for r in lab.succeeded_runs()]
 
 
 def build(lab) -> PredictUI:
@@ -108,23 +110,27 @@ def _predictor(lab, model: str | None):
     except CheckpointError as exc:  # damaged, or carrying code (never run: weights_only=True)
         raise user_error(str(exc), title="Model refused") from None
     except NoModelError as exc:
-        if (model or LATEST) == LATEST:
+        if (model or LATEST) in (LATEST, BEST):
             raise user_error("No model yet: no run has finished. Train one on the Train tab, then come back — "
                            "this page picks it up by itself.", title="No model yet") from None
         raise user_error(str(exc), title="Model not available") from None
 
 
-def _describe_run(lab, run_id: str, latest: bool) -> str:
+def _describe_run(lab, run_id: str, model: str) -> str:
     try:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a missing record still names the run
         record = {"run_id": run_id}
-    return view.answered_by(record, run_id, latest)
+    why = view.best_reason(lab.store.best_succeeded(), run_id) if model == BEST else None
+    return view.answered_by(record, run_id, model == LATEST, why=why)
 
 
 def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
     """The "now answering with" line: the run `model` resolves to now, or `run_id` when a run has just answered."""
     model = model or LATEST
+    if model == BEST and run_id is None:
+        choice = lab.store.best_succeeded()
+        run_id = choice.run_id if choice else None
     run_id = run_id or (lab.store.latest_succeeded() if model == LATEST else model)
     if run_id is None:
         return "No finished run yet — train one on the **Train** tab."
@@ -132,6 +138,8 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
         record = lab.record(run_id)
     except Exception:  # noqa: BLE001 - a deleted run: say so
         return f"Run `{run_id}` is no longer available — pick another."
+    if model == BEST:
+        return f"{view.answering_with(record)} Chosen as {view.best_reason(lab.store.best_succeeded(), run_id)}."
     return view.answering_with(record)
 
 
@@ -207,7 +215,7 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
     yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
-           ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), ui.answered: predictor.run_id}
+           ui.answer: _describe_run(lab, predictor.run_id, model or LATEST), ui.answered: predictor.run_id}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
@@ -247,7 +255,7 @@ def predict_many(lab, ui: PredictUI, files: list[str] | None, model: str | None 
     if failed:
         gr.Warning(f"{failed} of {len(results)} files could not be read as images; see the error column.")
     return {ui.table: pd.DataFrame(view.table_rows(results), columns=view.TABLE_COLUMNS), ui.csv: str(csv_path),
-            ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST),
+            ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
             ui.answered: predictor.run_id}
 
 

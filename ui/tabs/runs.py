@@ -1,37 +1,43 @@
-"""Runs tab: every run in one table, refreshed by a timer; live loss/accuracy curves of the selected runs on
-one chart; cancel, delete (with its files) and clone-into-the-Train-form.
+"""Runs tab: every run in one table (filtered by tag, dataset, model or status; 50 a page), refreshed by a timer;
+loss/accuracy curves of the selected runs (plus the pinned baseline) with a legend naming each in full; a table
+comparing them (only the settings that differ); a sweep view; tags, notes and a baseline; CSV export; cancel,
+delete (with its files) and clone-into-the-Train-form.
 
-The timer handler sends only what changed: the table when a row changed, the plots when a selected run gained
-an epoch, the banner when Redis went away or came back. Everything else answers `gr.skip()`.
+The timer handler sends only what changed: the table page when a row on it changed, the charts when a plotted run
+gained an epoch, the banner when Redis went away or came back. Everything else is left out of its answer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 import pandas as pd
 
-from shared.runs.store import RunNotFound, read_metrics
+from shared.runs import compare
+from shared.runs.annotations import AnnotationError, Annotations
+from shared.runs.store import STATUSES, RunNotFound
 
 from .. import formatting as fmt
 from .. import runs_view as view
+from ..runs_data import ALL, MAX_CURVES, View, comparison, curves, history_of, look, sweep_html, test_scores
 from ..client import QueueUnavailable
 from . import train as train_tab
-from . import park_plot_props, plot_props_step, run_ids_arg, shown, user_error
+from . import run_ids_arg, shown, user_error
 
 log = logging.getLogger(__name__)
 
 HELP = ("All runs, newest first, refreshed every 2 seconds. Click rows (or use the selector) to compare their "
-        "curves, then cancel, delete or clone them into the Train form.")
-# Runs whose curves are drawn when nothing is selected: the newest few that have at least one epoch.
-DEFAULT_CURVES = 4
-MAX_CURVES = 12
+        "curves and settings, tag them, pin a baseline, then cancel, delete or clone them into the Train form.")
+PAGE_SIZE = 50  # rows of the runs table per page (500 runs would otherwise be resent whole at every change)
+TABLE_COLUMNS = [*view.RUN_COLUMNS, "Tags"]
 
 
 @dataclass
@@ -48,20 +54,51 @@ class RunsUI:
     message: gr.Markdown
     curves_note: gr.Markdown
     split: gr.Radio
-    loss_plot: gr.LinePlot
-    acc_plot: gr.LinePlot
+    loss_plot: gr.HTML
+    acc_plot: gr.HTML
     detail: gr.Markdown
     state: gr.State
     choices: gr.State  # the selector's choices; the selector follows it (see wire)
+    tag: gr.Dropdown
+    dataset: gr.Dropdown
+    model: gr.Dropdown
+    status: gr.Dropdown
+    page: gr.Number
+    page_info: gr.Markdown
+    filter_choices: gr.State  # the filters' choices; the filters follow it (see wire)
+    tags_box: gr.Textbox
+    note_box: gr.Textbox
+    annotate_btn: gr.Button
+    baseline_btn: gr.Button
+    unpin_btn: gr.Button
+    compare_note: gr.Markdown
+    compare_table: gr.Dataframe
+    sweep: gr.HTML
+    export_btn: gr.Button
+    export_file: gr.File
+    sweep_box: gr.Accordion
+    sweep_open: gr.State  # the sweep is drawn (and refreshed) only while its accordion is open
+
+
+def _filter(label: str, elem_id: str, choices: list | None = None) -> gr.Dropdown:
+    return gr.Dropdown(choices=[("all", ALL), *(choices or [])], value=ALL, label=label, elem_id=elem_id,
+                       min_width=140, scale=1)
 
 
 def build(lab) -> RunsUI:
     gr.Markdown(HELP, elem_classes="help")
-    table = gr.Dataframe(headers=view.RUN_COLUMNS, value=pd.DataFrame(columns=view.RUN_COLUMNS), interactive=False,
+    with gr.Row(elem_classes="toolbar"):
+        tag = _filter("Tag", "filter-tag")
+        dataset = _filter("Dataset", "filter-dataset")
+        model = _filter("Model", "filter-model")
+        status = _filter("Status", "filter-status", [(s, s) for s in (*STATUSES, "damaged")])
+        page = gr.Number(value=1, minimum=1, precision=0, label="Page", elem_id="runs-page", min_width=90, scale=0)
+        page_info = gr.Markdown(elem_id="runs-page-info")
+    table = gr.Dataframe(headers=TABLE_COLUMNS, value=pd.DataFrame(columns=TABLE_COLUMNS), interactive=False,
                          elem_id="runs-table", max_height=420, wrap=False, label="Runs", show_label=False)
     with gr.Row(elem_classes="toolbar"):
         select = gr.Dropdown(choices=[], value=[], multiselect=True, label="Selected runs", elem_id="runs-select",
-                             info="Curves, cancel, delete and clone apply to these.", scale=4)
+                             info="Curves, comparison, tags, cancel, delete and clone apply to these.", scale=4)
         cancel_btn = gr.Button("Cancel", elem_id="cancel-btn", scale=0, min_width=110)
         delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn", scale=0, min_width=110)
         clone_btn = gr.Button("Clone into Train form", elem_id="clone-btn", scale=0, min_width=230)
@@ -71,79 +108,36 @@ def build(lab) -> RunsUI:
         abort_btn = gr.Button("Keep them", elem_id="delete-abort-btn", scale=0, min_width=140)
     message = gr.Markdown(elem_id="runs-message")
     detail = gr.Markdown(elem_id="run-detail")
+    with gr.Accordion("Tags, note, baseline", open=False, elem_id="annotate"):
+        with gr.Row(elem_classes="toolbar"):
+            tags_box = gr.Textbox(label="Tags", elem_id="run-tags", scale=2, max_length=420,
+                                  info="Comma or space separated; letters, digits, _ . + - (at most 12).")
+            note_box = gr.Textbox(label="Note", elem_id="run-note", scale=3, lines=1, max_length=1000,
+                                  info="Tags and note are saved to every selected run (in its folder).")
+            annotate_btn = gr.Button("Save tags and note", elem_id="annotate-btn", scale=0, min_width=170)
+        with gr.Row(elem_classes="toolbar"):
+            baseline_btn = gr.Button("Pin first selected run as baseline", elem_id="baseline-btn", scale=0,
+                                     min_width=280)
+            unpin_btn = gr.Button("Unpin baseline", elem_id="unpin-btn", scale=0, min_width=160)
     with gr.Row(elem_classes="toolbar"):
         curves_note = gr.Markdown(elem_id="curves-note")
         split = gr.Radio([("Both", "both"), ("Validation", "val"), ("Training", "train")], value="both",
                          show_label=False, elem_id="curves-split", scale=0, min_width=340, container=False)
-    # epochs are categories up to view.CATEGORICAL_EPOCHS (whole-number ticks only), sorted by EPOCH_ORDER; a
-    # category axis averages a run's points per epoch (y_aggregate), so an epoch logged twice is not summed
-    axis = dict(x="epoch", y="value", color="run", x_title="epoch", x_axis_format="d", sort=view.EPOCH_ORDER,
-                y_aggregate="mean", height=340, tooltip="all")
-    with gr.Row(elem_id="curves"):
-        loss_plot = gr.LinePlot(title="Loss", y_title="loss", elem_id="curves-loss", **axis)
-        acc_plot = gr.LinePlot(title="Accuracy", y_title="accuracy", y_lim=[0, 1], elem_id="curves-acc", **axis)
-    state = gr.State({})
+    loss_plot = gr.HTML(elem_id="curves-loss")
+    acc_plot = gr.HTML(elem_id="curves-acc")
+    compare_note = gr.Markdown(elem_id="compare-note")
+    compare_table = gr.Dataframe(interactive=False, elem_id="compare-table", wrap=False, show_label=False,
+                                 max_height=360)
+    with gr.Accordion("Sweep: which setting won?", open=False, elem_id="sweep-box") as sweep_box:
+        sweep = gr.HTML(elem_id="sweep")
+    with gr.Row(elem_classes="toolbar"):
+        export_btn = gr.Button("Export runs as CSV", elem_id="export-btn", scale=0, min_width=200)
+        export_file = gr.File(label="Runs (CSV)", interactive=False, elem_id="runs-csv", height=80, visible=False)
     return RunsUI(table, select, cancel_btn, delete_btn, clone_btn, confirm_row, confirm_text, confirm_btn,
-                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, state, gr.State([]))
-
-
-# --- data ---------------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=256)
-def _disk_metrics(path: str, mtime: float, size: int) -> tuple[dict, ...]:
-    return tuple(read_metrics(Path(path)))
-
-
-def history_of(lab, record: dict) -> list[dict]:
-    """Epoch records of a run: the live history from Redis, else metrics.jsonl (cached by mtime)."""
-    live = (record.get("progress") or {}).get("history")
-    if live:
-        return list(live)
-    run_dir = lab.store.root / record["run_id"]
-    try:
-        st = (run_dir / "metrics.jsonl").stat()
-    except OSError:
-        return []
-    return list(_disk_metrics(str(run_dir), st.st_mtime, st.st_size))
-
-
-def _curve_runs(records: list[dict], selected: list[str]) -> list[dict]:
-    by_id = {r["run_id"]: r for r in records}
-    if selected:
-        return [by_id[rid] for rid in selected if rid in by_id][:MAX_CURVES]
-    started = [r for r in records if r.get("status") in ("running", "succeeded") or r.get("started")]
-    return started[:DEFAULT_CURVES]
-
-
-def curves(lab, records: list[dict], selected: list[str], split: str = "both") -> tuple[str, Any, Any, tuple]:
-    """(note, loss frame, accuracy frame, signature) for the selected runs (or the newest ones).
-
-    The signature's first two items (split, runs) name the plotted series: the plots' caption is made of them."""
-    chosen = _curve_runs(records, selected)
-    histories = {}
-    ended = []  # why finished runs without a single epoch will never have curves
-    for record in chosen:
-        histories[view.curve_label(record)] = history = history_of(lab, record)
-        reason = None if history else view.no_curves_reason(record)
-        if reason:
-            ended.append(reason)
-    sig = (split, tuple(histories)) + tuple((len(h), h[-1].get("epoch") if h else None) for h in histories.values())
-    loss, acc = view.curves_frame(histories, split)
-    which = {"val": " (validation)", "train": " (training)"}.get(split, "")
-    if not records:
-        note = "No runs yet — queue some on the **Train** tab."
-    elif not chosen:
-        note = "No run has started yet; curves appear after the first epoch."
-    elif loss.empty and len(ended) == len(chosen):
-        note = ""  # none of them will ever have curves: the reasons below say why
-    elif loss.empty:
-        note = "Waiting for the first epoch to finish…"
-    elif selected:
-        note = f"Curves of the {len(chosen)} selected run{'s' if len(chosen) != 1 else ''}{which}."
-    else:
-        note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''}{which} — select runs "
-                "above to compare others.")
-    return " ".join(part for part in (note, *ended) if part), loss, acc, sig
+                  abort_btn, message, curves_note, split, loss_plot, acc_plot, detail, gr.State({}), gr.State([]),
+                  tag, dataset, model, status, page, page_info, gr.State({}), tags_box, note_box, annotate_btn,
+                  baseline_btn, unpin_btn, compare_note, compare_table, sweep, export_btn, export_file, sweep_box,
+                  gr.State(False))
 
 
 def banner_update(problem: str | None):
@@ -153,10 +147,29 @@ def banner_update(problem: str | None):
 
 # --- handlers -----------------------------------------------------------------------------------------------
 
-def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split: str, active_tab: str,
+def _changed(state: dict, key: str, value, force: bool) -> bool:
+    """Whether `value` differs from what was last sent under `key` (kept as a hash: the state stays small)."""
+    digest = hash(repr(value))
+    if force or state.get(key) != digest:
+        state[key] = digest
+        return True
+    return False
+
+
+def _page(value, pages: int) -> int:
+    try:
+        page = int(value)
+    except (TypeError, ValueError, OverflowError):
+        page = 1
+    return min(max(1, page), pages)
+
+
+def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split: str, tag: str | None,
+         dataset: str | None, model: str | None, status: str | None, page, sweep_open: bool, active_tab: str,
          state: dict | None, force: bool = False) -> dict:
-    """Timer handler: banner always; table, selector choices, curves only on the Runs tab and only when changed.
-    The choices go into a State that the selector follows (see `wire`). Outputs left out of the dict are not sent."""
+    """Timer handler: banner always; table page, choices, curves, comparison and sweep only on the Runs tab and
+    only when changed. Choices go into States that the selector and filters follow (see `wire`). Outputs left out
+    of the dict are not sent."""
     state = dict(state or {})
     out: dict = {ui.state: state}
     selected = list(selected or [])
@@ -167,39 +180,127 @@ def tick(lab, ui: RunsUI, banner: gr.Markdown, selected: list[str] | None, split
     if active_tab != "runs" and not force:
         return out
     now = time.time()
-    rows = [view.run_row(r, now) for r in records]
-    if force or state.get("rows") != rows:
-        out[ui.table] = pd.DataFrame(rows, columns=view.RUN_COLUMNS)
-        state["rows"] = rows
-    choices = [(f"{view.run_label(r)} ({r.get('status')})", r["run_id"]) for r in records]
-    if force or state.get("choices") != choices:
+    v = look(lab, records, tag, dataset, model, status)
+    pages = max(1, math.ceil(len(v.filtered) / PAGE_SIZE))
+    page = _page(page, pages)
+    shown_runs = v.filtered[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
+    rows = [view.run_row(r, now) + [_tags_cell(v, r["run_id"])] for r in shown_runs]
+    if _changed(state, "rows", rows, force):
+        out[ui.table] = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    info = (f"{len(v.filtered)} of {len(records)} runs · page {page} of {pages}" if len(v.filtered) != len(records)
+            else f"{len(records)} runs · page {page} of {pages}")
+    if _changed(state, "page_info", info, force):
+        out[ui.page_info] = info
+    # the runs on the shown page and the selected ones (a selection survives a filter or another page): 500
+    # choices would be sent whole at every change; labels without the status, so a status change sends none
+    listed = {r["run_id"] for r in shown_runs} | set(selected)
+    choices = [(view.run_label(r), r["run_id"]) for r in records if r["run_id"] in listed]
+    if _changed(state, "choices", choices, force):
         out[ui.choices] = choices
-        state["choices"] = choices
-    out.update(_curve_outputs(lab, ui, records, selected, split or "both", state, force))
+    filters = {"tag": sorted({t for a in v.notes.values() for t in a.tags}),
+               "dataset": sorted({compare.dataset_name(r) for r in records}),
+               "model": sorted({str((r.get("config") or {}).get("model")) for r in records
+                                if (r.get("config") or {}).get("model")})}
+    if _changed(state, "filters", filters, force):
+        out[ui.filter_choices] = filters
+    note, loss, acc = curves(lab, v, selected, split or "both")
+    if _changed(state, "curves", (note, loss, acc), force):
+        out.update({ui.curves_note: note, ui.loss_plot: loss, ui.acc_plot: acc})
+    compare_note, table = comparison(lab, v, selected, now)
+    if _changed(state, "compare", (compare_note, None if table is None else table.to_dict("split")), force):
+        out[ui.compare_note] = compare_note
+        out[ui.compare_table] = gr.Dataframe(value=table if table is not None else pd.DataFrame(),
+                                             visible=table is not None)
+    sweep = sweep_html(v, selected) if sweep_open is True else ""
+    if _changed(state, "sweep", sweep, force):
+        out[ui.sweep] = sweep
     detail = view.detail_text(records, selected[:MAX_CURVES], now)
-    if force or state.get("detail") != detail:
+    if _changed(state, "detail", detail, force):
         out[ui.detail] = detail
-        state["detail"] = detail
     return out
 
 
-def _curve_outputs(lab, ui: RunsUI, records: list[dict], selected: list[str], split: str, state: dict,
-                   force: bool) -> dict:
-    """The curves' note and frames when they changed (their caption and axis are parked in `state`)."""
-    note, loss, acc, sig = curves(lab, records, selected, split)
-    if not force and state.get("curves") == (sig, note):
-        return {}
-    top = view.robust_upper(list(loss["value"]))
-    if top is not None:
-        worst = loss.loc[loss["value"].idxmax()]
-        note += (f" The loss axis stops at {top:.2f}: {fmt.md_escape(worst['run'])} reached {worst['value']:.3g} "
-                 f"at epoch {int(worst['epoch'])}.")
-    state["curves"] = (sig, note)
-    caption = view.curves_caption(sig[0], sig[1])
-    park_plot_props(state, "loss", caption=caption, y_lim=[0, top] if top is not None else None)
-    park_plot_props(state, "acc", caption=caption)
-    loss, acc = view.epochs_as_categories(loss, acc)
-    return {ui.curves_note: note, ui.loss_plot: loss, ui.acc_plot: acc}
+def _tags_cell(v: View, run_id: str) -> str:
+    a = v.notes.get(run_id) or Annotations()
+    return " ".join((["📌 baseline"] if a.baseline else []) + list(a.tags))
+
+
+def filters_update(filters: dict | None, tag: str | None, dataset: str | None, model: str | None):
+    """The filters with their current choices (a value no longer offered falls back to "all")."""
+    filters = filters or {}
+
+    def one(name, value):
+        options = list(filters.get(name) or [])
+        return gr.Dropdown(choices=[("all", ALL), *((o, o) for o in options)],
+                           value=value if value in options else ALL)
+
+    return one("tag", tag), one("dataset", dataset), one("model", model)
+
+
+def annotation_fields(lab, selected: list[str] | None):
+    """The tag and note boxes show the first selected run's (empty when none is selected)."""
+    selected = list(selected or [])
+    if not selected:
+        return "", ""
+    try:
+        a = lab.store.annotations(selected[0])
+    except RunNotFound:
+        return "", ""
+    return " ".join(a.tags), a.note
+
+
+def save_annotations(lab, run_ids: list[str] | None, tags: str | None, note: str | None) -> str:
+    """Set the tags and note of the selected runs (each value checked: they come from the page)."""
+    run_ids = run_ids_arg(run_ids, title="Nothing tagged")
+    if not run_ids:
+        raise user_error("Select one or more runs first (click their rows).", title="Nothing selected")
+    if not isinstance(tags, (str, type(None))) or not isinstance(note, (str, type(None))):
+        raise user_error("tags and note must be text", title="Not saved")
+    done = []
+    for run_id in run_ids:
+        try:
+            lab.store.annotate(run_id, tags=tags or "", note=note or "")
+        except AnnotationError as exc:
+            raise user_error(str(exc), title="Not saved") from None
+        except RunNotFound:
+            raise user_error(f"no run {shown(run_id)} — it may have been deleted", title="Not saved") from None
+        done.append(run_id)
+    return f"Saved tags and note of {fmt.plural(len(done), 'run')}."
+
+
+def pin_baseline(lab, run_ids: list[str] | None) -> str:
+    run_ids = run_ids_arg(run_ids, title="No baseline")
+    if not run_ids:
+        raise user_error("Select the run to pin first (click its row).", title="Nothing selected")
+    try:
+        lab.store.set_baseline(run_ids[0])
+    except RunNotFound:
+        raise user_error(f"no run {shown(run_ids[0])} — it may have been deleted", title="No baseline") from None
+    return f"Pinned `{run_ids[0]}` as the baseline: it is drawn and compared with every selection."
+
+
+def unpin_baseline(lab) -> str:
+    lab.store.set_baseline(None)
+    return "No baseline pinned."
+
+
+_EXPORTS: tempfile.TemporaryDirectory | None = None
+_EXPORTS_LOCK = threading.Lock()
+
+
+def export_csv(lab, tag: str | None, dataset: str | None, model: str | None, status: str | None):
+    """The listed (filtered) runs with their metrics as a CSV file, for the download box."""
+    global _EXPORTS
+    records, _ = lab.snapshot()
+    v = look(lab, records, tag, dataset, model, status)
+    now = time.time()
+    rows = [compare.csv_row(r, test_scores(lab, r["run_id"]), v.notes[r["run_id"]].tags,
+                            v.notes[r["run_id"]].note, r["run_id"] == v.baseline, now) for r in v.filtered]
+    with _EXPORTS_LOCK:  # one folder for the page's life, removed at exit; Gradio serves its own cached copy
+        if _EXPORTS is None:
+            _EXPORTS = tempfile.TemporaryDirectory(prefix="resnet-lab-runs-")
+        folder = Path(tempfile.mkdtemp(dir=_EXPORTS.name))
+    return gr.File(value=str(compare.write_runs_csv(rows, folder / "runs.csv")), visible=True)
 
 
 def select_update(choices: list | None, selected: list[str] | None):
@@ -330,39 +431,52 @@ def clone_run(lab, run_ids: list[str] | None, *, form: dict[str, gr.components.C
 
 def wire(lab, ui: RunsUI, *, timer: gr.Timer, banner: gr.Markdown, active_tab: gr.State, tab: gr.Tab,
          train_ui, data_dir: gr.Dropdown, tabs: gr.Tabs) -> None:
-    outputs = {ui.table, ui.choices, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state}
-    # after new curve data, the plots' caption / axis (see ui/tabs/__init__.py: why it takes two steps)
-    plots = {"loss": ui.loss_plot, "acc": ui.acc_plot}
-    props = dict(fn=lambda st: plot_props_step(st, plots, ui.state), inputs=ui.state,
-                 outputs={*plots.values(), ui.state}, api_visibility="private", show_progress="hidden")
-    timer.tick(partial(tick, lab, ui, banner), [ui.select, ui.split, active_tab, ui.state], outputs,
-               api_visibility="private", show_progress="hidden", trigger_mode="once",
-               concurrency_limit=None).then(**props)
-    # The timer reads the selector, so it must not write it, not even gr.skip(): Gradio 6.31 keeps every session
-    # copy of a component that an event both reads and updates (BENCHMARKS.md item 7: ~4 KB a tick for as long as
-    # the page is open). The choices go to a State; the selector follows only when they change (a State's
-    # `change` fires on a new value).
+    outputs = {ui.table, ui.choices, ui.curves_note, ui.loss_plot, ui.acc_plot, ui.detail, banner, ui.state,
+               ui.page_info, ui.filter_choices, ui.compare_note, ui.compare_table, ui.sweep}
+    view_inputs = [ui.select, ui.split, ui.tag, ui.dataset, ui.model, ui.status, ui.page, ui.sweep_open]
+    timer.tick(partial(tick, lab, ui, banner), [*view_inputs, active_tab, ui.state], outputs,
+               api_visibility="private", show_progress="hidden", trigger_mode="once", concurrency_limit=None)
+    # The timer reads the selector and the filters, so it must not write them, not even gr.skip(): Gradio 6.31
+    # keeps every session copy of a component that an event both reads and updates (BENCHMARKS.md item 7: ~4 KB a
+    # tick for as long as the page is open). Their choices go to States; they follow only when those change (a
+    # State's `change` fires on a new value).
     ui.choices.change(select_update, [ui.choices, ui.select], ui.select, api_visibility="private",
                       show_progress="hidden")
+    ui.filter_choices.change(filters_update, [ui.filter_choices, ui.tag, ui.dataset, ui.model],
+                             [ui.tag, ui.dataset, ui.model], api_visibility="private", show_progress="hidden")
 
-    def refresh_now(selected, split, state):
-        return tick(lab, ui, banner, selected, split, "runs", state, force=True)
+    def refresh_now(selected, split, tag, dataset, model, status, page, sweep_open, state):
+        return tick(lab, ui, banner, selected, split, tag, dataset, model, status, page, sweep_open, "runs", state,
+                    force=True)
 
-    refresh = dict(fn=refresh_now, inputs=[ui.select, ui.split, ui.state], outputs=outputs,
+    refresh = dict(fn=refresh_now, inputs=[*view_inputs, ui.state], outputs=outputs,
                    api_visibility="private", show_progress="hidden")
+    fields = dict(fn=partial(annotation_fields, lab), inputs=ui.select, outputs=[ui.tags_box, ui.note_box],
+                  api_visibility="private", show_progress="hidden")
     # .input, not .change: the timer itself rewrites the selector, which must not trigger another refresh
-    gr.on([tab.select, ui.select.input, ui.split.input], trigger_mode="always_last", **refresh).then(**props)
+    gr.on([tab.select, ui.split.input, ui.tag.input, ui.dataset.input, ui.model.input, ui.status.input,
+           ui.page.input], trigger_mode="always_last", **refresh)
+    # the tag and note boxes first (a quick read), so they are filled before the user starts typing there
+    ui.select.input(**fields).then(**refresh)
+    ui.sweep_box.expand(lambda: True, None, ui.sweep_open, api_visibility="private", queue=False).then(**refresh)
+    ui.sweep_box.collapse(lambda: False, None, ui.sweep_open, api_visibility="private", queue=False)
     ui.table.select(on_row_select, ui.select, ui.select, api_visibility="private",
-                    show_progress="hidden").then(**refresh).then(**props)
-    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(
-        **refresh).then(**props)
+                    show_progress="hidden").then(**fields).then(**refresh)
+    ui.cancel_btn.click(partial(cancel_runs, lab), ui.select, ui.message, api_visibility="private").then(**refresh)
     ui.delete_btn.click(partial(ask_delete, ui), ui.select, {ui.confirm_row, ui.confirm_text},
                         api_visibility="private")
     ui.abort_btn.click(lambda: gr.Row(visible=False), None, ui.confirm_row, api_visibility="private")
     ui.confirm_btn.click(partial(delete_runs, lab, ui), ui.select, {ui.confirm_row, ui.message, ui.select},
-                         api_visibility="private").then(**refresh).then(**props)
+                         api_visibility="private").then(**refresh)
     ui.clone_btn.click(partial(clone_run, lab, form=train_ui.fields, data_dir=data_dir, tabs=tabs), ui.select,
                        {*train_ui.fields.values(), data_dir, tabs}, api_visibility="private")
+    ui.annotate_btn.click(partial(save_annotations, lab), [ui.select, ui.tags_box, ui.note_box], ui.message,
+                          api_visibility="private").success(**refresh)
+    ui.baseline_btn.click(partial(pin_baseline, lab), ui.select, ui.message, api_visibility="private").success(
+        **refresh)
+    ui.unpin_btn.click(partial(unpin_baseline, lab), None, ui.message, api_visibility="private").success(**refresh)
+    ui.export_btn.click(partial(export_csv, lab), [ui.tag, ui.dataset, ui.model, ui.status], ui.export_file,
+                        api_name="export_runs")
 
     def run_status() -> list[dict]:
         """All runs, newest first, as small dicts: run_id, status, model, lr, batch_size, epochs, progress (0..1),
