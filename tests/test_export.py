@@ -212,3 +212,46 @@ def _assert_same_csv(ours: Path, theirs: Path) -> None:
     for row_a, row_b in zip(a[1:], b[1:]):
         assert row_a[:2] == row_b[:2] and row_a[2::2] == row_b[2::2]
         assert max(abs(float(x) - float(y)) for x, y in zip(row_a[3::2], row_b[3::2])) < 1e-4
+
+
+# ---------- the Results tab's Export button, through the page's API ----------
+
+@pytest.mark.slow
+def test_page_exports_a_zip_and_serves_only_it(session_page, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    stack = session_page
+    client = stack.page.client()
+    answer = client.predict(stack.run_id, "onnx", api_name="/export_run")
+    served = answer
+    while isinstance(served, dict):  # a DownloadButton update: {"value": {"path": ...}, "visible": True, ...}
+        served = served.get("value", served.get("path"))
+    assert isinstance(served, str) and served.endswith(f"{stack.run_id}-onnx.zip"), answer
+    with urllib.request.urlopen(f"{stack.page.url}/gradio_api/file={served}", timeout=30) as response:
+        (tmp_path / "bundle.zip").write_bytes(response.read())
+    with zipfile.ZipFile(tmp_path / "bundle.zip") as archive:
+        names = archive.namelist()
+    folder = f"{stack.run_id}-onnx"
+    assert sorted(names) == sorted(f"{folder}/{n}" for n in ("MODEL_CARD.md", "bundle.json", "classes.json",
+                                                             "model.onnx", "predict.py", "preprocess.json"))
+
+    def status(path: Path) -> int:
+        try:
+            with urllib.request.urlopen(f"{stack.page.url}/gradio_api/file={path}", timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    export = stack.models / stack.run_id / "export"
+    assert status(export / f"{folder}.zip") == 200
+    assert status(export / folder / "model.onnx") == 403  # the unpacked bundle is not served, only its zip
+    (export / "other.zip").write_bytes(b"PK")
+    assert status(export / "other.zip") == 403
+    for bad_run, fmt in (("../" + stack.run_id, "onnx"), ("latest", "onnx"), ("x" * 5000, "onnx"),
+                         (stack.run_id, "../../etc"), (stack.run_id, None)):
+        with pytest.raises(Exception) as info:
+            client.predict(bad_run, fmt, api_name="/export_run")
+        # refused by the Dropdowns' own check (not one of their choices) or by the handler: never exported
+        assert any(m in str(info.value) for m in ("no run", "unknown export format", "not in the list of choices"))
+    assert sorted(p.name for p in export.iterdir()) == [folder, f"{folder}.zip", "other.zip"]
