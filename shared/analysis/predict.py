@@ -84,15 +84,22 @@ class Predictor:
 
     def explain(self, src: Any, class_idx: int | None = None):
         """(top-5, Grad-CAM overlay PIL image) for one image."""
-        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
-
         image = load_rgb(src)
         x = self.transform(image).unsqueeze(0).to(self.device)
         with self._lock:
             probs = self.probabilities(x)[0]
-            target = int(probs.argmax()) if class_idx is None else class_idx
-            cam = GradCAM(self.model, self.spec)(x, target)
-        return self._top(probs, 5), overlay_cam(_centre_crop_view(image, self.image_size), cam)
+        target = int(probs.argmax()) if class_idx is None else class_idx
+        return self._top(probs, 5), self.cam(image, target, x)
+
+    def cam(self, image, class_idx: int, x: torch.Tensor | None = None):
+        """The Grad-CAM overlay (PIL image) of `class_idx` for an RGB PIL image: the page shows the top-5 first
+        (`predict`) and this when it is ready."""
+        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
+
+        x = self.transform(image).unsqueeze(0).to(self.device) if x is None else x
+        with self._lock:
+            heat = GradCAM(self.model, self.spec)(x, class_idx)
+        return overlay_cam(_centre_crop_view(image, self.image_size), heat)
 
 
 def _centre_crop_view(image, image_size: int):
