@@ -128,11 +128,23 @@ def test_predict_script_needs_only_onnxruntime_numpy_and_pillow():
     assert inner - set(sys.stdlib_module_names) == {"onnxruntime", "torch"}
 
 
+# One model per kind of block in the registry (basic, bottleneck, grouped, wide); the deeper ones stack the same
+# blocks. Exporting all ten takes ~15 min on 2 busy cores (resnext101_64x4d alone ~4 min), past the suite's
+# budget: RESNET_LAB_TEST_ALL_MODELS=1 runs every registered name (all passed when this was written).
+FAMILIES = ("resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2")
+
+
+def _registry_names() -> list[str]:
+    from shared.training.models import list_models
+
+    names = [n for n in list_models() if n != TINY_MODEL]
+    return names if os.environ.get("RESNET_LAB_TEST_ALL_MODELS") else [n for n in names if n in FAMILIES]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in __import__("shared.training.models", fromlist=["x"]).list_models()
-                                  if n != TINY_MODEL])
-def test_every_registered_model_exports(name, tmp_path, one_torch_thread):
-    """Each registry model, random weights, 32 px: a run folder of it exports to ONNX and answers like torch."""
+@pytest.mark.parametrize("name", _registry_names())
+def test_registered_models_export(name, tmp_path, one_torch_thread):
+    """A registry model, random weights, 32 px: a run folder of it exports to ONNX and answers like torch."""
     import torch
 
     from shared.training.checkpoint import save_checkpoint
@@ -197,6 +209,7 @@ def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path,
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == len(files)
     _assert_same_csv(ours, theirs)
+    print(f"CSV: {ours.read_text() == theirs.read_text()=}")
 
 
 def _bundle_input(model: Model, path: str) -> np.ndarray:
@@ -206,12 +219,13 @@ def _bundle_input(model: Model, path: str) -> np.ndarray:
 
 
 def _assert_same_csv(ours: Path, theirs: Path) -> None:
-    """Same header, rows, sources, classes in the same order; probabilities (6 decimals) within 1e-4."""
+    """Same header, rows, sources, classes in the same order; probabilities (6 decimals) equal, or one unit of the
+    last decimal apart where a float rounding straddles it."""
     a, b = (list(csv.reader(p.open(newline=""))) for p in (ours, theirs))
     assert a[0] == b[0] and len(a) == len(b)
     for row_a, row_b in zip(a[1:], b[1:]):
         assert row_a[:2] == row_b[:2] and row_a[2::2] == row_b[2::2]
-        assert max(abs(float(x) - float(y)) for x, y in zip(row_a[3::2], row_b[3::2])) < 1e-4
+        assert max(abs(float(x) - float(y)) for x, y in zip(row_a[3::2], row_b[3::2])) <= 1.5e-6
 
 
 # ---------- the Results tab's Export button, through the page's API ----------

@@ -19,7 +19,8 @@ def lab_and_ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("stream")
     data = make_image_folder(root / "data" / "ds", classes=3, per_class=8, size=40)
     train_tiny(root / "models", data)
-    lab = Lab(Settings(models_dir=root / "models", data_roots=(root / "data",), redis_url=None))
+    lab = Lab(Settings(models_dir=root / "models", data_roots=(root / "data",), redis_url=None,
+                       predict_runtime="torch"))
     with gr.Blocks():
         ui = tab.build(lab)
     return lab, ui, data
@@ -48,3 +49,26 @@ def test_an_unreadable_picture_clears_the_answer_then_says_why(lab_and_ui, tmp_p
     assert next(steps) == {ui.label: None, ui.cam: None, ui.answer: ""}
     with pytest.raises(gr.Error):
         next(steps)
+
+
+def test_onnxruntime_top5_is_measured_chosen_and_logged(lab_and_ui, caplog, one_torch_thread):
+    """runtime="onnxruntime": exported in the background, timed against torch, the faster one kept and named in
+    the log; the ONNX Runtime answer equals torch's."""
+    import logging
+
+    import torch
+
+    from shared.analysis.predict import Predictor
+    from shared.export.bundle import onnx_session
+
+    lab, _, data = lab_and_ui
+    run_dir = lab.store.path(lab.store.latest_succeeded())
+    with caplog.at_level(logging.INFO, logger="shared.analysis.predict"):
+        predictor = Predictor(run_dir, runtime="onnxruntime")
+        assert predictor.runtime == "torch"  # until the export is done and measured
+        predictor.onnx_ready.join(120)
+    (line,) = [r.getMessage() for r in caplog.records if "top-5 on" in r.getMessage()]
+    assert f"top-5 on {predictor.runtime}" in line and "onnxruntime" in line and "torch" in line
+    x = torch.stack([predictor.preprocess(p) for p in sorted(data.rglob("*.jpg"))[:6]])
+    predictor._session = onnx_session(predictor.model, predictor.image_size)  # whichever won, the ONNX answer
+    assert torch.allclose(predictor.probabilities(x), predictor._torch_probabilities(x), atol=1e-5)

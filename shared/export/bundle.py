@@ -21,6 +21,7 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -157,17 +158,38 @@ def _replace(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _export_onnx(model, image_size: int, path: Path) -> dict:
-    """ONNX through torch.export (torch's maintained exporter), batch axis dynamic."""
-    import onnx
-    import onnxruntime
+def onnx_program(model, image_size: int):
+    """The model as an ONNX program through torch.export (torch's maintained exporter), batch axis dynamic."""
     import torch
 
     example = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
-    program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
-    program.save(str(path))
+    with _EXPORT_LOCK:
+        return torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                 dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+
+
+# torch.export keeps its tracing state per process, not per thread: two exports at once (the page loading two
+# predictors, or one while the Results tab exports) fail with "ProxyTorchDispatchMode slot already occupied".
+_EXPORT_LOCK = threading.Lock()
+
+
+def onnx_session(model, image_size: int):
+    """An ONNX Runtime CPU session of the model, exported in memory (the page's fast top-5)."""
+    import onnxruntime
+
+    proto = onnx_program(model, image_size).model_proto
+    return onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _export_onnx(model, image_size: int, path: Path) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    program = onnx_program(model, image_size)
+    with atomic_path(path) as tmp:
+        program.save(str(tmp))
     proto = onnx.load(str(path), load_external_data=False)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,

@@ -9,9 +9,8 @@ Needs only onnxruntime, numpy and Pillow (`pip install onnxruntime numpy Pillow`
 It prints and writes what `resnet-lab predict` does: one line per image, and with `--csv` the same CSV (columns
 source, error, class_1, probability_1, ...). The preprocessing is read from `preprocess.json` (written by the
 export from the run's own settings): short side resized with antialiased bilinear to `resize_short_side`, the
-long side as torchvision computes it, a centre crop of `crop`, values scaled to 0..1, then (x - mean) / std.
-Pillow's bilinear resize and torchvision's differ by at most one grey level on a few pixels; the model card
-states what that did to the probabilities on the run's test split.
+long side as torchvision computes it, a centre crop of `crop`, values scaled to 0..1, then (x - mean) / std. The
+resize is torchvision's own kernel written in numpy (`resize`), so the model sees the pixels resnet-lab gives it.
 
 When the run was calibrated (`bundle.json` → calibration: temperature scaling fitted on its validation split),
 probabilities are softmax(logits / temperature), and an answer below the "not sure" threshold is printed as
@@ -87,19 +86,60 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return int(short_side * width / height), short_side
 
 
+# torchvision resizes uint8 images with torch's antialiased bilinear kernel (aten/src/ATen/native/cpu/
+# UpSampleKernel.cpp): Pillow's filter, but with integer weights of at most 15 bits instead of Pillow's 22, so
+# Pillow's own resize differs by one grey level on some pixels. These two functions are that kernel in numpy:
+# the same weights, the same integer sums, width first then height; they give torchvision's pixels exactly.
+
+def _aa_weights(in_size: int, out_size: int):
+    """(first source index, integer weights (out, taps), precision bits) of one axis."""
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0  # bilinear: half-width 1, stretched by the scale when shrinking
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    centres = scale * (np.arange(out_size) + 0.5)
+    xmin = np.maximum((centres - support + 0.5).astype(np.int64), 0)
+    xsize = np.minimum((centres + support + 0.5).astype(np.int64), in_size) - xmin
+    taps = np.arange(int(xsize.max()))
+    w = np.clip(1.0 - np.abs((taps[None, :] + xmin[:, None] - centres[:, None] + 0.5) * invscale), 0.0, None)
+    w[taps[None, :] >= xsize[:, None]] = 0.0
+    total = w.sum(axis=1, keepdims=True)
+    w = w / np.where(total == 0, 1.0, total)
+    precision = 0
+    while precision < 22 and int(0.5 + w.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    return xmin, (0.5 + w * (1 << precision)).astype(np.int32), precision  # weights are >= 0: round half up
+
+
+def _resample(a: np.ndarray, axis: int, out_size: int) -> np.ndarray:
+    in_size = a.shape[axis]
+    xmin, w, precision = _aa_weights(in_size, out_size)
+    a = np.moveaxis(a, axis, 0)
+    acc = np.full((out_size,) + a.shape[1:], 1 << (precision - 1), dtype=np.int32)
+    shape = (out_size,) + (1,) * (a.ndim - 1)
+    for k in range(w.shape[1]):
+        acc += a[np.minimum(xmin + k, in_size - 1)].astype(np.int32) * w[:, k].reshape(shape)
+    return np.moveaxis(np.clip(acc >> precision, 0, 255).astype(np.uint8), 0, axis)
+
+
+def resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W, 3) → (height, width, 3), antialiased bilinear exactly as torchvision's v2.Resize."""
+    if pixels.shape[1] != width:
+        pixels = _resample(pixels, 1, width)
+    if pixels.shape[0] != height:
+        pixels = _resample(pixels, 0, height)
+    return pixels
+
+
 def preprocess(img: Image.Image, pre: dict) -> np.ndarray:
     """RGB image → float32 (3, crop, crop), normalised: resize (antialiased bilinear), centre crop, scale, mean/std."""
     w, h = resized_size(img.width, img.height, int(pre["resize_short_side"]))
-    if (w, h) != img.size:
-        img = img.resize((w, h), Image.BILINEAR)  # Pillow's bilinear is antialiased when it shrinks
+    pixels = resize(np.asarray(img), w, h)
     crop = int(pre["crop"])
+    if min(w, h) < crop:  # never from resnet-lab, whose resize is crop / 0.875 (torchvision would pad)
+        raise ValueError(f"preprocess.json: resize_short_side {w, h} is smaller than the crop {crop}")
     # torchvision's centre crop: offsets rounded half to even, as Python's round
     top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    if top < 0 or left < 0:  # only when the resize is smaller than the crop; torchvision pads with zeros
-        canvas = Image.new("RGB", (max(w, crop), max(h, crop)))
-        canvas.paste(img, (max(0, -left), max(0, -top)))
-        img, top, left = canvas, max(0, top), max(0, left)
-    x = np.asarray(img.crop((left, top, left + crop, top + crop)), dtype=np.float32) / np.float32(255.0)
+    x = pixels[top:top + crop, left:left + crop].astype(np.float32) / np.float32(255.0)
     mean = np.asarray(pre["mean"], dtype=np.float32)
     std = np.asarray(pre["std"], dtype=np.float32)
     return ((x - mean) / std).transpose(2, 0, 1)

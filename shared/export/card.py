@@ -39,7 +39,7 @@ def measure_latency(bundle_dir: Path) -> dict:
 
 
 def measure_parity(bundle_dir: Path, model, run_dir: Path, config: dict, limit: int | None = None) -> dict:
-    """The bundle's own predict.py code (Pillow preprocessing + exported model) against resnet-lab's torch path
+    """The bundle's own predict.py code (its numpy preprocessing + the exported model) against resnet-lab's torch path
     (`eval_transform` + the checkpoint) on up to `limit` test images of the run: top-1 agreement and the largest
     probability difference, before calibration (both sides would divide by the same temperature)."""
     import torch
@@ -132,11 +132,10 @@ def model_card(run_dir: Path, info: dict, classes: list[str], config: dict, late
         lines += ["Not measured for this export."]
     lines += ["", "## Parity with resnet-lab (measured at export)", ""]
     if parity and parity.get("n"):
-        lines += [f"predict.py's code (Pillow preprocessing + this model) against resnet-lab's torch prediction on "
+        lines += [f"predict.py's code (its numpy preprocessing + this model) against resnet-lab's torch prediction on "
                   f"{parity['n']} of the run's test images: top-1 agrees on {parity['top1_agree']}/{parity['n']}, "
-                  f"largest probability difference {parity['max_abs_diff']:.2e}. Pillow's and torchvision's "
-                  "antialiased resize differ by at most one grey level on a few pixels, which is where most of "
-                  "the difference comes from."]
+                  f"largest probability difference {parity['max_abs_diff']:.2e} (predict.py resizes with "
+                  "torchvision's own kernel, written in numpy: the rest is floating-point order)."]
     else:
         lines += [f"Not measured: {(parity or {}).get('reason', 'skipped for this export')}."]
     lines += ["", "## Use", "", "```", "pip install onnxruntime numpy Pillow" if info["format"] == "onnx"
