@@ -36,6 +36,7 @@ Run (full):  .venv/bin/python bench/bench_predict_latency.py --py-spy 20 --json 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -132,6 +133,21 @@ def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: P
             "top_server_frames_ms_per_call": {frame: per_call(n) for frame, n in leaves.most_common(12)}}
 
 
+def _page_runtime(stack, runtime: str, timeout: float = 600.0) -> str:
+    """With onnxruntime the page exports the model in the background after its first prediction and then keeps
+    the faster runtime: wait for its log line saying which (the figures are for the settled page)."""
+    if runtime == "torch":
+        return "torch"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in stack.log("page").splitlines() if "top-5 on" in line or "top-5 stays" in line]
+        if lines:
+            return lines[-1].split(": ", 1)[-1]
+        time.sleep(1)
+    raise TimeoutError("the page did not say which runtime answers top-5 within "
+                       f"{timeout:.0f} s:\n{stack.log('page')[-2000:]}")
+
+
 def _forward_pair(run_dir: Path, bundle_dir: Path, local, photo: Path) -> dict:
     """In-process calls on one preprocessed photo: the forward pass through torch and through ONNX Runtime, and
     the CAM overlay's encoding as PNG and as JPEG."""
@@ -177,6 +193,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=100, help="calls of each kind")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--runtime", choices=["onnxruntime", "torch"], default="onnxruntime",
+                        help="the page's top-5 forward pass (RESNET_LAB_PREDICT_RUNTIME)")
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="then profile the page with py-spy for this long per client (0 = off)")
     args = common.parse(parser, argv, __file__)
@@ -189,6 +207,7 @@ def main(argv=None) -> dict:
     from shared.analysis.predict import Predictor
 
     print(f"load before: {common.loadavg()}")
+    os.environ["RESNET_LAB_PREDICT_RUNTIME"] = args.runtime  # the page inherits it
     classes, photos = sample_images(args.data_dir, 20)
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
@@ -220,6 +239,7 @@ def main(argv=None) -> dict:
                 first_call_ms[name] = (time.perf_counter() - t) * 1000
                 for i in range(args.warmup - 1):
                     call(photos[(i + 1) % len(photos)])
+            page_runtime = _page_runtime(stack, args.runtime)
             times: dict[str, list[float]] = {name: [] for name in calls}
             times["top5_first_rest"] = []
             first_call_ms["top5_first_rest"] = float("nan")
@@ -254,6 +274,7 @@ def main(argv=None) -> dict:
     common.print_table(rows, title=f"Prediction latency, ResNet18 {args.image_size}px, CPU, {args.calls} calls "
                                    f"each (client = gradio_client, rest = Gradio's REST API by hand, local = the "
                                    f"same model in-process)")
+    print(f"\npage's top-5 runtime: {page_runtime}")
     print(f"\npage start-up {page_start_s:.1f} s; page RSS after the calls {page_rss:.0f} MB; "
           f"load during {min(loads):.1f}..{max(loads):.1f}")
     for name, profile in profiles.items():
@@ -267,7 +288,7 @@ def main(argv=None) -> dict:
     return common.finish(args, "predict_latency", {
         "settings": {"image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
                      "photos": len(photos)},
-        "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
+        "page_runtime": page_runtime, "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
         "results": summary, "page_profile": profiles, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})
 
 
