@@ -33,6 +33,7 @@ def tiny_run(tmp_path_factory):
     return root / "models" / run_id
 
 
+@pytest.mark.slow  # an export takes 5-10 s on 2 cores (torch.export), more under load
 def test_onnx_bundle_holds_model_classes_preprocessing_card_and_script(tiny_run, tmp_path):
     from shared.data.transforms import resize_size
 
@@ -60,6 +61,7 @@ def test_onnx_bundle_holds_model_classes_preprocessing_card_and_script(tiny_run,
         assert sorted(archive.namelist()) == sorted(f"bundle/{p.name}" for p in out.iterdir())
 
 
+@pytest.mark.slow
 def test_torchscript_bundle_copies_the_calibration_and_the_test_metrics(tiny_run, tmp_path):
     from shared.analysis.evaluation import evaluate_run
 
@@ -100,6 +102,7 @@ def test_bad_requests_are_refused_with_the_fix(tiny_run, tmp_path):
     assert not (tmp_path / "cal").exists() and not list(tmp_path.glob(".cal*"))  # nothing half-written is left
 
 
+@pytest.mark.slow
 def test_cli_exports_and_confines_the_run_id(tiny_run, tmp_path, capsys):
     from shared.cli import main
 
@@ -209,7 +212,6 @@ def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path,
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == len(files)
     _assert_same_csv(ours, theirs)
-    print(f"CSV: {ours.read_text() == theirs.read_text()=}")
 
 
 def _bundle_input(model: Model, path: str) -> np.ndarray:
