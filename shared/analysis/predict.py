@@ -72,7 +72,7 @@ class Predictor:
         x = torch.zeros(1, 3, self.image_size, self.image_size)
         feed = {session.get_inputs()[0].name: x.numpy()}
         timings = {"torch": [], "onnxruntime": []}
-        for _ in range(5):  # alternating, so both see the same load
+        for _ in range(11):  # alternating, so both see the same load
             start = time.perf_counter()
             self._torch_probabilities(x)
             timings["torch"].append(time.perf_counter() - start)
