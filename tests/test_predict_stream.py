@@ -51,6 +51,7 @@ def test_an_unreadable_picture_clears_the_answer_then_says_why(lab_and_ui, tmp_p
         next(steps)
 
 
+@pytest.mark.slow  # a torch.export of the tiny model: 5-10 s on 2 cores
 def test_onnxruntime_top5_is_measured_chosen_and_logged(lab_and_ui, caplog, one_torch_thread):
     """runtime="onnxruntime": exported in the background, timed against torch, the faster one kept and named in
     the log; the ONNX Runtime answer equals torch's."""
