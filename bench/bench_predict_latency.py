@@ -15,9 +15,14 @@ Each call uploads the photo and waits for the answer: the latency a client sees.
              read the SSE answer): Gradio's documented REST API, without gradio_client's own overhead (its SSE
              reader polls its message queue every 50 ms, several messages per call).
 
+  top5_first_rest  /predict streams: the top-5 first, the Grad-CAM after it. This is when the top-5 arrived in
+                   the `top5_cam_rest` calls (the label a user sees), not a call of its own.
+
 For where the time goes, the same model is also timed in this process without HTTP (`Predictor.predict` and
 `Predictor.explain`), and `/run_status` (no upload, no model) gives the floor of one API call for each client.
-The kinds of call take turns (rotating who goes first). p50/p95 (nearest rank) over `--calls` calls each.
+Side by side in this process, on the same preprocessed photo: the forward pass through torch and through ONNX
+Runtime (the run exported with `shared.export`), and the overlay's encoding as PNG and as JPEG (what the page sends
+for the heat-map). The kinds of call take turns (rotating who goes first). p50/p95 (nearest rank) over `--calls` calls each.
 Targets: p95 <= 100 ms (top-5) and <= 250 ms (top-5 + CAM), judged for both clients.
 
 With `--py-spy SECONDS` (py-spy installed), the page process is then sampled while top-5 calls through each
@@ -31,6 +36,7 @@ Run (full):  .venv/bin/python bench/bench_predict_latency.py --py-spy 20 --json 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -43,7 +49,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-TARGETS_MS = {"top5_client": 100.0, "top5_cam_client": 250.0, "top5_rest": 100.0, "top5_cam_rest": 250.0}
+TARGETS_MS = {"top5_client": 100.0, "top5_cam_client": 250.0, "top5_rest": 100.0, "top5_cam_rest": 250.0,
+              "top5_first_rest": 100.0}
 
 
 class RestClient:
@@ -61,6 +68,10 @@ class RestClient:
         return {"path": response.json()[0], "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
     def call(self, api_name: str, data: list):
+        """The endpoint's final answer; `self.first_answer_s` is when its first answer arrived (a streaming
+        handler's first yield — /predict's top-5 — or the final one), counted from the call."""
+        started = time.perf_counter()
+        self.first_answer_s = None
         response = self.http.post(f"/gradio_api/call/{api_name}", json={"data": data})
         response.raise_for_status()
         event_id = response.json()["event_id"]
@@ -69,7 +80,9 @@ class RestClient:
             for line in stream.iter_lines():
                 if line.startswith("event:"):
                     event = line.split(":", 1)[1].strip()
-                elif line.startswith("data:") and event in ("complete", "error"):
+                elif line.startswith("data:") and event in ("generating", "complete") and self.first_answer_s is None:
+                    self.first_answer_s = time.perf_counter() - started
+                if line.startswith("data:") and event in ("complete", "error"):
                     if event == "error":
                         raise RuntimeError(f"/{api_name} failed: {line[5:].strip()}")
                     return json.loads(line[5:])
@@ -120,6 +133,46 @@ def profile_page(pid: int, call, photos: list[Path], seconds: float, raw_path: P
             "top_server_frames_ms_per_call": {frame: per_call(n) for frame, n in leaves.most_common(12)}}
 
 
+def _page_runtime(stack, runtime: str, timeout: float = 600.0) -> str:
+    """With onnxruntime the page exports the model in the background after its first prediction and then keeps
+    the faster runtime: wait for its log line saying which (the figures are for the settled page)."""
+    if runtime == "torch":
+        return "torch"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in stack.log("page").splitlines() if "top-5 on" in line or "top-5 stays" in line]
+        if lines:
+            return lines[-1].split(": ", 1)[-1]
+        time.sleep(1)
+    raise TimeoutError("the page did not say which runtime answers top-5 within "
+                       f"{timeout:.0f} s:\n{stack.log('page')[-2000:]}")
+
+
+def _forward_pair(run_dir: Path, bundle_dir: Path, local, photo: Path) -> dict:
+    """In-process calls on one preprocessed photo: the forward pass through torch and through ONNX Runtime, and
+    the CAM overlay's encoding as PNG and as JPEG."""
+    import io
+
+
+    from shared.export import export_run
+    from shared.export.bundle_predict import Model
+
+    export_run(run_dir, "onnx", bundle_dir, measure=False)
+    onnx = Model(bundle_dir)
+    x = local.preprocess(photo).unsqueeze(0)
+    x_np = x.numpy()
+    _, overlay = local.explain(photo)
+    overlay = overlay.resize((320, 320))
+
+    def encode(fmt):
+        overlay.save(io.BytesIO(), fmt)
+
+    return {"forward_torch_local": lambda p: local.probabilities(x),
+            "forward_onnxruntime_local": lambda p: onnx.probabilities(x_np),
+            "cam_png_encode_local": lambda p: encode("PNG"),
+            "cam_jpeg_encode_local": lambda p: encode("JPEG")}
+
+
 def sample_images(data_dir: Path, count: int) -> tuple[list[str], list[Path]]:
     """(class names, up to `count` image paths spread over the classes), read in place."""
     common.ensure_repo_on_path()
@@ -140,6 +193,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=100, help="calls of each kind")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--runtime", choices=["onnxruntime", "torch"], default="onnxruntime",
+                        help="the page's top-5 forward pass (RESNET_LAB_PREDICT_RUNTIME)")
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="then profile the page with py-spy for this long per client (0 = off)")
     args = common.parse(parser, argv, __file__)
@@ -152,6 +207,7 @@ def main(argv=None) -> dict:
     from shared.analysis.predict import Predictor
 
     print(f"load before: {common.loadavg()}")
+    os.environ["RESNET_LAB_PREDICT_RUNTIME"] = args.runtime  # the page inherits it
     classes, photos = sample_images(args.data_dir, 20)
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
@@ -164,6 +220,7 @@ def main(argv=None) -> dict:
             page_start_s = time.perf_counter() - t0
             client, rest = stack.client(), RestClient(stack.url)
             local = Predictor(models / run_id)
+            forward = _forward_pair(models / run_id, work / "bundle", local, photos[0])
             calls = {
                 "top5_client": lambda p: client.predict([handle_file(str(p))], "latest", api_name="/predict_many"),
                 "top5_cam_client": lambda p: client.predict(handle_file(str(p)), "latest", api_name="/predict"),
@@ -173,6 +230,7 @@ def main(argv=None) -> dict:
                 "floor_rest": lambda p: rest.call("run_status", []),
                 "top5_local": lambda p: local.predict(p),
                 "top5_cam_local": lambda p: local.explain(p),
+                **forward,
             }
             first_call_ms = {}
             for name, call in calls.items():
@@ -181,7 +239,10 @@ def main(argv=None) -> dict:
                 first_call_ms[name] = (time.perf_counter() - t) * 1000
                 for i in range(args.warmup - 1):
                     call(photos[(i + 1) % len(photos)])
+            page_runtime = _page_runtime(stack, args.runtime)
             times: dict[str, list[float]] = {name: [] for name in calls}
+            times["top5_first_rest"] = []
+            first_call_ms["top5_first_rest"] = float("nan")
             loads = []
             for i in range(args.calls):
                 photo = photos[i % len(photos)]
@@ -190,6 +251,8 @@ def main(argv=None) -> dict:
                     t = time.perf_counter()
                     calls[name](photo)
                     times[name].append((time.perf_counter() - t) * 1000)
+                    if name == "top5_cam_rest":
+                        times["top5_first_rest"].append(rest.first_answer_s * 1000)
                 if i % 10 == 0:
                     loads.append(common.loadavg()[0])
             page_rss = common.rss_mb(stack.procs["page"][0].pid)
@@ -211,6 +274,7 @@ def main(argv=None) -> dict:
     common.print_table(rows, title=f"Prediction latency, ResNet18 {args.image_size}px, CPU, {args.calls} calls "
                                    f"each (client = gradio_client, rest = Gradio's REST API by hand, local = the "
                                    f"same model in-process)")
+    print(f"\npage's top-5 runtime: {page_runtime}")
     print(f"\npage start-up {page_start_s:.1f} s; page RSS after the calls {page_rss:.0f} MB; "
           f"load during {min(loads):.1f}..{max(loads):.1f}")
     for name, profile in profiles.items():
@@ -224,7 +288,7 @@ def main(argv=None) -> dict:
     return common.finish(args, "predict_latency", {
         "settings": {"image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
                      "photos": len(photos)},
-        "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
+        "page_runtime": page_runtime, "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
         "results": summary, "page_profile": profiles, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})
 
 

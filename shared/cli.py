@@ -105,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="send the batch through Redis (REDIS_URL) to a worker and wait for its answer; the "
                               "files must lie in the worker's data folders (RESNET_LAB_DATA_ROOTS)")
 
+    export = sub.add_parser("export", help="export a run's model as a folder + .zip: model (ONNX or TorchScript), "
+                                           "classes, preprocessing, calibration, model card, standalone predict.py")
+    export.add_argument("run", help="run id or 'latest'")
+    export.add_argument("--format", default="onnx", choices=["onnx", "torchscript"],
+                        help="onnx (default; predict.py needs only onnxruntime, numpy, Pillow) or torchscript")
+    export.add_argument("--out", metavar="DIR",
+                        help="new or empty folder for the bundle (an earlier bundle there is replaced); the .zip "
+                             "goes next to it as DIR.zip (default: the run's export/ folder)")
+
     runs = sub.add_parser("runs", help="list runs").add_subparsers(dest="runs_command", required=True)
     runs_list = runs.add_parser("list", help="all runs, newest first")
     runs_list.add_argument("--json", action="store_true")
@@ -322,6 +331,19 @@ def print_predictions(run_id: str, model_name: str, classes: Sequence[str], resu
     return 1 if failures == len(results) else 0
 
 
+def cmd_export(args, settings: Settings) -> int:
+    from shared.export import export_run, zip_bundle
+    from shared.runs.store import RunStore
+
+    store = RunStore(settings.models_dir)
+    run_id = _run_id(store, args.run)
+    print(f"exporting run {run_id} as {args.format} (and measuring its latency and parity)", file=sys.stderr)
+    out = export_run(store.path(run_id), args.format, Path(args.out).expanduser() if args.out else None)
+    print(out)
+    print(zip_bundle(out))
+    return 0
+
+
 def cmd_runs_list(args, settings: Settings) -> int:
     from shared.runs.store import DAMAGED, RunStore
 
@@ -380,6 +402,7 @@ COMMANDS = {
     ("evaluate", None): cmd_evaluate,
     ("report", None): cmd_report,
     ("predict", None): cmd_predict,
+    ("export", None): cmd_export,
     ("runs", "list"): cmd_runs_list,
     ("up", None): cmd_up,
     ("ui", None): cmd_ui,
@@ -393,13 +416,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from shared.data.scan import DatasetError
     from shared.data.download import DownloadError
     from shared.data.images import ImageError
+    from shared.export import ExportError
     from shared.runs.store import RunNotFound
     from shared.training.checkpoint import CheckpointError
     from shared.training.config import ConfigError
     from shared.training.models import WeightsUnavailable
 
     return (ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError, RunNotFound, CheckpointError,
-            DownloadError, FileNotFoundError, NotADirectoryError, PermissionError)
+            DownloadError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

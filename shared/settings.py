@@ -57,6 +57,9 @@ def _host_names(name: str, value: str) -> tuple[str, ...]:
     return tuple(h.strip().lower() for h in value.split(",") if h.strip())
 
 
+PREDICT_RUNTIMES = ("onnxruntime", "torch")
+
+
 @dataclass(frozen=True)
 class Settings:
     # where run folders (checkpoints, metrics, figures) live
@@ -94,6 +97,9 @@ class Settings:
     # "module:function" callables that register extra models (shared.training.models.register_model), called
     # by the page, the worker and the CLI at start; e.g. the test suite's tiny ResNet. Comma-separated in the env.
     model_plugins: tuple[str, ...] = ()
+    # the page's forward pass for top-5: "onnxruntime" (the model exported in memory; used when it measures faster
+    # than torch on this CPU, Grad-CAM stays on torch) or "torch"
+    predict_runtime: str = "onnxruntime"
 
     def __post_init__(self):
         from shared.analysis.eval_result import FIGURE_LEVELS
@@ -101,6 +107,9 @@ class Settings:
         if self.eval_figures not in FIGURE_LEVELS:
             raise ValueError(f"{ENV_PREFIX}EVAL_FIGURES must be one of {', '.join(FIGURE_LEVELS)}, "
                              f"got {self.eval_figures!r}")
+        if self.predict_runtime not in PREDICT_RUNTIMES:
+            raise ValueError(f"{ENV_PREFIX}PREDICT_RUNTIME must be one of {', '.join(PREDICT_RUNTIMES)}, "
+                             f"got {self.predict_runtime!r}")
 
     @property
     def cache_path(self) -> Path:
@@ -176,6 +185,7 @@ ENV_VARS = (
     EnvVar("max_queued_runs", ENV_PREFIX + "MAX_QUEUED_RUNS", _integer),
     EnvVar("eval_figures", ENV_PREFIX + "EVAL_FIGURES", _text),
     EnvVar("model_plugins", ENV_PREFIX + "MODEL_PLUGINS", _names, ",".join),
+    EnvVar("predict_runtime", ENV_PREFIX + "PREDICT_RUNTIME", _text),
 )
 
 

@@ -22,6 +22,9 @@ def pytest_configure(config):
     register_tiny_resnet()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ.setdefault("RESNET_LAB_MODEL_PLUGINS", "tests.tinymodel:register_tiny_resnet")
+    # The pages the tests start predict on torch: the default, onnxruntime, exports each model it loads in a
+    # background thread (seconds of CPU per tiny run on shared cores); tests/test_predict_stream.py covers it.
+    os.environ.setdefault("RESNET_LAB_PREDICT_RUNTIME", "torch")
     paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ["PYTHONPATH"] = os.pathsep.join([repo, *[p for p in paths if p != repo]])
 

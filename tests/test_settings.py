@@ -19,7 +19,8 @@ def _all_changed(tmp_path) -> Settings:
                   cache_max_gb=0.25, redis_url="redis://:p@ss/w:rd@host:1/0", host="0.0.0.0", port=8000,
                   auth="u:p", allowed_hosts=("lab.example.com", "*.example.org"), visibility_timeout=60,
                   max_upload_mb=5, uploads_max_gb=1.5, worker_threads=2, weights_dir=tmp_path / "w",
-                  max_queued_runs=7, eval_figures="basic", model_plugins=("tests.tinymodel:register_tiny_resnet",))
+                  max_queued_runs=7, eval_figures="basic", model_plugins=("tests.tinymodel:register_tiny_resnet",),
+                  predict_runtime="torch")
     default = Settings()
     fields = {f.name for f in dataclasses.fields(Settings)}
     assert set(values) == fields, f"give the new setting(s) {sorted(fields - set(values))} a value here"

@@ -83,7 +83,7 @@ class Lab:
         self.settings = settings
         self.files = ClientFiles.for_settings(settings)
         self.store = RunStore(settings.models_dir)
-        self.predictors = PredictorCache(self.store, size=2, device="cpu")
+        self.predictors = PredictorCache(self.store, size=2, device="cpu", runtime=settings.predict_runtime)
         self._client: QueueClient | None = None
         self._lock = threading.Lock()
         self._last_check = 0.0

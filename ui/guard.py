@@ -31,6 +31,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.export import FORMATS as EXPORT_FORMATS
 from shared.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
                  ".webp": "image/webp"}
 # What the page offers for download from a run folder (Results tab).
 RUN_DOWNLOADS = frozenset({"best.pt", "report.html"})
+# Also the export bundles' zips the Results tab builds, `<run>/export/<run>-<format>.zip` (shared.export); nothing
+# else in export/ (the unzipped bundle folders are not served).
 
 
 class FileRefused(ValueError):
@@ -216,10 +219,13 @@ class FilePolicy:
 
     @staticmethod
     def _run_file(parts: tuple[str, ...]) -> Served | None:
-        """A run's figures (`<run>/eval/*.png`) and its downloads (best.pt, report.html); nothing else."""
+        """A run's figures (`<run>/eval/*.png`) and its downloads (best.pt, report.html, export zips); nothing
+        else."""
         if len(parts) < 2 or any(p.startswith(".") for p in parts):
             return None
         if len(parts) == 2 and parts[1] in RUN_DOWNLOADS:
+            return Served(attachment=True)
+        if len(parts) == 3 and parts[1] == "export" and parts[2] in {f"{parts[0]}-{f}.zip" for f in EXPORT_FORMATS}:
             return Served(attachment=True)
         media = INLINE_IMAGES.get(Path(parts[-1]).suffix.lower())
         if parts[1] == "eval" and media:

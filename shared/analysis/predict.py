@@ -26,9 +26,13 @@ class NoModelError(LookupError):
 
 
 class Predictor:
-    """One run's best model, in eval mode, ready to classify images."""
+    """One run's best model, in eval mode, ready to classify images.
 
-    def __init__(self, run_dir: Path, device: str = "cpu"):
+    runtime="onnxruntime": the model is also exported to ONNX in memory, in a background thread (torch answers
+    meanwhile), and ONNX Runtime takes over the top-5 forward pass when it measures faster than torch on this CPU;
+    Grad-CAM always runs on torch. Every outcome is logged with its reason (`self.runtime` names the one in use)."""
+
+    def __init__(self, run_dir: Path, device: str = "cpu", runtime: str = "torch"):
         self.run_dir = Path(run_dir)
         self.run_id = self.run_dir.name
         self.device = torch.device(device)
@@ -40,12 +44,59 @@ class Predictor:
         self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"])
         # one model instance serves concurrent page requests; Grad-CAM hooks must not interleave
         self._lock = threading.Lock()
+        self.runtime, self._session = "torch", None
+        if runtime == "onnxruntime":
+            if self.device.type != "cpu":
+                log.info("run %s: top-5 on torch (%s), not ONNX Runtime: it is for CPU", self.run_id, self.device)
+            else:
+                # not a daemon: a process exiting in the middle of an export aborts ("terminate called...")
+                self.onnx_ready = threading.Thread(target=self._use_onnxruntime, name=f"onnx-{self.run_id}")
+                self.onnx_ready.start()
+        elif runtime != "torch":
+            raise ValueError(f"runtime must be onnxruntime or torch, got {runtime!r}")
+
+    def _use_onnxruntime(self) -> None:
+        """Export, time both runtimes side by side on one input, keep the faster (logged either way)."""
+        import copy
+        import time
+
+        from shared.export.bundle import onnx_session
+
+        try:
+            # a copy: the trace must not see a concurrent Grad-CAM's hooks, and predictions go on meanwhile
+            session = onnx_session(copy.deepcopy(self.model), self.image_size)
+        except Exception as exc:  # noqa: BLE001 - any export failure leaves torch answering, said in the log
+            log.warning("run %s: top-5 stays on torch: exporting it to ONNX failed (%s: %s)", self.run_id,
+                        type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            return
+        x = torch.zeros(1, 3, self.image_size, self.image_size)
+        feed = {session.get_inputs()[0].name: x.numpy()}
+        timings = {"torch": [], "onnxruntime": []}
+        for _ in range(11):  # alternating, so both see the same load
+            start = time.perf_counter()
+            self._torch_probabilities(x)
+            timings["torch"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            session.run(None, feed)
+            timings["onnxruntime"].append(time.perf_counter() - start)
+        ms = {name: 1000 * sorted(t)[len(t) // 2] for name, t in timings.items()}
+        if ms["onnxruntime"] < ms["torch"]:
+            self._session, self.runtime = session, "onnxruntime"
+        log.info("run %s: top-5 on %s (median forward at batch 1: onnxruntime %.1f ms, torch %.1f ms)", self.run_id,
+                 self.runtime, ms["onnxruntime"], ms["torch"])
 
     def preprocess(self, src: Any) -> torch.Tensor:
         return self.transform(load_rgb(src))
 
-    @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        session = self._session
+        if session is None:
+            return self._torch_probabilities(batch)
+        logits = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+        return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+
+    @torch.inference_mode()
+    def _torch_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.model(batch.to(self.device)).float(), dim=1).cpu()
 
     def _top(self, probs: torch.Tensor, top_k: int) -> list[dict]:
@@ -84,15 +135,22 @@ class Predictor:
 
     def explain(self, src: Any, class_idx: int | None = None):
         """(top-5, Grad-CAM overlay PIL image) for one image."""
-        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
-
         image = load_rgb(src)
         x = self.transform(image).unsqueeze(0).to(self.device)
         with self._lock:
             probs = self.probabilities(x)[0]
-            target = int(probs.argmax()) if class_idx is None else class_idx
-            cam = GradCAM(self.model, self.spec)(x, target)
-        return self._top(probs, 5), overlay_cam(_centre_crop_view(image, self.image_size), cam)
+        target = int(probs.argmax()) if class_idx is None else class_idx
+        return self._top(probs, 5), self.cam(image, target, x)
+
+    def cam(self, image, class_idx: int, x: torch.Tensor | None = None):
+        """The Grad-CAM overlay (PIL image) of `class_idx` for an RGB PIL image: the page shows the top-5 first
+        (`predict`) and this when it is ready."""
+        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
+
+        x = self.transform(image).unsqueeze(0).to(self.device) if x is None else x
+        with self._lock:
+            heat = GradCAM(self.model, self.spec)(x, class_idx)
+        return overlay_cam(_centre_crop_view(image, self.image_size), heat)
 
 
 def _centre_crop_view(image, image_size: int):
@@ -160,8 +218,8 @@ def resolve_run(store: RunStore, run: str) -> str:
 class PredictorCache:
     """Keeps the most recently used predictors loaded; reloads a run whose best.pt changed on disk."""
 
-    def __init__(self, store: RunStore, size: int = 2, device: str = "cpu"):
-        self.store, self.size, self.device = store, size, device
+    def __init__(self, store: RunStore, size: int = 2, device: str = "cpu", runtime: str = "torch"):
+        self.store, self.size, self.device, self.runtime = store, size, device, runtime
         self._items: OrderedDict[tuple[str, float], Predictor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -172,7 +230,7 @@ class PredictorCache:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-            predictor = Predictor(self.store.path(run_id), self.device)
+            predictor = Predictor(self.store.path(run_id), self.device, self.runtime)
             self._items[key] = predictor
             while len(self._items) > self.size:
                 self._items.popitem(last=False)

@@ -78,8 +78,9 @@ def build(lab) -> PredictUI:
         with gr.Column():
             label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
             answer = gr.Markdown(elem_id="predict-info")
+        # JPEG: the overlay is a photo; Pillow encodes it ~100x faster than PNG (BENCHMARKS.md, item 4)
         cam = gr.Image(label="Where the model looked (Grad-CAM)", interactive=False, elem_id="predict-cam",
-                       height=320, format="png")
+                       height=320, format="jpeg")
     with gr.Accordion("Many images at once", open=False, elem_id="predict-many"):
         with gr.Row(equal_height=False):
             files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="predict-files",
@@ -204,18 +205,27 @@ def no_answer(ui: PredictUI) -> dict:
 def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered).
 
-    A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
-    next to a new one, least of all one that turns out unreadable (its error toast is the only answer then).
-    API clients get the final value only; the page also gets the id of the run that answered (a State)."""
-    yield no_answer(ui)
+    A generator: the top-5 first, with the previous picture's CAM taken away in the same update (a CAM never
+    stands next to another picture's label), then the CAM when Grad-CAM is done. A picture that cannot be read
+    clears the previous answer before its error toast. API clients get the final value only (all four outputs);
+    the page also gets the id of the run that answered (a State)."""
     if image is None:
+        yield no_answer(ui)
         return
-    data, name = _upload_bytes(lab, image)
-    picture = _load(data, name)
-    predictor = _predictor(lab, model)
-    top, overlay = predictor.explain(picture)
-    yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
-           ui.answer: _describe_run(lab, predictor.run_id, model or LATEST), ui.answered: predictor.run_id}
+    try:
+        data, name = _upload_bytes(lab, image)
+        picture = _load(data, name)
+        predictor = _predictor(lab, model)
+    except gr.Error:
+        yield no_answer(ui)
+        raise
+    top = predictor.predict(picture, top_k=5)
+    answer = {ui.label: view.top5_dict(top), ui.cam: None,
+              ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
+              ui.answered: predictor.run_id}
+    yield answer
+    overlay = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
+    yield {**answer, ui.cam: _display_size(overlay)}
 
 
 BATCH = 32  # files read and classified together by "Classify all"

@@ -65,6 +65,9 @@ class ResultsUI:
     report_btn: gr.Button
     report_file: gr.DownloadButton
     checkpoint_file: gr.DownloadButton
+    export_format: gr.Dropdown
+    export_btn: gr.Button
+    export_file: gr.DownloadButton
     state: gr.State
 
 
@@ -91,6 +94,13 @@ def build(lab) -> ResultsUI:
                                             scale=0, min_width=240)
             checkpoint_file = gr.DownloadButton("Download checkpoint (best.pt)", visible=False,
                                                 elem_id="checkpoint-download", scale=0, min_width=300)
+        with gr.Row(elem_classes="toolbar"):
+            export_format = gr.Dropdown([("ONNX (predict.py needs only onnxruntime, numpy, Pillow)", "onnx"),
+                                         ("TorchScript", "torchscript")], value="onnx", label="Export format",
+                                        elem_id="export-format", scale=2)
+            export_btn = gr.Button("Export model bundle (.zip)", elem_id="export-btn", scale=0, min_width=240)
+            export_file = gr.DownloadButton("Download bundle", visible=False, elem_id="export-download", scale=0,
+                                            min_width=240)
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 per_class = gr.Dataframe(interactive=False, label="Per class", elem_id="per-class",
@@ -142,7 +152,8 @@ def build(lab) -> ResultsUI:
                      confusion=confusion, roc=roc, pr=pr, calibration=calibration, tsne_panel=tsne_panel, tsne=tsne,
                      cams=cams, top_losses=top_losses, act_pick=act_pick, act_image=act_image,
                      activations=activations, report_btn=report_btn, report_file=report_file,
-                     checkpoint_file=checkpoint_file, state=state)
+                     checkpoint_file=checkpoint_file, export_format=export_format, export_btn=export_btn,
+                     export_file=export_file, state=state)
 
 
 # --- reading eval.json --------------------------------------------------------------------------------------
@@ -217,6 +228,7 @@ def show_run(lab, ui: ResultsUI, run_id: str | None, mode: str, state: dict | No
         ui.act_pick: gr.Dropdown(choices=[(p, p) for p in view.test_image_choices(result)], value=None),
         ui.checkpoint_file: _download(run_dir / "best.pt"),
         ui.report_file: _download(run_dir / "report.html"),
+        ui.export_file: gr.DownloadButton(visible=False),
         ui.state: state,
     }
 
@@ -227,7 +239,7 @@ def _hidden(ui: ResultsUI, state: dict, text: str) -> dict:
             ui.confusion: "", ui.roc: EMPTY_CURVE, ui.pr: EMPTY_CURVE, ui.calibration: EMPTY_CURVE,
             ui.tsne: EMPTY_TSNE, ui.cams: [], ui.top_losses: [], ui.act_pick: gr.Dropdown(choices=[], value=None),
             ui.checkpoint_file: gr.DownloadButton(visible=False), ui.report_file: gr.DownloadButton(visible=False),
-            ui.state: state}
+            ui.export_file: gr.DownloadButton(visible=False), ui.state: state}
 
 
 def _park_captions(state: dict, run_id: str, result: EvalResult) -> None:
@@ -277,6 +289,31 @@ def build_report(lab, run_id: str | None):
         raise user_error(f"cannot build the report yet: {exc}", title="Report unavailable") from None
     gr.Info("Report ready — press Download report.html.")
     return gr.DownloadButton(value=str(path), visible=True)
+
+
+def export_bundle(lab, run_id: Any, fmt: Any):
+    """Export the run's best model (shared/export) into `<run>/export/` and offer its zip for download. Both values
+    come from the page's API: the run id is confined by the run store, the format checked against the list."""
+    from shared.export import FORMATS, ExportError, default_bundle_dir, export_run, zip_bundle
+    from shared.analysis.predict import resolve_run
+
+    if not run_id:
+        raise user_error("Pick a finished run first.", title="No run")
+    if fmt not in FORMATS:
+        raise user_error(f"unknown export format {shown(fmt)}; choose one of {', '.join(FORMATS)}",
+                         title="Unknown format")
+    try:
+        if not isinstance(run_id, str) or len(run_id) > 120 or run_id == "latest":
+            raise NoModelError(f"no run {shown(run_id)}")
+        run_dir = lab.store.path(resolve_run(lab.store, run_id))
+        bundle = export_run(run_dir, fmt, default_bundle_dir(run_dir, fmt))
+    except NoModelError as exc:  # unknown, hostile, or not finished: one message
+        raise user_error(str(exc), title="Model not available") from None
+    except ExportError as exc:
+        raise user_error(str(exc), title="Cannot export") from None
+    path = zip_bundle(bundle)
+    gr.Info(f"Bundle ready — press Download {path.name}.")
+    return gr.DownloadButton(f"Download {path.name}", value=str(path), visible=True)
 
 
 def activations(lab, run_id: str | None, image: Any):
@@ -332,7 +369,7 @@ def pick_test_image(lab, run_id: str | None, rel: str | None):
 def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     outputs = {ui.metrics, ui.body, ui.per_class, ui.per_class_note, ui.confusion, ui.roc, ui.pr, ui.calibration,
                ui.tsne_panel, ui.tsne, ui.cams, ui.top_losses, ui.act_pick, ui.checkpoint_file, ui.report_file,
-               ui.state}
+               ui.export_file, ui.state}
     show = dict(fn=partial(show_run, lab, ui), inputs=[ui.run, ui.confusion_mode, ui.state], outputs=outputs,
                 api_visibility="private")
     # the plots' captions after their data (see ui/tabs/__init__.py: why it takes two steps)
@@ -348,6 +385,8 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     ui.evaluate_btn.click(partial(evaluate_again, lab), ui.run, ui.metrics, api_visibility="private")
     ui.report_btn.click(partial(build_report, lab), ui.run, ui.report_file, api_visibility="private",
                         concurrency_limit=1)
+    ui.export_btn.click(partial(export_bundle, lab), [ui.run, ui.export_format], ui.export_file,
+                        api_name="export_run", concurrency_limit=1)
     # preprocess=False: Gradio's image preprocessing would open whatever path a payload without `meta` names;
     # the handler reads it through lab.files instead (ui/guard.py)
     ui.act_image.change(partial(activations, lab), [ui.run, ui.act_image], ui.activations, api_visibility="private",
