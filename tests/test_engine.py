@@ -16,7 +16,7 @@ from shared.training.engine import Cancelled, Reporter, fit
 from shared.training.models import WeightsUnavailable, create_model, weights_cache_dir
 from shared.runs.store import RunStore, read_metrics
 from tests.imagegen import make_image_folder
-from tests.tinymodel import TINY_RESNET, register_tiny_resnet
+from tests.tinymodel import register_tiny_resnet
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py

@@ -35,11 +35,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.data import cache as cache_mod
 from shared.data import images
 from shared.data.cache import CacheFullError, load_image_array
 from shared.data.images import ByteBudget, ImageError, load_rgb, load_rgb_resized, verify_image
-from tests.imagegen import make_image, make_image_folder
+from tests.imagegen import make_image_folder
 from tests.procs import REPO, Processes, wait_for
 from tests.tiny import TINY_TRAIN, train_tiny
 
