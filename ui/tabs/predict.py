@@ -75,7 +75,7 @@ def build(lab) -> PredictUI:
         with gr.Column():
             label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
             answer = gr.Markdown(elem_id="predict-info")
-        cam = gr.Image(label="Where the model looked (Grad-CAM)", interactive=False, elem_id="predict-cam",
+        cam = gr.Image(label="Where the model looked (heat-map)", interactive=False, elem_id="predict-cam",
                        height=320, format="png")
     with gr.Accordion("Many images at once", open=False, elem_id="predict-many"):
         with gr.Row(equal_height=False):
@@ -203,8 +203,9 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
-    top, overlay = predictor.explain(picture)
-    yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
+    top, overlay, caption = predictor.explain(picture)
+    cam = gr.Image(_display_size(overlay), label=f"Where the model looked: {caption}")  # states the map's resolution
+    yield {ui.label: view.top5_dict(top), ui.cam: cam,
            ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), ui.answered: predictor.run_id}
 
 
