@@ -100,7 +100,32 @@ def on_object(peak: tuple[float, float], box: Sequence[int], tolerance: float) -
     return box[0] - tolerance <= r < box[2] + tolerance and box[1] - tolerance <= c < box[3] + tolerance
 
 
-def play(model_name: str, size: int, n_train: int, n_test: int, epochs: int, seed: int) -> dict:
+def save_examples(folder: Path, model_name: str, size: int, model, x, targets, makers: dict) -> None:
+    """A sheet of overlays (rows: scenes; columns: the scene, then each method) to look at, beside the figures."""
+    from PIL import Image
+
+    from shared.analysis.explain import overlay_cam
+    from shared.analysis.plots import image_grid
+    from shared.training.models import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = np.asarray(IMAGENET_MEAN).reshape(3, 1, 1), np.asarray(IMAGENET_STD).reshape(3, 1, 1)
+    views = [Image.fromarray((np.clip(t.numpy() * std + mean, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0))
+             for t in x]
+    maps = {name: make(model).batch(x, targets.tolist())[0] for name, make in makers.items()}
+    images, titles = [], []
+    for i, view in enumerate(views):
+        images.append(view)
+        titles.append("scene")
+        for name, cams in maps.items():
+            images.append(overlay_cam(view, cams[i]))
+            titles.append(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    image_grid(images, titles, ncols=1 + len(maps), cell=128,
+               suptitle=f"{model_name} at {size} px").save(folder / f"pointing_{model_name}_{size}.png")
+
+
+def play(model_name: str, size: int, n_train: int, n_test: int, epochs: int, seed: int,
+         figure: Path | None = None) -> dict:
     import torch
 
     from shared.analysis.explain import cam_peak
@@ -131,6 +156,8 @@ def play(model_name: str, size: int, n_train: int, n_test: int, epochs: int, see
             map_size[name] = explainer.resolution(x.shape[-2:])
             peaks[name] += [cam_peak(c) for c in cams]
     n = max(1, len(correct))
+    if figure is not None:
+        save_examples(figure, model_name, size, model, x[correct[:4]], pred[correct[:4]], makers)
     area = [min(size, b[2] + tolerance) - max(0, b[0] - tolerance) for b in boxes[correct]]
     area = [a * (min(size, b[3] + tolerance) - max(0, b[1] - tolerance)) / size ** 2
             for a, b in zip(area, boxes[correct])]
@@ -158,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--test", type=int, default=300, help="test scenes")
     parser.add_argument("--epochs", type=int, default=0, help="epochs (0: 4, 3 at 224 px)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--figures", type=Path, default=None, metavar="DIR",
+                        help="also save a sheet of example overlays per model and size here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes so the script runs in seconds (CI)")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results here")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -176,10 +205,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for size in args.sizes:
             n_train = 48 if args.quick else args.train or (1200 if size >= 224 else 2400)
             epochs = 1 if args.quick else args.epochs or (3 if size >= 224 else 4)
-            res = play(model_name, size, n_train, args.test, epochs, args.seed)
+            res = play(model_name, size, n_train, args.test, epochs, args.seed, args.figures)
             results.append(res)
+            hits = ", ".join(f"{name} {m['hit']:.0%}" for name, m in res["methods"].items())
             print(f"{model_name} {size} px: accuracy {res['accuracy']:.1%}, {res['correct']} correct, "
-                  f"trained {res['train_s']:.0f} s", flush=True)
+                  f"trained {res['train_s']:.0f} s; peak on the object: {hits}", flush=True)
     names = list(results[0]["methods"])
     rows = [{"model": r["model"], "px": r["size"], "acc": f"{r['accuracy']:.0%}", "n": r["correct"],
              "chance": f"{r['chance']:.0%}",
