@@ -60,7 +60,7 @@ def to_tensor(images: np.ndarray):
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return ((x - mean) / std).contiguous()  # NCHW: the permuted (channels-last) tensor crashed a 224 px backward in libtorch_cpu
 
 
 def train(model_name: str, size: int, n_train: int, epochs: int, seed: int, batch: int = 32):

@@ -221,7 +221,7 @@ def pointing_model():
 
 
 def _scenes(images: np.ndarray) -> torch.Tensor:
-    return (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25
+    return ((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25).contiguous()
 
 
 @pytest.mark.slow  # trains pointing_model
