@@ -226,9 +226,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     judged = [r for r in results if r["size"] == 128]
     ok = bool(judged) and all(r["methods"][default]["hit"] >= TARGET
                               and r["methods"][default]["hit"] > r["methods"]["gradcam-l4"]["hit"] for r in judged)
-    print(f"\ntarget: {default} >= {TARGET:.0%} at 128 px and above gradcam-l4: {verdict(ok, args.quick)}")
+    judgement = verdict(ok, args.quick) if judged else "n/a (no 128 px run)"
+    print(f"\ntarget: {default} >= {TARGET:.0%} at 128 px and above gradcam-l4: {judgement}")
     return finish(args, "pointing_game", {"results": results, "target": TARGET, "default": default,
-                                          "verdict": verdict(ok, args.quick)})
+                                          "verdict": judgement})
 
 
 if __name__ == "__main__":
