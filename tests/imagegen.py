@@ -3,6 +3,8 @@
 `make_image_folder` builds a dataset whose classes are learnable: each class has its own dominant colour and
 stripe pattern, plus per-image noise and brightness jitter, so a tiny CNN beats chance in a few epochs.
 The `write_*` helpers produce the broken files real users bring: empty, truncated, HTML saved as .jpg, ...
+`pointing_scene` / `pointing_dataset` draw scenes with one class-deciding object at a known place among clutter,
+for testing where heat-maps point (tests/test_explain.py, bench/bench_pointing_game.py).
 """
 
 from __future__ import annotations
