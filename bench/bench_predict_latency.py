@@ -161,7 +161,7 @@ def _forward_pair(run_dir: Path, bundle_dir: Path, local, photo: Path) -> dict:
     onnx = Model(bundle_dir)
     x = local.preprocess(photo).unsqueeze(0)
     x_np = x.numpy()
-    _, overlay = local.explain(photo)
+    _, overlay, _ = local.explain(photo)
     overlay = overlay.resize((320, 320))
 
     def encode(fmt):

@@ -3,6 +3,8 @@
 `make_image_folder` builds a dataset whose classes are learnable: each class has its own dominant colour and
 stripe pattern, plus per-image noise and brightness jitter, so a tiny CNN beats chance in a few epochs.
 The `write_*` helpers produce the broken files real users bring: empty, truncated, HTML saved as .jpg, ...
+`pointing_scene` / `pointing_dataset` draw scenes with one class-deciding object at a known place among clutter,
+for testing where heat-maps point (tests/test_explain.py, bench/bench_pointing_game.py).
 """
 
 from __future__ import annotations
@@ -178,3 +180,71 @@ def write_exif_rotated_jpeg(path: str | Path, orientation: int = 6, size: tuple[
     exif[0x0112] = orientation
     img.save(path, "JPEG", quality=95, exif=exif.tobytes())
     return path
+
+
+# --- scenes with an object at a known place (heat-map pointing game) ---------------------------------------
+
+POINTING_CLASSES = ("ring", "plus", "cross")
+
+
+def pointing_scene(size: int, label: int, rng: np.random.Generator, clutter: tuple[int, int] = (4, 7)
+                   ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """One (size, size, 3) uint8 scene and its object's box (row0, col0, row1, col1), end exclusive.
+
+    The object, whose shape alone decides the class (POINTING_CLASSES: a square ring, a plus, a diagonal cross;
+    drawn with thick strokes, about 30% of the side), sits at a random place on a smooth random-colour background
+    with noise; clutter (filled discs and squares, 12-22% of the side) is scattered elsewhere. Colours are random for
+    the object and the clutter alike, so only the object's shape and place tell the class: a heat-map that explains
+    the decision must point at the object (the pointing game of Zhang et al., 2016, arXiv:1608.00507).
+    """
+    from PIL import ImageDraw
+
+    if label not in range(len(POINTING_CLASSES)):
+        raise ValueError(f"label must be 0..{len(POINTING_CLASSES) - 1}, got {label}")
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    start, slope = rng.uniform(40, 150, 3), rng.uniform(-50, 50, (2, 3))
+    background = start + yy[..., None] * slope[0] + xx[..., None] * slope[1]
+    image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+
+    def colour():
+        return tuple(int(v) for v in rng.integers(0, 256, 3))
+
+    side = int(round(size * rng.uniform(0.26, 0.34)))
+    r0, c0 = (int(v) for v in rng.integers(1, size - side - 1, 2))
+    box = (r0, c0, r0 + side, c0 + side)
+    stroke = max(2, side // 6)
+    placed = [box]
+    for _ in range(int(rng.integers(*clutter))):
+        for _attempt in range(20):  # rejection sampling: clutter never touches the object (nor other clutter)
+            s = int(round(size * rng.uniform(0.12, 0.22)))
+            r, c = (int(v) for v in rng.integers(0, size - s, 2))
+            if all(r + s + 2 <= b[0] or b[2] + 2 <= r or c + s + 2 <= b[1] or b[3] + 2 <= c for b in placed):
+                placed.append((r, c, r + s, c + s))
+                shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+                shape([c, r, c + s - 1, r + s - 1], fill=colour())
+                break
+    fill = colour()
+    x0, y0, x1, y1 = c0, r0, c0 + side - 1, r0 + side - 1
+    if label == 0:
+        draw.rectangle([x0, y0, x1, y1], outline=fill, width=stroke)
+    elif label == 1:
+        mid = side // 2
+        draw.rectangle([x0, y0 + mid - stroke // 2, x1, y0 + mid + (stroke - 1) // 2], fill=fill)
+        draw.rectangle([x0 + mid - stroke // 2, y0, x0 + mid + (stroke - 1) // 2, y1], fill=fill)
+    else:
+        draw.line([x0, y0, x1, y1], fill=fill, width=stroke)
+        draw.line([x0, y1, x1, y0], fill=fill, width=stroke)
+    arr = np.asarray(image, dtype=np.float32) + rng.normal(0.0, 10.0, (size, size, 3))
+    return np.clip(arr, 0, 255).astype(np.uint8), box
+
+
+def pointing_dataset(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`n` scenes: (images (n, size, size, 3) uint8, labels (n,), boxes (n, 4)); classes balanced, order random."""
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % len(POINTING_CLASSES))
+    images = np.zeros((n, size, size, 3), np.uint8)
+    boxes = np.zeros((n, 4), int)
+    for i, label in enumerate(labels):
+        images[i], boxes[i] = pointing_scene(size, int(label), rng)
+    return images, labels, boxes

@@ -86,6 +86,13 @@ def test_evaluation(tmp_path, images):
     assert result["evaluate_run"][0]["n"] > 0 and result["figures"] and result["tsne_median_s"] > 0
 
 
+def test_pointing_game(tmp_path):
+    result = run_quick("bench_pointing_game", tmp_path)
+    (res,) = result["results"]
+    assert res["correct"] <= res["test_images"] and set(res["methods"]) >= {"gradcam-l4", result["default"]}
+    assert all(m["ms_per_image"] > 0 and "over 32×32 input" in m["map"] for m in res["methods"].values())
+
+
 # --- the running system: Redis + page (+ worker) as real processes; each starts its own, so these take longer ---
 
 def test_predict_latency(tmp_path, images):

@@ -95,6 +95,15 @@ def test_predictor_accepts_paths_bytes_and_pil_images(trained):
     assert len(predictor.predict(png.getvalue(), top_k=5)) == 3
 
 
+def test_predictor_explains_with_the_default_heat_map_and_states_its_resolution(trained):
+    _, data, models, _ = trained
+    store = RunStore(models)
+    predictor = Predictor(store.path(store.latest_succeeded()))
+    top, overlay, caption = predictor.explain(next((data / "class_1").glob("*.jpg")))
+    assert len(top) == 3 and overlay.size == (32, 32)
+    assert caption == "LayerCAM heat-map 4×4 over 32×32 input"  # layer2 of a ResNet: 1/8 of the input
+
+
 def test_model_beats_chance_on_fresh_images(trained, tmp_path):
     _, _, models, _ = trained
     store = RunStore(models)

@@ -1,4 +1,5 @@
-"""Explanations: Grad-CAM is the real formula and finds the object, activations are real, hooks never leak, t-SNE."""
+"""Explanations: Grad-CAM and LayerCAM are the real formulas and find the object, every registered model draws them,
+activations are real, hooks never leak, t-SNE."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
-from shared.analysis.explain import GradCAM, FeatureRecorder, layer_activations, overlay_cam, top_channels, tsne_embed
-from shared.training.models import get_spec
+from shared.analysis.explain import (CAM_METHODS, DEFAULT_CAM, FeatureRecorder, GradCAM, LayerCAM, cam_peak,
+                                     create_cam, layer_activations, overlay_cam, top_channels, tsne_embed)
+from shared.training.models import create_model, get_spec, list_models
+from tests.imagegen import POINTING_CLASSES, pointing_dataset
+from tests.tinymodel import TINY_RESNET, register_tiny_resnet
 
 RESNET18 = get_spec("resnet18")
 
@@ -91,6 +95,160 @@ def test_gradcam_works_with_a_frozen_backbone_and_dropout_head():
     cam = GradCAM(model, RESNET18)(torch.randn(1, 3, 64, 64), 1)
     assert cam.shape == (64, 64) and np.isfinite(cam).all()
     assert no_hooks_left(model)
+
+
+# --- LayerCAM: formula, every registered model -------------------------------------------------------------------
+
+def reference_layercam(model, x, target, fuse):
+    """LayerCAM written out a second way: stages by hand, ReLU(grad) * activation per position, per stage."""
+    h = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    a2 = model.layer2(model.layer1(h))
+    a3 = model.layer3(a2)
+    a4 = model.layer4(a3)
+    logits = model.fc(torch.flatten(model.avgpool(a4), 1))
+    grads = torch.autograd.grad(logits[0, target], [a2, a3, a4])
+    maps = []
+    for a, g in zip((a2, a3, a4), grads):
+        m = F.relu((F.relu(g) * a).sum(1, keepdim=True))
+        m = F.interpolate(m, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
+        maps.append(m / m.max())
+    fused = torch.stack(maps).mean(0) if fuse == "mean" else torch.stack(maps).amax(0)
+    fused = fused - fused.min()
+    return (fused / fused.max()).detach().numpy()
+
+
+@pytest.mark.parametrize("fuse", ["mean", "max"])
+def test_layercam_equals_the_formula_and_leaves_the_model_clean(fuse):
+    model = small_resnet()
+    x = torch.randn(1, 3, 96, 96)
+    explainer = LayerCAM(model, RESNET18, fuse=fuse)
+    assert explainer.layers == ("layer2", "layer3", "layer4")  # from the spec
+    for target in (0, 2):
+        cam = explainer(x, class_idx=target)
+        assert cam.shape == (96, 96) and cam.dtype == np.float32
+        assert np.allclose(cam, reference_layercam(model, x, target, fuse), atol=1e-4)
+    assert explainer.map_size == (12, 12)  # layer2: 1/8 of the input
+    assert explainer.resolution(x.shape) == "heat-map 12×12 over 96×96 input"
+    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters()) and not model.training
+
+
+def test_cam_methods_are_chosen_by_name():
+    model = small_resnet()
+    assert isinstance(create_cam(model, RESNET18), CAM_METHODS[DEFAULT_CAM])
+    assert isinstance(create_cam(model, RESNET18, "gradcam"), GradCAM)
+    with pytest.raises(ValueError, match="choose one of gradcam, layercam"):
+        create_cam(model, RESNET18, "saliency")
+    with pytest.raises(RuntimeError, match="no CAM drawn yet"):
+        create_cam(model, RESNET18).resolution((64, 64))
+
+
+# Real heat-maps from tiny_resnet and resnet18 (BasicBlock) in the quick lane, resnet50 (Bottleneck) in the full one;
+# every registered model's spec is checked on the meta device below (building the 127 M-parameter ones for real
+# costs tens of seconds on two cores).
+@pytest.mark.parametrize("name", [TINY_RESNET, "resnet18", pytest.param("resnet50", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+def test_registered_models_draw_every_heat_map(name, method):
+    register_tiny_resnet()
+    spec = get_spec(name)
+    torch.manual_seed(0)
+    model = create_model(name, 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    explainer = create_cam(model, spec, method)
+    cams, probs = explainer.batch(x, [0, 2])
+    assert cams.shape == (2, 32, 32) and cams.dtype == np.float32 and np.isfinite(cams).all()
+    assert cams.min() >= 0.0 and cams.max() <= 1.0 + 1e-6
+    assert all(np.isclose(c.max(), 1.0) or c.max() == 0.0 for c in cams)
+    assert probs.shape == (2, 3)
+    assert explainer.map_size == ((4, 4) if method == "layercam" else (1, 1))  # layer2 / layer4 at 32 px
+    assert no_hooks_left(model) and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.slow  # building the ten torchvision networks, even without weights: ~10 CPU-seconds
+def test_every_registered_model_has_the_heat_map_layers():
+    """The modules each spec names for the heat-maps exist and give (N, K, h, w) maps, the first LayerCAM layer the
+    finest: checked on the meta device (shapes only, no weights: a real wide_resnet101_2 alone takes ~5 s to build)."""
+    register_tiny_resnet()
+    for name in list_models():
+        spec = get_spec(name)
+        with torch.device("meta"):
+            model = spec.builder().eval()
+        shapes: dict[str, tuple] = {}
+        paths = (*spec.layercam_layers, spec.cam_layer)
+        handles = [model.get_submodule(path).register_forward_hook(
+            lambda m, i, o, path=path: shapes.update({path: tuple(o.shape)})) for path in paths]
+        model(torch.empty(1, 3, 64, 64, device="meta"))
+        for handle in handles:
+            handle.remove()
+        assert all(len(shapes[p]) == 4 for p in paths), (name, shapes)
+        finest = shapes[spec.layercam_layers[0]]
+        assert finest[-2:] == max(shapes[p][-2:] for p in paths), (name, shapes)
+
+
+# --- the default heat-map points at the object (pointing game, bench/bench_pointing_game.py in small) -------------
+
+POINT_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pointing_model():
+    """tiny_resnet trained on generated scenes (tests.imagegen.pointing_scene) at 64 px: ~6 CPU-seconds, about
+    60% right on new scenes (chance: 33%), enough to tell a map that points from one that does not."""
+    register_tiny_resnet()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    images, labels, _ = pointing_dataset(900, POINT_SIZE, seed=0)
+    x, y = _scenes(images), torch.from_numpy(labels).long()
+    model = create_model(TINY_RESNET, len(POINTING_CLASSES))
+    optimizer = torch.optim.AdamW(model.parameters(), 4e-3)
+    epochs, batch = 6, 32
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, 1e-2, total_steps=epochs * (len(x) // batch))
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x) - batch + 1, batch):
+            idx = order[start:start + batch]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    torch.set_num_threads(previous)
+    return model
+
+
+def _scenes(images: np.ndarray) -> torch.Tensor:
+    return ((torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0 - 0.5) / 0.25).contiguous()
+
+
+@pytest.mark.slow  # trains pointing_model
+def test_the_default_heat_map_points_at_the_object(pointing_model):
+    images, labels, boxes = pointing_dataset(90, POINT_SIZE, seed=1)
+    x = _scenes(images)
+    spec = get_spec(TINY_RESNET)
+    cams, probs = create_cam(pointing_model, spec).batch(x)
+    pred = probs.argmax(1)
+    shown = np.nonzero(pred == labels)[0]
+    assert len(shown) >= 40, f"the tiny model learned too little ({len(shown)} of 90 right) for the test to mean anything"
+    tol = 4  # the pointing game's 15 px at 224, scaled to 64 px
+
+    def hit_rate(maps, scene_boxes):
+        return np.mean([b[0] - tol <= r < b[2] + tol and b[1] - tol <= c < b[3] + tol
+                        for (r, c), b in zip((cam_peak(m) for m in maps), scene_boxes)])
+
+    hits = hit_rate(cams[shown], boxes[shown])
+    # what maps that ignore the object score: random maps, and the same peaks against another scene's box
+    rng = np.random.default_rng(0)
+    random_hits = hit_rate(rng.random((len(shown), POINT_SIZE, POINT_SIZE)), boxes[shown])
+    decoy = hit_rate(cams[shown], np.roll(boxes[shown], 1, axis=0))
+    assert hits > max(random_hits, decoy) + 0.3, (hits, random_hits, decoy)
+    # and it beats the old default, Grad-CAM on layer4 (a 2x2 map at 64 px)
+    old, _ = GradCAM(pointing_model, spec).batch(x[shown], pred[shown].tolist())
+    assert hits > hit_rate(old, boxes[shown]) + 0.2, (hits, hit_rate(old, boxes[shown]))
+    assert no_hooks_left(pointing_model)
 
 
 # --- Grad-CAM finds the object that decides the class ------------------------------------------------------------
@@ -211,6 +369,23 @@ def test_overlay_cam_blends_a_colormap_over_the_image():
     arr = np.asarray(out).astype(int)
     assert not np.array_equal(arr[5, 5], arr[50, 70])  # hot corner differs from the cold one
     assert np.array_equal(np.asarray(overlay_cam(image, cam, alpha=0.0)), np.asarray(image))
+
+
+def test_overlay_outlines_the_hot_region_and_rings_the_peak():
+    image = Image.new("RGB", (96, 96), (128, 128, 128))
+    yy, xx = np.mgrid[0:24, 0:24]
+    cam = np.exp(-((yy - 6) ** 2 + (xx - 17) ** 2) / 12.0).astype(np.float32)  # peak at row 6, col 17 of 24
+    arr = np.asarray(overlay_cam(image, cam)).astype(int)
+    cyan = (arr[..., 0] < 60) & (arr[..., 1] > 200) & (arr[..., 2] > 200)
+    rows, cols = np.nonzero(cyan)
+    assert len(rows) > 20
+    # the marks sit around the peak (scaled 4x: row ~26, col ~70), nowhere near the cold corners
+    assert abs(rows.mean() - 4 * 6.4) < 8 and abs(cols.mean() - 4 * 17.4) < 8
+    assert not cyan[60:, :40].any()
+    plain = np.asarray(overlay_cam(image, cam, outline=False)).astype(int)
+    assert not ((plain[..., 0] < 60) & (plain[..., 1] > 200)).any()
+    # hot is strongly coloured, cold keeps most of the photo
+    assert np.abs(plain[26, 70] - 128).sum() > 150 and np.abs(plain[90, 5] - 128).sum() < np.abs(plain[26, 70] - 128).sum()
 
 
 def test_layer_activations_are_the_real_feature_maps():

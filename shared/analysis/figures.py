@@ -1,4 +1,4 @@
-"""The evaluation's figures: charts from its numbers, and photo grids (Grad-CAM, top losses, samples) drawn with the model."""
+"""The evaluation's figures: charts from its numbers, and photo grids (heat-maps, top losses, samples) drawn with the model."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ class FigureContext:
         self.transform = eval_transform(int(meta["image_size"]), meta["mean"], meta["std"])
         self.figures: dict[str, str] = {}
         self.cam_seconds = 0.0
+        self.cam_caption = ""  # "LayerCAM (layer2+layer3+layer4), heat-map 16×16 over 128×128 input"
 
     def tensor(self, rel: str):
         return load_tensor(self.root, rel, self.transform)
@@ -49,17 +50,20 @@ class FigureContext:
         self.figures[name] = path.relative_to(self.run_dir).as_posix()
 
     def cams(self, rels: list[str], targets: list[int]) -> list[np.ndarray]:
+        """Heat-maps (the default method of `explain.create_cam`) of the images `rels` for the classes `targets`;
+        `cam_caption` then names the method and the map's resolution."""
         import torch
 
-        from shared.analysis.explain import GradCAM
+        from shared.analysis.explain import create_cam
 
         t0 = time.perf_counter()
-        cam = GradCAM(self.model, self.spec)
+        cam = create_cam(self.model, self.spec)
         out: list[np.ndarray] = []
         for start in range(0, len(rels), 16):
             batch = torch.stack([self.tensor(r) for r in rels[start:start + 16]])
             maps, _ = cam.batch(batch, targets[start:start + 16])
             out.extend(maps)
+            self.cam_caption = f"{cam.label}, {cam.resolution(batch.shape[-2:])}"
         self.cam_seconds += time.perf_counter() - t0
         return out
 
@@ -142,13 +146,13 @@ def _cam_sample_figure(ctx, samples, y, pred, probs, paths) -> None:
         view = ctx.view(ctx.tensor(paths[i]))
         mark = "✓" if pred[i] == y[i] else "✗"
         images += [view, overlay_cam(view, cam)]
-        titles += [f"{_short(ctx.classes[y[i]])}", f"{mark} CAM: {_short(ctx.classes[pred[i]])} "
+        titles += [f"{_short(ctx.classes[y[i]])}", f"{mark} map: {_short(ctx.classes[pred[i]])} "
                                                     f"{probs[i, pred[i]]:.2f}"]
     per_row = 2 * max(1, min(3, len(samples) // max(1, len(np.unique(y)))))
     ctx.save("cam_samples", plots.image_grid(
         images, titles, ncols=per_row,
-        suptitle=f"Grad-CAM ({ctx.spec.cam_layer}) for the predicted class — true class on the left "
-                 "(✓ correct, ✗ wrong)"))
+        suptitle=f"Heat-map for the predicted class — true class on the left (✓ correct, ✗ wrong)\n"
+                 f"{ctx.cam_caption}; outlined: at least half the peak, ring: the peak"))
 
 
 def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
@@ -163,10 +167,11 @@ def _cam_error_figure(ctx, errors, y, pred, probs, paths) -> None:
         view = ctx.view(ctx.tensor(paths[i]))
         images += [view, overlay_cam(view, cp), overlay_cam(view, ct)]
         titles += [f"true {_short(ctx.classes[y[i]])}",
-                   f"CAM pred {_short(ctx.classes[pred[i]])} {probs[i, pred[i]]:.2f}",
-                   f"CAM true {_short(ctx.classes[y[i]])} {probs[i, y[i]]:.2f}"]
+                   f"map pred {_short(ctx.classes[pred[i]])} {probs[i, pred[i]]:.2f}",
+                   f"map true {_short(ctx.classes[y[i]])} {probs[i, y[i]]:.2f}"]
     ctx.save("cam_errors", plots.image_grid(
-        images, titles, ncols=3, suptitle="Most confident errors: Grad-CAM for the predicted and the true class"))
+        images, titles, ncols=3,
+        suptitle=f"Most confident errors: heat-map for the predicted and the true class\n{ctx.cam_caption}"))
 
 
 def _top_loss_figure(ctx, losses, y, pred, probs, paths) -> None:

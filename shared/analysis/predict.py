@@ -38,11 +38,11 @@ class Predictor:
         self.device = torch.device(device)
         self.model, self.meta = load_model_from_run(self.run_dir, "best")
         self.model.to(self.device)
-        self.spec = get_spec(self.meta["model_name"])  # where its head, CAM layer and stages are
+        self.spec = get_spec(self.meta["model_name"])  # where its head, heat-map layers and stages are
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"])
-        # one model instance serves concurrent page requests; Grad-CAM hooks must not interleave
+        # one model instance serves concurrent page requests; heat-map hooks must not interleave
         self._lock = threading.Lock()
         self.runtime, self._session = "torch", None
         if runtime == "onnxruntime":
@@ -134,23 +134,27 @@ class Predictor:
         return results
 
     def explain(self, src: Any, class_idx: int | None = None):
-        """(top-5, Grad-CAM overlay PIL image) for one image."""
+        """(top-5, heat-map overlay PIL image, caption) for one image; the caption names the method and the map's
+        resolution ("LayerCAM heat-map 16×16 over 128×128 input"), to be shown beside the overlay."""
         image = load_rgb(src)
         x = self.transform(image).unsqueeze(0).to(self.device)
         with self._lock:
             probs = self.probabilities(x)[0]
         target = int(probs.argmax()) if class_idx is None else class_idx
-        return self._top(probs, 5), self.cam(image, target, x)
+        overlay, caption = self.cam(image, target, x)
+        return self._top(probs, 5), overlay, caption
 
     def cam(self, image, class_idx: int, x: torch.Tensor | None = None):
-        """The Grad-CAM overlay (PIL image) of `class_idx` for an RGB PIL image: the page shows the top-5 first
-        (`predict`) and this when it is ready."""
-        from shared.analysis.explain import GradCAM, overlay_cam  # only prediction with CAM needs it
+        """(heat-map overlay PIL image, caption) of `class_idx` for an RGB PIL image: the page shows the top-5
+        first (`predict`) and this when it is ready."""
+        from shared.analysis.explain import create_cam, overlay_cam  # only prediction with a heat-map needs it
 
         x = self.transform(image).unsqueeze(0).to(self.device) if x is None else x
         with self._lock:
-            heat = GradCAM(self.model, self.spec)(x, class_idx)
-        return overlay_cam(_centre_crop_view(image, self.image_size), heat)
+            explainer = create_cam(self.model, self.spec)
+            heat = explainer(x, class_idx)
+        caption = f"{explainer.title} {explainer.resolution(x.shape[-2:])}"
+        return overlay_cam(_centre_crop_view(image, self.image_size), heat), caption
 
 
 def _centre_crop_view(image, image_size: int):

@@ -44,8 +44,9 @@ FIGURE_CAPTIONS = {
     "reliability": "Reliability diagram: how often the model is right at each confidence level.",
     "tsne": "t-SNE of the penultimate-layer features; circled points are misclassified.",
     "class_counts": "Images per class in the evaluated set.",
-    "cam_samples": "Grad-CAM on the last convolutional stage for a few images of every class (predicted class).",
-    "cam_errors": "The most confident errors, with Grad-CAM for the predicted and for the true class.",
+    "cam_samples": "Heat-maps for a few images of every class (predicted class); the figure names the method and "
+                   "the map's resolution.",
+    "cam_errors": "The most confident errors, with heat-maps for the predicted and for the true class.",
     "top_losses": "The images with the highest loss.",
     "class_samples": "Images per class as the model sees them (resized and centre-cropped).",
     "activations": "The strongest feature maps of each stage (conv1 to layer4 on a ResNet) for one image.",

@@ -2,7 +2,7 @@
 
 timm's idea (a name → constructor registry with `list_models()` / `create_model()`) for torchvision's ResNet
 family: the spec carries everything the rest of the code needs to know about an architecture — its builder, its
-torchvision weights enum (names, files), where the classifier head is, the layer Grad-CAM reads, the stages whose
+torchvision weights enum (names, files), where the classifier head is, the layers the heat-maps read, the stages whose
 activations the page shows, and the feature size the head receives. Adding a model is one `register_model` call;
 nothing else in the code names a layer.
 
@@ -54,6 +54,9 @@ class ModelSpec:
     head: str = "fc"
     # module Grad-CAM reads: the last convolutional stage (coarse maps, class-specific features)
     cam_layer: str = "layer4"
+    # modules LayerCAM reads and fuses, in forward order: the finest one sets the heat-map's resolution (a ResNet's
+    # layer2 is 1/8 of the input: 16x16 at 128 px, against layer4's 4x4); chosen by bench/bench_pointing_game.py
+    layercam_layers: tuple[str, ...] = ("layer2", "layer3", "layer4")
     # (label, module path) of the stages whose activations are shown, in forward order
     stages: tuple[tuple[str, str], ...] = RESNET_STAGES
 

@@ -79,7 +79,7 @@ def build(lab) -> PredictUI:
             label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
             answer = gr.Markdown(elem_id="predict-info")
         # JPEG: the overlay is a photo; Pillow encodes it ~100x faster than PNG (BENCHMARKS.md, item 4)
-        cam = gr.Image(label="Where the model looked (Grad-CAM)", interactive=False, elem_id="predict-cam",
+        cam = gr.Image(label="Where the model looked (heat-map)", interactive=False, elem_id="predict-cam",
                        height=320, format="jpeg")
     with gr.Accordion("Many images at once", open=False, elem_id="predict-many"):
         with gr.Row(equal_height=False):
@@ -224,8 +224,9 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
               ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
               ui.answered: predictor.run_id}
     yield answer
-    overlay = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
-    yield {**answer, ui.cam: _display_size(overlay)}
+    overlay, caption = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
+    # the label states the method and the map's resolution
+    yield {**answer, ui.cam: gr.Image(_display_size(overlay), label=f"Where the model looked: {caption}")}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
