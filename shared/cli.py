@@ -57,6 +57,16 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                             help=help_text if required else f"{help_text} (default {default})".strip())
 
 
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
+
+
 def _train_config(args: argparse.Namespace):
     from shared.training.config import ConfigError, TrainConfig
 
@@ -101,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--csv", help="also write the predictions to this CSV file")
+    predict.add_argument("--threshold", type=_probability, metavar="P",
+                         help="answer 'not sure' below this confidence (0-1; default: the run's calibrated "
+                              "threshold, from calibration.json)")
     predict.add_argument("--queue", action="store_true",
                          help="send the batch through Redis (REDIS_URL) to a worker and wait for its answer; the "
                               "files must lie in the worker's data folders (RESNET_LAB_DATA_ROOTS)")
@@ -286,7 +299,11 @@ def cmd_predict(args, settings: Settings) -> int:
     predictor = Predictor(store.path(run_id))
     files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
-    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv)
+    if predictor.calibration_note and args.threshold is None:
+        print(f"note: {predictor.calibration_note}", file=sys.stderr)
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv,
+                             threshold=threshold)
 
 
 def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
@@ -302,12 +319,18 @@ def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
 
 
 def print_predictions(run_id: str, model_name: str, classes: Sequence[str], results: list[dict], top_k: int,
-                      csv_path: str | None) -> int:
+                      csv_path: str | None, threshold: float | None = None) -> int:
     """What `resnet-lab predict` prints (the table on stdout, the model on stderr) and writes (--csv), whether the
-    model ran here or on a worker; returns the exit code (1 when no file could be classified)."""
+    model ran here or on a worker; returns the exit code (1 when no file could be classified).
+
+    An answer whose top probability is below `threshold` is printed "not sure — closest: X" (None: the results'
+    own `sure`, set by the run's calibration, when they carry it)."""
+    from shared.analysis.calibration import verdict
     from shared.analysis.predict import write_predictions_csv
 
     print(f"model: run {run_id} ({model_name}, classes: {', '.join(classes)})", file=sys.stderr)
+    if threshold is not None:
+        print(f"answers below {threshold:.1%} confidence are \"not sure\"", file=sys.stderr)
     failures = 0
     for r in results:
         if r["error"]:
@@ -315,7 +338,8 @@ def print_predictions(run_id: str, model_name: str, classes: Sequence[str], resu
             print(f"{r['source']}: skipped: {r['error']}")
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
-            print(f"{r['source']}: {top}")
+            sure = verdict(r["top"], threshold).sure if threshold is not None else r.get("sure") is not False
+            print(f"{r['source']}: {top}" if sure else f"{r['source']}: not sure — closest: {top}")
     if csv_path:
         write_predictions_csv(results, Path(csv_path), top_k=top_k)
         print(f"wrote {csv_path}", file=sys.stderr)

@@ -61,6 +61,17 @@ def test_predict_latest_prints_top_classes_and_writes_csv(trained, tmp_path):
     assert rows[0]["class_1"] in {"class_0", "class_1", "class_2"} and rows[1]["error"]
 
 
+def test_predict_threshold_answers_not_sure_below_it(trained):
+    _, data, models, _ = trained
+    image = next((data / "class_2").glob("*.jpg"))
+    # label smoothing keeps the tiny model's confidence below 100%: at threshold 1 nothing is sure
+    result = run_cli("predict", "latest", image, "--threshold", 1, models_dir=models)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{image}: not sure — closest: class_"), result.stdout
+    result = run_cli("predict", "latest", image, "--threshold", 1.5, models_dir=models)
+    assert result.returncode == 2 and "between 0 and 1" in result.stderr
+
+
 def test_runs_list_shows_the_run(trained):
     _, _, models, _ = trained
     result = run_cli("runs", "list", models_dir=models)

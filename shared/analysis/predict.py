@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from shared.analysis.calibration import CalibrationError, Verdict, read_calibration, verdict
 from shared.training.checkpoint import load_model_from_run
 from shared.training.models import get_spec
 from shared.fsutil import atomic_open
@@ -26,7 +27,10 @@ class NoModelError(LookupError):
 
 
 class Predictor:
-    """One run's best model, in eval mode, ready to classify images."""
+    """One run's best model, in eval mode, ready to classify images.
+
+    Probabilities are temperature-scaled and answers below the run's threshold are "not sure" when the run has a
+    calibration.json; a run trained before calibration existed answers always (`calibration_note` says so)."""
 
     def __init__(self, run_dir: Path, device: str = "cpu"):
         self.run_dir = Path(run_dir)
@@ -38,6 +42,18 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"])
+        self.tta = bool((self.meta.get("config") or {}).get("tta", False))
+        try:
+            self.calibration = read_calibration(self.run_dir)
+            self.calibration_note = "" if self.calibration else (
+                "this run has no calibration (trained before it existed): every answer is given, none is "
+                "\"not sure\"")
+        except CalibrationError as exc:
+            self.calibration = None
+            self.calibration_note = f"calibration ignored, every answer is given: {exc}"
+            log.warning("%s", self.calibration_note)
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
+        self.threshold: float | None = self.calibration.threshold if self.calibration else None
         # one model instance serves concurrent page requests; Grad-CAM hooks must not interleave
         self._lock = threading.Lock()
 
@@ -46,7 +62,16 @@ class Predictor:
 
     @torch.inference_mode()
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(batch.to(self.device)).float(), dim=1).cpu()
+        x = batch.to(self.device)
+        logits = self.model(x).float()
+        if self.tta:  # as the run was validated and calibrated: image and mirror averaged
+            logits = (logits + self.model(x.flip(3)).float()) / 2
+        return torch.softmax(logits / self.temperature, dim=1).cpu()
+
+    def verdict(self, top: list[dict], threshold: float | None = None) -> Verdict:
+        """The answer for a top-k list: the class, or "not sure — closest: X" below `threshold` (default: the
+        run's calibrated one; None for an uncalibrated run = always an answer)."""
+        return verdict(top, self.threshold if threshold is None else threshold)
 
     def _top(self, probs: torch.Tensor, top_k: int) -> list[dict]:
         k = max(1, min(top_k, len(self.classes)))
@@ -68,7 +93,7 @@ class Predictor:
             tensors, slots = [], []
             for src in chunk:
                 entry = {"source": str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>",
-                         "top": [], "error": None}
+                         "top": [], "error": None, "sure": None}
                 try:
                     tensors.append(self.preprocess(src))
                     slots.append(entry)
@@ -80,6 +105,7 @@ class Predictor:
                     probs = self.probabilities(torch.stack(tensors))
                 for entry, row in zip(slots, probs):
                     entry["top"] = self._top(row, top_k)
+                    entry["sure"] = self.verdict(entry["top"]).sure
         return results
 
     def explain(self, src: Any, class_idx: int | None = None):
