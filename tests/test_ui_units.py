@@ -229,6 +229,24 @@ def test_predict_table_rows_show_the_top_three_or_the_error():
     assert predict_view.table_rows([ok, bad]) == [["a.png", "cat", 0.9123, "dog", "", ""],
                                                   ["b.png", "", None, "", "", "not an image"]]
     assert len(predict_view.TABLE_COLUMNS) == 6
+    unsure = {**ok, "sure": False}
+    assert predict_view.table_rows([unsure])[0][1] == "not sure — closest: cat"
+
+
+def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_threshold():
+    from shared.analysis.calibration import verdict
+    from ui import predict_view
+    from ui.tabs import predict
+
+    top = [{"class": "cat", "probability": 0.6}, {"class": "dog", "probability": 0.4}]
+    assert predict_view.verdict_line(verdict(top, 0.5)) == "**cat** (60.0%)"
+    line = predict_view.verdict_line(verdict(top, 0.8))
+    assert line.startswith("**Not sure** — closest: cat (60.0%, below the 80.0%"), line
+    assert "no calibration" in predict_view.verdict_line(verdict(top, None), "this run has no calibration")
+    assert predict._threshold(0) is None and predict._threshold(0.7) == 0.7
+    for bad in (1.5, -0.1, "0.5", True, float("nan")):
+        with pytest.raises(Exception, match="between 0 and 1"):
+            predict._threshold(bad)
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------
