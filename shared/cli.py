@@ -36,6 +36,14 @@ TRAIN_HELP = {
     "optimizer": "adamw, adam or sgd (Nesterov)",
     "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
     "device": "auto, cpu, cuda or cuda:N",
+    "time_budget": "minutes for the whole run: the epochs are chosen to fit (timed on real steps); 0 = use --epochs",
+    "balance": "class imbalance: auto (weighted loss when the largest class is >= 3x the smallest), none, "
+               "weighted_loss or sampler",
+    "ema_decay": "average of the weights, evaluated and saved instead of them (e.g. 0.999; 0 = off)",
+    "tta": "flip test-time augmentation at validation, evaluation and prediction",
+    "mix": "none, mixup, cutmix or both",
+    "target_precision": "the 'not sure' threshold is chosen on validation for this precision",
+    "lr": "learning rate, or 'auto': a learning-rate range test picks it (resnet-lab lr-find)",
 }
 
 
@@ -51,10 +59,22 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text or f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        if f.name == "lr":
+            kind = _lr_value
         # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead
         required = default is dataclasses.MISSING
         parser.add_argument(flag, type=kind, default=None if required else default,
                             help=help_text if required else f"{help_text} (default {default})".strip())
+
+
+def _lr_value(text: str) -> float | str:
+    """A learning rate, or 'auto' (the range test picks it)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _probability(text: str) -> float:
@@ -75,7 +95,10 @@ def _train_config(args: argparse.Namespace):
         raise ConfigError("--data-dir is required: a folder with one sub-folder per class (or --resume RUN to "
                           "continue a run)")
     values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
-    return TrainConfig(**values)
+    if values["lr"] == "auto":  # a valid placeholder; cmd_train replaces it with the range test's suggestion
+        values["lr"] = 1e-3
+        return TrainConfig(**values), True
+    return TrainConfig(**values), False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(train)
     train.add_argument("--skip-eval", action="store_true", help="do not evaluate the best checkpoint afterwards")
     train.add_argument("--resume", metavar="RUN", help="continue a run from its last.pt instead of starting one")
+
+    lr_find = sub.add_parser("lr-find", help="suggest a learning rate: a range test on a fraction of an epoch")
+    _add_train_flags(lr_find)
+    lr_find.add_argument("--plot", metavar="PNG", help="also draw loss against learning rate into this file")
 
     evaluate = sub.add_parser("evaluate", help="evaluate a run's best checkpoint (metrics, figures)")
     evaluate.add_argument("run", help="run id or 'latest'")
@@ -209,8 +236,10 @@ def cmd_train(args, settings: Settings) -> int:
     else:
         from shared.data.scan import scan_dataset
 
-        config = _train_config(args)
+        config, auto_lr = _train_config(args)
         scan_dataset(config.data_dir)  # a mistyped folder is refused before a run folder is made for it
+        if auto_lr:
+            config = config.replace(lr=_find_lr(config, settings))
         run_id = store.create(config)
     run_dir = store.path(run_id)
     print(f"run {run_id} in {run_dir}", file=sys.stderr)
@@ -232,6 +261,28 @@ def cmd_train(args, settings: Settings) -> int:
         raise
     transition(store, None, run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
+    return 0
+
+
+def _find_lr(config, settings: Settings, plot: str | None = None) -> float:
+    from shared.training.lr_find import lr_find
+
+    print("[finding the learning rate]", file=sys.stderr)
+    result = lr_find(config, settings.cache_path, plot_path=Path(plot) if plot else None)
+    print(f"learning rate: {result['suggestion']:.2g} (range test, {result['steps']} steps = "
+          f"{result['steps'] / result['steps_per_epoch']:.2f} epoch, {result['seconds']:.0f} s)", file=sys.stderr)
+    return result["suggestion"]
+
+
+def cmd_lr_find(args, settings: Settings) -> int:
+    from shared.data.scan import scan_dataset
+
+    config, _ = _train_config(args)
+    scan_dataset(config.data_dir)
+    lr = _find_lr(config, settings, args.plot)
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
+    print(f"{lr:.3g}")
     return 0
 
 
@@ -402,6 +453,7 @@ COMMANDS = {
     ("data", "download"): cmd_data_download,
     ("train", None): cmd_train,
     ("evaluate", None): cmd_evaluate,
+    ("lr-find", None): cmd_lr_find,
     ("report", None): cmd_report,
     ("predict", None): cmd_predict,
     ("runs", "list"): cmd_runs_list,
