@@ -123,6 +123,11 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     note, loss, _, _ = runs.curves(lab, [trained, cancelled], [trained["run_id"], cancelled["run_id"]])
     assert note.startswith("Curves of the 2 selected runs.") and "cancelled before it started" in note
     assert len(loss) == 1
+    skewed = {**trained, "progress": {"history": [{"epoch": 2, "val_loss": 1.0, "val_acc": 0.8, "val_macro_f1": 0.55,
+                                                   "val_recall": {"tulip": 0.9, "<b>rose</b>": 0.2}}]}}
+    note, *_ = runs.curves(lab, [skewed], [skewed["run_id"]])
+    # lowest recall first (where a skewed dataset hurts), class names escaped
+    assert note.endswith("val recall per class (epoch 2, macro F1 0.550): &lt;b&gt;rose&lt;/b&gt; 20% · tulip 90%"), note
 
 
 def test_run_label_is_short_and_distinct():

@@ -642,7 +642,8 @@ class _Trainer:
                 "epoch": epoch, "stage": stage,
                 "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                 "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
-                "val_macro_f1": val_stats["macro_f1"], "val_recall": val_stats["recall"],
+                "val_macro_f1": val_stats["macro_f1"],
+                "val_recall": dict(zip(self.meta["classes"], val_stats["recall"])),  # per class, by name
                 "lr": max(g["lr"] for g in optimizer.param_groups),
                 "images_per_s": train_stats["images_per_s"], "seconds": time.perf_counter() - start,
             }

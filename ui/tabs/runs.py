@@ -143,7 +143,9 @@ def curves(lab, records: list[dict], selected: list[str], split: str = "both") -
     else:
         note = (f"Curves of the {len(chosen)} newest run{'s' if len(chosen) != 1 else ''}{which} — select runs "
                 "above to compare others.")
-    return " ".join(part for part in (note, *ended) if part), loss, acc, sig
+    recalls = [line for line in (view.recall_text(label, h) for label, h in histories.items()) if line]
+    text = " ".join(part for part in (note, *ended) if part)
+    return "\n\n".join(part for part in (text, *recalls) if part), loss, acc, sig
 
 
 def banner_update(problem: str | None):
