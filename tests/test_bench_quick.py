@@ -111,3 +111,9 @@ def test_memory(tmp_path, images):
     result = run_quick("bench_memory", tmp_path, "--data-dir", str(images))
     assert len(result["worker"]) == 3 and all(w["rss_mb"] > 0 for w in result["worker"])
     assert result["page"]["rss_end_mb"] > 0
+
+
+def test_budget_ablation(tmp_path, images):
+    result = run_quick("bench_budget", tmp_path, "--data-dir", str(images), "--cache-dir", str(tmp_path / "cache"))
+    assert [r["variant"] for r in result["rows"]] == ["baseline", "tta"]
+    assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 for r in result["rows"])
