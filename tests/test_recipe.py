@@ -40,6 +40,8 @@ def test_class_balance_is_automatic_from_three_to_one():
         "class_counts": [8, 3], "imbalanced": False, "balance": "none", "select_by": "val_acc"}
     chosen = class_balance(config.replace(balance="sampler"), torch.tensor([0] * 9 + [1] * 3), 2)
     assert chosen["balance"] == "sampler" and chosen["select_by"] == "val_macro_f1"
+    ignored = class_balance(config.replace(balance="none"), torch.tensor([0] * 9 + [1] * 3), 2)
+    assert ignored["imbalanced"] and ignored["select_by"] == "val_acc"  # as if balanced, as asked
 
 
 def test_an_imbalanced_run_is_weighted_picked_by_macro_f1_and_logs_per_class_recall(tmp_path, skewed):

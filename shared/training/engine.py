@@ -383,14 +383,17 @@ class _Subset:
 
 def class_balance(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> dict:
     """How the run treats class imbalance: the training split's counts, whether it is imbalanced (largest class
-    >= IMBALANCE_RATIO x the smallest), the balance mode used ("auto" resolved) and what picks the best epoch."""
+    >= IMBALANCE_RATIO x the smallest), the balance mode used ("auto" resolved) and what picks the best epoch
+    (macro F1 when imbalanced, unless balance is "none")."""
     counts = np.bincount(labels.numpy(), minlength=num_classes)
     imbalanced = bool(counts.max() >= IMBALANCE_RATIO * max(int(counts.min()), 1))
     mode = config.balance
     if mode == "auto":
         mode = "weighted_loss" if imbalanced else "none"
+    # balance "none" asked for explicitly trains and picks as if balanced (what runs did before imbalance existed)
+    by_f1 = imbalanced and mode != "none"
     return {"class_counts": counts.tolist(), "imbalanced": imbalanced, "balance": mode,
-            "select_by": "val_macro_f1" if imbalanced else "val_acc"}
+            "select_by": "val_macro_f1" if by_f1 else "val_acc"}
 
 
 def make_mix(kind: str, num_classes: int):
