@@ -117,3 +117,18 @@ def test_budget_ablation(tmp_path, images):
     result = run_quick("bench_budget", tmp_path, "--data-dir", str(images), "--cache-dir", str(tmp_path / "cache"))
     assert [r["variant"] for r in result["rows"]] == ["baseline", "tta"]
     assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 for r in result["rows"])
+
+
+def test_imbalance(tmp_path):
+    result = run_quick("bench_imbalance", tmp_path)
+    assert [r["balance"] for r in result["rows"]] == ["none", "weighted_loss", "sampler"]
+
+
+def test_not_sure(tmp_path):
+    result = run_quick("bench_not_sure", tmp_path)
+    assert 0 <= result["summary"]["unseen_not_sure"] <= 1 and 0 <= result["summary"]["in_class_answered"] <= 1
+
+
+def test_lr_find(tmp_path):
+    result = run_quick("bench_lr_find", tmp_path)
+    assert [r["dataset"] for r in result["rows"]] == ["easy4", "hard3"] and all(r["steps"] > 0 for r in result["rows"])
