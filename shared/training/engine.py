@@ -562,6 +562,7 @@ class _Trainer:
                        min_epochs=self.min_epochs())
         if total != self.epochs:
             self.epochs = total
+            self.reporter.phase("training", epochs=total)  # the page's "epoch n/N" and ETA follow the new plan
             _, n_epochs = self.stage_epochs(stage)
             if n_epochs:
                 scheduler.set_total_steps(n_epochs * steps)
