@@ -31,9 +31,11 @@ def main(argv=None) -> dict:
     parser.set_defaults(data_dir=Path(tempfile.gettempdir()))  # the images are generated; --data-dir is unused
     parser.add_argument("--minority", type=int, default=20, help="training images of the smallest class (x5, x20)")
     parser.add_argument("--test-minority", type=int, default=30, help="test images of the smallest class")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--spread", type=float, default=0.35, help="colour distance between classes (smaller: harder)")
-    parser.add_argument("--size", type=int, default=48, help="image size in pixels")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--spread", type=float, default=0.2, help="colour distance between classes (smaller: harder)")
+    parser.add_argument("--colour-jitter", type=float, default=8.0,
+                        help="per-image colour noise: the classes overlap, so a skew moves the decision boundary")
+    parser.add_argument("--size", type=int, default=32, help="image size in pixels")
     args = common.parse(parser, argv, __file__)
     common.ensure_repo_on_path()
     from shared.analysis.evaluation import evaluate_run
@@ -47,10 +49,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-imbalance-") as tmp:
         tmp = Path(tmp)
         train_dir = gen_images.make_classes(tmp / "train", [20 * args.minority, 5 * args.minority, args.minority],
-                                            size=args.size + 8, spread=args.spread, seed=1)
+                                            size=args.size + 4, spread=args.spread,
+                                            colour_jitter=args.colour_jitter, seed=1)
         test_dir = gen_images.make_classes(tmp / "test", [20 * args.test_minority, 5 * args.test_minority,
-                                                          args.test_minority], size=args.size + 8,
-                                           spread=args.spread, seed=2)
+                                                          args.test_minority], size=args.size + 4,
+                                           spread=args.spread, colour_jitter=args.colour_jitter, seed=2)
         store = RunStore(tmp / "models")
         for side in SIDES:
             config = TrainConfig(data_dir=str(train_dir), model="resnet18", weights="none", image_size=args.size,
@@ -78,7 +81,7 @@ def main(argv=None) -> dict:
         print(f"{r['balance']}: minority recall {r['d_minority']:+.1f}, macro F1 {r['d_macro_f1']:+.1f}, accuracy "
               f"{r['d_accuracy']:+.1f} points → {common.verdict(ok, args.quick)}")
     return common.finish(args, "imbalance", {"settings": {k: getattr(args, k) for k in (
-        "minority", "test_minority", "epochs", "spread", "size")}, "rows": rows})
+        "minority", "test_minority", "epochs", "spread", "colour_jitter", "size")}, "rows": rows})
 
 
 if __name__ == "__main__":
