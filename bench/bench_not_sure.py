@@ -31,6 +31,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--test-per-class", type=int, default=50)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--spread", type=float, default=1.0, help="colour distance between classes")
+    parser.add_argument("--colour-jitter", type=float, default=0.0, help="per-image colour noise (classes overlap)")
     parser.add_argument("--size", type=int, default=48)
     args = common.parse(parser, argv, __file__)
     common.ensure_repo_on_path()
@@ -46,11 +47,12 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         known = [f"c{i}" for i in range(args.classes)]
         train_dir = gen_images.make_classes(tmp / "train", [args.per_class] * args.classes, size=args.size + 8,
-                                            spread=args.spread, seed=1)
+                                            spread=args.spread, colour_jitter=args.colour_jitter, seed=1)
         test_dir = gen_images.make_classes(tmp / "test", [args.test_per_class] * args.classes, size=args.size + 8,
-                                           spread=args.spread, seed=2)
+                                           spread=args.spread, colour_jitter=args.colour_jitter, seed=2)
         unseen_dir = gen_images.make_classes(tmp / "unseen", [2 * args.test_per_class], size=args.size + 8,
-                                             spread=args.spread, seed=3, first_index=args.classes)
+                                             spread=args.spread, colour_jitter=args.colour_jitter, seed=3,
+                                             first_index=args.classes)
         config = TrainConfig(data_dir=str(train_dir), model="resnet18", weights="none", image_size=args.size,
                              batch_size=32, lr=1e-3, epochs=args.epochs, augment="light", val_ratio=0.2,
                              test_ratio=0.0, device="cpu", amp=False, seed=0)
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
           f"{summary['ece_before']:.3f} → {summary['ece_after']:.3f} → "
           f"{common.verdict(summary['ece_after'] < summary['ece_before'], args.quick)}")
     return common.finish(args, "not_sure", {"settings": {k: getattr(args, k) for k in (
-        "classes", "per_class", "test_per_class", "epochs", "spread", "size")}, "known": known, "summary": summary})
+        "classes", "per_class", "test_per_class", "epochs", "spread", "colour_jitter", "size")}, "known": known, "summary": summary})
 
 
 if __name__ == "__main__":

@@ -41,6 +41,15 @@ def test_temperature_scaling_cuts_ece_and_keeps_accuracy():
     assert (probs.argmax(1) == labels)[answered].float().mean() >= 0.9
 
 
+def test_no_validation_error_leaves_the_temperature_at_one():
+    # all right: the NLL would fall forever as T → 0, pushing every confidence to 100% and erasing the differences
+    # the threshold is chosen from
+    logits = torch.tensor([[3.0, 0.0], [0.0, 1.0], [2.0, 1.5]])
+    cal = calibrate(logits, torch.tensor([0, 1, 0]))
+    assert cal.temperature == 1.0 and cal.val_accuracy == 1.0
+    assert cal.threshold == pytest.approx(torch.softmax(logits[2], 0).max().item(), abs=1e-6)
+
+
 def test_threshold_is_the_lowest_confidence_that_keeps_the_target_precision():
     conf = np.array([0.9, 0.8, 0.7, 0.6])
     correct = np.array([1, 1, 0, 1])

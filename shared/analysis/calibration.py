@@ -116,7 +116,12 @@ def calibrate(logits: torch.Tensor, labels: torch.Tensor,
     logits, labels = logits.detach().float().cpu(), labels.detach().long().cpu()
     y = labels.numpy()
     before = torch.softmax(logits, 1).double().numpy()
-    t = fit_temperature(logits, labels)
+    # with no validation error the NLL keeps falling as T → 0 (every answer pushed to 100%): nothing to fit,
+    # so T stays 1 rather than erasing the confidence differences the threshold is chosen from
+    errors = int((before.argmax(1) != y).sum())
+    t = fit_temperature(logits, labels) if errors else 1.0
+    if not errors:
+        log.info("no validation errors: temperature left at 1 (temperature scaling needs some errors to fit)")
     after = torch.softmax(logits / t, 1).double().numpy()
     correct = after.argmax(1) == y
     threshold = choose_threshold(after.max(1), correct, target_precision)
