@@ -63,7 +63,7 @@ def test_threshold_is_the_lowest_confidence_that_keeps_the_target_precision():
 def calibrated_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("cal")
     data = make_image_folder(root / "data", classes=3, per_class=12, size=40)
-    run_id = train_tiny(root / "models", data, epochs=2, lr=3e-3)
+    run_id = train_tiny(root / "models", data, lr=3e-3)
     return RunStore(root / "models").path(run_id), data
 
 
