@@ -239,6 +239,8 @@ def test_predict_table_rows_show_the_top_three_or_the_error():
 
 
 def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_threshold():
+    from types import SimpleNamespace
+
     from shared.analysis.calibration import verdict
     from ui import predict_view
     from ui.tabs import predict
@@ -252,6 +254,19 @@ def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_thre
     for bad in (1.5, -0.1, "0.5", True, float("nan")):
         with pytest.raises(Exception, match="between 0 and 1"):
             predict._threshold(bad)
+
+    # the line the slider redraws: the shown top-5 of the run that answered, at the slider's threshold
+    class Calibrated:
+        threshold, calibration_note = 0.9, ""
+
+        def verdict(self, top, threshold=None):
+            return verdict(top, self.threshold if threshold is None else threshold)
+
+    lab = SimpleNamespace(predictors=SimpleNamespace(get=lambda run: Calibrated()))
+    shown = {"dog": 0.3, "cat": 0.7}
+    assert predict.verdict_text(lab, shown, 0, "run-1").startswith("**Not sure** — closest: cat (70.0%, below the 90.0%")
+    assert predict.verdict_text(lab, shown, 0.5, "run-1") == "**cat** (70.0%)"
+    assert predict.verdict_text(lab, None, 0.5, "run-1") == ""
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------

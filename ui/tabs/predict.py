@@ -54,6 +54,7 @@ class PredictUI:
     answered: gr.State  # the run id of the last answer, for the model line
     choices: gr.State  # the model list; the selector follows it (see wire)
     threshold: gr.Slider | None = None  # "not sure" below it; 0 = the run's calibrated threshold
+    verdict: gr.Markdown | None = None  # the answer or "Not sure — closest: X", redrawn when the slider moves
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -75,6 +76,7 @@ def build(lab) -> PredictUI:
                          elem_id="predict-image", height=320)
         with gr.Column():
             label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
+            verdict = gr.Markdown(elem_id="predict-verdict")
             answer = gr.Markdown(elem_id="predict-info")
             threshold = gr.Slider(0, 1, value=0, step=0.01, label="Answer only above this confidence",
                                   info="0 = the model's own threshold, chosen on validation for 95% precision; "
@@ -94,7 +96,7 @@ def build(lab) -> PredictUI:
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices), threshold=threshold)
+                     gr.State(choices), threshold=threshold, verdict=verdict)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -205,7 +207,20 @@ def _threshold(value: Any) -> float | None:
     return float(value)
 
 
-def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST, threshold: float | None = 0):
+def verdict_text(lab, top: dict | None, threshold: float | None, run_id: str | None) -> str:
+    """The answer line for the top-5 shown (gr.Label's {class: probability}) by run `run_id`, at the slider's
+    threshold (0: the run's own). A private event after each answer and on every slider move, so the /predict
+    API keeps its inputs and outputs."""
+    if not top or not run_id or not isinstance(top, dict):
+        return ""
+    threshold = _threshold(threshold)
+    predictor = _predictor(lab, run_id)
+    ranked = sorted(({"class": str(k), "probability": float(v)} for k, v in top.items()),
+                    key=lambda item: -item["probability"])
+    return view.verdict_line(predictor.verdict(ranked, threshold), predictor.calibration_note)
+
+
+def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     """One image → ({class: probability} top-5, Grad-CAM overlay, which run answered).
 
     A generator that first clears the previous answer: the top-5 and CAM of the last picture must never stand
@@ -214,15 +229,12 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST, threshol
     yield no_answer(ui)
     if image is None:
         return
-    threshold = _threshold(threshold)
     data, name = _upload_bytes(lab, image)
     picture = _load(data, name)
     predictor = _predictor(lab, model)
     top, overlay = predictor.explain(picture)
-    line = view.verdict_line(predictor.verdict(top, threshold), predictor.calibration_note)
     yield {ui.label: view.top5_dict(top), ui.cam: _display_size(overlay),
-           ui.answer: line + "\n\n" + _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST),
-           ui.answered: predictor.run_id}
+           ui.answer: _describe_run(lab, predictor.run_id, (model or LATEST) == LATEST), ui.answered: predictor.run_id}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
@@ -249,19 +261,14 @@ def _predict_batch(lab, predictor, files: list[str]) -> list[dict]:
     return results
 
 
-def predict_many(lab, ui: PredictUI, files: list[str] | None, model: str | None = LATEST,
-                 threshold: float | None = 0) -> dict:
+def predict_many(lab, ui: PredictUI, files: list[str] | None, model: str | None = LATEST) -> dict:
     """Many images → table, CSV file, which run answered (and its id, a State for the model line)."""
     if not files:
         raise user_error("Add some images first.", title="No images")
-    threshold = _threshold(threshold)
     predictor = _predictor(lab, model)
     results = []
     for start in range(0, len(files), BATCH):  # a batch of files in memory at a time, never all of them
         results += _predict_batch(lab, predictor, files[start:start + BATCH])
-    for r in results:
-        if r["top"]:
-            r["sure"] = predictor.verdict(r["top"], threshold).sure
     csv_path = write_predictions_csv(results, _csv_folder() / "predictions.csv")
     failed = sum(1 for r in results if r["error"])
     if failed:
@@ -316,14 +323,19 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
     # outputs as lists, not sets: their order is the order of the API's answer
-    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model, ui.threshold],
+    verdict = dict(fn=partial(verdict_text, lab), inputs=[ui.label, ui.threshold, ui.answered], outputs=ui.verdict,
+                   api_visibility="private", show_progress="hidden")
+    ui.image.upload(lambda: "", None, ui.verdict, api_visibility="private", queue=False, show_progress="hidden")
+    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model],
                     [ui.label, ui.cam, ui.answer, ui.answered],
                     api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
-                    show_progress="minimal").success(**answered)
+                    show_progress="minimal").success(**answered).success(**verdict)
+    ui.threshold.change(**verdict)
     # removing the picture (its ✕, or switching to the webcam) takes its answer away too
-    ui.image.clear(partial(no_answer, ui), None, {ui.label, ui.cam, ui.answer}, api_visibility="private",
+    ui.image.clear(lambda: {**no_answer(ui), ui.verdict: ""}, None, {ui.label, ui.cam, ui.answer, ui.verdict},
+                   api_visibility="private",
                    queue=False, show_progress="hidden")
-    ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model, ui.threshold],
+    ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model],
                       [ui.table, ui.csv, ui.answer, ui.answered], api_name="predict_many",
                       concurrency_limit=2).success(**answered)
     ui.model.input(partial(model_info_text, lab), ui.model, ui.model_info, api_visibility="private",
