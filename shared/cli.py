@@ -36,6 +36,14 @@ TRAIN_HELP = {
     "optimizer": "adamw, adam or sgd (Nesterov)",
     "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
     "device": "auto, cpu, cuda or cuda:N",
+    "time_budget": "minutes for the whole run: the epochs are chosen to fit (timed on real steps); 0 = use --epochs",
+    "balance": "class imbalance: auto (weighted loss when the largest class is >= 3x the smallest), none, "
+               "weighted_loss or sampler",
+    "ema_decay": "average of the weights, evaluated and saved instead of them (e.g. 0.999; 0 = off)",
+    "tta": "flip test-time augmentation at validation, evaluation and prediction",
+    "mix": "none, mixup, cutmix or both",
+    "target_precision": "the 'not sure' threshold is chosen on validation for this precision",
+    "lr": "learning rate, or 'auto': a learning-rate range test picks it (resnet-lab lr-find)",
 }
 
 
@@ -51,10 +59,32 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
                                 help=help_text or f"(default {default})")
             continue
         kind = {"int": int, "float": float}.get(str(f.type), str)
+        if f.name == "lr":
+            kind = _lr_value
         # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead
         required = default is dataclasses.MISSING
         parser.add_argument(flag, type=kind, default=None if required else default,
                             help=help_text if required else f"{help_text} (default {default})".strip())
+
+
+def _lr_value(text: str) -> float | str:
+    """A learning rate, or 'auto' (the range test picks it)."""
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability between 0 and 1, got {text!r}")
+    return value
 
 
 def _train_config(args: argparse.Namespace):
@@ -65,7 +95,10 @@ def _train_config(args: argparse.Namespace):
         raise ConfigError("--data-dir is required: a folder with one sub-folder per class (or --resume RUN to "
                           "continue a run)")
     values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
-    return TrainConfig(**values)
+    if values["lr"] == "auto":  # a valid placeholder; cmd_train replaces it with the range test's suggestion
+        values["lr"] = 1e-3
+        return TrainConfig(**values), True
+    return TrainConfig(**values), False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--skip-eval", action="store_true", help="do not evaluate the best checkpoint afterwards")
     train.add_argument("--resume", metavar="RUN", help="continue a run from its last.pt instead of starting one")
 
+    lr_find = sub.add_parser("lr-find", help="suggest a learning rate: a range test on a fraction of an epoch")
+    _add_train_flags(lr_find)
+    lr_find.add_argument("--plot", metavar="PNG", help="also draw loss against learning rate into this file")
+
     evaluate = sub.add_parser("evaluate", help="evaluate a run's best checkpoint (metrics, figures)")
     evaluate.add_argument("run", help="run id or 'latest'")
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
@@ -101,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("files", nargs="+", help="image files or folders")
     predict.add_argument("--top-k", type=int, default=5)
     predict.add_argument("--csv", help="also write the predictions to this CSV file")
+    predict.add_argument("--threshold", type=_probability, metavar="P",
+                         help="answer 'not sure' below this confidence (0-1; default: the run's calibrated "
+                              "threshold, from calibration.json)")
     predict.add_argument("--queue", action="store_true",
                          help="send the batch through Redis (REDIS_URL) to a worker and wait for its answer; the "
                               "files must lie in the worker's data folders (RESNET_LAB_DATA_ROOTS)")
@@ -205,8 +245,10 @@ def cmd_train(args, settings: Settings) -> int:
     else:
         from shared.data.scan import scan_dataset
 
-        config = _train_config(args)
+        config, auto_lr = _train_config(args)
         scan_dataset(config.data_dir)  # a mistyped folder is refused before a run folder is made for it
+        if auto_lr:
+            config = config.replace(lr=_find_lr(config, settings))
         run_id = store.create(config)
     run_dir = store.path(run_id)
     print(f"run {run_id} in {run_dir}", file=sys.stderr)
@@ -228,6 +270,28 @@ def cmd_train(args, settings: Settings) -> int:
         raise
     transition(store, None, run_id, "succeeded", best=result)
     print(f"best val accuracy {result['best_val_acc']:.3f} at epoch {result['best_epoch']}; run {run_id}")
+    return 0
+
+
+def _find_lr(config, settings: Settings, plot: str | None = None) -> float:
+    from shared.training.lr_find import lr_find
+
+    print("[finding the learning rate]", file=sys.stderr)
+    result = lr_find(config, settings.cache_path, plot_path=Path(plot) if plot else None)
+    print(f"learning rate: {result['suggestion']:.2g} (range test, {result['steps']} steps = "
+          f"{result['steps'] / result['steps_per_epoch']:.2f} epoch, {result['seconds']:.0f} s)", file=sys.stderr)
+    return result["suggestion"]
+
+
+def cmd_lr_find(args, settings: Settings) -> int:
+    from shared.data.scan import scan_dataset
+
+    config, _ = _train_config(args)
+    scan_dataset(config.data_dir)
+    lr = _find_lr(config, settings, args.plot)
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr)
+    print(f"{lr:.3g}")
     return 0
 
 
@@ -295,7 +359,11 @@ def cmd_predict(args, settings: Settings) -> int:
     predictor = Predictor(store.path(run_id))
     files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
-    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv)
+    if predictor.calibration_note and args.threshold is None:
+        print(f"note: {predictor.calibration_note}", file=sys.stderr)
+    threshold = predictor.threshold if args.threshold is None else args.threshold
+    return print_predictions(run_id, predictor.meta["model_name"], predictor.classes, results, args.top_k, args.csv,
+                             threshold=threshold)
 
 
 def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
@@ -311,12 +379,18 @@ def _predict_on_a_worker(args, run_id: str, settings: Settings) -> int:
 
 
 def print_predictions(run_id: str, model_name: str, classes: Sequence[str], results: list[dict], top_k: int,
-                      csv_path: str | None) -> int:
+                      csv_path: str | None, threshold: float | None = None) -> int:
     """What `resnet-lab predict` prints (the table on stdout, the model on stderr) and writes (--csv), whether the
-    model ran here or on a worker; returns the exit code (1 when no file could be classified)."""
+    model ran here or on a worker; returns the exit code (1 when no file could be classified).
+
+    An answer whose top probability is below `threshold` is printed "not sure — closest: X" (None: the results'
+    own `sure`, set by the run's calibration, when they carry it)."""
+    from shared.analysis.calibration import verdict
     from shared.analysis.predict import write_predictions_csv
 
     print(f"model: run {run_id} ({model_name}, classes: {', '.join(classes)})", file=sys.stderr)
+    if threshold is not None:
+        print(f"answers below {threshold:.1%} confidence are \"not sure\"", file=sys.stderr)
     failures = 0
     for r in results:
         if r["error"]:
@@ -324,7 +398,8 @@ def print_predictions(run_id: str, model_name: str, classes: Sequence[str], resu
             print(f"{r['source']}: skipped: {r['error']}")
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
-            print(f"{r['source']}: {top}")
+            sure = verdict(r["top"], threshold).sure if threshold is not None else r.get("sure") is not False
+            print(f"{r['source']}: {top}" if sure else f"{r['source']}: not sure — closest: {top}")
     if csv_path:
         write_predictions_csv(results, Path(csv_path), top_k=top_k)
         print(f"wrote {csv_path}", file=sys.stderr)
@@ -400,6 +475,7 @@ COMMANDS = {
     ("data", "download"): cmd_data_download,
     ("train", None): cmd_train,
     ("evaluate", None): cmd_evaluate,
+    ("lr-find", None): cmd_lr_find,
     ("report", None): cmd_report,
     ("predict", None): cmd_predict,
     ("export", None): cmd_export,

@@ -125,3 +125,24 @@ def test_runs_tab(tmp_path):
     events = {row["event"]: row for row in result["rows"]}
     assert set(events) == {"open", "open 12 selected", "tick idle", "tick live"}
     assert events["tick idle"]["median bytes"] < events["tick live"]["median bytes"] < events["open"]["median bytes"]
+
+
+def test_budget_ablation(tmp_path, images):
+    result = run_quick("bench_budget", tmp_path, "--data-dir", str(images), "--cache-dir", str(tmp_path / "cache"))
+    assert [r["variant"] for r in result["rows"]] == ["baseline", "tta"]
+    assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 for r in result["rows"])
+
+
+def test_imbalance(tmp_path):
+    result = run_quick("bench_imbalance", tmp_path)
+    assert [r["balance"] for r in result["rows"]] == ["none", "weighted_loss", "sampler"]
+
+
+def test_not_sure(tmp_path):
+    result = run_quick("bench_not_sure", tmp_path)
+    assert 0 <= result["summary"]["unseen_not_sure"] <= 1 and 0 <= result["summary"]["in_class_answered"] <= 1
+
+
+def test_lr_find(tmp_path):
+    result = run_quick("bench_lr_find", tmp_path)
+    assert [r["dataset"] for r in result["rows"]] == ["easy4", "hard3"] and all(r["steps"] > 0 for r in result["rows"])

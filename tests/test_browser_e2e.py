@@ -327,6 +327,9 @@ def _wait_prediction(page) -> None:
     b.wait_until(answered, 30, "the top classes with probabilities", page=page,
                  describe=lambda: b.md_text(page, "#predict-label"))
     answer = b.wait_text(page, "#predict-info", "Answered by")
+    # the answer line above it: the class, or "Not sure — closest: …" below the run's calibrated threshold
+    b.wait_until(lambda: re.search(r"\d%", b.md_text(page, "#predict-verdict")), 20, "the answer line", page=page,
+                 describe=lambda: b.md_text(page, "#predict-verdict"))
     # the model line above names the same run (it follows the answer, not the last poll of the runs)
     suffix = re.search(r"\d{8}-\d{6}-resnet\d+-([0-9a-f]{6})", answer).group(1)
     b.wait_text(page, "#predict-model-info", f"Now answering with {suffix} ")

@@ -61,6 +61,17 @@ def test_predict_latest_prints_top_classes_and_writes_csv(trained, tmp_path):
     assert rows[0]["class_1"] in {"class_0", "class_1", "class_2"} and rows[1]["error"]
 
 
+def test_predict_threshold_answers_not_sure_below_it(trained):
+    _, data, models, _ = trained
+    image = next((data / "class_2").glob("*.jpg"))
+    # label smoothing keeps the tiny model's confidence below 100%: at threshold 1 nothing is sure
+    result = run_cli("predict", "latest", image, "--threshold", 1, models_dir=models)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{image}: not sure — closest: class_"), result.stdout
+    result = run_cli("predict", "latest", image, "--threshold", 1.5, models_dir=models)
+    assert result.returncode == 2 and "between 0 and 1" in result.stderr
+
+
 def test_runs_list_shows_the_run(trained):
     _, _, models, _ = trained
     result = run_cli("runs", "list", models_dir=models)
@@ -156,3 +167,24 @@ def test_download_without_network_says_what_to_do_and_leaves_nothing(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
     assert "tar xzf flower_photos.tgz" in result.stderr and "browser" in result.stderr, result.stderr
     assert not dest.exists() or list(dest.iterdir()) == []
+
+
+@pytest.mark.slow  # two CLI processes: a range test, then a run with its rate for a 6-second budget
+def test_lr_find_then_train_with_lr_auto_for_a_time_budget(tmp_path):
+    from tests.tiny import TINY_CLI
+
+    data = make_image_folder(tmp_path / "data", classes=2, per_class=10, size=40)
+    models = tmp_path / "models"
+    flags = [f for f in TINY_CLI if f not in ("--epochs", "1")]
+    found = run_cli("lr-find", "--data-dir", data, *flags, "--plot", tmp_path / "lr.png", models_dir=models)
+    assert found.returncode == 0, found.stderr
+    assert 1e-5 <= float(found.stdout) <= 1 and (tmp_path / "lr.png").stat().st_size > 0
+    trained = run_cli("train", "--data-dir", data, *flags, "--lr", "auto", "--time-budget", 0.1, "--skip-eval",
+                      models_dir=models)
+    assert trained.returncode == 0, trained.stderr
+    assert "learning rate: " in trained.stderr and "(range test, " in trained.stderr
+    store = RunStore(models)
+    (run_id,) = store.ids()
+    best = store.status(run_id)["best"]
+    assert best["budget"]["budget_s"] == 6 and best["epochs_run"] == best["budget"]["planned_epochs"]
+    assert f"{store.config(run_id).lr:.2g}" in trained.stderr  # the run trained at the rate the test suggested

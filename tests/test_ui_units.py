@@ -127,6 +127,11 @@ def test_runs_that_ended_without_an_epoch_say_why_they_have_no_curves(tmp_path):
     note, loss, _ = curves([trained, cancelled], [trained["run_id"], cancelled["run_id"]])
     assert note.startswith("Curves of the 2 selected runs.") and "cancelled before it started" in note
     assert loss.count('class="series"') == 1 and loss.count("<li ") == 1  # the run with an epoch, named
+    skewed = {**trained, "progress": {"history": [{"epoch": 2, "val_loss": 1.0, "val_acc": 0.8, "val_macro_f1": 0.55,
+                                                   "val_recall": {"tulip": 0.9, "<b>rose</b>": 0.2}}]}}
+    note, *_ = curves([skewed], [skewed["run_id"]])
+    # lowest recall first (where a skewed dataset hurts), class names escaped
+    assert note.endswith("val recall per class (epoch 2, macro F1 0.550): &lt;b&gt;rose&lt;/b&gt; 20% · tulip 90%"), note
 
 
 def test_run_label_is_short_and_distinct():
@@ -210,6 +215,39 @@ def test_predict_table_rows_show_the_top_three_or_the_error():
     assert predict_view.table_rows([ok, bad]) == [["a.png", "cat", 0.9123, "dog", "", ""],
                                                   ["b.png", "", None, "", "", "not an image"]]
     assert len(predict_view.TABLE_COLUMNS) == 6
+    unsure = {**ok, "sure": False}
+    assert predict_view.table_rows([unsure])[0][1] == "not sure — closest: cat"
+
+
+def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_threshold():
+    from types import SimpleNamespace
+
+    from shared.analysis.calibration import verdict
+    from ui import predict_view
+    from ui.tabs import predict
+
+    top = [{"class": "cat", "probability": 0.6}, {"class": "dog", "probability": 0.4}]
+    assert predict_view.verdict_line(verdict(top, 0.5)) == "**cat** (60.0%)"
+    line = predict_view.verdict_line(verdict(top, 0.8))
+    assert line.startswith("**Not sure** — closest: cat (60.0%, below the 80.0%"), line
+    assert "no calibration" in predict_view.verdict_line(verdict(top, None), "this run has no calibration")
+    assert predict._threshold(0) is None and predict._threshold(0.7) == 0.7
+    for bad in (1.5, -0.1, "0.5", True, float("nan")):
+        with pytest.raises(Exception, match="between 0 and 1"):
+            predict._threshold(bad)
+
+    # the line the slider redraws: the shown top-5 of the run that answered, at the slider's threshold
+    class Calibrated:
+        threshold, calibration_note = 0.9, ""
+
+        def verdict(self, top, threshold=None):
+            return verdict(top, self.threshold if threshold is None else threshold)
+
+    lab = SimpleNamespace(predictors=SimpleNamespace(get=lambda run: Calibrated()))
+    shown = {"dog": 0.3, "cat": 0.7}
+    assert predict.verdict_text(lab, shown, 0, "run-1").startswith("**Not sure** — closest: cat (70.0%, below the 90.0%")
+    assert predict.verdict_text(lab, shown, 0.5, "run-1") == "**cat** (70.0%)"
+    assert predict.verdict_text(lab, None, 0.5, "run-1") == ""
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------

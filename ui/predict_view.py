@@ -22,10 +22,24 @@ def table_rows(results: Iterable[Mapping[str, Any]]) -> list[list]:
     rows = []
     for r in results:
         top = r["top"]
-        rows.append([r["source"], top[0]["class"] if top else "", round(top[0]["probability"], 4) if top else None,
+        prediction = top[0]["class"] if top else ""
+        if top and r.get("sure") is False:
+            prediction = f"not sure — closest: {prediction}"
+        rows.append([r["source"], prediction, round(top[0]["probability"], 4) if top else None,
                      top[1]["class"] if len(top) > 1 else "", top[2]["class"] if len(top) > 2 else "",
                      r["error"] or ""])
     return rows
+
+
+def verdict_line(verdict, calibration_note: str = "") -> str:
+    """Above "Answered by": the answer, or **Not sure** with the closest class when below the threshold."""
+    closest = md_escape(verdict.closest)
+    if verdict.sure:
+        line = f"**{closest}** ({fmt_pct(verdict.confidence)})"
+    else:
+        line = (f"**Not sure** — closest: {closest} ({fmt_pct(verdict.confidence)}, below the "
+                f"{fmt_pct(verdict.threshold)} this model needs to answer)")
+    return line + (f"  \n_{md_escape(calibration_note)}_" if calibration_note else "")
 
 
 def answered_by(record: Mapping[str, Any], run_id: str, latest: bool, why: str | None = None) -> str:

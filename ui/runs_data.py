@@ -158,7 +158,10 @@ def curves(lab, v: View, selected: list[str], split: str = "both") -> tuple[str,
                                    legend_html, empty)
     acc_html = charts.chart_block("Accuracy", charts.line_chart(acc, y_title="accuracy", y_lim=(0, 1),
                                                                 fmt=lambda y: f"{y:.1%}"), legend_html, empty)
-    return " ".join(part for part in (note, *ended) if part), loss_html, acc_html
+    # per-class validation recall (lowest first), for runs that record it: where a skewed dataset hurts
+    recalls = [line for line in (view.recall_text(view.full_label(r), h) for r, h in runs) if line]
+    text = " ".join(part for part in (note, *ended) if part)
+    return "\n\n".join(part for part in (text, *recalls) if part), loss_html, acc_html
 
 
 def comparison(lab, v: View, selected: list[str], now: float) -> tuple[str, pd.DataFrame | None]:

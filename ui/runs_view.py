@@ -209,6 +209,21 @@ def detail_text(records: list[dict], selected: list[str], now: float) -> str:
     return "\n\n".join(lines)
 
 
+def recall_text(label: str, history: Sequence[Mapping[str, Any]], limit: int = 12) -> str:
+    """The last epoch's per-class validation recall of one run (Markdown), lowest first: where a skewed dataset
+    hurts. Empty for runs that did not record it."""
+    last = history[-1] if history else {}
+    recall = last.get("val_recall")
+    if not isinstance(recall, Mapping) or not recall:
+        return ""
+    items = sorted(recall.items(), key=lambda kv: kv[1] if isinstance(kv[1], (int, float)) else 2.0)
+    shown = " · ".join(f"{md_escape(str(name))} {fmt_pct(value, 0)}" for name, value in items[:limit])
+    more = f" · … {len(items) - limit} more" if len(items) > limit else ""
+    f1 = last.get("val_macro_f1")
+    f1_text = f", macro F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
+    return f"**{md_escape(label)}** — val recall per class (epoch {last.get('epoch')}{f1_text}): {shown}{more}"
+
+
 def banner_text(problem: str | None) -> str:
     """The banner over the page while the run queue is unreachable; empty when it is reachable."""
     if not problem:

@@ -73,8 +73,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     model.to(torch_device)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    calibration = _calibration_or_none(run_dir)
+    tta = bool((meta.get("config") or {}).get("tta", False))
     outputs = _predict_items(model, meta, root, items, batch_size, torch_device,
-                             lambda done: report(done, total))
+                             lambda done: report(done, total), tta=tta,
+                             temperature=calibration.temperature if calibration else 1.0)
     timings["inference_s"] = round(time.perf_counter() - t0, 2)
     if not outputs["labels"]:
         raise ValueError(f"none of the {len(items)} images in {source} could be read — see the log for the errors")
@@ -87,6 +90,11 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
               **compute_metrics(y, probs, classes, paths),
               "skipped": outputs["skipped"]}
     result["notes"] = list(result.get("notes", []))
+    if calibration:
+        result["notes"].append(f"probabilities are temperature-scaled (T = {calibration.temperature:.3f}, fitted on "
+                               f"the validation split), as in prediction")
+    if tta:
+        result["notes"].append("flip test-time augmentation: each image and its mirror averaged")
     if outputs["skipped"]:
         result["notes"].append(f"{len(outputs['skipped'])} unreadable image(s) skipped (see 'skipped')")
     losses = np.asarray(outputs["losses"])
@@ -116,6 +124,17 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
     logger.info("evaluated %s on %d images (%s): accuracy %.3f in %.1f s", run_dir.name, result["n"], source,
                 result["accuracy"], timings["total_s"])
     return result
+
+
+def _calibration_or_none(run_dir: Path):
+    """The run's calibration; None for a run without one (or with a damaged file, said in the log)."""
+    from shared.analysis.calibration import CalibrationError, read_calibration
+
+    try:
+        return read_calibration(run_dir)
+    except CalibrationError as exc:
+        logger.warning("evaluating with T = 1: %s", exc)
+        return None
 
 
 def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str], data_roots: Sequence[Path] | None = None
@@ -150,8 +169,9 @@ def _collect_items(run_dir: Path, split: str, data_dir, classes: list[str], data
 
 
 def _predict_items(model, meta: dict, root: Path, items: list[tuple[str, int]], batch_size: int, device,
-                   on_progress: Callable[[int], None]) -> dict:
-    """Probabilities, per-image losses and penultimate features for every readable image."""
+                   on_progress: Callable[[int], None], *, tta: bool = False, temperature: float = 1.0) -> dict:
+    """Probabilities, per-image losses and penultimate features for every readable image; logits divided by the
+    run's `temperature` and flip-averaged with `tta`, as the predictor does."""
     import torch
     import torch.nn.functional as F
 
@@ -176,7 +196,13 @@ def _predict_items(model, meta: dict, root: Path, items: list[tuple[str, int]], 
                 out["paths"].append(rel)
                 labels.append(label)
             if tensors:
-                logits = model(torch.stack(tensors).to(device)).float()
+                x = torch.stack(tensors).to(device)
+                logits = model(x).float()
+                if tta:  # as the run was validated: image and mirror averaged (features: the image's only)
+                    recorder.paused = True
+                    logits = (logits + model(x.flip(3)).float()) / 2
+                    recorder.paused = False
+                logits = logits / temperature
                 target = torch.as_tensor(labels, device=logits.device)
                 out["probs"].extend(logits.softmax(1).cpu().numpy())
                 out["losses"].extend(F.cross_entropy(logits, target, reduction="none").cpu().numpy().tolist())

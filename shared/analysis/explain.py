@@ -313,10 +313,14 @@ class FeatureRecorder:
         self.head = spec.head_of(model)
         self._chunks: list[np.ndarray] = []
         self._handle = None
+        self.paused = False  # True during extra passes (the mirror of flip TTA): one feature row per image
 
     def __enter__(self) -> "FeatureRecorder":
-        self._handle = self.head.register_forward_pre_hook(
-            lambda m, args: self._chunks.append(args[0].detach().flatten(1).float().cpu().numpy()))
+        def record(module, args):
+            if not self.paused:
+                self._chunks.append(args[0].detach().flatten(1).float().cpu().numpy())
+
+        self._handle = self.head.register_forward_pre_hook(record)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
+from shared.analysis.calibration import CalibrationError, Verdict, read_calibration, verdict
 from shared.training.checkpoint import load_model_from_run
 from shared.training.models import get_spec
 from shared.fsutil import atomic_open
@@ -28,9 +29,12 @@ class NoModelError(LookupError):
 class Predictor:
     """One run's best model, in eval mode, ready to classify images.
 
+    Probabilities are temperature-scaled and answers below the run's threshold are "not sure" when the run has a
+    calibration.json; a run trained before calibration existed answers always (`calibration_note` says so).
+
     runtime="onnxruntime": the model is also exported to ONNX in memory, in a background thread (torch answers
     meanwhile), and ONNX Runtime takes over the top-5 forward pass when it measures faster than torch on this CPU;
-    Grad-CAM always runs on torch. Every outcome is logged with its reason (`self.runtime` names the one in use)."""
+    heat-maps always run on torch. Every outcome is logged with its reason (`self.runtime` names the one in use)."""
 
     def __init__(self, run_dir: Path, device: str = "cpu", runtime: str = "torch"):
         self.run_dir = Path(run_dir)
@@ -42,6 +46,18 @@ class Predictor:
         self.classes: list[str] = list(self.meta["classes"])
         self.image_size: int = int(self.meta["image_size"])
         self.transform = eval_transform(self.image_size, self.meta["mean"], self.meta["std"])
+        self.tta = bool((self.meta.get("config") or {}).get("tta", False))
+        try:
+            self.calibration = read_calibration(self.run_dir)
+            self.calibration_note = "" if self.calibration else (
+                "this run has no calibration (trained before it existed): every answer is given, none is "
+                "\"not sure\"")
+        except CalibrationError as exc:
+            self.calibration = None
+            self.calibration_note = f"calibration ignored, every answer is given: {exc}"
+            log.warning("%s", self.calibration_note)
+        self.temperature = self.calibration.temperature if self.calibration else 1.0
+        self.threshold: float | None = self.calibration.threshold if self.calibration else None
         # one model instance serves concurrent page requests; heat-map hooks must not interleave
         self._lock = threading.Lock()
         self.runtime, self._session = "torch", None
@@ -74,7 +90,7 @@ class Predictor:
         timings = {"torch": [], "onnxruntime": []}
         for _ in range(11):  # alternating, so both see the same load
             start = time.perf_counter()
-            self._torch_probabilities(x)
+            self._torch_logits(x)
             timings["torch"].append(time.perf_counter() - start)
             start = time.perf_counter()
             session.run(None, feed)
@@ -89,15 +105,27 @@ class Predictor:
         return self.transform(load_rgb(src))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax of the logits over the run's temperature (1 without calibration), image and mirror averaged when
+        the run used TTA (as it was validated and calibrated)."""
+        logits = self._logits(batch)
+        if self.tta:
+            logits = (logits + self._logits(batch.flip(3))) / 2
+        return torch.softmax(logits / self.temperature, dim=1)
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         session = self._session
         if session is None:
-            return self._torch_probabilities(batch)
-        logits = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
-        return torch.softmax(torch.from_numpy(logits).float(), dim=1)
+            return self._torch_logits(batch)
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]).float()
 
     @torch.inference_mode()
-    def _torch_probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(batch.to(self.device)).float(), dim=1).cpu()
+    def _torch_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float().cpu()
+
+    def verdict(self, top: list[dict], threshold: float | None = None) -> Verdict:
+        """The answer for a top-k list: the class, or "not sure — closest: X" below `threshold` (default: the
+        run's calibrated one; None for an uncalibrated run = always an answer)."""
+        return verdict(top, self.threshold if threshold is None else threshold)
 
     def _top(self, probs: torch.Tensor, top_k: int) -> list[dict]:
         k = max(1, min(top_k, len(self.classes)))
@@ -119,7 +147,7 @@ class Predictor:
             tensors, slots = [], []
             for src in chunk:
                 entry = {"source": str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>",
-                         "top": [], "error": None}
+                         "top": [], "error": None, "sure": None}
                 try:
                     tensors.append(self.preprocess(src))
                     slots.append(entry)
@@ -131,6 +159,7 @@ class Predictor:
                     probs = self.probabilities(torch.stack(tensors))
                 for entry, row in zip(slots, probs):
                     entry["top"] = self._top(row, top_k)
+                    entry["sure"] = self.verdict(entry["top"]).sure
         return results
 
     def explain(self, src: Any, class_idx: int | None = None):

@@ -14,6 +14,11 @@ SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 AUGMENTATIONS = ("none", "light", "standard", "trivialaugment")
 FINETUNE_MODES = ("full", "head", "probe_then_unfreeze")
 SPLITS = ("train", "val", "test")
+# class imbalance: auto = weighted_loss when the largest training class has >= IMBALANCE_RATIO x the smallest
+BALANCE_MODES = ("auto", "none", "weighted_loss", "sampler")
+IMBALANCE_RATIO = 3.0
+MIX_MODES = ("none", "mixup", "cutmix", "both")
+MAX_TIME_BUDGET_MIN = 7 * 24 * 60  # a week
 # Upper bounds: far beyond any useful run on one GPU, low enough that a typo or a hostile request cannot queue a
 # run that would hold a worker for months or allocate memory no machine has.
 MAX_IMAGE_SIZE = 1024
@@ -80,6 +85,20 @@ class TrainConfig:
     device: str = "auto"
     # mixed precision on CUDA (bf16 where supported, else fp16); never used on CPU (it is ~10x slower there)
     amp: bool = True
+    # minutes for the whole run (cache building and calibration count); 0 = off. When set, `epochs` is not used:
+    # the engine times real steps and picks the epoch count that fits (shared/training/budget.py)
+    time_budget: float = 0.0
+    # class imbalance: auto (weighted loss when the largest class is >= 3x the smallest), none, weighted_loss,
+    # sampler (balanced sampling with replacement); when imbalanced, the best checkpoint is chosen by macro F1
+    balance: str = "auto"
+    # exponential moving average of the weights, evaluated and checkpointed instead of them; 0 = off (e.g. 0.999)
+    ema_decay: float = 0.0
+    # flip test-time augmentation: validation, calibration, evaluation and prediction average image and mirror
+    tta: bool = False
+    # mixup / cutmix on training batches (torchvision.transforms.v2): none, mixup, cutmix, both (one per batch)
+    mix: str = "none"
+    # the "not sure" threshold is chosen on validation so answers above it are right this often
+    target_precision: float = 0.95
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -90,6 +109,10 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("augment", self.augment, AUGMENTATIONS)
         _choice("finetune", self.finetune, FINETUNE_MODES)
+        _choice("balance", self.balance, BALANCE_MODES)
+        _choice("mix", self.mix, MIX_MODES)
+        if self.ema_decay and self.finetune == "head":
+            raise ConfigError("ema_decay averages the whole network's weights; with finetune 'head' set it to 0")
         if self.finetune != "full" and self.weights.lower() == "none":
             raise ConfigError(f"finetune={self.finetune!r} needs pretrained weights; with weights 'none' use 'full'")
         ratio_sum = self.val_ratio + self.test_ratio
@@ -113,6 +136,11 @@ class TrainConfig:
             ("test_ratio", self.test_ratio, 0 <= self.test_ratio < 1, "in [0, 1)"),
             ("val_ratio + test_ratio", ratio_sum, ratio_sum <= 0.9, "at most 0.9"),
             ("seed", self.seed, 0 <= self.seed <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+            ("time_budget", self.time_budget, 0 <= self.time_budget <= MAX_TIME_BUDGET_MIN,
+             f"between 0 (off) and {MAX_TIME_BUDGET_MIN} minutes"),
+            ("ema_decay", self.ema_decay, self.ema_decay == 0 or 0.5 <= self.ema_decay < 1,
+             "0 (off) or in [0.5, 1)"),
+            ("target_precision", self.target_precision, 0.5 <= self.target_precision <= 1, "in [0.5, 1]"),
         ]
         for name, value, ok, expected in checks:
             if not ok:

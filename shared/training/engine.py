@@ -9,7 +9,9 @@ an uninterrupted run would have done (checked by tests/test_engine.py).
 
 from __future__ import annotations
 
+import copy
 import errno
+import itertools
 import json
 import logging
 import math
@@ -28,7 +30,9 @@ from torch import nn
 from shared import __version__
 from shared.data.cache import load_image_array
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
-from shared.training.config import TrainConfig
+from shared.analysis.calibration import Calibration, calibrate, write_calibration
+from shared.training.budget import TIMED_STEPS, BudgetPlan, make_plan, replan, time_steps
+from shared.training.config import IMBALANCE_RATIO, MAX_EPOCHS, TrainConfig
 from shared.data.manifest import read_manifest, write_manifest
 from shared.data.split import make_split
 from shared.fsutil import write_atomic, write_json_atomic
@@ -96,8 +100,8 @@ class ArraySplit:
 
 
 def iterate_batches(split: ArraySplit, batch_size: int, device: torch.device, *, shuffle: bool,
-                    generator: torch.Generator | None = None, drop_last: bool = False
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    generator: torch.Generator | None = None, drop_last: bool = False,
+                    order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """uint8 batches from the array with one batch prefetched in a background thread.
 
     No DataLoader: the images are already decoded, so a batch is one fancy-index copy out of memory;
@@ -105,7 +109,9 @@ def iterate_batches(split: ArraySplit, batch_size: int, device: torch.device, *,
     with compute without oversubscribing the cores.
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    if order is None:  # a given order (the balanced sampler's draw) is used as it is
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    n = len(order)
     stops = range(0, n - batch_size + 1 if drop_last else n, batch_size)
     pin = device.type == "cuda"
 
@@ -147,11 +153,12 @@ class StepScheduler:
     def __init__(self, optimizer: torch.optim.Optimizer, kind: str, total_steps: int, warmup_steps: int):
         self.kind = kind
         self.optimizer = optimizer
+        self.total_steps = total_steps
         if kind == "cosine":
             def factor(step: int) -> float:
                 if step < warmup_steps:
                     return (step + 1) / warmup_steps
-                progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+                progress = (step - warmup_steps) / max(1, self.total_steps - warmup_steps)
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
             self.inner = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         elif kind == "onecycle":
@@ -162,6 +169,17 @@ class StepScheduler:
             self.inner = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.5, patience=2)
         else:
             self.inner = None
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Shorten (or lengthen) the schedule mid-run: the time budget's re-plan. The cosine reads the total at
+        every step; OneCycleLR fixed its phase ends at creation, so they are moved to the same shares of the new
+        total (torch keeps them in `_schedule_phases`; checked by tests/test_budget.py)."""
+        if self.kind == "onecycle":
+            old = self.inner.total_steps
+            for phase in self.inner._schedule_phases:
+                phase["end_step"] = (phase["end_step"] + 1) / old * total_steps - 1
+            self.inner.total_steps = total_steps
+        self.total_steps = total_steps
 
     def step_batch(self) -> None:
         if self.kind in ("cosine", "onecycle"):
@@ -198,7 +216,9 @@ def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optim
 def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimizer, scheduler: StepScheduler,
                     criterion, device: torch.device, *, epoch: int, num_batches: int, reporter: Reporter,
                     generator: torch.Generator | None, scaler=None, amp_dtype=None, grad_clip: float = 0.0,
-                    channels_last: bool = True) -> dict:
+                    channels_last: bool = True, mix=None, after_step=None) -> dict:
+    """One pass over `batches`. `mix(inputs, labels) -> (inputs, soft targets)` (mixup/cutmix) when given;
+    `after_step()` after every optimizer step (the EMA update)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
@@ -206,11 +226,14 @@ def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimi
         if reporter.should_stop():
             raise Cancelled()
         inputs = transform(images, train=True, generator=generator)
+        targets = labels
+        if mix is not None:
+            inputs, targets = mix(inputs, labels)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(inputs)
-            loss = criterion(logits, labels)
+            loss = criterion(logits, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"training loss became {loss.item()} at epoch {epoch}, batch {i + 1}: lower the learning rate")
@@ -227,6 +250,8 @@ def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimi
             scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step()
         scheduler.step_batch()
         n = labels.shape[0]
         total_loss += loss.item() * n
@@ -238,21 +263,52 @@ def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimi
             "images_per_s": seen / max(seconds, 1e-9), "train_seconds": seconds}
 
 
+def flip_tta(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits averaged over the image and its mirror (flip test-time augmentation)."""
+    return (model(inputs) + model(inputs.flip(3))) / 2
+
+
+def class_scores(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """Per-class recall (None for a class without images) and macro F1 of argmax predictions (scikit-learn)."""
+    from sklearn.metrics import f1_score, recall_score
+
+    y, pred = labels.cpu().numpy(), logits.argmax(1).cpu().numpy()
+    present = np.bincount(y, minlength=num_classes) > 0
+    recall = recall_score(y, pred, labels=list(range(num_classes)), average=None, zero_division=0)
+    return {"recall": [round(float(r), 6) if ok else None for r, ok in zip(recall, present)],
+            "macro_f1": round(float(f1_score(y, pred, average="macro", zero_division=0)), 6)}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, transform: BatchTransform, criterion, device: torch.device, *,
-             amp_dtype=None, channels_last: bool = True) -> dict:
+             amp_dtype=None, channels_last: bool = True, tta: bool = False, num_classes: int | None = None,
+             keep_logits: bool = False) -> dict:
+    """{loss, acc}; with `num_classes` also per-class `recall` and `macro_f1`; with `keep_logits` the (N, C)
+    float32 `logits` and `labels` on the CPU (for calibration)."""
     model.eval()
     total_loss, correct, seen = 0.0, 0, 0
+    all_logits, all_labels = [], []
     for images, labels in batches:
         inputs = transform(images, train=False)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(inputs)
-        total_loss += criterion(logits.float(), labels).item() * labels.shape[0]
+            logits = flip_tta(model, inputs) if tta else model(inputs)
+        logits = logits.float()
+        total_loss += criterion(logits, labels).item() * labels.shape[0]
         correct += (logits.argmax(1) == labels).sum().item()
         seen += labels.shape[0]
-    return {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+        if num_classes or keep_logits:
+            all_logits.append(logits.cpu())
+            all_labels.append(labels.cpu())
+    out = {"loss": total_loss / max(seen, 1), "acc": correct / max(seen, 1)}
+    if all_logits:
+        logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+        if num_classes:
+            out.update(class_scores(logits, labels, num_classes))
+        if keep_logits:
+            out.update(logits=logits, labels=labels)
+    return out
 
 
 @torch.no_grad()
@@ -325,6 +381,42 @@ class _Subset:
         return self.array[self.idx[positions]]
 
 
+def class_balance(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> dict:
+    """How the run treats class imbalance: the training split's counts, whether it is imbalanced (largest class
+    >= IMBALANCE_RATIO x the smallest), the balance mode used ("auto" resolved) and what picks the best epoch
+    (macro F1 when imbalanced, unless balance is "none")."""
+    counts = np.bincount(labels.numpy(), minlength=num_classes)
+    imbalanced = bool(counts.max() >= IMBALANCE_RATIO * max(int(counts.min()), 1))
+    mode = config.balance
+    if mode == "auto":
+        mode = "weighted_loss" if imbalanced else "none"
+    # balance "none" asked for explicitly trains and picks as if balanced (what runs did before imbalance existed)
+    by_f1 = imbalanced and mode != "none"
+    return {"class_counts": counts.tolist(), "imbalanced": imbalanced, "balance": mode,
+            "select_by": "val_macro_f1" if by_f1 else "val_acc"}
+
+
+def make_mix(kind: str, num_classes: int):
+    """torchvision's batch MixUp / CutMix (soft targets), or None."""
+    if kind == "none":
+        return None
+    from torchvision.transforms import v2
+
+    ops = {"mixup": [v2.MixUp(num_classes=num_classes)], "cutmix": [v2.CutMix(num_classes=num_classes)],
+           "both": [v2.MixUp(num_classes=num_classes), v2.CutMix(num_classes=num_classes)]}[kind]
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """An exponential moving average of `model`'s weights and BN buffers. The decay warms up as in timm's
+    ModelEmaV3 ((1 + n) / (10 + n), capped at `decay`), so a short run is not dominated by its random start."""
+    def average(ema_value, value, n):
+        d = ((1 + n) / (10 + n)).clamp(max=decay).to(ema_value.dtype)
+        return ema_value * d + value * (1 - d)
+
+    return torch.optim.swa_utils.AveragedModel(model, avg_fn=average, use_buffers=True)
+
+
 def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *, cache_dir: Path | None = None,
         cache_max_gb: float | None = None, data_roots: Sequence[Path] | None = None) -> dict:
     """Train one run into `run_dir`, resuming from `last.pt` when present. Returns the best metrics.
@@ -332,8 +424,11 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     `cache_max_gb` caps the decoded-image cache folder (None or 0: only the disk does); a cache that cannot fit
     raises `CacheFullError` before anything is decoded. `data_roots` (the worker's): links in the dataset that lead
     outside them are not read (see `scan_dataset`).
+    With `config.time_budget` the epoch count is planned (shared/training/budget.py); after training the best
+    checkpoint is calibrated on the validation split (calibration.json, shared/analysis/calibration.py).
     Raises `Cancelled` when the reporter asks to stop (last.pt stays), and lets other errors propagate.
     """
+    started = time.monotonic()  # the budget's clock: the split and the image cache count against it
     run_dir = Path(run_dir)
     reporter = reporter or Reporter()
     cache_dir = Path(cache_dir) if cache_dir else run_dir.parent / ".cache"
@@ -353,10 +448,12 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     model = create_model(config.model, len(classes), config.weights, config.dropout).to(device)
     model = model.to(memory_format=torch.channels_last)
     transform = BatchTransform(config.augment, config.image_size, IMAGENET_MEAN, IMAGENET_STD)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    config_record = {**config.to_dict(), "env": environment_info(device), "split_hash": manifest["split_hash"],
-                     "classes": classes}
-    write_json_atomic(run_dir / "config.json", config_record)
+    balance = class_balance(config, splits["train"].labels, len(classes))
+    weight = None
+    if balance["balance"] == "weighted_loss":  # inverse class frequency, mean weight 1 over the images
+        counts = torch.tensor(balance["class_counts"], dtype=torch.float32).clamp(min=1)
+        weight = (len(splits["train"]) / (len(classes) * counts)).to(device)
+    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
     meta = {"classes": classes, "image_size": config.image_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD), "model_name": config.model, "config": config.to_dict(),
@@ -364,21 +461,39 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     if manifest.get("skipped"):
         log.warning("%s: %d unreadable file(s) skipped, listed with reasons in %s", run_dir.name,
                     len(manifest["skipped"]), run_dir / "split.json")
-    trainer = _Trainer(config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta)
+    trainer = _Trainer(config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta,
+                       balance)
+    trainer.resume()
+    if config.time_budget and trainer.plan is None:
+        trainer.plan_budget(config.time_budget * 60, started, len(splits["test"]))
+    plan = {**balance, "budget": trainer.plan.to_dict() if trainer.plan else None}
+    config_record = {**config.to_dict(), "env": environment_info(device), "split_hash": manifest["split_hash"],
+                     "classes": classes, "plan": plan}
+    write_json_atomic(run_dir / "config.json", config_record)
     # the count goes into the run's status (`best`); the files and reasons stay in split.json
-    return {**trainer.run(), "skipped_files": len(manifest.get("skipped", []))}
+    return {**trainer.run(started), "skipped_files": len(manifest.get("skipped", []))}
 
 
 class _Trainer:
     """Holds the state of one `fit` call: stages, optimizer, checkpoints, history."""
 
-    def __init__(self, config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta):
+    def __init__(self, config, run_dir, model, splits, transform, criterion, device, amp_dtype, reporter, meta,
+                 balance):
         self.config, self.run_dir, self.model, self.splits = config, run_dir, model, splits
         self.transform, self.criterion, self.device, self.amp_dtype = transform, criterion, device, amp_dtype
-        self.reporter, self.meta = reporter, meta
+        self.reporter, self.meta, self.balance = reporter, meta, balance
+        # validation loss is the plain one: class weights are a training device, not what "val loss" means
+        self.val_criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.num_classes = len(meta["classes"])
+        self.select_by = balance["select_by"]
+        self.mix = make_mix(config.mix, self.num_classes)
         self.spec = get_spec(config.model)
+        self.epochs = config.epochs  # the budget mode's plan replaces it
+        self.plan: BudgetPlan | None = None
+        self.replan_live = False  # re-planning measures this process's clock, so not after a resume
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
         self.history: list[dict] = []
-        self.best_val_acc, self.best_epoch = -1.0, 0
+        self.best_val_acc, self.best_score, self.best_epoch = -1.0, -1.0, 0
         self.start_epoch = 1
         self._resume_state: dict | None = None
         self._features: dict[str, torch.Tensor] = {}
@@ -392,8 +507,15 @@ class _Trainer:
         return "full"
 
     def stage_epochs(self, stage: str) -> tuple[int, int]:
-        epochs = [e for e in range(1, self.config.epochs + 1) if self.stage_of(e) == stage]
-        return epochs[0], len(epochs)
+        epochs = [e for e in range(1, self.epochs + 1) if self.stage_of(e) == stage]
+        return (epochs[0], len(epochs)) if epochs else (0, 0)
+
+    def min_epochs(self) -> int:
+        return self.config.probe_epochs + 1 if self.config.finetune == "probe_then_unfreeze" else 1
+
+    def steps_per_epoch(self, stage: str) -> int:
+        n, bs = len(self.splits["train"]), self.config.batch_size
+        return math.ceil(n / bs) if stage == "head" else max(1, n // bs)
 
     def build_optimizer(self, stage: str) -> tuple[torch.optim.Optimizer, StepScheduler, int]:
         c = self.config
@@ -401,19 +523,49 @@ class _Trainer:
             for p in self.spec.backbone_parameters(self.model):
                 p.requires_grad_(False)
             groups = [{"params": self.spec.head_parameters(self.model), "lr": c.lr}]
-            steps_per_epoch = math.ceil(len(self.splits["train"]) / c.batch_size)
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
             backbone_lr = c.lr * (c.backbone_lr_mult if c.finetune == "probe_then_unfreeze" else 1.0)
             groups = [{"params": self.spec.backbone_parameters(self.model), "lr": backbone_lr},
                       {"params": self.spec.head_parameters(self.model), "lr": c.lr}]
-            steps_per_epoch = max(1, len(self.splits["train"]) // c.batch_size)
+        steps_per_epoch = self.steps_per_epoch(stage)
         optimizer = make_optimizer(c, groups)
         _, n_epochs = self.stage_epochs(stage)
         warmup = min(c.warmup_epochs, max(n_epochs - 1, 0)) * steps_per_epoch
         scheduler = StepScheduler(optimizer, c.scheduler, n_epochs * steps_per_epoch, warmup)
         return optimizer, scheduler, steps_per_epoch
+
+    # ---- the time budget ----
+    def plan_budget(self, budget_s: float, started: float, n_test: int) -> None:
+        """Time real steps (on a copy of the model), then fix the epoch count the budget allows."""
+        c = self.config
+        self.reporter.phase("timing steps")
+        batches = []
+        generator = torch.Generator().manual_seed(c.seed)
+        while len(batches) < TIMED_STEPS + 1:
+            batches += list(itertools.islice(
+                iterate_batches(self.splits["train"], c.batch_size, self.device, shuffle=True, generator=generator),
+                TIMED_STEPS + 1 - len(batches)))
+        step_s, eval_image_s = time_steps(self.model, batches, self.transform, self.criterion, self.device, c.tta)
+        self.plan = make_plan(budget_s, time.monotonic() - started, step_s, eval_image_s,
+                              steps_per_epoch=self.steps_per_epoch("full"), n_val=len(self.splits["val"]),
+                              n_test=n_test, max_epochs=MAX_EPOCHS, min_epochs=self.min_epochs())
+        self.epochs = self.plan.planned_epochs
+        self.replan_live = True
+
+    def replan(self, epoch: int, started: float, stage: str, scheduler: StepScheduler, steps: int) -> None:
+        if self.plan is None or not self.replan_live:
+            return
+        seconds = [r["seconds"] for r in self.history if r.get("stage") == "full"]
+        total = replan(self.plan, epoch=epoch, elapsed_s=time.monotonic() - started, epoch_seconds=seconds,
+                       min_epochs=self.min_epochs())
+        if total != self.epochs:
+            self.epochs = total
+            self.reporter.phase("training", epochs=total)  # the page's "epoch n/N" and ETA follow the new plan
+            _, n_epochs = self.stage_epochs(stage)
+            if n_epochs:
+                scheduler.set_total_steps(n_epochs * steps)
 
     # ---- checkpoints ----
     def resume(self) -> None:
@@ -423,35 +575,52 @@ class _Trainer:
             return
         state = load_checkpoint(last)
         self.model.load_state_dict(state["model"])
+        if state.get("ema") is not None:
+            self.ema = make_ema(self.model, self.config.ema_decay)
+            self.ema.load_state_dict(state["ema"])
+        if state.get("plan") is not None:  # the budget's plan as it stood; no new timing, no re-plan
+            self.plan = BudgetPlan(**state["plan"])
+            self.epochs = self.plan.planned_epochs
         self.history = list(state["history"])
         self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+        self.best_score = state.get("best_score", self.best_val_acc)
         self.start_epoch = state["epoch"] + 1
         self._resume_state = state
         # metrics.jsonl may hold a record written after last.pt (a crash between the two); keep what last.pt knows
         write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
         log.info("resuming %s at epoch %d", self.run_dir.name, self.start_epoch)
 
+    def eval_model(self, stage: str) -> nn.Module:
+        """What validation, best.pt and calibration see: the EMA of the weights when it is on."""
+        return self.ema.module if self.ema is not None and stage == "full" else self.model
+
     def save(self, epoch: int, optimizer, scheduler, scaler, improved: bool) -> None:
-        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        common = {**self.meta, "model": model_state, "epoch": epoch}
+        def cpu(module):
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+        common = {**self.meta, "epoch": epoch}
         if improved:
-            save_checkpoint({**common, "val_acc": self.best_val_acc}, self.run_dir / "best.pt")
-        save_checkpoint({**common, "val_acc": self.history[-1]["val_acc"], "optimizer": optimizer.state_dict(),
+            save_checkpoint({**common, "model": cpu(self.eval_model(self.stage_of(epoch))),
+                             "val_acc": self.best_val_acc}, self.run_dir / "best.pt")
+        save_checkpoint({**common, "model": cpu(self.model), "ema": cpu(self.ema) if self.ema is not None else None,
+                         "val_acc": self.history[-1]["val_acc"], "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "history": self.history, "best_val_acc": self.best_val_acc,
-                         "best_epoch": self.best_epoch, "stage": self.stage_of(epoch)},
+                         "history": self.history, "best_val_acc": self.best_val_acc, "best_score": self.best_score,
+                         "best_epoch": self.best_epoch, "stage": self.stage_of(epoch),
+                         "plan": self.plan.to_dict() if self.plan else None},
                         self.run_dir / "last.pt")
 
     # ---- the loop ----
-    def run(self) -> dict:
+    def run(self, started: float) -> dict:
         c = self.config
-        self.resume()
         stopped_early = False
         optimizer = scheduler = None
         current_stage = None
+        steps = 0
         scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
-        self.reporter.phase("training", epochs=c.epochs)
-        for epoch in range(self.start_epoch, c.epochs + 1):
+        self.reporter.phase("training", epochs=self.epochs)
+        epoch = self.start_epoch
+        while epoch <= self.epochs:
             stage = self.stage_of(epoch)
             if stage != current_stage:
                 optimizer, scheduler, steps = self.build_optimizer(stage)
@@ -463,6 +632,8 @@ class _Trainer:
                     if scaler is not None and state.get("scaler"):
                         scaler.load_state_dict(state["scaler"])
                 self._resume_state = None
+                if stage == "full" and c.ema_decay and self.ema is None:
+                    self.ema = make_ema(self.model, c.ema_decay)
             seed_everything(c.seed * 1000 + epoch)
             generator = epoch_generator(c.seed, epoch)
             start = time.perf_counter()
@@ -475,13 +646,16 @@ class _Trainer:
                 "epoch": epoch, "stage": stage,
                 "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                 "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
+                "val_macro_f1": val_stats["macro_f1"],
+                "val_recall": dict(zip(self.meta["classes"], val_stats["recall"])),  # per class, by name
                 "lr": max(g["lr"] for g in optimizer.param_groups),
                 "images_per_s": train_stats["images_per_s"], "seconds": time.perf_counter() - start,
             }
             self.history.append(record)
-            improved = record["val_acc"] > self.best_val_acc
+            improved = record[self.select_by] > self.best_score
             if improved:
-                self.best_val_acc, self.best_epoch = record["val_acc"], epoch
+                self.best_score, self.best_val_acc, self.best_epoch = record[self.select_by], record["val_acc"], epoch
+            self.replan(epoch, started, stage, scheduler, steps)
             self.save(epoch, optimizer, scheduler, scaler, improved)
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
@@ -490,27 +664,62 @@ class _Trainer:
                 stopped_early = True
                 log.info("early stop at epoch %d (best %d)", epoch, self.best_epoch)
                 break
+            epoch += 1
         self._features.clear()
+        calibration = self.calibrate()
         last = self.history[-1] if self.history else {}
-        return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
-                "stopped_early": stopped_early, "final_train_loss": last.get("train_loss"),
-                "final_val_loss": last.get("val_loss"), "images_per_s": last.get("images_per_s")}
+        result = {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
+                  "stopped_early": stopped_early, "final_train_loss": last.get("train_loss"),
+                  "final_val_loss": last.get("val_loss"), "images_per_s": last.get("images_per_s"),
+                  "select_by": self.select_by, "balance": self.balance["balance"],
+                  "calibration": {k: getattr(calibration, k) for k in ("temperature", "threshold", "ece_before",
+                                                                        "ece_after")}}
+        if self.plan is not None:
+            result["budget"] = {**self.plan.to_dict(), "seconds_used": round(time.monotonic() - started, 1)}
+        return result
+
+    def calibrate(self) -> Calibration:
+        """Temperature and "not sure" threshold of best.pt on the validation split → calibration.json."""
+        self.reporter.phase("calibrating")
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        stats = evaluate(model, iterate_batches(self.splits["val"], self.config.batch_size * 2, self.device,
+                                                shuffle=False),
+                         self.transform, self.val_criterion, self.device, amp_dtype=self.amp_dtype,
+                         tta=self.config.tta, keep_logits=True)
+        calibration = calibrate(stats["logits"], stats["labels"], self.config.target_precision)
+        write_calibration(self.run_dir, calibration)
+        log.info("%s calibrated: T=%.3f, ECE %.3f → %.3f, threshold %.3f", self.run_dir.name,
+                 calibration.temperature, calibration.ece_before, calibration.ece_after, calibration.threshold)
+        return calibration
+
+    def train_order(self, generator: torch.Generator) -> torch.Tensor | None:
+        """The balanced sampler's draw for one epoch (with replacement, each class equally likely), else None."""
+        if self.balance["balance"] != "sampler":
+            return None
+        labels = self.splits["train"].labels
+        counts = torch.bincount(labels, minlength=self.num_classes).float().clamp(min=1)
+        return torch.multinomial(1.0 / counts[labels], len(labels), replacement=True, generator=generator)
 
     def full_epoch(self, epoch, optimizer, scheduler, scaler, generator, steps):
         c = self.config
         batches = iterate_batches(self.splits["train"], c.batch_size, self.device, shuffle=True,
-                                  generator=generator, drop_last=len(self.splits["train"]) > c.batch_size)
+                                  generator=generator, drop_last=len(self.splits["train"]) > c.batch_size,
+                                  order=self.train_order(generator))
+        after_step = (lambda: self.ema.update_parameters(self.model)) if self.ema is not None else None
         train_stats = train_one_epoch(
             self.model, batches, self.transform, optimizer, scheduler, self.criterion, self.device,
             epoch=epoch, num_batches=steps, reporter=self.reporter, generator=generator, scaler=scaler,
-            amp_dtype=self.amp_dtype, grad_clip=c.grad_clip)
-        val_stats = evaluate(self.model, iterate_batches(self.splits["val"], c.batch_size * 2, self.device,
-                                                         shuffle=False),
-                             self.transform, self.criterion, self.device, amp_dtype=self.amp_dtype)
+            amp_dtype=self.amp_dtype, grad_clip=c.grad_clip, mix=self.mix, after_step=after_step)
+        val_stats = evaluate(self.eval_model("full"),
+                             iterate_batches(self.splits["val"], c.batch_size * 2, self.device, shuffle=False),
+                             self.transform, self.val_criterion, self.device, amp_dtype=self.amp_dtype, tta=c.tta,
+                             num_classes=self.num_classes)
         return train_stats, val_stats
 
     def head_epoch(self, epoch, optimizer, scheduler, generator):
-        """Linear probe on features computed once: the frozen backbone never runs twice on the same image."""
+        """Linear probe on features computed once: the frozen backbone never runs twice on the same image.
+        (Flip TTA does not apply here: the features are of the centre crops.)"""
         c = self.config
         if not self._features:
             backbone = Backbone(self.model, self.spec)
@@ -518,12 +727,13 @@ class _Trainer:
                 self.reporter.phase("extracting features", split=name)
                 self._features[name] = extract_features(backbone, self.splits[name], self.transform, self.device,
                                                         c.batch_size * 2, self.amp_dtype, self.reporter)
-            self.reporter.phase("training", epochs=c.epochs)
+            self.reporter.phase("training", epochs=self.epochs)
         head = self.spec.head_of(self.model)
         feats, labels = self._features["train"], self.splits["train"].labels.to(self.device)
         n = len(labels)
         steps = math.ceil(n / c.batch_size)
-        order = torch.randperm(n, generator=generator).to(self.device)
+        order = self.train_order(generator)
+        order = (torch.randperm(n, generator=generator) if order is None else order).to(self.device)
         head.train()
         start = time.perf_counter()
         total_loss, correct = 0.0, 0
@@ -545,7 +755,8 @@ class _Trainer:
         with torch.no_grad():
             val_labels = self.splits["val"].labels.to(self.device)
             val_logits = head(self._features["val"])
-            val_stats = {"loss": self.criterion(val_logits, val_labels).item(),
-                         "acc": (val_logits.argmax(1) == val_labels).float().mean().item()}
+            val_stats = {"loss": self.val_criterion(val_logits, val_labels).item(),
+                         "acc": (val_logits.argmax(1) == val_labels).float().mean().item(),
+                         **class_scores(val_logits, val_labels, self.num_classes)}
         return ({"train_loss": total_loss / n, "train_acc": correct / n, "images_per_s": n / max(seconds, 1e-9)},
                 val_stats)

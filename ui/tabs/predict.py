@@ -56,6 +56,8 @@ class PredictUI:
     answered: gr.State  # the run id of the last answer, for the model line
     choices: gr.State  # the model list; the selector follows it (see wire)
     folder: predict_folder.FolderUI  # a folder classified by the worker
+    threshold: gr.Slider | None = None  # "not sure" below it; 0 = the run's calibrated threshold
+    verdict: gr.Markdown | None = None  # the answer or "Not sure — closest: X", redrawn when the slider moves
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -77,7 +79,11 @@ def build(lab) -> PredictUI:
                          elem_id="predict-image", height=320)
         with gr.Column():
             label = gr.Label(num_top_classes=5, label="Top 5", elem_id="predict-label")
+            verdict = gr.Markdown(elem_id="predict-verdict")
             answer = gr.Markdown(elem_id="predict-info")
+            threshold = gr.Slider(0, 1, value=0, step=0.01, label="Answer only above this confidence",
+                                  info="0 = the model's own threshold, chosen on validation for 95% precision; "
+                                       "below it the answer is \"not sure\"", elem_id="predict-threshold")
         # JPEG: the overlay is a photo; Pillow encodes it ~100x faster than PNG (BENCHMARKS.md, item 4)
         cam = gr.Image(label="Where the model looked (heat-map)", interactive=False, elem_id="predict-cam",
                        height=320, format="jpeg")
@@ -95,7 +101,7 @@ def build(lab) -> PredictUI:
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices), folder)
+                     gr.State(choices), folder, threshold=threshold, verdict=verdict)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -200,6 +206,29 @@ def _display_size(image, side: int = 320):
 def no_answer(ui: PredictUI) -> dict:
     """What the answer shows while there is none: no top-5, no CAM, no "answered by"."""
     return {ui.label: None, ui.cam: None, ui.answer: ""}
+
+
+def _threshold(value: Any) -> float | None:
+    """The page's threshold: None (0 or absent) = the run's own; a number in (0, 1] overrides it."""
+    if value is None or value == 0:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise user_error(f"The confidence threshold must be a number between 0 and 1, got {str(value)[:20]!r}.",
+                         title="Check the threshold")
+    return float(value)
+
+
+def verdict_text(lab, top: dict | None, threshold: float | None, run_id: str | None) -> str:
+    """The answer line for the top-5 shown (gr.Label's {class: probability}) by run `run_id`, at the slider's
+    threshold (0: the run's own). A private event after each answer and on every slider move, so the /predict
+    API keeps its inputs and outputs."""
+    if not top or not run_id or not isinstance(top, dict):
+        return ""
+    threshold = _threshold(threshold)
+    predictor = _predictor(lab, run_id)
+    ranked = sorted(({"class": str(k), "probability": float(v)} for k, v in top.items()),
+                    key=lambda item: -item["probability"])
+    return view.verdict_line(predictor.verdict(ranked, threshold), predictor.calibration_note)
 
 
 def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
@@ -315,11 +344,17 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
     # outputs as lists, not sets: their order is the order of the API's answer
-    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model], [ui.label, ui.cam, ui.answer, ui.answered],
+    verdict = dict(fn=partial(verdict_text, lab), inputs=[ui.label, ui.threshold, ui.answered], outputs=ui.verdict,
+                   api_visibility="private", show_progress="hidden")
+    ui.image.upload(lambda: "", None, ui.verdict, api_visibility="private", queue=False, show_progress="hidden")
+    ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model],
+                    [ui.label, ui.cam, ui.answer, ui.answered],
                     api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
-                    show_progress="minimal").success(**answered)
+                    show_progress="minimal").success(**answered).success(**verdict)
+    ui.threshold.change(**verdict)
     # removing the picture (its ✕, or switching to the webcam) takes its answer away too
-    ui.image.clear(partial(no_answer, ui), None, {ui.label, ui.cam, ui.answer}, api_visibility="private",
+    ui.image.clear(lambda: {**no_answer(ui), ui.verdict: ""}, None, {ui.label, ui.cam, ui.answer, ui.verdict},
+                   api_visibility="private",
                    queue=False, show_progress="hidden")
     ui.many_btn.click(partial(predict_many, lab, ui), [ui.files, ui.model],
                       [ui.table, ui.csv, ui.answer, ui.answered], api_name="predict_many",

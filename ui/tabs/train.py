@@ -14,8 +14,8 @@ from typing import Any
 
 import gradio as gr
 
-from shared.training.config import (AUGMENTATIONS, DEFAULT_MODEL, OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig,
-                                    expand_grid)
+from shared.training.config import (AUGMENTATIONS, BALANCE_MODES, DEFAULT_MODEL, MAX_TIME_BUDGET_MIN, MIX_MODES,
+                                    OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid)
 from shared.training.models import cached_weights_path, confine_weights, list_models
 
 from .. import formatting as fmt
@@ -42,6 +42,8 @@ SCHEDULER_LABELS = {"cosine": "Cosine decay", "onecycle": "One-cycle", "plateau"
                     "none": "Constant"}
 AUGMENT_LABELS = {"standard": "Standard (crop, flip, colour)", "light": "Light (flip)",
                   "trivialaugment": "Strong (TrivialAugment)", "none": "None"}
+BALANCE_LABELS = {"auto": "Automatic (weighted loss when skewed 3:1 or more)", "none": "Ignore (train and pick the best epoch as if balanced)",
+                  "weighted_loss": "Class-weighted loss", "sampler": "Balanced sampling"}
 # List-valued form fields and the TrainConfig field each one expands over.
 GRID_FIELDS = {"models": "model", "lrs": "lr", "batch_sizes": "batch_size"}
 
@@ -127,6 +129,10 @@ def build(lab) -> TrainUI:
             f["batch_sizes"] = gr.CheckboxGroup(BATCH_CHOICES, value=[32], label="Batch sizes",
                                                 elem_id="batch-sizes")
             f["epochs"] = gr.Slider(1, 100, value=5, step=1, label="Epochs", elem_id="epochs")
+            f["time_budget"] = gr.Number(0, label="Time budget (minutes, 0 = off)", minimum=0,
+                                         maximum=MAX_TIME_BUDGET_MIN, elem_id="time-budget",
+                                         info="Set it and the epochs are chosen to fit: the best model this "
+                                              "machine can train in that time.")
             f["image_size"] = gr.Dropdown(IMAGE_SIZES, value=128, label="Image size (pixels)",
                                           info="128 trains about 3× faster than 224 on a CPU.", elem_id="image-size")
         with gr.Column():
@@ -152,6 +158,13 @@ def build(lab) -> TrainUI:
             f["probe_epochs"] = gr.Number(2, precision=0, label="Head-only epochs (head first, then all)",
                                           minimum=1)
             f["device"] = gr.Dropdown(["auto", "cpu", "cuda"], value="auto", label="Device", allow_custom_value=True)
+        with gr.Row():
+            f["balance"] = gr.Dropdown([(BALANCE_LABELS[b], b) for b in BALANCE_MODES], value="auto",
+                                       label="Class imbalance", elem_id="balance")
+            f["mix"] = gr.Dropdown(MIX_MODES, value="none", label="Mixup / CutMix", elem_id="mix")
+            f["ema_decay"] = gr.Number(0.0, label="Weight average (EMA) decay, 0 = off", minimum=0, maximum=0.9999,
+                                       elem_id="ema-decay")
+            f["tta"] = gr.Checkbox(False, label="Flip test-time augmentation", elem_id="tta")
     with gr.Row(elem_classes="toolbar"):
         ui.run_count = gr.Markdown(view.grid_count([DEFAULT_MODEL], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
@@ -247,7 +260,7 @@ def _whole(name: str, value: Any) -> int:
 def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     params = {k: v for k, v in values.items() if v is not None and v != ""}
     params["data_dir"] = data_dir or ""
-    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout"):
+    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay"):
         if key in params:
             params[key] = round(float(params[key]), 6)
     return params
@@ -272,7 +285,7 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
     values["weights"] = "none" if weights.lower() == "none" else "DEFAULT"
     for key in ("finetune", "epochs", "image_size", "optimizer", "scheduler", "augment", "seed", "val_ratio",
                 "test_ratio", "weight_decay", "label_smoothing", "dropout", "warmup_epochs", "patience",
-                "probe_epochs", "device"):
+                "probe_epochs", "device", "time_budget", "balance", "mix", "ema_decay", "tta"):
         if key in config:
             values[key] = config[key]
     return values

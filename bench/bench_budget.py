@@ -1,0 +1,110 @@
+"""Issue 15 — the best model for a time budget: an ablation of recipe changes, one at a time, against the baseline.
+
+Every variant is `resnet-lab train --time-budget MINUTES` (`shared.training.engine.fit` with `time_budget`), from
+scratch, on the same split (make_split, seed 0, 70/15/15: the same files in the same splits for every variant),
+then the best checkpoint is evaluated on the test split (`evaluate_run`, figures off). The budget covers the cache,
+the timing steps, training and calibration; the evaluation is reserved for inside it too (see budget.py), and the
+table shows the seconds each variant really used, evaluation included.
+
+  baseline   ResNet18, 128 px, AdamW lr 1e-3, cosine with 1 warm-up epoch, label smoothing 0.1, "standard" augment
+  ema        + EMA of the weights (decay 0.999), evaluated and checkpointed
+  tta        + flip test-time augmentation (validation, calibration, test)
+  mixup      + mixup;  cutmix: + cutmix
+  sgd        SGD + Nesterov, lr 0.05 (momentum 0.9)
+  onecycle   one-cycle schedule instead of cosine
+  px112      112 px;  px96: 96 px
+The variant that wins on *validation* is the one to keep (test accuracy is reported, not chosen on).
+
+Run (full, one budget):  .venv/bin/python bench/bench_budget.py --minutes 30 --json bench/results/budget_30.json
+     some variants:      .venv/bin/python bench/bench_budget.py --minutes 10 --variants baseline ema tta
+     quick:              .venv/bin/python bench/bench_budget.py --quick --data-dir DIR
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+TARGET_TEST_ACC = 0.82  # issue 15: ResNet18 from scratch, --time-budget 30 on 2 CPU cores
+BASELINE = dict(model="resnet18", weights="none", image_size=128, batch_size=32, lr=1e-3, optimizer="adamw",
+                scheduler="cosine", warmup_epochs=1, augment="standard", seed=0, val_ratio=0.15, test_ratio=0.15,
+                device="cpu", amp=False)
+VARIANTS = {
+    "baseline": {},
+    "ema": {"ema_decay": 0.999},
+    "tta": {"tta": True},
+    "mixup": {"mix": "mixup"},
+    "cutmix": {"mix": "cutmix"},
+    "sgd": {"optimizer": "sgd", "lr": 0.05},
+    "onecycle": {"scheduler": "onecycle"},
+    "px112": {"image_size": 112},
+    "px96": {"image_size": 96},
+}
+
+
+def run_variant(name: str, changes: dict, data_dir: Path, minutes: float, models: Path, cache: Path,
+                base: dict) -> dict:
+    from shared.analysis.evaluation import evaluate_run
+    from shared.runs.store import RunStore
+    from shared.training.config import TrainConfig
+    from shared.training.engine import fit
+
+    config = TrainConfig(data_dir=str(data_dir), **{**base, **changes, "time_budget": minutes})
+    store = RunStore(models)
+    run_id = store.create(config)
+    start = time.perf_counter()
+    best = fit(config, store.path(run_id), cache_dir=cache)
+    evaluation = evaluate_run(store.path(run_id), figures="none")
+    seconds = time.perf_counter() - start
+    row = {"variant": name, "epochs": best["budget"]["planned_epochs"], "replans": len(best["budget"]["replans"]),
+           "val_acc": best["best_val_acc"], "test_acc": evaluation["accuracy"],
+           "test_macro_f1": evaluation["macro"]["f1"], "ece_before": best["calibration"]["ece_before"],
+           "ece_after": best["calibration"]["ece_after"], "used_s": round(seconds, 1),
+           "budget_s": minutes * 60, "load": common.loadavg()[0]}
+    print(f"{name}: {row}", flush=True)
+    return row
+
+
+def main(argv=None) -> dict:
+    parser = common.base_parser(__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="time budget per variant")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE_DIR)
+    args = common.parse(parser, argv, __file__)
+    common.ensure_repo_on_path()
+    base = dict(BASELINE)
+    if args.quick:  # seconds, on a few generated images: only checks that the script works
+        args.minutes = 0.1
+        args.variants = ["baseline", "tta"]
+        base.update(image_size=32, batch_size=8, val_ratio=0.25, test_ratio=0.25)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
+        for name in args.variants:
+            changes = dict(VARIANTS[name])
+            if args.quick and "image_size" in changes:
+                changes["image_size"] = 32
+            rows.append(run_variant(name, changes, args.data_dir, args.minutes, Path(tmp) / "models",
+                                    args.cache_dir, base))
+    baseline = next((r for r in rows if r["variant"] == "baseline"), None)
+    for r in rows:
+        if baseline is not None:
+            r["d_val"] = round(100 * (r["val_acc"] - baseline["val_acc"]), 1)
+            r["d_test"] = round(100 * (r["test_acc"] - baseline["test_acc"]), 1)
+    common.print_table(rows, ["variant", "epochs", "replans", "val_acc", "test_acc", "d_val", "d_test",
+                              "test_macro_f1", "ece_before", "ece_after", "used_s", "budget_s", "load"],
+                       title=f"time budget {args.minutes:g} min per variant, ResNet18 from scratch", digits=3)
+    best_test = max(r["test_acc"] for r in rows)
+    print(f"target: test accuracy >= {TARGET_TEST_ACC:.0%} at 30 minutes: "
+          f"{common.verdict(best_test >= TARGET_TEST_ACC and args.minutes <= 30, args.quick)}")
+    return common.finish(args, "budget", {"minutes": args.minutes, "base": base, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Training for a time budget: time a few real steps, pick the epoch count so the whole schedule fits, re-plan
+when the machine turns out slower.
+
+The clock starts when `fit` starts, so building the decoded-image cache counts against the budget. What is left
+after the measured epochs is kept for what follows training: calibration (one validation pass) and the evaluation
+of the test split that the CLI and the worker run afterwards (`RESERVE_*` below). A run always trains at least one
+epoch, so it always ends with an evaluated best checkpoint, even when the budget is too small for that.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# steps timed before planning: the first is a warm-up (allocations, kernel choice) and is not counted
+TIMED_STEPS = 3
+# after training: calibration is one validation pass (with TTA when on); the test evaluation reads and decodes
+# every image again and draws figures, measured at ~3x a bare forward pass on flower_photos
+RESERVE_VAL_PASSES = 1.0
+RESERVE_TEST_PASSES = 3.0
+# plus this share of the budget for what the estimate misses (checkpoint writes, the t-SNE of the evaluation)
+RESERVE_SHARE = 0.03
+
+
+@dataclass
+class BudgetPlan:
+    """What the budget mode chose, recorded in config.json (`plan`) and the run's status (`best.budget`)."""
+
+    budget_s: float
+    setup_s: float  # split, cache and the timing steps, before the first epoch
+    step_s: float  # one training step, measured
+    eval_image_s: float  # one image through evaluation, measured
+    epoch_s: float  # estimated (then measured) seconds per epoch, training and validation
+    reserve_s: float  # kept for calibration and the test evaluation after training
+    planned_epochs: int
+    replans: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def epochs_that_fit(seconds_left: float, epoch_s: float, max_epochs: int, min_epochs: int = 1) -> int:
+    """How many whole epochs of `epoch_s` fit in `seconds_left`, between min_epochs and max_epochs."""
+    if epoch_s <= 0:
+        return max_epochs
+    return int(min(max_epochs, max(min_epochs, math.floor(seconds_left / epoch_s))))
+
+
+@torch.no_grad()
+def _time_eval(model, images, transform, device, tta: bool) -> float:
+    model.eval()
+    start = time.perf_counter()
+    x = transform(images, train=False)
+    model(x)
+    if tta:
+        model(x.flip(3))
+    return (time.perf_counter() - start) / max(len(images), 1)
+
+
+def time_steps(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], transform, criterion,
+               device, tta: bool = False) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluated image), measured on a copy of the model so the run's own
+    weights and optimizer state are untouched. `batches`: TIMED_STEPS + 1 real training batches."""
+    probe = copy.deepcopy(model).to(device)
+    optimizer = torch.optim.SGD(probe.parameters(), lr=0.0)  # forward + backward + a step, changing nothing
+    probe.train()
+    times = []
+    for images, labels in batches:
+        start = time.perf_counter()
+        inputs = transform(images, train=True).contiguous(memory_format=torch.channels_last)
+        loss = criterion(probe(inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    step_s = sum(times[1:]) / max(len(times) - 1, 1) if len(times) > 1 else times[0]
+    eval_image_s = _time_eval(probe, batches[0][0], transform, device, tta)
+    del probe, optimizer
+    return step_s, eval_image_s
+
+
+def make_plan(budget_s: float, elapsed_s: float, step_s: float, eval_image_s: float, *, steps_per_epoch: int,
+              n_val: int, n_test: int, max_epochs: int, min_epochs: int = 1) -> BudgetPlan:
+    """The epoch count whose training, validation and the reserved after-work fit in what is left of the budget."""
+    epoch_s = steps_per_epoch * step_s + n_val * eval_image_s
+    reserve_s = (RESERVE_VAL_PASSES * n_val + RESERVE_TEST_PASSES * n_test) * eval_image_s + RESERVE_SHARE * budget_s
+    epochs = epochs_that_fit(budget_s - elapsed_s - reserve_s, epoch_s, max_epochs, min_epochs)
+    plan = BudgetPlan(budget_s=budget_s, setup_s=elapsed_s, step_s=step_s, eval_image_s=eval_image_s,
+                      epoch_s=epoch_s, reserve_s=reserve_s, planned_epochs=epochs)
+    log.info("time budget %.0f s: %.1f s used before training, ~%.1f s per epoch, %.0f s reserved → %d epochs",
+             budget_s, elapsed_s, epoch_s, reserve_s, epochs)
+    return plan
+
+
+def replan(plan: BudgetPlan, *, epoch: int, elapsed_s: float, epoch_seconds: list[float], min_epochs: int) -> int:
+    """After `epoch`: the new total epoch count when the measured epochs are slower than planned (never more than
+    planned: a shorter schedule is re-fitted, a longer one would not have been warmed up and decayed for)."""
+    measured = max(plan.epoch_s, sum(epoch_seconds[-2:]) / len(epoch_seconds[-2:])) if epoch_seconds else plan.epoch_s
+    left = plan.budget_s - elapsed_s - plan.reserve_s
+    total = min(plan.planned_epochs, epoch + max(0, math.floor(left / measured)))
+    total = max(total, epoch, min_epochs)
+    if total < plan.planned_epochs:
+        plan.replans.append({"after_epoch": epoch, "epoch_s": round(measured, 3), "planned_epochs": total})
+        log.info("slower than planned (%.1f s per epoch): %d epochs instead of %d", measured, total,
+                 plan.planned_epochs)
+        plan.planned_epochs = total
+        plan.epoch_s = measured
+    return plan.planned_epochs
