@@ -355,7 +355,9 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     transform = BatchTransform(config.augment, config.image_size, IMAGENET_MEAN, IMAGENET_STD)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     config_record = {**config.to_dict(), "env": environment_info(device), "split_hash": manifest["split_hash"],
-                     "classes": classes}
+                     "classes": classes,
+                     # which of the dataset's relabel/exclude fixes this run trained with (split.json lists them)
+                     "overrides_sha256": (manifest.get("overrides") or {}).get("sha256")}
     write_json_atomic(run_dir / "config.json", config_record)
 
     meta = {"classes": classes, "image_size": config.image_size, "mean": list(IMAGENET_MEAN),
