@@ -7,11 +7,12 @@ labels, overrides applied: `shared.data.overrides`) with the evaluation's own fe
   `LogisticRegression` under `cross_val_predict`) on the frozen penultimate features, so no image is judged by a
   probe that saw its own label; cleanlab's confident learning (`find_label_issues`) picks the suspects and
   `get_label_quality_scores` ranks them. The suggested label is the probe's most likely class.
-- **near_duplicate**: pairs of images that are among each other's nearest neighbours in feature space (cosine,
-  scikit-learn `NearestNeighbors`) *and* whose 16x16 colour thumbnails are nearly the same picture. The features
-  alone find every pair the model cannot tell apart, which for a classifier includes distinct photos of one class
-  (and how close a copy's features are depends on the model: 0.78-0.98 cosine for a tiny one); the thumbnail
-  (area-averaged, so resizing and JPEG re-compression barely change it) keeps only copies. Within a class they inflate the test
+- **near_duplicate**: pairs of images among each other's nearest neighbours (cosine, scikit-learn
+  `NearestNeighbors`) in feature space or by 16x16 colour thumbnail, whose thumbnails are nearly the same picture.
+  The features alone find every pair the model cannot tell apart, which for a classifier includes distinct photos
+  of one class, and how close a copy's features are depends on the model (0.6-0.98 cosine for a tiny one at 64 px,
+  some copies not among the 10 nearest); the thumbnail (area-averaged, so resizing and JPEG re-compression barely
+  change it) finds those and keeps only copies. Within a class they inflate the test
   score when split apart; across classes one label is wrong.
 - **outlier**: cleanlab's `OutOfDistribution` (mean distance to the k nearest neighbours in feature space); the
   least typical `outlier_fraction` of the images.
@@ -45,7 +46,7 @@ THUMB_SIDE = 16
 # resized 0.5-0.9x + JPEG 50-90 copies of generated scenes measured >= 0.95, distinct scenes <= 0.91
 # (bench/bench_data_issues.py)
 THUMB_SIMILARITY = 0.93
-NEIGHBOURS = 10  # feature neighbours per image checked as candidate copies
+NEIGHBOURS = 10  # neighbours per image (by features, by thumbnail) checked as candidate copies
 
 
 def find_data_issues(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
@@ -180,27 +181,20 @@ def thumbnails(root: Path, paths: Sequence[str], side: int = THUMB_SIDE) -> np.n
 
 def near_duplicate_pairs(features: np.ndarray, thumbs: np.ndarray, *, thumb_similarity: float = THUMB_SIMILARITY,
                          neighbours: int = NEIGHBOURS) -> list[tuple[int, int, float]]:
-    """(i, j, thumbnail similarity) with i < j for every pair of feature neighbours with near-identical thumbnails."""
+    """(i, j, thumbnail similarity) with i < j for every near-identical pair of thumbnails among each image's
+    nearest neighbours by features and by thumbnail."""
     from sklearn.neighbors import NearestNeighbors
 
     n = len(features)
     if n < 2:
         return []
     k = min(neighbours + 1, n)
-    index = NearestNeighbors(n_neighbors=k, metric="cosine").fit(features)
-    neighbours_of = index.kneighbors(features, return_distance=False)
-    pairs = {}
-    for i in range(n):
-        for j in neighbours_of[i]:
-            j = int(j)
-            if j == i:
-                continue
-            a, b = min(i, j), max(i, j)
-            if (a, b) not in pairs:
-                sim = float(thumbs[a] @ thumbs[b])
-                if sim >= thumb_similarity:
-                    pairs[(a, b)] = sim
-    return sorted(((a, b, s) for (a, b), s in pairs.items()), key=lambda t: (-t[2], t[0], t[1]))
+    candidates = set()
+    for space in (features, thumbs):
+        found = NearestNeighbors(n_neighbors=k, metric="cosine").fit(space).kneighbors(space, return_distance=False)
+        candidates.update((min(i, int(j)), max(i, int(j))) for i in range(n) for j in found[i] if int(j) != i)
+    pairs = [(a, b, float(thumbs[a] @ thumbs[b])) for a, b in candidates]
+    return sorted((p for p in pairs if p[2] >= thumb_similarity), key=lambda t: (-t[2], t[0], t[1]))
 
 
 def near_duplicates(paths: Sequence[str], y: np.ndarray, features: np.ndarray, thumbs: np.ndarray,
