@@ -257,9 +257,9 @@ def add_to_inbox(root: str | os.PathLike, label: object, image_file: str | os.Pa
     source = Path(image_file)
     try:
         verify_image(source)
+        ext = _extension_of(source)
     except (ImageError, OSError) as exc:
         raise OverrideError(f"the photo cannot be added: {exc}") from None
-    ext = source.suffix.lower() if source.suffix.lower() in IMAGE_EXTENSIONS else ".png"
     sha = sha256_file(source)
     folder = state_dir(scan.root) / INBOX_DIR / label
     folder.mkdir(parents=True, exist_ok=True)
@@ -269,6 +269,21 @@ def add_to_inbox(root: str | os.PathLike, label: object, image_file: str | os.Pa
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     return target
+
+
+# the file's real format decides its extension (a webcam shot may come without a usable name)
+_FORMAT_EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "GIF": ".gif", "TIFF": ".tif"}
+
+
+def _extension_of(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        ext = _FORMAT_EXTENSIONS.get(img.format or "")
+    if ext is None:
+        suffix = path.suffix.lower()
+        ext = suffix if suffix in IMAGE_EXTENSIONS else ".png"
+    return ext
 
 
 def list_inbox(root: str | os.PathLike) -> list[dict]:

@@ -43,7 +43,7 @@ PAIR_COLUMNS = ["true", "predicted", "count"]
 CHANGE_COLUMNS = ["when", "change", "file", "to", "state"]
 
 
-@dataclass
+@dataclass(eq=False)  # hashable by identity: it sits among components in ResultsUI
 class CleanupUI:
     pairs: gr.Dataframe
     cell_true: gr.Dropdown
@@ -330,7 +330,8 @@ def _fix(lab, run_id, action: str, rel, label=None) -> tuple:
         else:
             entry = add_change(root, action, rel, label, link_roots=lab.settings.data_roots)
             to = f" → **{entry['label']}**" if action == "relabel" else ""
-            text = (f"{action.capitalize()}d `{entry['path']}`{to}. New runs on this dataset use it; press "
+            done = {"relabel": "Relabelled", "exclude": "Excluded"}[action]
+            text = (f"{done} `{entry['path']}`{to}. New runs on this dataset use it; press "
                     "**Retrain with these fixes** when you are done.")
     except DatasetError as exc:  # OverrideError included: names the class or file and what is accepted
         raise user_error(str(exc), title="Change refused") from None

@@ -28,7 +28,7 @@ from shared.analysis.predict import NoModelError, write_predictions_csv
 from .. import predict_view as view
 from .. import runs_view
 from ..guard import FileRefused, UploadError
-from . import user_error
+from . import feedback, user_error
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class PredictUI:
     state: gr.State
     answered: gr.State  # the run id of the last answer, for the model line
     choices: gr.State  # the model list; the selector follows it (see wire)
+    feedback: feedback.FeedbackUI | None = None  # "Wrong — it is X" into the dataset's inbox (ui/tabs/feedback.py)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -87,10 +88,11 @@ def build(lab) -> PredictUI:
         table = gr.Dataframe(headers=view.TABLE_COLUMNS, value=pd.DataFrame(columns=view.TABLE_COLUMNS),
                              interactive=False,
                              elem_id="predict-table", max_height=360)
+    fb = feedback.build()
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices))
+                     gr.State(choices), fb)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -314,3 +316,4 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
                models_outputs, api_visibility="private", show_progress="hidden")
     ui.choices.change(model_select_update, [ui.choices, ui.model], ui.model, api_visibility="private",
                       show_progress="hidden")
+    feedback.wire(lab, ui.feedback, image=ui.image, model=ui.model, tab=tab)
