@@ -26,7 +26,7 @@ from shared.analysis.data_issues import load_data_issues
 from shared.analysis.eval_result import EvalResultError, load_eval_result
 from shared.analysis.predict import NoModelError
 from shared.data.images import ImageError, load_rgb
-from shared.data.overrides import OverrideError, add_change, list_changes, undo_last
+from shared.data.overrides import add_change, list_changes, undo_last
 from shared.data.scan import DatasetError
 from shared.runs.store import RunNotFound
 
