@@ -162,3 +162,41 @@ def test_resized_and_recompressed_copies_are_near_duplicates(tmp_path, one_torch
     assert not found - pairs
     across = [r for r in report["rows"] if r["kind"] == "near_duplicate"]
     assert all(r["given"] != r["suggested"] for r in across)  # every planted copy is under another class
+
+
+def test_label_ranking_finds_flipped_labels_in_clustered_features():
+    """The ranking alone (probes + cleanlab) on features with 5% of the labels flipped: quick, and a random or
+    inverted ranking fails it (its expected precision is 0.05)."""
+    import numpy as np
+
+    from shared.analysis.data_issues import cross_validated_probs, label_issues
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, size=(3, 16))
+    y_true = np.repeat(np.arange(3), 60)
+    features = centres[y_true] + rng.normal(0, 1, size=(len(y_true), 16))
+    y = y_true.copy()
+    flipped = rng.choice(len(y), 9, replace=False)
+    y[flipped] = (y[flipped] + rng.integers(1, 3, size=9)) % 3
+    probs, _ = cross_validated_probs(features, y, 3)
+    paths = [f"img_{i:03d}.jpg" for i in range(len(y))]
+    rows, quality = label_issues(paths, y, probs, ["a", "b", "c"])
+    top = set(np.argsort(quality)[:9].tolist())
+    assert len(top & set(flipped.tolist())) >= 8
+    flagged = [paths.index(r["file"]) for r in rows]
+    assert len(flagged) >= 6 and set(flagged) <= set(flipped.tolist())  # cleanlab flagged 7 of the 9, no others
+    assert all(r["suggested"] == "abc"[y_true[paths.index(r["file"])]] for r in rows)
+
+
+def test_copies_pair_up_by_thumbnail_and_distinct_scenes_do_not(tmp_path):
+    """Near-duplicate pairing on real files (thumbnails) with uninformative features: every resized and
+    re-compressed copy pairs with its original, no two distinct scenes pair."""
+    import numpy as np
+
+    from shared.analysis.data_issues import near_duplicate_pairs, thumbnails
+
+    data, pairs = make_scene_folder_with_copies(tmp_path / "data", classes=3, per_class=12, copies=6, seed=4)
+    paths = sorted(str(p.relative_to(data)) for p in data.rglob("*.*"))
+    features = np.random.default_rng(0).normal(size=(len(paths), 8)).astype(np.float32)
+    found = {frozenset((paths[a], paths[b])) for a, b, _ in near_duplicate_pairs(features, thumbnails(data, paths))}
+    assert found == pairs
