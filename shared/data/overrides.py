@@ -127,8 +127,13 @@ def read_changes(root: str | os.PathLike) -> list[dict]:
 def _locked(root: str | os.PathLike) -> Iterator[Path]:
     """Hold the dataset's overrides lock (two clicks at once must not lose one of the changes)."""
     folder = state_dir(root)
-    folder.mkdir(exist_ok=True)
-    with open(folder / ".lock", "a") as lock:
+    try:
+        folder.mkdir(exist_ok=True)
+        lock = open(folder / ".lock", "a")
+    except OSError as exc:
+        raise OverrideError(f"cannot write {folder} ({exc.strerror or exc}) — the dataset folder must be writable "
+                            "to keep its fixes beside it") from None
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield folder

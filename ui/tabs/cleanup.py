@@ -111,7 +111,7 @@ def build_issues() -> dict:
                 retrain_btn = gr.Button("Retrain with these fixes", variant="primary", elem_id="retrain-btn")
                 fix_note = gr.Markdown(elem_id="fix-note")
             photo = gr.Image(label="Photo", interactive=False, height=260, elem_id="issue-photo", scale=1)
-            cam = gr.Image(label="Grad-CAM (layer 4) of the predicted class", interactive=False, height=260,
+            cam = gr.Image(label="Grad-CAM (layer 4) for the suggested class", interactive=False, height=260,
                            elem_id="issue-cam", scale=1)
         changes = gr.Dataframe(headers=CHANGE_COLUMNS, interactive=False, label="Changes to this dataset (newest "
                                "first)", elem_id="changes-table", max_height=260)
@@ -315,8 +315,8 @@ def show_issue(lab, run_id, rel) -> tuple:
         picture = _image_in(root, rel)
     except ImageError as exc:
         raise user_error(str(exc), title="Not a usable image") from None
-    predictor = lab.predictors.get(run_id)
-    target = predictor.classes.index(rows[0]["suggested"]) if rows[0]["suggested"] in predictor.classes else 0
+    classes = list(report.get("classes") or [])
+    target = classes.index(rows[0]["suggested"]) if rows[0]["suggested"] in classes else 0
     [overlay] = _cams(lab, run_id, [picture], [target])
     return picture, overlay, gr.Dropdown(value=rows[0]["suggested"])
 
