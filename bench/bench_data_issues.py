@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=3)
     args = common.parse(parser, argv, "bench_data_issues.py")
     if args.quick:
-        args.per_class, args.copies, args.seeds = 40, 12, 1
+        args.per_class, args.copies, args.seeds, args.epochs = 20, 6, 1, 2
     common.set_threads(1)
     from tests.tinymodel import register_tiny_resnet
 

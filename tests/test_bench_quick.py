@@ -111,3 +111,9 @@ def test_memory(tmp_path, images):
     result = run_quick("bench_memory", tmp_path, "--data-dir", str(images))
     assert len(result["worker"]) == 3 and all(w["rss_mb"] > 0 for w in result["worker"])
     assert result["page"]["rss_end_mb"] > 0
+
+
+def test_data_issues(tmp_path, images):
+    result = run_quick("bench_data_issues", tmp_path, "--data-dir", str(images))
+    [labels], [copies] = result["labels"], result["copies"]
+    assert labels["flipped"] >= 1 and 0 <= labels["precision@k"] <= 1 and copies["copies"] == 6
