@@ -42,10 +42,10 @@ ISSUES_VERSION = 1
 KINDS = ("label", "near_duplicate", "outlier")
 # thumbnail side for the near-duplicate check: small enough that a 0.5x copy and its JPEG re-compression agree
 THUMB_SIDE = 16
-# a candidate pair (feature neighbours) is a near-duplicate when its thumbnails' cosine similarity reaches this:
-# resized 0.5-0.9x + JPEG 50-90 copies of generated scenes measured >= 0.95, distinct scenes <= 0.91
-# (bench/bench_data_issues.py)
-THUMB_SIMILARITY = 0.93
+# a candidate pair is a near-duplicate when its thumbnails' cosine similarity reaches this: resized 0.5-0.9x + JPEG
+# 50-90 copies of 64 px generated scenes measured >= 0.91, distinct scenes <= 0.68; among 80,000 random pairs of
+# flower photos the highest was 0.93 (two fields under a sky: same layout). bench/bench_data_issues.py
+THUMB_SIMILARITY = 0.88
 NEIGHBOURS = 10  # neighbours per image (by features, by thumbnail) checked as candidate copies
 
 
@@ -159,7 +159,8 @@ def label_issues(paths: Sequence[str], y: np.ndarray, probs: np.ndarray, classes
 
 
 def thumbnails(root: Path, paths: Sequence[str], side: int = THUMB_SIDE) -> np.ndarray:
-    """(N, side*side*3) zero-mean, unit-length colour thumbnails (area-averaged); zeros for an unreadable file."""
+    """(N, side*side*3) unit-length colour thumbnails (area-averaged, each channel zero-mean); zeros for an
+    unreadable file."""
     from PIL import Image
 
     from shared.data.images import load_rgb
@@ -170,8 +171,10 @@ def thumbnails(root: Path, paths: Sequence[str], side: int = THUMB_SIDE) -> np.n
         except Exception as exc:  # unreadable files were already skipped by the features; be safe anyway
             logger.warning("thumbnail of %s: %s", rel, exc)
             return np.zeros(side * side * 3, np.float32)
-        v = np.asarray(img, dtype=np.float32).reshape(-1)
-        v = v - v.mean()
+        # each channel's own mean removed: only the picture's layout counts, not its colour cast (with one mean
+        # for all channels, any two yellow close-ups of the flower photos scored 0.93-0.96)
+        v = np.asarray(img, dtype=np.float32).reshape(-1, 3)
+        v = (v - v.mean(0)).reshape(-1)
         norm = float(np.linalg.norm(v))
         return v / norm if norm > 0 else v
 
