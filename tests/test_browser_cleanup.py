@@ -17,7 +17,7 @@ import pytest
 from tests import browser as b
 from tests.imagegen import make_image_folder
 from tests.test_browser_e2e import _skip_without_browser
-from tests.test_browser_e2e import page as chromium_page  # noqa: F401 - registers the `page` fixture
+from tests.test_browser_e2e import page  # noqa: F401,F811 - the Chromium `page` fixture
 from tests.tiny import train_tiny
 
 CLASSES = ["circle", "square", "stripe"]
@@ -45,7 +45,7 @@ def evaluated(session_page):
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_find_fix_and_feed_back_bad_data(evaluated, page):
+def test_find_fix_and_feed_back_bad_data(evaluated, page):  # noqa: F811
     from shared.data.manifest import read_manifest
     from shared.data.split import make_split
 
