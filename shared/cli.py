@@ -107,11 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    data = sub.add_parser("data", help="download or check a dataset").add_subparsers(dest="data_command",
+    data = sub.add_parser("data", help="download, check or clean a dataset").add_subparsers(dest="data_command",
                                                                                        required=True)
     check = data.add_parser("check", help="count classes, find unreadable files and duplicates")
     check.add_argument("dir", help="dataset folder (one sub-folder per class)")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
+    issues = data.add_parser("issues", help="rank likely label errors, near-duplicates and outliers with a run")
+    issues.add_argument("dir", help="dataset folder (the run's classes)")
+    issues.add_argument("--run", required=True, help="run id or 'latest': its best checkpoint gives the features")
+    issues.add_argument("--csv", help="also write every row to this CSV file")
+    issues.add_argument("--limit", type=int, default=50, help="rows to print (0: all; default 50)")
+    relabel = data.add_parser("relabel", help="record that an image belongs to another class (the photo stays)")
+    relabel.add_argument("dir", help="dataset folder")
+    relabel.add_argument("file", help="image path relative to the dataset, e.g. roses/123.jpg")
+    relabel.add_argument("label", help="the class it really is (one of the class folders)")
+    exclude = data.add_parser("exclude", help="leave an image out of future splits (the photo stays)")
+    exclude.add_argument("dir", help="dataset folder")
+    exclude.add_argument("file", help="image path relative to the dataset")
+    undo = data.add_parser("undo", help="undo the newest relabel or exclude")
+    undo.add_argument("dir", help="dataset folder")
+    changes = data.add_parser("changes", help="list the dataset's relabel, exclude and add changes, newest first")
+    changes.add_argument("dir", help="dataset folder")
     download = data.add_parser("download", help="download a public dataset")
     download.add_argument("name", choices=["flowers"], help="flowers: the 5-class flower_photos set (~220 MB)")
     download.add_argument("--dest", default="data", help="folder to put the dataset in (default ./data)")
@@ -177,6 +193,56 @@ def cmd_data_check(args, settings: Settings) -> int:
 
     report = check_dataset(args.dir)
     print(json.dumps(report, indent=2) if args.json else format_check_report(report))
+    return 0
+
+
+def cmd_data_issues(args, settings: Settings) -> int:
+    from shared.analysis.data_issues import find_data_issues, format_rows, write_rows_csv
+    from shared.runs.store import RunStore
+
+    store = RunStore(settings.models_dir)
+    run_id = _run_id(store, args.run)
+    report = find_data_issues(store.path(run_id), args.dir)
+    counts = ", ".join(f"{n} {kind.replace('_', '-')}" for kind, n in report["counts"].items())
+    print(f"{report['n']} images judged with run {run_id}: {counts}; saved in "
+          f"{store.path(run_id) / 'data_issues.json'}", file=sys.stderr)
+    print(format_rows(report["rows"], args.limit or None))
+    if args.csv:
+        print(f"wrote {write_rows_csv(report['rows'], args.csv)}", file=sys.stderr)
+    return 0
+
+
+def cmd_data_relabel(args, settings: Settings) -> int:
+    from shared.data.overrides import add_change
+
+    entry = add_change(args.dir, "relabel", args.file, args.label, source="cli")
+    print(f"{entry['path']} is now {entry['label']} in new splits (undo: resnet-lab data undo {args.dir})")
+    return 0
+
+
+def cmd_data_exclude(args, settings: Settings) -> int:
+    from shared.data.overrides import add_change
+
+    entry = add_change(args.dir, "exclude", args.file, source="cli")
+    print(f"{entry['path']} is left out of new splits (undo: resnet-lab data undo {args.dir})")
+    return 0
+
+
+def cmd_data_undo(args, settings: Settings) -> int:
+    from shared.data.overrides import undo_last
+
+    entry = undo_last(args.dir)
+    print("nothing to undo" if entry is None else f"undone: {entry['action']} {entry['path']}")
+    return 0
+
+
+def cmd_data_changes(args, settings: Settings) -> int:
+    from shared.data.overrides import list_changes
+
+    for entry in list_changes(args.dir):
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(entry["time"]))
+        to = f" -> {entry['label']}" if entry["action"] == "relabel" else ""
+        print(f"{when}  {entry['action']:8} {entry['path']}{to}  ({entry['state']}, from {entry['source']})")
     return 0
 
 
@@ -473,6 +539,11 @@ def cmd_worker(args, settings: Settings) -> int:
 COMMANDS = {
     ("data", "check"): cmd_data_check,
     ("data", "download"): cmd_data_download,
+    ("data", "issues"): cmd_data_issues,
+    ("data", "relabel"): cmd_data_relabel,
+    ("data", "exclude"): cmd_data_exclude,
+    ("data", "undo"): cmd_data_undo,
+    ("data", "changes"): cmd_data_changes,
     ("train", None): cmd_train,
     ("evaluate", None): cmd_evaluate,
     ("lr-find", None): cmd_lr_find,

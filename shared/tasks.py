@@ -4,3 +4,4 @@ workers, which register them. Neither side imports the other; both import these.
 TRAIN_TASK = "resnet_lab.train"
 EVALUATE_TASK = "resnet_lab.evaluate"
 PREDICT_BATCH_TASK = "resnet_lab.predict_batch"
+DATA_ISSUES_TASK = "resnet_lab.data_issues"

@@ -248,3 +248,68 @@ def pointing_dataset(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.n
     for i, label in enumerate(labels):
         images[i], boxes[i] = pointing_scene(size, int(label), rng)
     return images, labels, boxes
+
+
+# --- bad data on purpose (tests/test_data_issues.py, bench/bench_data_issues.py) ------------------------------
+
+def flip_labels(root: str | Path, fraction: float = 0.05, seed: int = 0) -> set[str]:
+    """Move `fraction` of the images of an image folder into another (random) class folder, renamed
+    `flipped_<name>`; returns their new relative paths (the label errors a finder should report)."""
+    import random
+
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = sorted(p for c in classes for p in (root / c).iterdir() if p.is_file())
+    rng = random.Random(seed)
+    flipped = set()
+    for f in rng.sample(files, max(1, round(fraction * len(files)))):
+        other = rng.choice([c for c in classes if c != f.parent.name])
+        target = root / other / f"flipped_{f.name}"
+        f.rename(target)
+        flipped.add(f"{other}/{target.name}")
+    return flipped
+
+
+def scene_image(size: int = 64, *, class_index: int = 0, seed: int = 0) -> Image.Image:
+    """A class background (colour and pattern) with three random shapes: distinct seeds give distinct pictures
+    (the plain `image_array` images of one class differ only by noise, as copies of one picture would)."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(image_array(size, colour=COLOURS[class_index % len(COLOURS)],
+                                      pattern=PATTERNS[class_index % len(PATTERNS)], rng=rng))
+    draw = ImageDraw.Draw(img)
+    for _ in range(3):
+        x0, y0 = (int(v) for v in rng.integers(0, size - 16, 2))
+        w, h = (int(v) for v in rng.integers(8, size // 2, 2))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([x0, y0, x0 + w, y0 + h], fill=fill)
+    return img
+
+
+def make_scene_folder_with_copies(root: str | Path, classes: int = 4, per_class: int = 40, copies: int = 20,
+                                  size: int = 64, seed: int = 0) -> tuple[Path, set[frozenset[str]]]:
+    """An image folder of distinct `scene_image`s plus `copies` resized (0.5-0.9x) and re-compressed JPEG (quality
+    50-90) copies of some of them, each filed under another class as `copy_<k>.jpg`. Returns (root, the copy pairs
+    as frozensets of two relative paths)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    originals = []
+    for ci in range(classes):
+        folder = root / f"class_{ci}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            rel = f"class_{ci}/scene_{k:03d}.png"
+            scene_image(size, class_index=ci, seed=int(rng.integers(0, 2**31))).save(root / rel)
+            originals.append((rel, ci))
+    pairs = set()
+    for k, i in enumerate(rng.choice(len(originals), copies, replace=False)):
+        rel, ci = originals[int(i)]
+        other = int((ci + 1 + rng.integers(0, classes - 1)) % classes)
+        scale = float(rng.uniform(0.5, 0.9))
+        img = Image.open(root / rel)
+        small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR)
+        copy_rel = f"class_{other}/copy_{k:03d}.jpg"
+        small.save(root / copy_rel, "JPEG", quality=int(rng.integers(50, 91)))
+        pairs.add(frozenset((rel, copy_rel)))
+    return root, pairs

@@ -146,3 +146,9 @@ def test_not_sure(tmp_path):
 def test_lr_find(tmp_path):
     result = run_quick("bench_lr_find", tmp_path)
     assert [r["dataset"] for r in result["rows"]] == ["easy4", "hard3"] and all(r["steps"] > 0 for r in result["rows"])
+
+
+def test_data_issues(tmp_path, images):
+    result = run_quick("bench_data_issues", tmp_path, "--data-dir", str(images))
+    [labels], [copies] = result["labels"], result["copies"]
+    assert labels["flipped"] >= 1 and 0 <= labels["precision@k"] <= 1 and copies["copies"] == 6

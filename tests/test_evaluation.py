@@ -377,7 +377,9 @@ def test_every_field_the_page_report_and_api_read_is_in_a_real_eval_json(tiny_ru
     run_dir, _ = tiny_run
     raw = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert missing_and_unknown(raw, EvalResult) == []
-    assert raw["schema_version"] == 1 and raw["figure_level"] == "all" and raw["skipped_figures"] == []
+    assert raw["schema_version"] == 2 and raw["figure_level"] == "all" and raw["skipped_figures"] == []
+    preds = raw["predictions"]
+    assert len(preds["path"]) == len(preds["label"]) == len(preds["pred"]) == len(preds["confidence"]) == raw["n"]
     typed = load_eval_result(run_dir)
     assert typed.to_dict() == raw
 
@@ -423,7 +425,8 @@ def test_an_eval_json_from_before_the_schema_still_loads(tiny_run, evaluated, re
     run_dir, _ = tiny_run
     new = json.loads((run_dir / "eval" / "eval.json").read_text())
     old = {k: v for k, v in new.items()
-           if k not in ("schema_version", "balanced_accuracy", "figure_level", "skipped_figures")}
+           if k not in ("schema_version", "balanced_accuracy", "figure_level", "skipped_figures", "predictions")}
+    new = {**new, "predictions": None}  # version 1 and older had no per-image predictions
     copy = tmp_path / "models" / run_dir.name
     shutil.copytree(run_dir / "eval", copy / "eval")
     (copy / "eval" / "eval.json").write_text(json.dumps(old))
@@ -452,7 +455,7 @@ def test_an_unusable_eval_json_asks_to_evaluate_again(tiny_run, evaluated, resul
     run = tmp_path / "models" / run_dir.name
     (run / "eval").mkdir(parents=True)
     without_macro = {k: v for k, v in good.items() if k != "macro"}
-    for content, problem in ((json.dumps({**good, "schema_version": 2}), "has schema_version 2"),
+    for content, problem in ((json.dumps({**good, "schema_version": 3}), "has schema_version 3"),
                              ('{"accuracy": 0.9', "is not valid JSON"),
                              (json.dumps(without_macro), "first: macro: Field required"),
                              (json.dumps([1, 2]), "does not hold an evaluation")):

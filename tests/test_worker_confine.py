@@ -113,3 +113,15 @@ def test_predict_batch_refuses_odd_arguments(stack):
                            ((stack.run_id, [str(stack.dataset)], 5, 0), "chunk must be a whole number between")):
         result = stack.send("resnet_lab.predict_batch", *args)
         assert result.state == "FAILURE" and expected in str(result.result), (args, result.result)
+
+
+def test_data_issues_reads_no_folder_outside_the_data_roots(stack):
+    before = stack.run_files()
+    for data_dir in (str(stack.outside), str(stack.data_root / "escape"), "../confine-outside", "/etc", 5):
+        result = stack.send("resnet_lab.data_issues", stack.run_id, data_dir=data_dir)
+        assert result.state == "FAILURE", (data_dir, result.state, result.result)
+        assert OUTSIDE_MESSAGE in str(result.result) or "expected a path as text" in str(result.result), result.result
+    for run_id in ("../models", "/etc", ""):
+        result = stack.send("resnet_lab.data_issues", run_id, data_dir=str(stack.dataset))
+        assert result.state == "FAILURE", (run_id, result.result)
+    assert stack.run_files() == before, "a refused report was written into the run folder"

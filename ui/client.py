@@ -17,7 +17,7 @@ from shared.runs.lifecycle import TransitionRefused, transition
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import RunNotFound, RunStore
 from shared.settings import Settings, redact_url
-from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
+from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,12 @@ class QueueClient:
         self._require_redis()
         self.store.status(run_id)
         return self.celery.send_task(PREDICT_BATCH_TASK, args=[run_id, sources]).id
+
+    def submit_data_issues(self, run_id: str, data_dir: str | None = None) -> str:
+        """Queue `find_data_issues` for a finished run (its own dataset unless `data_dir`); the task's id."""
+        self._require_redis()
+        self.store.status(run_id)
+        return self.celery.send_task(DATA_ISSUES_TASK, args=[run_id], kwargs={"data_dir": data_dir}).id
 
     def list_runs(self, limit: int = 500) -> list[dict]:
         """Registry records (newest first) with `progress`; raises QueueUnavailable when Redis is down."""

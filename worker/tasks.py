@@ -32,7 +32,7 @@ from shared.runs.lifecycle import TransitionRefused, fail_in_registry_only, tran
 from shared.runs.registry import RunRegistry
 from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
-from shared.tasks import EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
+from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 from .celery_app import settings_of
 from .progress import TaskReporter
@@ -297,6 +297,39 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
     answer = {"run_id": run_id, "path": str(path), "count": len(results), "errors": errors,
               "model": predictor.meta["model_name"], "classes": list(predictor.classes)}
     return {**answer, "results": results} if with_results else answer
+
+
+@shared_task(bind=True, name=DATA_ISSUES_TASK)
+def data_issues(self, run_id: str, data_dir: str | None = None) -> dict:
+    """Find a dataset's likely label errors, near-duplicates and outliers with a finished run's best checkpoint;
+    the report goes to `<run>/data_issues.json` (the page reads it from there). Returns the counts.
+
+    `data_dir` (from Redis: hostile) must be a folder inside this worker's data roots; None means the run's own
+    dataset, which must lie inside them too.
+    """
+    from shared.analysis.data_issues import ISSUES_FILE, find_data_issues
+    from shared.data.manifest import read_manifest
+
+    settings = settings_of(self.app)
+    store, _ = _services(settings)
+    run_dir = store.path(run_id)
+    if not (run_dir / "best.pt").is_file():
+        raise RunNotFound(f"run {run_id!r} has no best.pt in {store.root}: train it first")
+    if data_dir is None:
+        data_dir = read_manifest(run_dir / "split.json")["root"]
+    folder = confine_dataset_path(data_dir, settings.data_roots)
+
+    def progress(done: int, total: int) -> None:
+        self.update_state(state="PROGRESS", meta={"run_id": run_id, "phase": "finding data issues", "done": done,
+                                                  "total": total})
+
+    try:
+        report = find_data_issues(run_dir, folder, device=str(pick_device("auto")), progress=progress,
+                                  data_roots=settings.data_roots)
+    finally:
+        free_gpu_memory()
+    return {"run_id": run_id, "data_dir": str(folder), "n": report["n"], "counts": report["counts"],
+            "path": str(run_dir / ISSUES_FILE)}
 
 
 def _confine_source(source: Any, roots) -> Path:

@@ -8,7 +8,9 @@ Versions:
 - unversioned: written before eval.json had `schema_version` (every figure drawn). Same layout without
   `schema_version`, `balanced_accuracy`, `figure_level` and `skipped_figures`; `_upgrade_unversioned` converts it,
   the only place that knows the old layout.
-- 1: this layout.
+- 1: as 2 without `predictions`; `_upgrade_v1` converts it (predictions None: the page asks to evaluate again for
+  the confusion-matrix click-through).
+- 2: this layout.
 A newer version, or a file that does not match its version, is refused with `EvalResultError` saying to evaluate
 the run again (the page's **Evaluate again**, or `resnet-lab evaluate RUN`), which rewrites it.
 """
@@ -26,7 +28,7 @@ from pydantic import Field
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EVAL_FILE = "eval.json"
 
 # How many figures an evaluation draws (`evaluate_run(figures=...)`, env RESNET_LAB_EVAL_FIGURES):
@@ -162,6 +164,21 @@ class Tsne:
 
 
 @dataclass
+class Predictions:
+    """Every evaluated image's outcome, as columns (one entry per image, in `path` order)."""
+    path: list[str]  # relative to the dataset root
+    label: list[int]  # true class index
+    pred: list[int]  # predicted class index
+    confidence: list[float]  # probability of the predicted class
+
+    def cell(self, true: int, pred: int) -> list[tuple[str, float]]:
+        """(path, confidence) of the images of one confusion cell, most confident first."""
+        rows = [(p, c) for p, t, q, c in zip(self.path, self.label, self.pred, self.confidence)
+                if t == true and q == pred]
+        return sorted(rows, key=lambda r: (-r[1], r[0]))
+
+
+@dataclass
 class EvalResult:
     """Everything one evaluation of one run found (the whole of eval.json)."""
 
@@ -193,6 +210,7 @@ class EvalResult:
     figure_level: FigureLevel
     skipped_figures: list[str]  # figures the level did not draw (not: figures with nothing to show)
     timings: dict[str, float]
+    predictions: Predictions | None = None  # None: evaluated by a version before 2
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -213,9 +231,11 @@ class EvalResult:
         version = data.get("schema_version")
         if version is None:
             data = _upgrade_unversioned(data)
+        elif version == 1:
+            data = _upgrade_v1(data)
         elif version != SCHEMA_VERSION:
             raise EvalResultError(f"{where} has schema_version {version!r}; this resnet-lab reads version "
-                                  f"{SCHEMA_VERSION} and unversioned files — {_AGAIN}")
+                                  f"{SCHEMA_VERSION}, 1 and unversioned files — {_AGAIN}")
         try:
             return _adapter().validate_python(data)
         except ValidationError as exc:
@@ -273,6 +293,13 @@ def _upgrade_unversioned(data: dict) -> dict:
     data.setdefault("balanced_accuracy", round(sum(recalls) / len(recalls), 6) if recalls else None)
     data.setdefault("figure_level", "all")
     data.setdefault("skipped_figures", [])
+    return _upgrade_v1(data)
+
+
+def _upgrade_v1(data: dict) -> dict:
+    """A version-1 eval.json: the same without per-image `predictions`."""
+    data = dict(data)
+    data.setdefault("predictions", None)
     data["schema_version"] = SCHEMA_VERSION
     return data
 

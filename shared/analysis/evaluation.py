@@ -97,6 +97,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, split: str = "test", data_dir: s
         result["notes"].append("flip test-time augmentation: each image and its mirror averaged")
     if outputs["skipped"]:
         result["notes"].append(f"{len(outputs['skipped'])} unreadable image(s) skipped (see 'skipped')")
+    # per image, for the page's confusion-matrix click-through (a cell's images with their confidence)
+    result["predictions"] = {"path": list(paths), "label": y.tolist(), "pred": probs.argmax(1).tolist(),
+                             "confidence": json_list(probs.max(1), 4)}
     losses = np.asarray(outputs["losses"])
     result["losses"] = {"mean": json_number(losses.mean()), "max": json_number(losses.max())}
 

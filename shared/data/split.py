@@ -9,7 +9,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-from shared.data.scan import DatasetError, class_of
+from shared.data.scan import DatasetError
 from shared.data.check import check_dataset
 from shared.data.manifest import MANIFEST_VERSION, SPLITS, split_hash
 
@@ -20,7 +20,11 @@ def make_split(root: str | os.PathLike, *, ratios: Sequence[float] = (0.7, 0.15,
 
     Identical files (same sha256, even under different classes) always land in the same split, so a test image
     never has a copy in train. Pass the `report` of `check_dataset(root)` to avoid reading the images twice.
+    The dataset's overrides (`shared.data.overrides`: relabel, exclude) are applied; `overrides` in the result
+    records which were (so a fixed dataset gives another split hash, and the run says why).
     """
+    from shared.data.overrides import apply_to_files
+
     ratios = validate_ratios(ratios)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise DatasetError(f"seed must be an integer, got {seed!r}")
@@ -30,9 +34,10 @@ def make_split(root: str | os.PathLike, *, ratios: Sequence[float] = (0.7, 0.15,
         raise DatasetError(f"the report passed to make_split is not a check_dataset report of {root} "
                            f"(it is for {report.get('root')!r}) — call check_dataset({str(root)!r}) first.")
     classes = list(report["classes"])
-    hashes: dict[str, str] = report["hashes"]
-    assignment = _assign_splits(classes, hashes, ratios, seed)
-    files = [{"path": path, "label": classes.index(class_of(path)), "sha256": hashes[path],
+    labels, overrides = apply_to_files(report["root"], classes, report["hashes"])
+    hashes: dict[str, str] = {path: sha for path, sha in report["hashes"].items() if path in labels}
+    assignment = _assign_splits(classes, hashes, labels, ratios, seed)
+    files = [{"path": path, "label": classes.index(labels[path]), "sha256": hashes[path],
               "split": assignment[path]} for path in sorted(hashes)]
     return {
         "version": MANIFEST_VERSION,
@@ -44,6 +49,7 @@ def make_split(root: str | os.PathLike, *, ratios: Sequence[float] = (0.7, 0.15,
         "skipped": sorted(({"path": u["path"], "reason": u["reason"]} for u in report["unreadable"]),
                           key=lambda u: u["path"]),
         "split_hash": split_hash(classes, files),
+        "overrides": overrides,
     }
 
 
@@ -83,15 +89,16 @@ def _split_targets(n: int, ratios: tuple[float, float, float]) -> list[int]:
     return targets
 
 
-def _assign_splits(classes: list[str], hashes: dict[str, str], ratios: tuple[float, float, float],
-                   seed: int) -> dict[str, str]:
-    """path -> split. Units are groups of identical files; each unit belongs to the class of its first path."""
+def _assign_splits(classes: list[str], hashes: dict[str, str], labels: dict[str, str],
+                   ratios: tuple[float, float, float], seed: int) -> dict[str, str]:
+    """path -> split. Units are groups of identical files; each unit belongs to the class (`labels`) of its first
+    path."""
     members: dict[str, list[str]] = defaultdict(list)
     for path in sorted(hashes):
         members[hashes[path]].append(path)
     units_of_class: dict[str, list[tuple[str, list[str]]]] = defaultdict(list)
     for sha, paths in members.items():
-        units_of_class[class_of(paths[0])].append((sha, paths))
+        units_of_class[labels[paths[0]]].append((sha, paths))
 
     positive = [i for i in range(3) if ratios[i] > 0]
     assignment: dict[str, str] = {}

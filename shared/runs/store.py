@@ -31,7 +31,7 @@ FINISHED = ("succeeded", "failed", "cancelled")
 # not a state a run moves to: what `RunStore.list` reports for a folder whose status.json cannot be read
 DAMAGED = "damaged"
 # what `fit` adds to config.json next to the TrainConfig fields (not config, so not read back as config)
-FIT_RECORD_KEYS = ("env", "split_hash", "classes", "plan")
+FIT_RECORD_KEYS = ("env", "split_hash", "classes", "plan", "overrides_sha256")
 
 __all__ = ["DAMAGED", "FINISHED", "STATUSES", "BestChoice", "RunDamaged", "RunNotFound", "RunStore", "read_metrics",
            "read_run_file", "write_json_atomic"]

@@ -468,7 +468,9 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
         trainer.plan_budget(config.time_budget * 60, started, len(splits["test"]))
     plan = {**balance, "budget": trainer.plan.to_dict() if trainer.plan else None}
     config_record = {**config.to_dict(), "env": environment_info(device), "split_hash": manifest["split_hash"],
-                     "classes": classes, "plan": plan}
+                     "classes": classes, "plan": plan,
+                     # which of the dataset's relabel/exclude fixes this run trained with (split.json lists them)
+                     "overrides_sha256": (manifest.get("overrides") or {}).get("sha256")}
     write_json_atomic(run_dir / "config.json", config_record)
     # the count goes into the run's status (`best`); the files and reasons stay in split.json
     return {**trainer.run(started), "skipped_files": len(manifest.get("skipped", []))}

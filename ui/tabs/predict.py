@@ -28,7 +28,7 @@ from shared.analysis.predict import NoModelError, write_predictions_csv
 from .. import predict_view as view
 from .. import runs_view
 from ..guard import FileRefused, UploadError
-from . import predict_folder, user_error
+from . import feedback, predict_folder, user_error
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class PredictUI:
     folder: predict_folder.FolderUI  # a folder classified by the worker
     threshold: gr.Slider | None = None  # "not sure" below it; 0 = the run's calibrated threshold
     verdict: gr.Markdown | None = None  # the answer or "Not sure — closest: X", redrawn when the slider moves
+    feedback: feedback.FeedbackUI | None = None  # "Wrong — it is X" into the dataset's inbox (ui/tabs/feedback.py)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -98,10 +99,11 @@ def build(lab) -> PredictUI:
                              interactive=False,
                              elem_id="predict-table", max_height=360)
         folder = predict_folder.build(lab)
+    fb = feedback.build()
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices), folder, threshold=threshold, verdict=verdict)
+                     gr.State(choices), folder, threshold=threshold, verdict=verdict, feedback=fb)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -375,3 +377,4 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
                models_outputs, api_visibility="private", show_progress="hidden")
     ui.choices.change(model_select_update, [ui.choices, ui.model], ui.model, api_visibility="private",
                       show_progress="hidden")
+    feedback.wire(lab, ui.feedback, image=ui.image, model=ui.model, tab=tab)

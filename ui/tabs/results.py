@@ -31,7 +31,7 @@ from .. import runs_view
 from ..client import EvaluationPending, QueueUnavailable
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
-from . import park_plot_props, plot_props_step, shown, user_error
+from . import cleanup, park_plot_props, plot_props_step, shown, user_error
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class ResultsUI:
     export_btn: gr.Button
     export_file: gr.DownloadButton
     state: gr.State
+    cleanup: cleanup.CleanupUI | None = None  # confusion-cell images and data issues (ui/tabs/cleanup.py)
 
 
 def run_choices(lab) -> list[tuple[str, str]]:
@@ -111,6 +112,7 @@ def build(lab) -> ResultsUI:
                                           value="counts", label="Confusion matrix (rows: true class)",
                                           elem_id="confusion-mode")
                 confusion = gr.HTML(elem_id="confusion")
+        cells = cleanup.build_cells()
         with gr.Row():
             roc = gr.LinePlot(EMPTY_CURVE, x="x", y="y", color="curve", title="ROC, one class vs rest (AUC in legend)",
                               x_title="false positive rate", y_title="true positive rate", height=320,
@@ -146,6 +148,7 @@ def build(lab) -> ResultsUI:
                                          height=240, elem_id="act-image")
                 activations = gr.Image(label="Strongest 8 feature maps per stage (brighter = stronger)",
                                        interactive=False, height=440, elem_id="activations", scale=3, format="png")
+        issues = cleanup.build_issues()
     state = gr.State({})
     return ResultsUI(run=run, refresh_btn=refresh_btn, evaluate_btn=evaluate_btn, metrics=metrics, body=body,
                      per_class=per_class, per_class_note=per_class_note, confusion_mode=confusion_mode,
@@ -153,7 +156,7 @@ def build(lab) -> ResultsUI:
                      cams=cams, top_losses=top_losses, act_pick=act_pick, act_image=act_image,
                      activations=activations, report_btn=report_btn, report_file=report_file,
                      checkpoint_file=checkpoint_file, export_format=export_format, export_btn=export_btn,
-                     export_file=export_file, state=state)
+                     export_file=export_file, state=state, cleanup=cleanup.CleanupUI(**cells, **issues))
 
 
 # --- reading eval.json --------------------------------------------------------------------------------------
@@ -376,10 +379,15 @@ def wire(lab, ui: ResultsUI, *, tab: gr.Tab) -> None:
     plots = {"roc": ui.roc, "pr": ui.pr, "calibration": ui.calibration, "tsne": ui.tsne}
     props = dict(fn=lambda st: plot_props_step(st, plots, ui.state), inputs=ui.state,
                  outputs={*plots.values(), ui.state}, api_visibility="private", show_progress="hidden")
-    gr.on([ui.run.input], trigger_mode="always_last", **show).then(**props)
+    # the confusion cells' choices and most-confused pairs, after the rest (ui/tabs/cleanup.py)
+    cells = dict(fn=partial(cleanup.fill_cells, lab, ui.cleanup), inputs=ui.run,
+                 outputs=cleanup.cell_components(ui.cleanup), api_visibility="private", show_progress="hidden")
+    gr.on([ui.run.input], trigger_mode="always_last", **show).then(**props).then(**cells)
     tab.select(partial(refresh, lab), ui.run, ui.run, api_visibility="private", show_progress="hidden").then(
-        **show).then(**props)
-    ui.refresh_btn.click(partial(refresh, lab), ui.run, ui.run, api_visibility="private").then(**show).then(**props)
+        **show).then(**props).then(**cells)
+    ui.refresh_btn.click(partial(refresh, lab), ui.run, ui.run, api_visibility="private").then(**show).then(
+        **props).then(**cells)
+    cleanup.wire(lab, ui.cleanup, ui.run)
     ui.confusion_mode.change(partial(switch_confusion, lab), [ui.run, ui.confusion_mode], ui.confusion,
                              api_visibility="private", queue=False, show_progress="hidden")
     ui.evaluate_btn.click(partial(evaluate_again, lab), ui.run, ui.metrics, api_visibility="private")
