@@ -167,7 +167,8 @@ def test_predict_cli_gives_each_bad_file_its_own_message(trained, corpus):
         answer = lines[str(corpus / path)]
         assert answer.startswith("skipped:") and expected in answer, (path, answer)
     for path in ODD:
-        assert lines[str(corpus / path)].startswith("class_"), (path, lines[str(corpus / path)])
+        # an answer (a class, or "not sure" and the closest: the tiny model's calibration), not an error
+        assert lines[str(corpus / path)].startswith(("class_", "not sure — closest: class_")), (path, lines[str(corpus / path)])
     class_2 = [line for line in lines if line.startswith(str(corpus / "class_2"))]
     assert len(class_2) == 12 + 3 + 3, class_2  # generated + odd + bad (the looping folder is not entered)
 

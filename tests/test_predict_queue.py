@@ -97,7 +97,8 @@ def test_the_page_sends_a_folder_to_the_worker_and_offers_its_csv(session_page):
     (folder / "broken.jpg").write_text("not an image")
     client = stack.page.client()
 
-    status, csv_file = client.predict(str(folder), "latest", api_name="/predict_folder")
+    # the stack's own run by id: other tests of this session may have finished newer ones
+    status, csv_file = client.predict(str(folder), stack.run_id, api_name="/predict_folder")
 
     assert f"Classified 6 images of `{folder.name}` with run `{stack.run_id}`, 1 could not be read" in status, status
     rows = list(csv.reader(requests.get(csv_file["url"], timeout=10).text.splitlines()))

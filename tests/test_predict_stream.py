@@ -36,8 +36,8 @@ def test_top5_comes_first_then_the_cam(lab_and_ui, one_torch_thread):
     first, last = steps
     assert first[ui.cam] is None and len(first[ui.label]) == 3  # 3 classes: all of them in the "top 5"
     assert "latest finished run" in first[ui.answer]
-    assert last[ui.label] == first[ui.label] and last[ui.cam].value["path"]
-    assert last[ui.cam].label == "Where the model looked: LayerCAM heat-map 4×4 over 32×32 input"
+    assert last[ui.label] == first[ui.label] and last[ui.cam].size == (320, 320)
+    assert last[ui.answer] == first[ui.answer] + "  \nHeat-map: LayerCAM heat-map 4×4 over 32×32 input."
     assert set(last) == {ui.label, ui.cam, ui.answer, ui.answered}  # the API's answer: every output
 
 

@@ -256,8 +256,8 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
               ui.answered: predictor.run_id}
     yield answer
     overlay, caption = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
-    # the label states the method and the map's resolution
-    yield {**answer, ui.cam: gr.Image(_display_size(overlay), label=f"Where the model looked: {caption}")}
+    # the map's method and resolution beside it, in the answer text: the API's outputs keep their shapes
+    yield {**answer, ui.cam: _display_size(overlay), ui.answer: f"{answer[ui.answer]}  \nHeat-map: {caption}."}
 
 
 BATCH = 32  # files read and classified together by "Classify all"
