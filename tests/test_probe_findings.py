@@ -150,3 +150,45 @@ def test_one_pending_evaluation_per_run(redis_url, tmp_path):
         client.submit_evaluate(run_id)
     client.registry.release_evaluation(run_id)  # what the worker does when the evaluation ends
     client.submit_evaluate(run_id)
+
+
+def test_a_batch_folder_is_walked_only_up_to_its_cap(tmp_path):
+    """The page's "Classify folder" names any folder of the data roots (a whole root too) and the worker listed
+    and kept every image in it; now the walk stops at the cap with a message."""
+    from shared.data.images import TooManyFiles, expand_image_paths
+    from worker.tasks import MAX_BATCH_FILES, USER_ERRORS
+
+    for k in range(6):
+        (tmp_path / "sub" if k % 2 else tmp_path).mkdir(exist_ok=True)
+        ((tmp_path / "sub" if k % 2 else tmp_path) / f"{k}.jpg").write_bytes(b"x")  # only names are looked at
+    assert len(expand_image_paths([tmp_path], limit=6)) == 6
+    with pytest.raises(TooManyFiles, match="more than 5 image files"):
+        expand_image_paths([tmp_path], limit=5)
+    with pytest.raises(TooManyFiles):  # the cap counts across the sources
+        expand_image_paths([tmp_path / "sub", tmp_path / "0.jpg"], limit=3)
+    assert TooManyFiles in USER_ERRORS and MAX_BATCH_FILES >= 10_000
+
+
+def test_page_writes_stay_in_the_datasets_own_state_folder(tmp_path, monkeypatch):
+    """A `.resnet-lab` link in a dataset sent the inbox photos, the lock and overrides.json wherever it pointed;
+    and the inbox grew one photo per click without end."""
+    from shared.data import overrides
+
+    root = make_image_folder(tmp_path / "ds", classes=2, per_class=3, size=32)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / ".resnet-lab")
+    with pytest.raises(overrides.OverrideError, match="is a link"):
+        overrides.add_to_inbox(root, "class_0", root / "class_0" / "class_0_000.jpg")
+    with pytest.raises(overrides.OverrideError, match="is a link"):
+        overrides.add_change(root, "exclude", "class_0/class_0_000.jpg")
+    assert list(elsewhere.iterdir()) == []
+    os.unlink(root / ".resnet-lab")
+
+    photos = sorted((root / "class_1").iterdir())
+    for photo in photos[:2]:
+        overrides.add_to_inbox(root, "class_1", photo)
+    monkeypatch.setattr(overrides, "MAX_INBOX", 2)
+    overrides.add_to_inbox(root, "class_1", photos[0])  # the same photo again is the same file: accepted
+    with pytest.raises(overrides.OverrideError, match="inbox already holds 2 photos"):
+        overrides.add_to_inbox(root, "class_1", photos[2])
