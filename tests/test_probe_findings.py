@@ -192,3 +192,27 @@ def test_page_writes_stay_in_the_datasets_own_state_folder(tmp_path, monkeypatch
     overrides.add_to_inbox(root, "class_1", photos[0])  # the same photo again is the same file: accepted
     with pytest.raises(overrides.OverrideError, match="inbox already holds 2 photos"):
         overrides.add_to_inbox(root, "class_1", photos[2])
+
+
+def test_dataset_names_in_cleanup_notes_are_escaped_markdown(tmp_path):
+    """Class and file names come from users' folders (an uploaded zip too): the relabel/exclude/undo notes put
+    them into Markdown raw, so a backtick closed the code span and `*_<>` were read as markup."""
+    from types import SimpleNamespace
+
+    from shared.runs.store import RunStore
+    from shared.settings import Settings
+    from shared.training.config import TrainConfig
+    from ui.tabs import cleanup
+
+    odd, other = "a`b*_c", "<i>x"
+    data = make_image_folder(tmp_path / "data" / "odd", classes=[odd, other], per_class=3, size=32)
+    photo = sorted(p.name for p in (data / odd).iterdir())[0]
+    (data / odd / photo).rename(data / odd / "p`q.jpg")
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",))
+    lab = SimpleNamespace(store=RunStore(settings.models_dir), settings=settings)
+    run_id = lab.store.create(TrainConfig(data_dir=str(data), epochs=1))
+
+    text, _ = cleanup._fix(lab, run_id, "relabel", f"{odd}/p`q.jpg", other)
+    assert text.startswith(f"Relabelled ``{odd}/p`q.jpg`` → **&lt;i&gt;x**."), text
+    text, _ = cleanup._fix(lab, run_id, "undo", None)
+    assert f"``{odd}/p`q.jpg``" in text, text
