@@ -148,7 +148,7 @@ def test_one_pending_evaluation_per_run(redis_url, tmp_path):
     client.submit_evaluate(run_id)
     with pytest.raises(EvaluationPending, match="already queued or running"):
         client.submit_evaluate(run_id)
-    client.registry.release_evaluation(run_id)  # what the worker does when the evaluation ends
+    client.registry.release_job("evaluating", run_id)  # what the worker does when the evaluation ends
     client.submit_evaluate(run_id)
 
 
@@ -216,3 +216,22 @@ def test_dataset_names_in_cleanup_notes_are_escaped_markdown(tmp_path):
     assert text.startswith(f"Relabelled ``{odd}/p`q.jpg`` → **&lt;i&gt;x**."), text
     text, _ = cleanup._fix(lab, run_id, "undo", None)
     assert f"``{odd}/p`q.jpg``" in text, text
+
+
+def test_one_pending_data_issues_search_per_run(redis_url, tmp_path):
+    """"Find data issues" (a private event any client can call by its fn_index) queued one whole-dataset search
+    per press; now the second waits until the worker releases the first, as evaluations do."""
+    from shared.runs.store import RunStore
+    from shared.settings import Settings
+    from shared.training.config import TrainConfig
+    from ui.client import EvaluationPending, QueueClient
+
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path,), redis_url=redis_url)
+    client = QueueClient(settings)
+    run_id = RunStore(settings.models_dir).create(TrainConfig(data_dir=str(tmp_path), epochs=1))
+    client.submit_data_issues(run_id)
+    with pytest.raises(EvaluationPending, match="already being looked for"):
+        client.submit_data_issues(run_id)
+    client.submit_evaluate(run_id)  # a different job of the same run is not held up
+    client.registry.release_job("data-issues", run_id)  # what the worker does when the search ends
+    client.submit_data_issues(run_id)

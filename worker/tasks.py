@@ -226,7 +226,7 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
     try:
         return _evaluate_task(self, settings, run_id, split, data_dir)
     finally:
-        _services(settings)[1].release_evaluation(str(run_id))  # the page may queue the next one
+        _services(settings)[1].release_job("evaluating", str(run_id))  # the page may queue the next one
 
 
 def _evaluate_task(self, settings: Settings, run_id: str, split: str, data_dir: str | None) -> dict:
@@ -309,10 +309,17 @@ def data_issues(self, run_id: str, data_dir: str | None = None) -> dict:
     `data_dir` (from Redis: hostile) must be a folder inside this worker's data roots; None means the run's own
     dataset, which must lie inside them too.
     """
+    settings = settings_of(self.app)
+    try:
+        return _data_issues_task(self, settings, run_id, data_dir)
+    finally:
+        _services(settings)[1].release_job("data-issues", str(run_id))  # the page may queue the next one
+
+
+def _data_issues_task(self, settings: Settings, run_id: str, data_dir: str | None) -> dict:
     from shared.analysis.data_issues import ISSUES_FILE, find_data_issues
     from shared.data.manifest import read_manifest
 
-    settings = settings_of(self.app)
     store, _ = _services(settings)
     run_dir = store.path(run_id)
     if not (run_dir / "best.pt").is_file():

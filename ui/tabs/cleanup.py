@@ -31,7 +31,7 @@ from shared.data.scan import DatasetError
 from shared.runs.store import RunNotFound
 
 from .. import formatting as fmt
-from ..client import QueueFull, QueueUnavailable
+from ..client import EvaluationPending, QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
 from . import user_error
 
@@ -253,6 +253,8 @@ def queue_issues(lab, run_id) -> str:
         lab.client().submit_data_issues(run_id, str(root))
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue unavailable") from None
+    except EvaluationPending as exc:
+        raise user_error(str(exc), title="Already queued") from None
     gr.Info("Data issues queued; press Load the report when the worker is done.")
     return "Queued — a worker judges every image of the dataset; press **Load the report** when it is done."
 
