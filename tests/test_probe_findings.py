@@ -148,5 +148,90 @@ def test_one_pending_evaluation_per_run(redis_url, tmp_path):
     client.submit_evaluate(run_id)
     with pytest.raises(EvaluationPending, match="already queued or running"):
         client.submit_evaluate(run_id)
-    client.registry.release_evaluation(run_id)  # what the worker does when the evaluation ends
+    client.registry.release_job("evaluating", run_id)  # what the worker does when the evaluation ends
     client.submit_evaluate(run_id)
+
+
+def test_a_batch_folder_is_walked_only_up_to_its_cap(tmp_path):
+    """The page's "Classify folder" names any folder of the data roots (a whole root too) and the worker listed
+    and kept every image in it; now the walk stops at the cap with a message."""
+    from shared.data.images import TooManyFiles, expand_image_paths
+    from worker.tasks import MAX_BATCH_FILES, USER_ERRORS
+
+    for k in range(6):
+        (tmp_path / "sub" if k % 2 else tmp_path).mkdir(exist_ok=True)
+        ((tmp_path / "sub" if k % 2 else tmp_path) / f"{k}.jpg").write_bytes(b"x")  # only names are looked at
+    assert len(expand_image_paths([tmp_path], limit=6)) == 6
+    with pytest.raises(TooManyFiles, match="more than 5 image files"):
+        expand_image_paths([tmp_path], limit=5)
+    with pytest.raises(TooManyFiles):  # the cap counts across the sources
+        expand_image_paths([tmp_path / "sub", tmp_path / "0.jpg"], limit=3)
+    assert TooManyFiles in USER_ERRORS and MAX_BATCH_FILES >= 10_000
+
+
+def test_page_writes_stay_in_the_datasets_own_state_folder(tmp_path, monkeypatch):
+    """A `.resnet-lab` link in a dataset sent the inbox photos, the lock and overrides.json wherever it pointed;
+    and the inbox grew one photo per click without end."""
+    from shared.data import overrides
+
+    root = make_image_folder(tmp_path / "ds", classes=2, per_class=3, size=32)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, root / ".resnet-lab")
+    with pytest.raises(overrides.OverrideError, match="is a link"):
+        overrides.add_to_inbox(root, "class_0", root / "class_0" / "class_0_000.jpg")
+    with pytest.raises(overrides.OverrideError, match="is a link"):
+        overrides.add_change(root, "exclude", "class_0/class_0_000.jpg")
+    assert list(elsewhere.iterdir()) == []
+    os.unlink(root / ".resnet-lab")
+
+    photos = sorted((root / "class_1").iterdir())
+    for photo in photos[:2]:
+        overrides.add_to_inbox(root, "class_1", photo)
+    monkeypatch.setattr(overrides, "MAX_INBOX", 2)
+    overrides.add_to_inbox(root, "class_1", photos[0])  # the same photo again is the same file: accepted
+    with pytest.raises(overrides.OverrideError, match="inbox already holds 2 photos"):
+        overrides.add_to_inbox(root, "class_1", photos[2])
+
+
+def test_dataset_names_in_cleanup_notes_are_escaped_markdown(tmp_path):
+    """Class and file names come from users' folders (an uploaded zip too): the relabel/exclude/undo notes put
+    them into Markdown raw, so a backtick closed the code span and `*_<>` were read as markup."""
+    from types import SimpleNamespace
+
+    from shared.runs.store import RunStore
+    from shared.settings import Settings
+    from shared.training.config import TrainConfig
+    from ui.tabs import cleanup
+
+    odd, other = "a`b*_c", "<i>x"
+    data = make_image_folder(tmp_path / "data" / "odd", classes=[odd, other], per_class=3, size=32)
+    photo = sorted(p.name for p in (data / odd).iterdir())[0]
+    (data / odd / photo).rename(data / odd / "p`q.jpg")
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",))
+    lab = SimpleNamespace(store=RunStore(settings.models_dir), settings=settings)
+    run_id = lab.store.create(TrainConfig(data_dir=str(data), epochs=1))
+
+    text, _ = cleanup._fix(lab, run_id, "relabel", f"{odd}/p`q.jpg", other)
+    assert text.startswith(f"Relabelled ``{odd}/p`q.jpg`` → **&lt;i&gt;x**."), text
+    text, _ = cleanup._fix(lab, run_id, "undo", None)
+    assert f"``{odd}/p`q.jpg``" in text, text
+
+
+def test_one_pending_data_issues_search_per_run(redis_url, tmp_path):
+    """"Find data issues" (a private event any client can call by its fn_index) queued one whole-dataset search
+    per press; now the second waits until the worker releases the first, as evaluations do."""
+    from shared.runs.store import RunStore
+    from shared.settings import Settings
+    from shared.training.config import TrainConfig
+    from ui.client import EvaluationPending, QueueClient
+
+    settings = Settings(models_dir=tmp_path / "models", data_roots=(tmp_path,), redis_url=redis_url)
+    client = QueueClient(settings)
+    run_id = RunStore(settings.models_dir).create(TrainConfig(data_dir=str(tmp_path), epochs=1))
+    client.submit_data_issues(run_id)
+    with pytest.raises(EvaluationPending, match="already being looked for"):
+        client.submit_data_issues(run_id)
+    client.submit_evaluate(run_id)  # a different job of the same run is not held up
+    client.registry.release_job("data-issues", run_id)  # what the worker does when the search ends
+    client.submit_data_issues(run_id)

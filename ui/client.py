@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 class EvaluationPending(RuntimeError):
-    """An evaluation of this run is already queued or running."""
+    """An evaluation (or a data-issues search) of this run is already queued or running."""
 
 
 class QueueUnavailable(RuntimeError):
@@ -95,13 +95,13 @@ class QueueClient:
         self._require_redis()
         self.store.status(run_id)  # raises RunNotFound early
         # one pending evaluation per run: a client pressing "Evaluate again" in a loop must not bury the workers
-        if not self.registry.claim_evaluation(run_id):
+        if not self.registry.claim_job("evaluating", run_id):
             raise EvaluationPending(f"an evaluation of {run_id} is already queued or running — wait for it to finish")
         try:
             return self.celery.send_task(EVALUATE_TASK, args=[run_id],
                                          kwargs={"split": split, "data_dir": data_dir}).id
         except BaseException:
-            self.registry.release_evaluation(run_id)
+            self.registry.release_job("evaluating", run_id)
             raise
 
     def submit_predict_batch(self, run_id: str, sources: list[str]) -> str:
@@ -113,7 +113,14 @@ class QueueClient:
         """Queue `find_data_issues` for a finished run (its own dataset unless `data_dir`); the task's id."""
         self._require_redis()
         self.store.status(run_id)
-        return self.celery.send_task(DATA_ISSUES_TASK, args=[run_id], kwargs={"data_dir": data_dir}).id
+        if not self.registry.claim_job("data-issues", run_id):
+            raise EvaluationPending(f"the data issues of {run_id} are already being looked for — wait for the "
+                                    "report")
+        try:
+            return self.celery.send_task(DATA_ISSUES_TASK, args=[run_id], kwargs={"data_dir": data_dir}).id
+        except BaseException:
+            self.registry.release_job("data-issues", run_id)
+            raise
 
     def list_runs(self, limit: int = 500) -> list[dict]:
         """Registry records (newest first) with `progress`; raises QueueUnavailable when Redis is down."""

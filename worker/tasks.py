@@ -25,7 +25,7 @@ from shared.training.checkpoint import CheckpointError
 from shared.training.config import SPLITS, ConfigError
 from shared.data.scan import DatasetError
 from shared.training.engine import Cancelled, fit, pick_device
-from shared.data.images import expand_image_paths
+from shared.data.images import TooManyFiles, expand_image_paths
 from shared.training.models import WeightsUnavailable
 from shared.data.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
 from shared.runs.lifecycle import TransitionRefused, fail_in_registry_only, transition
@@ -42,10 +42,12 @@ log = logging.getLogger(__name__)
 
 # errors whose message already says what to do: shown as they are, without the exception's class name
 USER_ERRORS = (DatasetError, ConfigError, WeightsUnavailable, CheckpointError, FloatingPointError, PathError,
-               RunDamaged, CacheFullError)
+               RunDamaged, CacheFullError, TooManyFiles)
 
 # the CSV row of a file found in a folder of the data roots that links out of them (it is not read)
 OUTSIDE_ROOTS = "not inside the data folders (a link out of them?) — not read"
+# the most files one predict_batch classifies: its folder comes from the page, and its rows are kept in memory
+MAX_BATCH_FILES = 200_000
 # evaluation results copied into the run's `best` record (the full results stay in eval/eval.json)
 EVAL_SUMMARY = ("accuracy", "top_k_accuracy", "macro_f1", "loss", "n")
 
@@ -224,7 +226,7 @@ def evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None
     try:
         return _evaluate_task(self, settings, run_id, split, data_dir)
     finally:
-        _services(settings)[1].release_evaluation(str(run_id))  # the page may queue the next one
+        _services(settings)[1].release_job("evaluating", str(run_id))  # the page may queue the next one
 
 
 def _evaluate_task(self, settings: Settings, run_id: str, split: str, data_dir: str | None) -> dict:
@@ -273,7 +275,7 @@ def predict_batch(self, run_id: str, sources: list[str], top_k: int = 5, chunk: 
     store, _ = _services(settings)
     run_dir = store.path(run_id)
     # a missing path gets an error row in the CSV (as unreadable files do): one bad entry does not cost the batch
-    files = [str(p) for p in expand_image_paths(confined, must_exist=False)]
+    files = [str(p) for p in expand_image_paths(confined, must_exist=False, limit=MAX_BATCH_FILES)]
     if not files:
         raise ValueError(f"no image files in {sources}: give image files or folders that hold some")
     outside = {f for f in files if not _inside(f, roots)}
@@ -307,10 +309,17 @@ def data_issues(self, run_id: str, data_dir: str | None = None) -> dict:
     `data_dir` (from Redis: hostile) must be a folder inside this worker's data roots; None means the run's own
     dataset, which must lie inside them too.
     """
+    settings = settings_of(self.app)
+    try:
+        return _data_issues_task(self, settings, run_id, data_dir)
+    finally:
+        _services(settings)[1].release_job("data-issues", str(run_id))  # the page may queue the next one
+
+
+def _data_issues_task(self, settings: Settings, run_id: str, data_dir: str | None) -> dict:
     from shared.analysis.data_issues import ISSUES_FILE, find_data_issues
     from shared.data.manifest import read_manifest
 
-    settings = settings_of(self.app)
     store, _ = _services(settings)
     run_dir = store.path(run_id)
     if not (run_dir / "best.pt").is_file():

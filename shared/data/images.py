@@ -13,6 +13,7 @@ cache build's threads and the page's concurrent predictions wait for each other 
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import math
 import os
@@ -56,22 +57,33 @@ def is_image_name(path: str | os.PathLike) -> bool:
     return Path(os.fspath(path)).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def expand_image_paths(items: Iterable[str | os.PathLike], *, must_exist: bool = True) -> list[Path]:
+class TooManyFiles(ValueError):
+    """More image files than a batch may hold; the message names the cap and the fix."""
+
+
+def expand_image_paths(items: Iterable[str | os.PathLike], *, must_exist: bool = True,
+                       limit: int | None = None) -> list[Path]:
     """Files as given, folders replaced by the image files inside them (recursively, sorted).
 
     A broken or looping link is passed on, not dropped: reading it gives its own message. A path that does not
     exist raises FileNotFoundError when `must_exist`; otherwise it is passed on too, so that a long batch
-    reports it in its results instead of stopping.
+    reports it in its results instead of stopping. With `limit`, more files than that raise TooManyFiles as soon
+    as the walk finds one too many (a folder named from the page may be a whole data root: the walk is bounded).
     """
     files: list[Path] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
+            found = (p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and is_image_name(p))
+            left = None if limit is None else limit - len(files) + 1
+            files += sorted(itertools.islice(found, left))
         elif must_exist and not (path.exists() or path.is_symlink()):
             raise FileNotFoundError(f"no such file or folder: {item}")
         else:
             files.append(path)
+        if limit is not None and len(files) > limit:
+            raise TooManyFiles(f"more than {limit:,} image files in one batch — give a smaller folder (or split "
+                               "this one into several)")
     return files
 
 

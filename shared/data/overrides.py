@@ -43,6 +43,7 @@ OVERRIDES_VERSION = 1
 ACTIONS = ("relabel", "exclude", "add")
 MAX_CHANGES = 100_000  # a file the page can grow one click at a time: bounded
 MAX_NAME_CHARS = 255
+MAX_INBOX = 1_000  # photos waiting at once: each click of "add to inbox" stores one, so bounded too
 
 
 class OverrideError(DatasetError):
@@ -127,6 +128,7 @@ def read_changes(root: str | os.PathLike) -> list[dict]:
 def _locked(root: str | os.PathLike) -> Iterator[Path]:
     """Hold the dataset's overrides lock (two clicks at once must not lose one of the changes)."""
     folder = state_dir(root)
+    _refuse_links(folder.parent, folder)
     try:
         folder.mkdir(exist_ok=True)
         lock = open(folder / ".lock", "a")
@@ -267,13 +269,27 @@ def add_to_inbox(root: str | os.PathLike, label: object, image_file: str | os.Pa
         raise OverrideError(f"the photo cannot be added: {exc}") from None
     sha = sha256_file(source)
     folder = state_dir(scan.root) / INBOX_DIR / label
+    _refuse_links(scan.root, folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{sha}{ext}"
     if not target.exists():
+        if len(list_inbox(scan.root)) >= MAX_INBOX:
+            raise OverrideError(f"the inbox already holds {MAX_INBOX:,} photos — confirm or delete some first")
         tmp = folder / f".{sha}.part"
         shutil.copyfile(source, tmp)
         os.replace(tmp, target)
     return target
+
+
+def _refuse_links(root: Path, folder: Path) -> None:
+    """The page writes only inside the dataset's own `.resnet-lab` folder: a link on the way (put there by hand)
+    could send its writes elsewhere."""
+    for part in [folder, *folder.parents]:
+        if part == root:
+            return
+        if part.is_symlink():
+            raise OverrideError(f"{part.relative_to(root)} in the dataset is a link — the page writes only into a "
+                                f"real {STATE_DIR} folder; remove the link")
 
 
 # the file's real format decides its extension (a webcam shot may come without a usable name)

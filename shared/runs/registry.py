@@ -22,6 +22,8 @@ from shared.runs.store import FIT_RECORD_KEYS, RunNotFound, RunStore
 PREFIX = "resnet_lab"
 # how long an evaluation may stay pending before another may be queued: a worker that died must not block it for ever
 EVALUATION_CLAIM_TTL_S = 6 * 3600
+# what the page queues per finished run, one at a time (`claim_job`)
+PENDING_JOBS = ("evaluating", "data-issues")
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +116,16 @@ class RunRegistry:
     def cancel_requested(self, run_id: str) -> bool:
         return bool(self.r.exists(self._key("cancel", run_id)))
 
-    def claim_evaluation(self, run_id: str, ttl: int = EVALUATION_CLAIM_TTL_S) -> bool:
-        """True when no evaluation of `run_id` was queued or running; marks one as pending until
-        `release_evaluation` (or `ttl` seconds, should the worker die): a page may queue one evaluation per run."""
-        return bool(self.r.set(self._key("evaluating", run_id), str(time.time()), nx=True, ex=ttl))
+    def claim_job(self, job: str, run_id: str, ttl: int = EVALUATION_CLAIM_TTL_S) -> bool:
+        """True when no `job` (one of PENDING_JOBS) of `run_id` was queued or running; marks one as pending until
+        `release_job` (or `ttl` seconds, should the worker die): a page may queue one of each per run, so a client
+        pressing the button in a loop cannot bury the workers."""
+        if job not in PENDING_JOBS:
+            raise ValueError(f"unknown job {job!r}; one of {', '.join(PENDING_JOBS)}")
+        return bool(self.r.set(self._key(job, run_id), str(time.time()), nx=True, ex=ttl))
 
-    def release_evaluation(self, run_id: str) -> None:
-        self.r.delete(self._key("evaluating", run_id))
+    def release_job(self, job: str, run_id: str) -> None:
+        self.r.delete(self._key(job, run_id))
 
     def count_unfinished(self) -> int:
         """How many runs are queued or running (what the page caps)."""

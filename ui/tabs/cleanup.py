@@ -30,7 +30,8 @@ from shared.data.overrides import add_change, list_changes, undo_last
 from shared.data.scan import DatasetError
 from shared.runs.store import RunNotFound
 
-from ..client import QueueFull, QueueUnavailable
+from .. import formatting as fmt
+from ..client import EvaluationPending, QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
 from . import user_error
 
@@ -213,7 +214,7 @@ def show_cell(lab, run_id, true, pred) -> tuple[list, str]:
     ti, pi = result.classes.index(true), result.classes.index(pred)
     cell = result.predictions.cell(ti, pi)
     if not cell:
-        return [], f"No test image of **{true}** was predicted as **{pred}**."
+        return [], f"No test image of **{fmt.md_escape(true)}** was predicted as **{fmt.md_escape(pred)}**."
     root = _data_root(lab, run_id)
     shown = cell[:MAX_CELL_IMAGES]
     pictures, captions = [], []
@@ -228,7 +229,8 @@ def show_cell(lab, run_id, true, pred) -> tuple[list, str]:
     more = f" (the {MAX_CELL_IMAGES} most confident shown)" if len(cell) > MAX_CELL_IMAGES else ""
     what = "correct" if ti == pi else "confused"
     return (list(zip(overlays, captions)),
-            f"{len(cell)} test image(s) of **{true}** predicted as **{pred}** ({what}){more}.")
+            f"{len(cell)} test image(s) of **{fmt.md_escape(true)}** predicted as **{fmt.md_escape(pred)}** "
+            f"({what}){more}.")
 
 
 def pick_pair(evt: gr.SelectData, table):
@@ -251,6 +253,8 @@ def queue_issues(lab, run_id) -> str:
         lab.client().submit_data_issues(run_id, str(root))
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue unavailable") from None
+    except EvaluationPending as exc:
+        raise user_error(str(exc), title="Already queued") from None
     gr.Info("Data issues queued; press Load the report when the worker is done.")
     return "Queued — a worker judges every image of the dataset; press **Load the report** when it is done."
 
@@ -326,12 +330,13 @@ def _fix(lab, run_id, action: str, rel, label=None) -> tuple:
     try:
         if action == "undo":
             entry = undo_last(root)
-            text = "Nothing to undo." if entry is None else f"Undone: {entry['action']} of `{entry['path']}`."
+            text = ("Nothing to undo." if entry is None
+                    else f"Undone: {entry['action']} of {fmt.md_code(entry['path'])}.")
         else:
             entry = add_change(root, action, rel, label, link_roots=lab.settings.data_roots)
-            to = f" → **{entry['label']}**" if action == "relabel" else ""
+            to = f" → **{fmt.md_escape(entry['label'])}**" if action == "relabel" else ""
             done = {"relabel": "Relabelled", "exclude": "Excluded"}[action]
-            text = (f"{done} `{entry['path']}`{to}. New runs on this dataset use it; press "
+            text = (f"{done} {fmt.md_code(entry['path'])}{to}. New runs on this dataset use it; press "
                     "**Retrain with these fixes** when you are done.")
     except DatasetError as exc:  # OverrideError included: names the class or file and what is accepted
         raise user_error(str(exc), title="Change refused") from None

@@ -23,6 +23,7 @@ from shared.data.overrides import add_to_inbox, confirm_inbox, list_inbox
 from shared.data.scan import DatasetError, scan_dataset
 from shared.runs.store import RunNotFound
 
+from .. import formatting as fmt
 from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
 from . import user_error
@@ -109,8 +110,8 @@ def add(lab, ui: FeedbackUI, image: Any, model, label) -> dict:
         except DatasetError as exc:  # OverrideError: the class or the photo, with what is accepted
             raise user_error(str(exc), title="Not added") from None
     log.info("added %s to the inbox of %s (run %s)", copy.name, root, run_id)
-    return {ui.note: f"Added to the inbox as **{copy.parent.name}** (`{copy.name}`); confirm it below to copy it "
-                     "into the class folder.", **_inbox_outputs(ui, root)}
+    return {ui.note: f"Added to the inbox as **{fmt.md_escape(copy.parent.name)}** ({fmt.md_code(copy.name)}); "
+                     "confirm it below to copy it into the class folder.", **_inbox_outputs(ui, root)}
 
 
 def confirm(lab, ui: FeedbackUI, model, waiting) -> dict:
@@ -122,7 +123,7 @@ def confirm(lab, ui: FeedbackUI, model, waiting) -> dict:
         entry = confirm_inbox(root, label, name, link_roots=lab.settings.data_roots)
     except DatasetError as exc:
         raise user_error(str(exc), title="Not added") from None
-    return {ui.note: f"Copied into the dataset as `{entry['path']}`; the next run trains on it.",
+    return {ui.note: f"Copied into the dataset as {fmt.md_code(entry['path'])}; the next run trains on it.",
             **_inbox_outputs(ui, root)}
 
 

@@ -18,6 +18,7 @@ import gradio as gr
 
 from shared.data.paths import PathError, confine_path, roots_text
 
+from .. import formatting as fmt
 from ..client import QueueUnavailable
 from . import user_error
 
@@ -86,7 +87,7 @@ def classify_folder(lab, ui: FolderUI, folder_text, model, *, latest: str, hint:
     except QueueUnavailable as exc:
         raise user_error(str(exc), title="Queue not reachable") from None
     result = lab.client().celery.AsyncResult(task_id)
-    yield {ui.status: f"Sent `{folder.name}` to the queue (run `{run_id}`); waiting for a worker — one busy "
+    yield {ui.status: f"Sent {fmt.md_code(folder.name)} to the queue (run `{run_id}`); waiting for a worker — one busy "
                       "training takes it after its current run.", ui.csv: None}
     said, deadline = None, time.monotonic() + WAIT_MAX_S
     while not result.ready():
@@ -96,7 +97,7 @@ def classify_folder(lab, ui: FolderUI, folder_text, model, *, latest: str, hint:
         info = result.info if result.state == "PROGRESS" else None
         if isinstance(info, dict) and (info.get("done"), info.get("total")) != said:
             said = (info.get("done"), info.get("total"))
-            yield {ui.status: f"The worker is classifying `{folder.name}`: {said[0]} of {said[1]} images."}
+            yield {ui.status: f"The worker is classifying {fmt.md_code(folder.name)}: {said[0]} of {said[1]} images."}
         time.sleep(POLL_S)
     if result.failed():
         # the worker's own message names the problem (a folder outside its data roots, no image in it)
@@ -111,5 +112,5 @@ def classify_folder(lab, ui: FolderUI, folder_text, model, *, latest: str, hint:
     target = csv_folder() / "predictions.csv"
     shutil.copyfile(source, target)
     errors = f", {answer['errors']} could not be read (see the error column)" if answer.get("errors") else ""
-    yield {ui.status: f"Classified {answer['count']} images of `{folder.name}` with run `{run_id}`{errors}.",
+    yield {ui.status: f"Classified {answer['count']} images of {fmt.md_code(folder.name)} with run `{run_id}`{errors}.",
            ui.csv: str(target)}
