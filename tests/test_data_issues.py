@@ -94,6 +94,14 @@ def test_inbox_copy_keeps_the_content_hash_and_is_added_on_confirm(tmp_path):
     assert list_changes(data)[0]["action"] == "add"
     with pytest.raises(OverrideError):
         confirm_inbox(data, "class_1", "../../class_0/class_0_000.jpg")
+    # a user's own file where the confirmed photo would go: kept, and so is the inbox photo
+    other = make_image(tmp_path / "other.png", 40, seed=6)
+    waiting = add_to_inbox(data, "class_0", other)
+    clash = data / "class_0" / f"added-{sha(other)[:16]}.png"
+    clash.write_bytes(b"the user's own file")
+    with pytest.raises(OverrideError, match="already exists with other contents"):
+        confirm_inbox(data, "class_0", waiting.name)
+    assert clash.read_bytes() == b"the user's own file" and waiting.exists()
 
 
 @pytest.fixture(scope="module")

@@ -333,6 +333,10 @@ def confirm_inbox(root: str | os.PathLike, label: object, name: object, *,
     sha = sha256_file(source)
     target = scan.root / label / f"added-{sha[:16]}{source.suffix}"
     with _locked(scan.root):
+        if target.exists() and sha256_file(target) != sha:
+            # the user's file, not this photo: never overwritten, and the inbox copy stays
+            raise OverrideError(f"{label}/{target.name} already exists with other contents — rename or move it, "
+                                "then confirm again")
         if not target.exists():
             tmp = target.with_name(f".{target.name}.part")
             shutil.copyfile(source, tmp)
