@@ -19,6 +19,19 @@ def user_error(message: str, title: str = "Error") -> gr.Error:
     return gr.Error(message, title=title, print_exception=False)
 
 
+def client_file(lab, payload) -> tuple[bytes, str]:
+    """(bytes, display name) of a file the client names (FileData dict, path, or data: URL), through the one guard
+    for client-named files (ui/guard.py: uploads and the data roots only, regular files, at most the upload cap)."""
+    from ..guard import FileRefused, UploadError
+
+    try:
+        return lab.files.read(payload)
+    except FileRefused as exc:
+        raise user_error(str(exc), title="Upload the image again") from None
+    except UploadError as exc:
+        raise user_error(str(exc), title="Not a usable upload") from None
+
+
 MAX_RUN_IDS = 500  # run ids one API call may name (the store's runs fit; a flood of ids does not)
 
 

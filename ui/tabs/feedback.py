@@ -24,9 +24,8 @@ from shared.data.scan import DatasetError, scan_dataset
 from shared.runs.store import RunNotFound
 
 from .. import formatting as fmt
-from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
-from . import user_error
+from . import client_file, user_error
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +95,7 @@ def add(lab, ui: FeedbackUI, image: Any, model, label) -> dict:
     if image is None:
         raise user_error("Drop, paste or shoot a photo first.", title="No photo")
     run_id, root = _dataset(lab, model)
-    try:
-        data, name = lab.files.read(image)
-    except FileRefused as exc:
-        raise user_error(str(exc), title="Upload the image again") from None
-    except UploadError as exc:
-        raise user_error(str(exc), title="Not a usable upload") from None
+    data, name = client_file(lab, image)
     with tempfile.TemporaryDirectory(prefix="resnet-lab-inbox-") as tmp:
         source = Path(tmp) / ("photo" + Path(str(name)).suffix.lower()[:6])
         source.write_bytes(data)

@@ -28,7 +28,7 @@ from shared.analysis.predict import NoModelError, write_predictions_csv
 from .. import predict_view as view
 from .. import runs_view
 from ..guard import FileRefused, UploadError
-from . import feedback, predict_folder, user_error
+from . import client_file, feedback, predict_folder, user_error
 
 log = logging.getLogger(__name__)
 
@@ -152,17 +152,6 @@ def model_info_text(lab, model: str | None, run_id: str | None = None) -> str:
     return view.answering_with(record)
 
 
-def _upload_bytes(lab, payload: Any) -> tuple[bytes, str]:
-    """(bytes, display name) of an image payload (FileData dict, path, or data: URL), through the one guard for
-    client-named files: only uploads and the data roots, regular files, at most the upload cap."""
-    try:
-        return lab.files.read(payload)
-    except FileRefused as exc:
-        raise user_error(str(exc), title="Upload the image again") from None
-    except UploadError as exc:
-        raise user_error(str(exc), title="Not a usable upload") from None
-
-
 def _load(data: bytes, name: str):
     buffer = io.BytesIO(data)
     buffer.name = name  # ImageError messages then name the user's file, not a temporary path
@@ -244,7 +233,7 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
         yield no_answer(ui)
         return
     try:
-        data, name = _upload_bytes(lab, image)
+        data, name = client_file(lab, image)
         picture = _load(data, name)
         predictor = _predictor(lab, model)
     except gr.Error:

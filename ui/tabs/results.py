@@ -29,9 +29,8 @@ from .. import formatting as fmt
 from .. import results_view as view
 from .. import runs_view
 from ..client import EvaluationPending, QueueUnavailable
-from ..guard import FileRefused, UploadError
 from ..paths import PathError, confine_dataset_path
-from . import cleanup, park_plot_props, plot_props_step, shown, user_error
+from . import cleanup, client_file, park_plot_props, plot_props_step, shown, user_error
 
 log = logging.getLogger(__name__)
 
@@ -329,12 +328,7 @@ def activations(lab, run_id: str | None, image: Any):
     from shared.analysis.explain import top_channels
     from shared.analysis.plots import plot_activations
 
-    try:
-        data, name = lab.files.read(image)
-    except FileRefused as exc:
-        raise user_error(str(exc), title="Upload the image again") from None
-    except UploadError as exc:
-        raise user_error(str(exc), title="Not a usable upload") from None
+    data, name = client_file(lab, image)
     try:
         predictor = lab.predictors.get(run_id)
     except NoModelError as exc:
