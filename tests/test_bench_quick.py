@@ -152,3 +152,8 @@ def test_data_issues(tmp_path, images):
     result = run_quick("bench_data_issues", tmp_path, "--data-dir", str(images))
     [labels], [copies] = result["labels"], result["copies"]
     assert labels["flipped"] >= 1 and 0 <= labels["precision@k"] <= 1 and copies["copies"] == 6
+
+
+def test_browser_predict(tmp_path, images):
+    result = run_quick("bench_browser_predict", tmp_path, "--data-dir", str(images))
+    assert result["photos"] == 3 and 0 < result["p50_ms"] <= result["p95_ms"]
