@@ -148,11 +148,14 @@ def label_issues(paths: Sequence[str], y: np.ndarray, probs: np.ndarray, classes
 
     quality = get_label_quality_scores(y, probs, method="self_confidence")
     present = np.unique(y)
+    # n_jobs=1: by default cleanlab forks a multiprocessing pool, and a fork of a process whose torch (OpenMP)
+    # threads are running can hang the child for good (seen once in the worker); one process is fast enough here
     if len(present) < probs.shape[1]:  # cleanlab wants every class in the labels: judge on those present
         sub = probs[:, present] / np.clip(probs[:, present].sum(1, keepdims=True), 1e-12, None)
-        index = find_label_issues(np.searchsorted(present, y), sub, return_indices_ranked_by="self_confidence")
+        index = find_label_issues(np.searchsorted(present, y), sub, return_indices_ranked_by="self_confidence",
+                                  n_jobs=1)
     else:
-        index = find_label_issues(y, probs, return_indices_ranked_by="self_confidence")
+        index = find_label_issues(y, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
     rows = [{"file": paths[i], "given": classes[int(y[i])], "suggested": classes[int(probs[i].argmax())],
              "score": round(1.0 - float(quality[i]), 6), "kind": "label", "other": None} for i in index]
     return rows, quality
