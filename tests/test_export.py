@@ -20,6 +20,11 @@ from tests.imagegen import make_image_folder
 from tests.tiny import TINY_MODEL, train_tiny
 
 
+# a calibration.json as `fit` writes it (shared.analysis.calibration's schema)
+CALIBRATION = {"schema_version": 1, "temperature": 1.7, "threshold": 0.6, "target_precision": 0.95, "ece_before": 0.1,
+               "ece_after": 0.05, "val_accuracy": 0.9, "n_val": 9}
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     import torch
@@ -68,8 +73,7 @@ def test_torchscript_bundle_copies_the_calibration_and_the_test_metrics(tiny_run
     from shared.analysis.evaluation import evaluate_run
 
     evaluate_run(tiny_run, split="test", figures="none")
-    (tiny_run / "calibration.json").write_text(json.dumps({"temperature": 1.7, "threshold": 0.6,
-                                                           "target_precision": 0.95, "ece_before": 0.1}))
+    (tiny_run / "calibration.json").write_text(json.dumps(CALIBRATION))
     try:
         out = export_run(tiny_run, "torchscript", tmp_path / "ts", measure=False)
     finally:
@@ -95,9 +99,9 @@ def test_bad_requests_are_refused_with_the_fix(tiny_run, tmp_path):
     with pytest.raises(ExportError, match="choose a new folder"):
         export_run(tiny_run, "onnx", tmp_path / "busy")
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
-    (tiny_run / "calibration.json").write_text(json.dumps({"temperature": -1}))
+    (tiny_run / "calibration.json").write_text(json.dumps({**CALIBRATION, "temperature": -1}))
     try:
-        with pytest.raises(ExportError, match="positive temperature"):
+        with pytest.raises(ExportError, match="temperature -1.0 is outside"):
             export_run(tiny_run, "onnx", tmp_path / "cal")
     finally:
         (tiny_run / "calibration.json").unlink()

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import threading
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from shared.fsutil import atomic_path, write_atomic
 
@@ -34,7 +32,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 BUNDLE_VERSION = 1
-CALIBRATION_FILE = "calibration.json"
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 # How many test images the export checks the bundle on (its predict.py code against the torch model).
 PARITY_SAMPLE = 64
@@ -116,29 +113,18 @@ def preprocess_spec(image_size: int, mean, std) -> dict:
 
 
 def read_calibration(run_dir: Path) -> dict | None:
-    """{"temperature", "threshold", "target_precision"} from the run's calibration.json; None when it has none."""
-    path = Path(run_dir) / CALIBRATION_FILE
+    """{"temperature", "threshold", "target_precision"} of the run's calibration.json, read through its one schema
+    (`shared.analysis.calibration`, as the Predictor reads it: a bundle never answers differently); None without."""
+    from shared.analysis.calibration import CalibrationError, read_calibration as read_run_calibration
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        calibration = read_run_calibration(run_dir)
+    except CalibrationError as exc:
+        raise ExportError(f"{exc} — calibrate the run again or delete the file, then export") from None
+    if calibration is None:
         return None
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"{run_dir.name}/{CALIBRATION_FILE} cannot be read ({exc}) — calibrate the run again or "
-                          "delete the file, then export") from None
-    temperature = data.get("temperature") if isinstance(data, dict) else None
-    threshold = data.get("threshold") if isinstance(data, dict) else None
-    if not _number(temperature) or temperature <= 0 or (threshold is not None and not
-                                                          (_number(threshold) and 0 <= threshold <= 1)):
-        raise ExportError(f"{run_dir.name}/{CALIBRATION_FILE} must hold a positive temperature and a threshold "
-                          f"between 0 and 1, got temperature={temperature!r}, threshold={threshold!r} — calibrate "
-                          "the run again or delete the file, then export")
-    target = data.get("target_precision")
-    return {"temperature": float(temperature), "threshold": None if threshold is None else float(threshold),
-            "target_precision": float(target) if _number(target) else None}
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return {"temperature": calibration.temperature, "threshold": calibration.threshold,
+            "target_precision": calibration.target_precision}
 
 
 def _check_target(out_dir: Path) -> None:
