@@ -92,17 +92,9 @@ class QueueClient:
         return run_ids
 
     def submit_evaluate(self, run_id: str, split: str = "test", data_dir: str | None = None) -> str:
-        self._require_redis()
-        self.store.status(run_id)  # raises RunNotFound early
         # one pending evaluation per run: a client pressing "Evaluate again" in a loop must not bury the workers
-        if not self.registry.claim_job("evaluating", run_id):
-            raise EvaluationPending(f"an evaluation of {run_id} is already queued or running — wait for it to finish")
-        try:
-            return self.celery.send_task(EVALUATE_TASK, args=[run_id],
-                                         kwargs={"split": split, "data_dir": data_dir}).id
-        except BaseException:
-            self.registry.release_job("evaluating", run_id)
-            raise
+        return self._send_claimed("evaluating", run_id, EVALUATE_TASK, {"split": split, "data_dir": data_dir},
+                                  f"an evaluation of {run_id} is already queued or running — wait for it to finish")
 
     def submit_predict_batch(self, run_id: str, sources: list[str]) -> str:
         self._require_redis()
@@ -111,15 +103,20 @@ class QueueClient:
 
     def submit_data_issues(self, run_id: str, data_dir: str | None = None) -> str:
         """Queue `find_data_issues` for a finished run (its own dataset unless `data_dir`); the task's id."""
+        return self._send_claimed("data-issues", run_id, DATA_ISSUES_TASK, {"data_dir": data_dir},
+                                  f"the data issues of {run_id} are already being looked for — wait for the report")
+
+    def _send_claimed(self, job: str, run_id: str, task: str, kwargs: dict, pending: str) -> str:
+        """Send `task` for an existing run while no other `job` of it is pending (the worker releases the claim
+        when it ends); EvaluationPending(`pending`) otherwise."""
         self._require_redis()
-        self.store.status(run_id)
-        if not self.registry.claim_job("data-issues", run_id):
-            raise EvaluationPending(f"the data issues of {run_id} are already being looked for — wait for the "
-                                    "report")
+        self.store.status(run_id)  # raises RunNotFound early
+        if not self.registry.claim_job(job, run_id):
+            raise EvaluationPending(pending)
         try:
-            return self.celery.send_task(DATA_ISSUES_TASK, args=[run_id], kwargs={"data_dir": data_dir}).id
+            return self.celery.send_task(task, args=[run_id], kwargs=kwargs).id
         except BaseException:
-            self.registry.release_job("data-issues", run_id)
+            self.registry.release_job(job, run_id)
             raise
 
     def list_runs(self, limit: int = 500) -> list[dict]:
