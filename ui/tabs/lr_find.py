@@ -42,8 +42,9 @@ def build() -> LrFindUI:
     """The button, its note, and the plot with "Use it" (hidden until a result is in)."""
     button = gr.Button("Find learning rate", size="sm", elem_id="lr-find-btn")
     note = gr.Markdown(elem_id="lr-find-note", elem_classes="help")
-    plot = gr.Image(label="Loss against learning rate", type="filepath", interactive=False, visible=False,
-                    height=260, elem_id="lr-find-plot")
+    # no label: it would sit on the plot's legend; the axes and the note say what it is
+    plot = gr.Image(label="Loss against learning rate", show_label=False, type="filepath", interactive=False,
+                    visible=False, height=260, elem_id="lr-find-plot")
     use_btn = gr.Button("Use it", size="sm", visible=False, elem_id="lr-find-use")
     return LrFindUI(button, note, plot, use_btn, gr.State(None), gr.State(None), gr.Timer(POLL_S, active=False))
 
@@ -92,16 +93,17 @@ def job_status(lab, job) -> dict:
 
 def status_text(status: dict) -> str:
     if status["status"] == "queued":
-        return "⏳ Range test queued — waiting for a worker (one busy training takes it after its current run)."
+        return "Range test queued — waiting for a worker (one busy training takes it after its current run)…"
     if status["status"] == "running":
         steps = (f": step {status['done']} of {status['total']}" if status.get("phase") == "range test"
                  else ": preparing the images")
-        return f"⏳ Running the range test{steps}…"
+        return f"Running the range test{steps}…"
     if status["status"] == "failed":
         return f"⚠ The range test failed: {fmt.md_escape(status['error'])}"
     share = status["steps"] / max(status["steps_per_epoch"], 1)
+    epochs = f"{share:.2f} of an epoch" if share < 1 else f"{share:.3g} epochs: a small dataset"
     return (f"Suggested learning rate: **{fmt.fmt_lr(rounded(status['suggestion']))}** (a decade below the lowest "
-            f"loss) — {status['steps']} steps ({share:.2f} epoch) of {fmt.md_escape(status['model'])} at batch "
+            f"loss) — {status['steps']} steps ({epochs}) of {fmt.md_escape(status['model'])} at batch "
             f"{status['batch_size']}, {status['image_size']} px, in {status['seconds']:.0f} s.")
 
 
