@@ -93,21 +93,19 @@ def test_find_lr_refuses_hostile_settings_at_the_page(client, stack):
 
 
 def test_one_range_test_waits_per_dataset(tmp_path, redis_url):
-    """No worker: the first test stays queued, and a second one on the same folder is refused until it ends."""
-    import gradio as gr
-
+    """No worker: the first test stays queued, and a second one on the same folder is refused until it ends; the
+    client knows only the jobs it sent (the page's one answer for any other id)."""
     from shared.settings import Settings
-    from tests.imagegen import make_image_folder
-    from ui.app import Lab
-    from ui.tabs.lr_find import job_status, start
-    from ui.tabs.train import lr_find_config
+    from shared.training.config import TrainConfig
+    from tests.tiny import TINY_TRAIN
+    from ui.client import EvaluationPending, QueueClient
 
-    data = make_image_folder(tmp_path / "data" / "shapes", classes=2, per_class=4, size=16)
-    lab = Lab(Settings(models_dir=tmp_path / "models", data_roots=(tmp_path / "data",), redis_url=redis_url))
-    config = lr_find_config(lab, tiny_form(data))
-    job = start(lab, config)
-    assert job_status(lab, job) == {"status": "queued"}
-    with pytest.raises(gr.Error, match="already queued or running"):
-        start(lab, config)
-    lab.client().registry.release_job("lr-find", config.data_dir)  # what the worker does when the test ends
-    assert start(lab, config) != job
+    client = QueueClient(Settings(models_dir=tmp_path / "models", redis_url=redis_url))
+    config = TrainConfig(**{**TINY_TRAIN, "data_dir": str(tmp_path / "data")})
+    job = client.submit_lr_find(config)
+    assert client.lr_find_task(job).state == "PENDING" and client.lr_find_task(uuid.uuid4().hex) is None
+    with pytest.raises(EvaluationPending, match="already queued or running"):
+        client.submit_lr_find(config)
+    assert client.submit_lr_find(config.replace(data_dir=str(tmp_path / "other"))) != job  # another folder
+    client.registry.release_job("lr-find", config.data_dir)  # what the worker does when the test ends
+    assert client.submit_lr_find(config) != job
