@@ -135,7 +135,7 @@ class QueueClient:
 
     def submit_lr_find(self, config: TrainConfig) -> str:
         """Queue a learning-rate range test for `config` (one pending per dataset folder); returns its job id,
-        which is also its task's id and names its result files (`shared.training.lr_find.result_paths`)."""
+        which is also its task's id and names its result files (`shared.training.lr_result.result_paths`)."""
         self._require_redis()
         job = new_job_id()
         with self._claimed("lr-find", config.data_dir, f"a learning-rate range test on {config.data_dir} is already "

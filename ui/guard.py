@@ -50,7 +50,7 @@ INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
 RUN_DOWNLOADS = frozenset({"best.pt", "report.html"})
 # Also the export bundles' zips the Results tab builds, `<run>/export/<run>-<format>.zip` (shared.export); nothing
 # else in export/ (the unzipped bundle folders are not served). And the Train tab's range-test plots,
-# `lr-find/<job>.png` (shared.training.lr_find), not their .json.
+# `lr-find/<job>.png` (shared.training.lr_result), not their .json.
 
 
 class FileRefused(ValueError):

@@ -359,7 +359,7 @@ def lr_find(self, job: str, config: dict) -> dict:
 
 
 def _lr_find_task(self, settings: Settings, job: str, config: dict) -> dict:
-    from shared.training.lr_find import lr_find as range_test
+    from shared.training.lr_find import lr_find as run_range_test
     from shared.training.lr_result import prune_results, result_paths, save_result
 
     json_path, plot_path = result_paths(settings.models_dir, job)
@@ -376,8 +376,8 @@ def _lr_find_task(self, settings: Settings, job: str, config: dict) -> dict:
     self.update_state(state="PROGRESS", meta={"job": job, "phase": "preparing data"})
     plot_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = range_test(config, settings.cache_path, plot_path=plot_path, data_roots=settings.data_roots,
-                            cache_max_gb=settings.cache_max_gb, progress=progress)
+        result = run_range_test(config, settings.cache_path, plot_path=plot_path, data_roots=settings.data_roots,
+                                cache_max_gb=settings.cache_max_gb, progress=progress)
     finally:
         free_gpu_memory()
     save_result(result, config, json_path)

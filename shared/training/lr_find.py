@@ -145,4 +145,3 @@ def plot_range_test(result: dict, path: Path) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return path
-
