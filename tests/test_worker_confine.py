@@ -125,3 +125,26 @@ def test_data_issues_reads_no_folder_outside_the_data_roots(stack):
         result = stack.send("resnet_lab.data_issues", run_id, data_dir=str(stack.dataset))
         assert result.state == "FAILURE", (run_id, result.result)
     assert stack.run_files() == before, "a refused report was written into the run folder"
+
+
+def test_lr_find_reads_no_folder_outside_the_data_roots_and_refuses_odd_settings(stack):
+    from tests.tiny import TINY_TRAIN
+
+    job = "0" * 32
+    config = {**TINY_TRAIN, "data_dir": str(stack.dataset)}
+    refused = [
+        ({**config, "data_dir": data_dir}, OUTSIDE_MESSAGE)
+        for data_dir in (str(stack.outside), str(stack.data_root / "escape"), "../confine-outside", "/etc")
+    ] + [({**config, "batch_size": 10**9}, "batch_size must be between 1 and 1024"),
+         ({**config, "image_size": 10**6}, "image_size must be between 32 and 1024"),
+         ({**config, "model": "garbage"}, "model must be one of"),
+         ({**config, "weights": "/etc/passwd"}, "no such weights name, nor a state-dict file"),
+         ({**config, "shell": "rm -rf /"}, "unknown config field(s): shell"),
+         ("not settings", "config must be a JSON object")]
+    for bad, expected in refused:
+        result = stack.send("resnet_lab.lr_find", job, bad)
+        assert result.state == "FAILURE" and expected in str(result.result), (bad, result.result)
+    for bad_job in ("../../etc/x", "", 5):
+        result = stack.send("resnet_lab.lr_find", bad_job, config)
+        assert result.state == "FAILURE" and "no range test" in str(result.result), (bad_job, result.result)
+    assert not (stack.models / "lr-find" / f"{job}.json").exists(), "a refused range test wrote its result"

@@ -7,6 +7,7 @@ page and the workers can be deployed and upgraded apart.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from functools import cached_property
 
 import redis
@@ -17,14 +18,20 @@ from shared.runs.lifecycle import TransitionRefused, transition
 from shared.runs.registry import PREFIX, RunRegistry
 from shared.runs.store import RunNotFound, RunStore
 from shared.settings import Settings, redact_url
-from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
+from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, LR_FIND_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
+from shared.training.lr_result import new_job_id
 
 log = logging.getLogger(__name__)
 
 
 
+# how long the page remembers a range test it sent (as long as Celery keeps task results: celery_app.py)
+LR_FIND_KEEP_S = 7 * 24 * 3600
+
+
 class EvaluationPending(RuntimeError):
-    """An evaluation (or a data-issues search) of this run is already queued or running."""
+    """An evaluation (or a data-issues search) of this run, or a range test on this dataset, is already queued or
+    running."""
 
 
 class QueueUnavailable(RuntimeError):
@@ -111,13 +118,40 @@ class QueueClient:
         when it ends); EvaluationPending(`pending`) otherwise."""
         self._require_redis()
         self.store.status(run_id)  # raises RunNotFound early
-        if not self.registry.claim_job(job, run_id):
+        with self._claimed(job, run_id, pending):
+            return self.celery.send_task(task, args=[run_id], kwargs=kwargs).id
+
+    @contextmanager
+    def _claimed(self, job: str, key: str, pending: str):
+        """Claim `job` of `key` (EvaluationPending(`pending`) when one is pending) for the block that sends it;
+        a send that fails releases the claim, else the worker does when the job ends."""
+        if not self.registry.claim_job(job, key):
             raise EvaluationPending(pending)
         try:
-            return self.celery.send_task(task, args=[run_id], kwargs=kwargs).id
+            yield
         except BaseException:
-            self.registry.release_job(job, run_id)
+            self.registry.release_job(job, key)
             raise
+
+    def submit_lr_find(self, config: TrainConfig) -> str:
+        """Queue a learning-rate range test for `config` (one pending per dataset folder); returns its job id,
+        which is also its task's id and names its result files (`shared.training.lr_result.result_paths`)."""
+        self._require_redis()
+        job = new_job_id()
+        with self._claimed("lr-find", config.data_dir, f"a learning-rate range test on {config.data_dir} is already "
+                                                       "queued or running — wait for its result"):
+            self.registry.r.set(f"{PREFIX}:lr-find-job:{job}", config.data_dir, ex=LR_FIND_KEEP_S)
+            self.celery.send_task(LR_FIND_TASK, args=[job, config.to_dict()], task_id=job)
+        return job
+
+    def lr_find_task(self, job: str):
+        """The Celery result of a range test this page sent; None for any other id (never sent, or forgotten)."""
+        try:
+            if not self.registry.r.exists(f"{PREFIX}:lr-find-job:{job}"):
+                return None
+        except redis.RedisError as exc:
+            raise QueueUnavailable(f"cannot reach Redis at {redact_url(self.settings.redis_url)}: {exc}") from exc
+        return self.celery.AsyncResult(job)
 
     def list_runs(self, limit: int = 500) -> list[dict]:
         """Registry records (newest first) with `progress`; raises QueueUnavailable when Redis is down."""

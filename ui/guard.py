@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.export import FORMATS as EXPORT_FORMATS
 from shared.settings import ENV_PREFIX, Settings
+from shared.training.lr_result import JOB_ID, LR_FIND_DIR
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ INLINE_IMAGES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg
 # What the page offers for download from a run folder (Results tab).
 RUN_DOWNLOADS = frozenset({"best.pt", "report.html"})
 # Also the export bundles' zips the Results tab builds, `<run>/export/<run>-<format>.zip` (shared.export); nothing
-# else in export/ (the unzipped bundle folders are not served).
+# else in export/ (the unzipped bundle folders are not served). And the Train tab's range-test plots,
+# `lr-find/<job>.png` (shared.training.lr_result), not their .json.
 
 
 class FileRefused(ValueError):
@@ -219,10 +221,13 @@ class FilePolicy:
 
     @staticmethod
     def _run_file(parts: tuple[str, ...]) -> Served | None:
-        """A run's figures (`<run>/eval/*.png`) and its downloads (best.pt, report.html, export zips); nothing
-        else."""
+        """A run's figures (`<run>/eval/*.png`) and its downloads (best.pt, report.html, export zips), and the
+        range-test plots (`lr-find/<job>.png`); nothing else."""
         if len(parts) < 2 or any(p.startswith(".") for p in parts):
             return None
+        if parts[0] == LR_FIND_DIR:
+            plot = len(parts) == 2 and parts[1].endswith(".png") and JOB_ID.fullmatch(parts[1][:-4])
+            return Served(False, "image/png") if plot else None
         if len(parts) == 2 and parts[1] in RUN_DOWNLOADS:
             return Served(attachment=True)
         if len(parts) == 3 and parts[1] == "export" and parts[2] in {f"{parts[0]}-{f}.zip" for f in EXPORT_FORMATS}:

@@ -1,11 +1,21 @@
-"""Pure views for the Train tab: the extra learning rates typed as text, how many runs a choice queues, and the
-split the ratios give."""
+"""Pure views for the Train tab: the form's values as parameters, the extra learning rates typed as text, how many
+runs a choice queues, and the split the ratios give."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 from .formatting import plural
+
+
+def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
+    """The form's values as /submit_runs parameters: empty fields left out, shares rounded."""
+    params = {k: v for k, v in values.items() if v is not None and v != ""}
+    params["data_dir"] = data_dir or ""
+    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay"):
+        if key in params:
+            params[key] = round(float(params[key]), 6)
+    return params
 
 
 def parse_lrs(text: str) -> list[float]:

@@ -22,17 +22,17 @@ from celery import shared_task
 
 from shared.data.cache import CacheFullError
 from shared.training.checkpoint import CheckpointError
-from shared.training.config import SPLITS, ConfigError
+from shared.training.config import SPLITS, ConfigError, TrainConfig
 from shared.data.scan import DatasetError
 from shared.training.engine import Cancelled, fit, pick_device
 from shared.data.images import TooManyFiles, expand_image_paths
-from shared.training.models import WeightsUnavailable
+from shared.training.models import WeightsUnavailable, confine_weights
 from shared.data.paths import PathError, confine_dataset_path, confine_path, is_within, roots_text
 from shared.runs.lifecycle import TransitionRefused, fail_in_registry_only, transition
 from shared.runs.registry import RunRegistry
 from shared.runs.store import FINISHED, RunDamaged, RunNotFound, RunStore
 from shared.settings import Settings
-from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
+from shared.tasks import DATA_ISSUES_TASK, EVALUATE_TASK, LR_FIND_TASK, PREDICT_BATCH_TASK, TRAIN_TASK
 
 from .celery_app import settings_of
 from .progress import TaskReporter
@@ -339,6 +339,50 @@ def _data_issues_task(self, settings: Settings, run_id: str, data_dir: str | Non
         free_gpu_memory()
     return {"run_id": run_id, "data_dir": str(folder), "n": report["n"], "counts": report["counts"],
             "path": str(run_dir / ISSUES_FILE)}
+
+
+@shared_task(bind=True, name=LR_FIND_TASK)
+def lr_find(self, job: str, config: dict) -> dict:
+    """The learning-rate range test for the page's Train form: `config` (TrainConfig fields; its lr is ignored) →
+    `<models>/lr-find/<job>.json` and `<job>.png`, which the page reads and serves. Returns the suggestion.
+
+    Both arguments come from Redis (hostile): `job` must be a job id, `config` a valid TrainConfig (a registered
+    model, bounded batch and image sizes) whose data folder lies inside this worker's data roots and whose
+    weights are a weights name or a file in the weights folder or the data roots — checked before any work.
+    """
+    settings = settings_of(self.app)
+    try:
+        return _lr_find_task(self, settings, job, config)
+    finally:  # the page may queue the next one on this dataset (it claimed the folder it sent)
+        if isinstance(config, dict):
+            _services(settings)[1].release_job("lr-find", str(config.get("data_dir"))[:4096])
+
+
+def _lr_find_task(self, settings: Settings, job: str, config: dict) -> dict:
+    from shared.training.lr_find import lr_find as run_range_test
+    from shared.training.lr_result import prune_results, result_paths, save_result
+
+    json_path, plot_path = result_paths(settings.models_dir, job)
+    if not isinstance(config, dict):
+        raise ConfigError(f"config must be a JSON object of training settings; got {type(config).__name__}")
+    config = TrainConfig.from_dict(config)
+    folder = confine_dataset_path(config.data_dir, settings.data_roots)
+    weights = confine_weights(config.weights, [config.model], [settings.weights_path, *settings.data_roots])
+    config = config.replace(data_dir=str(folder), weights=weights)
+
+    def progress(done: int, total: int) -> None:
+        self.update_state(state="PROGRESS", meta={"job": job, "phase": "range test", "done": done, "total": total})
+
+    self.update_state(state="PROGRESS", meta={"job": job, "phase": "preparing data"})
+    plot_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_range_test(config, settings.cache_path, plot_path=plot_path, data_roots=settings.data_roots,
+                                cache_max_gb=settings.cache_max_gb, progress=progress)
+    finally:
+        free_gpu_memory()
+    save_result(result, config, json_path)
+    prune_results(json_path.parent)
+    return {"job": job, "suggestion": result["suggestion"], "steps": result["steps"], "seconds": result["seconds"]}
 
 
 def _confine_source(source: Any, roots) -> Path:

@@ -22,8 +22,8 @@ from shared.runs.store import FIT_RECORD_KEYS, RunNotFound, RunStore
 PREFIX = "resnet_lab"
 # how long an evaluation may stay pending before another may be queued: a worker that died must not block it for ever
 EVALUATION_CLAIM_TTL_S = 6 * 3600
-# what the page queues per finished run, one at a time (`claim_job`)
-PENDING_JOBS = ("evaluating", "data-issues")
+# what the page queues per finished run, one at a time (`claim_job`); "lr-find" is per dataset folder instead
+PENDING_JOBS = ("evaluating", "data-issues", "lr-find")
 
 log = logging.getLogger(__name__)
 

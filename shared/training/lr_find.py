@@ -4,6 +4,8 @@ fraction of an epoch while the learning rate grows exponentially, watch the loss
 The suggestion is the rate at the lowest smoothed loss divided by 10: at the minimum the loss is already about
 to diverge, one decade lower still learns fast (fastai's classic rule; checked against a grid by
 bench/bench_lr_find.py). The range test costs well under half an epoch of compute (`STEPS_SHARE`).
+
+The page's range tests are saved by `shared.training.lr_result`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +41,8 @@ def suggest_lr(lrs: list[float], losses: list[float]) -> float:
 
 
 def range_test(model: nn.Module, batches, transform, criterion, optimizer: torch.optim.Optimizer, steps: int, *,
-               start_lr: float = START_LR, end_lr: float = END_LR, generator=None) -> dict:
+               start_lr: float = START_LR, end_lr: float = END_LR, generator=None,
+               progress: Callable[[int, int], None] | None = None) -> dict:
     """Train `model` for up to `steps` batches while the lr grows from start_lr to end_lr; stops early when the
     loss diverges. Returns {lrs, losses (smoothed), raw_losses}."""
     factor = (end_lr / start_lr) ** (1 / max(steps - 1, 1))
@@ -65,14 +69,19 @@ def range_test(model: nn.Module, batches, transform, criterion, optimizer: torch
         losses.append(smoothed)
         raw.append(value)
         best = min(best, smoothed)
+        if progress is not None:
+            progress(i + 1, steps)
         if i > 2 and smoothed > DIVERGED * best:
             break
     return {"lrs": lrs, "losses": losses, "raw_losses": raw}
 
 
-def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = None) -> dict:
+def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = None,
+            data_roots: Sequence[Path] | None = None, cache_max_gb: float | None = None,
+            progress: Callable[[int, int], None] | None = None) -> dict:
     """The range test on `config`'s data, model and optimizer (its lr is ignored). Returns {suggestion, lrs,
-    losses, steps, steps_per_epoch, seconds}; with `plot_path`, a PNG of loss against lr is written there."""
+    losses, steps, steps_per_epoch, seconds}; with `plot_path`, a PNG of loss against lr is written there.
+    `data_roots` and `cache_max_gb` as for `fit` (the worker's); `progress(step, steps)` after each step."""
     from shared.data.split import make_split
     from shared.data.transforms import BatchTransform, resize_size
     from shared.training.engine import (Reporter, epoch_generator, iterate_batches, load_splits, make_optimizer,
@@ -82,8 +91,9 @@ def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = No
     started = time.perf_counter()
     device = pick_device(config.device)
     seed_everything(config.seed)
-    manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed)
-    splits = load_splits(manifest, resize_size(config.image_size), Path(cache_dir), Reporter())
+    manifest = make_split(config.data_dir, ratios=config.ratios, seed=config.seed, link_roots=data_roots)
+    splits = load_splits(manifest, resize_size(config.image_size), Path(cache_dir), Reporter(),
+                         cache_max_bytes=int(cache_max_gb * 1e9) if cache_max_gb else None)
     train = splits["train"]
     if len(train) == 0:
         raise ValueError("the training split is empty: add images or change the split ratios")
@@ -106,7 +116,7 @@ def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = No
                                        drop_last=len(train) > config.batch_size)
 
     result = range_test(model, batches(), transform, criterion, optimizer, steps,
-                        generator=epoch_generator(config.seed, 0))
+                        generator=epoch_generator(config.seed, 0), progress=progress)
     result.update(suggestion=suggest_lr(result["lrs"], result["losses"]), steps=len(result["lrs"]),
                   steps_per_epoch=steps_per_epoch, seconds=round(time.perf_counter() - started, 2))
     if plot_path is not None:

@@ -22,7 +22,7 @@ from .. import formatting as fmt
 from .. import train_view as view
 from ..client import QueueFull, QueueUnavailable
 from ..paths import PathError, confine_dataset_path
-from . import user_error
+from . import lr_find, user_error
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class TrainUI:
     run_count: gr.Markdown | None = None
     queue_btn: gr.Button | None = None
     result: gr.Markdown | None = None
+    lr_finder: lr_find.LrFindUI | None = None
 
 
 # --- pretrained weights -------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ def build(lab) -> TrainUI:
                                         info="Tick several to compare them.", elem_id="lrs")
             f["lrs_custom"] = gr.Textbox(label="Other learning rates", placeholder="e.g. 5e-4, 0.002",
                                          elem_id="lrs-custom")
+            ui.lr_finder = lr_find.build()
             f["batch_sizes"] = gr.CheckboxGroup(BATCH_CHOICES, value=[32], label="Batch sizes",
                                                 elem_id="batch-sizes")
             f["epochs"] = gr.Slider(1, 100, value=5, step=1, label="Epochs", elem_id="epochs")
@@ -257,15 +259,6 @@ def _whole(name: str, value: Any) -> int:
     raise ValueError(f"{name}: expected a whole number, got {str(value)[:40]!r} — e.g. {name}=10")
 
 
-def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
-    params = {k: v for k, v in values.items() if v is not None and v != ""}
-    params["data_dir"] = data_dir or ""
-    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay"):
-        if key in params:
-            params[key] = round(float(params[key]), 6)
-    return params
-
-
 def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
     """Form values for a run's config (clone): unknown learning rates go into the free-text box."""
     lr = config.get("lr", 1e-3)
@@ -291,14 +284,31 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def queue_runs(lab, params: dict[str, Any]) -> list[str]:
-    """Validate, then create and send one training task per combination; returns the run ids at once."""
+def checked_configs(lab, params: dict[str, Any]) -> list[TrainConfig]:
+    """`params_to_configs`, its refusals as messages for the person at the page."""
     try:
-        configs = params_to_configs(lab, params)
+        return params_to_configs(lab, params)
     except PathError as exc:
         raise user_error(str(exc), title="Folder not allowed") from None
     except (ConfigError, ValueError, TypeError, OverflowError) as exc:
         raise user_error(str(exc), title="Check the settings") from None
+
+
+def lr_find_config(lab, params: dict[str, Any]) -> TrainConfig:
+    """The one config a learning-rate range test runs on: the form's (or the API's) settings for one model at one
+    batch size, checked as for queueing runs; the learning rates are left out (the test picks one)."""
+    if isinstance(params, dict):
+        params = {k: v for k, v in params.items() if k not in ("lr", "lrs", "lrs_custom")}
+    configs = checked_configs(lab, params)
+    if len(configs) != 1:
+        raise user_error(f"the range test is for one model at one batch size, and {len(configs)} combinations are "
+                         "chosen — tick one model and one batch size", title="Check the settings")
+    return configs[0]
+
+
+def queue_runs(lab, params: dict[str, Any]) -> list[str]:
+    """Validate, then create and send one training task per combination; returns the run ids at once."""
+    configs = checked_configs(lab, params)
     try:
         return lab.client().submit(configs)
     except QueueUnavailable as exc:
@@ -314,7 +324,7 @@ def queue_runs(lab, params: dict[str, Any]) -> list[str]:
 # --- handlers -----------------------------------------------------------------------------------------------
 
 def on_queue(lab, data_dir: str | None, **values) -> str:
-    run_ids = queue_runs(lab, form_params(values, data_dir))
+    run_ids = queue_runs(lab, view.form_params(values, data_dir))
     gr.Info(f"Queued {len(run_ids)} run{'s' if len(run_ids) != 1 else ''}.")
     listing = "\n".join(f"- `{rid}`" for rid in run_ids[:10]) + ("\n- …" if len(run_ids) > 10 else "")
     return (f"✔ **Queued {len(run_ids)} run{'s' if len(run_ids) != 1 else ''}** — follow them on the "
@@ -356,6 +366,7 @@ def wire(lab, ui: TrainUI, *, data_dir: gr.Dropdown, tab: gr.Tab) -> None:
           api_visibility="private", show_progress="hidden")
     ui.queue_btn.click(partial(on_queue, lab), inputs=[data_dir], inputs_kwargs=dict(f), outputs=ui.result,
                        api_visibility="private", concurrency_limit=2)
+    lr_find.wire(lab, ui.lr_finder, form=f, data_dir=data_dir, config_of=partial(lr_find_config, lab))
 
     def submit_runs(params: dict) -> list[str]:
         """Queue training runs and return their ids at once.
