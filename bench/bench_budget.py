@@ -13,6 +13,8 @@ table shows the seconds each variant really used, evaluation included.
   sgd        SGD + Nesterov, lr 0.05 (momentum 0.9)
   onecycle   one-cycle schedule instead of cosine
   px112      112 px;  px96: 96 px
+  progressive  progressive resizing from 0.5x (64 px) to 128 px by 3/4 of the epochs; the plan counts the smaller
+             epochs at their measured cost, so the budget buys more epochs
 The variant that wins on *validation* is the one to keep (test accuracy is reported, not chosen on).
 
 Run (full, one budget):  .venv/bin/python bench/bench_budget.py --minutes 30 --json bench/results/budget_30.json
@@ -46,6 +48,7 @@ VARIANTS = {
     "onecycle": {"scheduler": "onecycle"},
     "px112": {"image_size": 112},
     "px96": {"image_size": 96},
+    "progressive": {"progressive_resize": 0.5},
 }
 
 

@@ -42,6 +42,8 @@ TRAIN_HELP = {
     "ema_decay": "average of the weights, evaluated and saved instead of them (e.g. 0.999; 0 = off)",
     "tta": "flip test-time augmentation at validation, evaluation and prediction",
     "mix": "none, mixup, cutmix or both",
+    "progressive_resize": "progressive resizing: train first at this share of --image-size (e.g. 0.5), growing to "
+                          "full size by 3/4 of the epochs; evaluation is at full size (0 = off)",
     "target_precision": "the 'not sure' threshold is chosen on validation for this precision",
     "lr": "learning rate, or 'auto': a learning-rate range test picks it (resnet-lab lr-find)",
 }

@@ -39,6 +39,34 @@ def test_replan_shortens_the_run_when_epochs_are_slower_than_planned():
     assert replan(plan, epoch=2, elapsed_s=110, epoch_seconds=[100.0, 10.0, 10.0], min_epochs=1) == 5
 
 
+def test_progressive_resizing_plans_its_smaller_epochs_at_their_cost_and_replans_by_them():
+    from shared.data.transforms import progressive_sizes
+
+    def sides(n):
+        return progressive_sizes(128, 0.5, n)  # 64 px first, 128 px from 3/4 of the epochs on
+
+    common = dict(step_s=0.5, eval_image_s=0.01, steps_per_epoch=100, n_val=100, n_test=0, max_epochs=100)
+    plain = make_plan(600, 0, **common)
+    plan = make_plan(600, 0, **common, sides=sides, small_step_s=0.125)  # a step at 64 px: a quarter of one at 128
+    assert plan.epoch_s == plain.epoch_s == pytest.approx(51) and plain.planned_epochs == 11  # (600 - 19) / 51
+    assert plan.epoch_cost(128) == 1 and plan.epoch_cost(64) == pytest.approx((1 + 50 * 0.25) / 51)  # val: 128 px
+    left = 600 - plan.reserve_s
+    n = plan.planned_epochs
+
+    def cost(total):
+        return [plan.epoch_cost(side) for side in sides(total)]
+
+    assert n > plain.planned_epochs and 51 * sum(cost(n)) <= left < 51 * sum(cost(n + 1))
+    # epochs as fast as their side predicts: the plan stands (seconds are passed as if at full size)
+    first = 51 * cost(n)[0]
+    assert replan(plan, epoch=1, elapsed_s=first, epoch_seconds=[51.0], min_epochs=1, sides=sides) == n
+    # twice as slow: the longest shorter run whose remaining epochs, at their sides, fit what is left
+    elapsed = 2 * 51 * (cost(n)[0] + cost(n)[1])
+    total = replan(plan, epoch=2, elapsed_s=elapsed, epoch_seconds=[102.0, 102.0], min_epochs=1, sides=sides)
+    assert 2 < total < n and plan.epoch_s == 102
+    assert 102 * sum(cost(total)[2:]) <= left - elapsed < 102 * sum(cost(total + 1)[2:])
+
+
 @pytest.mark.parametrize("kind", ["cosine", "onecycle"])
 def test_a_shortened_schedule_still_ends_at_its_lowest_rate(kind):
     param = torch.zeros(1, requires_grad=True)

@@ -1,6 +1,6 @@
-"""The recipe options of issue 15 at a tiny size: class imbalance, EMA of the weights, flip TTA, mixup/cutmix and
-the learning-rate finder. (Whether they make a better model is a benchmark: bench/bench_budget.py,
-bench/bench_imbalance.py, bench/bench_lr_find.py.)"""
+"""The recipe options of issue 15 at a tiny size: class imbalance, EMA of the weights, flip TTA, mixup/cutmix,
+progressive resizing and the learning-rate finder. (Whether they make a better model is a benchmark:
+bench/bench_budget.py, bench/bench_imbalance.py, bench/bench_lr_find.py.)"""
 
 from __future__ import annotations
 
@@ -98,6 +98,43 @@ def test_tta_and_mixup_train_evaluate_and_predict(tmp_path, skewed):
     assert any("temperature-scaled" in note for note in result["notes"])
 
 
+def test_progressive_resizing_trains_small_then_full_size_and_evaluates_at_full_size(tmp_path, skewed, monkeypatch):
+    from shared.data.transforms import BatchTransform
+
+    seen = []  # (train?, side of the batch the model got)
+    original = BatchTransform.__call__
+
+    def spy(self, batch, train, generator=None, size=None):
+        out = original(self, batch, train, generator, size)
+        seen.append((train, out.shape[-1]))
+        return out
+
+    monkeypatch.setattr(BatchTransform, "__call__", spy)
+    # 64 px from a quarter: 16, 32, 48 over the first 3/4 of the epochs, then 64 (the affine crop path: "light")
+    _, run_dir = tiny_run(tmp_path, skewed, image_size=64, epochs=4, augment="light", balance="none",
+                          progressive_resize=0.25)
+    assert [r["image_size"] for r in read_metrics(run_dir)] == [16, 32, 48, 64]
+    assert sorted({side for train, side in seen if train}) == [16, 32, 48, 64]
+    assert {side for train, side in seen if not train} == {64}  # validation and calibration at image_size
+    assert load_checkpoint(run_dir / "best.pt")["image_size"] == 64  # what evaluation and prediction resize to
+    assert json.loads((run_dir / "config.json").read_text())["progressive_resize"] == 0.25
+
+
+def test_progressive_resizing_is_validated_and_a_train_flag():
+    from shared.cli import _train_config, build_parser
+
+    for bad in (0.1, 1.0, -0.5, float("nan")):
+        with pytest.raises(ConfigError, match="progressive_resize must be 0 \\(off\\) or in \\[0.25, 1\\)"):
+            TrainConfig(data_dir="x", progressive_resize=bad)
+    with pytest.raises(ConfigError, match="progressive_resize"):
+        TrainConfig(data_dir="x", progressive_resize=True)  # a bool is not a share
+    with pytest.raises(ConfigError, match="finetune 'head'"):
+        TrainConfig(data_dir="x", finetune="head", progressive_resize=0.5)
+    assert TrainConfig(data_dir="x").progressive_resize == 0  # off unless asked
+    config, _ = _train_config(build_parser().parse_args(["train", "--data-dir", "x", "--progressive-resize", "0.5"]))
+    assert config.progressive_resize == 0.5
+
+
 def test_lr_finder_suggests_a_rate_from_a_range_test_and_draws_it(tmp_path, skewed):
     from shared.training.lr_find import MIN_STEPS, lr_find
 
@@ -123,7 +160,9 @@ def test_a_resumed_run_keeps_its_weight_average_and_its_budget_plan(tmp_path, sk
             return self.done
 
     monkeypatch.setattr(engine, "time_steps", lambda *args, **kwargs: (1e-4, 1e-5))  # plans far more than 2
-    config = TrainConfig(data_dir=str(skewed), **{**TINY_TRAIN, "ema_decay": 0.9, "time_budget": 60.0})
+    # progressive resizing: the plan times a step at the smallest side too, and keeps it
+    config = TrainConfig(data_dir=str(skewed), **{**TINY_TRAIN, "ema_decay": 0.9, "time_budget": 60.0,
+                                                  "progressive_resize": 0.5})
     store = RunStore(tmp_path / "models")
     run_dir = store.path(store.create(config))
     with pytest.raises(Cancelled):
@@ -131,6 +170,8 @@ def test_a_resumed_run_keeps_its_weight_average_and_its_budget_plan(tmp_path, sk
     saved = load_checkpoint(run_dir / "last.pt")
     planned = saved["plan"]["planned_epochs"]  # already re-planned after epoch 1: this machine is slower
     assert planned > 2 and saved["ema"]["n_averaged"] > 0
+    assert (saved["plan"]["small_side"], saved["plan"]["full_side"]) == (16, 32)
+    assert saved["history"][0]["image_size"] == 16
     # resumed: the plan is read back (no new timing), cut short here by patience to keep the test small
     monkeypatch.setattr(engine, "time_steps", lambda *a, **k: pytest.fail("a resumed run must not re-time"))
     result = fit(config.replace(patience=1), run_dir, cache_dir=tmp_path / "cache")

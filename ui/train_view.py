@@ -12,7 +12,8 @@ def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     """The form's values as /submit_runs parameters: empty fields left out, shares rounded."""
     params = {k: v for k, v in values.items() if v is not None and v != ""}
     params["data_dir"] = data_dir or ""
-    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay"):
+    for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay",
+                "progressive_resize"):
         if key in params:
             params[key] = round(float(params[key]), 6)
     return params

@@ -126,6 +126,8 @@ def _training_section(records: list[dict]) -> str:
         return '<p class="muted">no metrics.jsonl (no finished epoch)</p>'
     figure = _img(figure_png_bytes(plot_curves(records)), "training curves", FIGURE_CAPTIONS["curves"])
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s", "seconds"]
+    if len({r.get("image_size") for r in records}) > 1:  # progressive resizing: the side each epoch trained at
+        cols.insert(1, "image_size")
     return figure + _table(cols, [[r.get(c) for c in cols] for r in records])
 
 

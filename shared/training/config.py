@@ -19,6 +19,8 @@ BALANCE_MODES = ("auto", "none", "weighted_loss", "sampler")
 IMBALANCE_RATIO = 3.0
 MIX_MODES = ("none", "mixup", "cutmix", "both")
 MAX_TIME_BUDGET_MIN = 7 * 24 * 60  # a week
+# progressive resizing starts at no less than a quarter of image_size (below that the images say little)
+MIN_PROGRESSIVE_START = 0.25
 # Upper bounds: far beyond any useful run on one GPU, low enough that a typo or a hostile request cannot queue a
 # run that would hold a worker for months or allocate memory no machine has.
 MAX_IMAGE_SIZE = 1024
@@ -97,6 +99,9 @@ class TrainConfig:
     tta: bool = False
     # mixup / cutmix on training batches (torchvision.transforms.v2): none, mixup, cutmix, both (one per batch)
     mix: str = "none"
+    # progressive resizing: training starts at this share of image_size (e.g. 0.5, rounded to a multiple of 16 px)
+    # and grows to image_size by 3/4 of the epochs; validation, evaluation and prediction stay at image_size; 0 = off
+    progressive_resize: float = 0.0
     # the "not sure" threshold is chosen on validation so answers above it are right this often
     target_precision: float = 0.95
 
@@ -113,6 +118,9 @@ class TrainConfig:
         _choice("mix", self.mix, MIX_MODES)
         if self.ema_decay and self.finetune == "head":
             raise ConfigError("ema_decay averages the whole network's weights; with finetune 'head' set it to 0")
+        if self.progressive_resize and self.finetune == "head":
+            raise ConfigError("progressive_resize shrinks the images the whole network trains on; with finetune "
+                              "'head' (features of full-size images) set it to 0")
         if self.finetune != "full" and self.weights.lower() == "none":
             raise ConfigError(f"finetune={self.finetune!r} needs pretrained weights; with weights 'none' use 'full'")
         ratio_sum = self.val_ratio + self.test_ratio
@@ -140,6 +148,9 @@ class TrainConfig:
              f"between 0 (off) and {MAX_TIME_BUDGET_MIN} minutes"),
             ("ema_decay", self.ema_decay, self.ema_decay == 0 or 0.5 <= self.ema_decay < 1,
              "0 (off) or in [0.5, 1)"),
+            ("progressive_resize", self.progressive_resize,
+             self.progressive_resize == 0 or MIN_PROGRESSIVE_START <= self.progressive_resize < 1,
+             f"0 (off) or in [{MIN_PROGRESSIVE_START}, 1)"),
             ("target_precision", self.target_precision, 0.5 <= self.target_precision <= 1, "in [0.5, 1]"),
         ]
         for name, value, ok, expected in checks:

@@ -37,7 +37,7 @@ from shared.data.manifest import read_manifest, write_manifest
 from shared.data.split import make_split
 from shared.fsutil import write_atomic, write_json_atomic
 from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_model, get_spec
-from shared.data.transforms import BatchTransform, resize_size
+from shared.data.transforms import BatchTransform, progressive_sizes, progressive_start, resize_size
 
 log = logging.getLogger(__name__)
 
@@ -216,16 +216,17 @@ def make_optimizer(config: TrainConfig, groups: list[dict]) -> torch.optim.Optim
 def train_one_epoch(model: nn.Module, batches, transform: BatchTransform, optimizer, scheduler: StepScheduler,
                     criterion, device: torch.device, *, epoch: int, num_batches: int, reporter: Reporter,
                     generator: torch.Generator | None, scaler=None, amp_dtype=None, grad_clip: float = 0.0,
-                    channels_last: bool = True, mix=None, after_step=None) -> dict:
+                    channels_last: bool = True, mix=None, after_step=None, size: int | None = None) -> dict:
     """One pass over `batches`. `mix(inputs, labels) -> (inputs, soft targets)` (mixup/cutmix) when given;
-    `after_step()` after every optimizer step (the EMA update)."""
+    `after_step()` after every optimizer step (the EMA update); `size`: the training side (progressive resizing),
+    the transform's image_size when None."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     start = time.perf_counter()
     for i, (images, labels) in enumerate(batches):
         if reporter.should_stop():
             raise Cancelled()
-        inputs = transform(images, train=True, generator=generator)
+        inputs = transform(images, train=True, generator=generator, size=size)
         targets = labels
         if mix is not None:
             inputs, targets = mix(inputs, labels)
@@ -512,6 +513,14 @@ class _Trainer:
         epochs = [e for e in range(1, self.epochs + 1) if self.stage_of(e) == stage]
         return (epochs[0], len(epochs)) if epochs else (0, 0)
 
+    def train_sides(self, total: int) -> list[int]:
+        """Each epoch's training side in a run of `total` epochs: progressive resizing over the whole-network
+        epochs (off: image_size), image_size for the head-only ones (their features are of full-size crops)."""
+        c = self.config
+        full = [e for e in range(1, total + 1) if self.stage_of(e) == "full"]
+        ramp = dict(zip(full, progressive_sizes(c.image_size, c.progressive_resize, len(full))))
+        return [ramp.get(e, c.image_size) for e in range(1, total + 1)]
+
     def min_epochs(self) -> int:
         return self.config.probe_epochs + 1 if self.config.finetune == "probe_then_unfreeze" else 1
 
@@ -550,18 +559,27 @@ class _Trainer:
                 iterate_batches(self.splits["train"], c.batch_size, self.device, shuffle=True, generator=generator),
                 TIMED_STEPS + 1 - len(batches)))
         step_s, eval_image_s = time_steps(self.model, batches, self.transform, self.criterion, self.device, c.tta)
+        small_step_s, sides = 0.0, None
+        small = progressive_start(c.image_size, c.progressive_resize) if c.progressive_resize else c.image_size
+        if small < c.image_size:  # smaller images make shorter epochs: time a step at the smallest side too
+            small_step_s, _ = time_steps(self.model, batches, self.transform, self.criterion, self.device,
+                                         train_size=small)
+            sides = self.train_sides
         self.plan = make_plan(budget_s, time.monotonic() - started, step_s, eval_image_s,
                               steps_per_epoch=self.steps_per_epoch("full"), n_val=len(self.splits["val"]),
-                              n_test=n_test, max_epochs=MAX_EPOCHS, min_epochs=self.min_epochs())
+                              n_test=n_test, max_epochs=MAX_EPOCHS, min_epochs=self.min_epochs(),
+                              sides=sides, small_step_s=small_step_s)
         self.epochs = self.plan.planned_epochs
         self.replan_live = True
 
     def replan(self, epoch: int, started: float, stage: str, scheduler: StepScheduler, steps: int) -> None:
         if self.plan is None or not self.replan_live:
             return
-        seconds = [r["seconds"] for r in self.history if r.get("stage") == "full"]
+        # as if at full size: an epoch on smaller images is expected to be shorter (progressive resizing)
+        seconds = [r["seconds"] / self.plan.epoch_cost(r["image_size"]) for r in self.history
+                   if r.get("stage") == "full"]
         total = replan(self.plan, epoch=epoch, elapsed_s=time.monotonic() - started, epoch_seconds=seconds,
-                       min_epochs=self.min_epochs())
+                       min_epochs=self.min_epochs(), sides=self.train_sides)
         if total != self.epochs:
             self.epochs = total
             self.reporter.phase("training", epochs=total)  # the page's "epoch n/N" and ETA follow the new plan
@@ -638,14 +656,15 @@ class _Trainer:
                     self.ema = make_ema(self.model, c.ema_decay)
             seed_everything(c.seed * 1000 + epoch)
             generator = epoch_generator(c.seed, epoch)
+            side = self.train_sides(self.epochs)[epoch - 1]
             start = time.perf_counter()
             if stage == "head":
                 train_stats, val_stats = self.head_epoch(epoch, optimizer, scheduler, generator)
             else:
-                train_stats, val_stats = self.full_epoch(epoch, optimizer, scheduler, scaler, generator, steps)
+                train_stats, val_stats = self.full_epoch(epoch, optimizer, scheduler, scaler, generator, steps, side)
             scheduler.step_epoch(val_stats["loss"])
             record = {
-                "epoch": epoch, "stage": stage,
+                "epoch": epoch, "stage": stage, "image_size": side,  # the training side; validation: image_size
                 "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                 "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],
                 "val_macro_f1": val_stats["macro_f1"],
@@ -703,7 +722,7 @@ class _Trainer:
         counts = torch.bincount(labels, minlength=self.num_classes).float().clamp(min=1)
         return torch.multinomial(1.0 / counts[labels], len(labels), replacement=True, generator=generator)
 
-    def full_epoch(self, epoch, optimizer, scheduler, scaler, generator, steps):
+    def full_epoch(self, epoch, optimizer, scheduler, scaler, generator, steps, side):
         c = self.config
         batches = iterate_batches(self.splits["train"], c.batch_size, self.device, shuffle=True,
                                   generator=generator, drop_last=len(self.splits["train"]) > c.batch_size,
@@ -712,7 +731,7 @@ class _Trainer:
         train_stats = train_one_epoch(
             self.model, batches, self.transform, optimizer, scheduler, self.criterion, self.device,
             epoch=epoch, num_batches=steps, reporter=self.reporter, generator=generator, scaler=scaler,
-            amp_dtype=self.amp_dtype, grad_clip=c.grad_clip, mix=self.mix, after_step=after_step)
+            amp_dtype=self.amp_dtype, grad_clip=c.grad_clip, mix=self.mix, after_step=after_step, size=side)
         val_stats = evaluate(self.eval_model("full"),
                              iterate_batches(self.splits["val"], c.batch_size * 2, self.device, shuffle=False),
                              self.transform, self.val_criterion, self.device, amp_dtype=self.amp_dtype, tta=c.tta,

@@ -167,6 +167,11 @@ def build(lab) -> TrainUI:
             f["ema_decay"] = gr.Number(0.0, label="Weight average (EMA) decay, 0 = off", minimum=0, maximum=0.9999,
                                        elem_id="ema-decay")
             f["tta"] = gr.Checkbox(False, label="Flip test-time augmentation", elem_id="tta")
+            f["progressive_resize"] = gr.Number(
+                0.0, label="Progressive resizing: start at this share of the image size, 0 = off", minimum=0,
+                maximum=0.95, elem_id="progressive-resize",
+                info="e.g. 0.5: the first epochs train on half-size images, growing to full size by 3/4 of the "
+                     "epochs (faster epochs; evaluation is at full size)")
     with gr.Row(elem_classes="toolbar"):
         ui.run_count = gr.Markdown(view.grid_count([DEFAULT_MODEL], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
@@ -278,7 +283,8 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
     values["weights"] = "none" if weights.lower() == "none" else "DEFAULT"
     for key in ("finetune", "epochs", "image_size", "optimizer", "scheduler", "augment", "seed", "val_ratio",
                 "test_ratio", "weight_decay", "label_smoothing", "dropout", "warmup_epochs", "patience",
-                "probe_epochs", "device", "time_budget", "balance", "mix", "ema_decay", "tta"):
+                "probe_epochs", "device", "time_budget", "balance", "mix", "ema_decay", "tta",
+                "progressive_resize"):
         if key in config:
             values[key] = config[key]
     return values
