@@ -559,20 +559,20 @@ COMMANDS = {
 }
 
 
+# The exceptions that mean 'the user asked for something impossible', by the module that defines each. Importing
+# those modules only to name their errors would cost every one-line error seconds (several import torch); an
+# exception can only be an instance of a class whose module has been imported, so only those are checked.
+USER_ERRORS = (("shared.training.config", "ConfigError"), ("shared.data.scan", "DatasetError"),
+               ("shared.data.images", "ImageError"), ("shared.training.models", "WeightsUnavailable"),
+               ("shared.analysis.predict", "NoModelError"), ("shared.runs.store", "RunNotFound"),
+               ("shared.training.checkpoint", "CheckpointError"), ("shared.data.download", "DownloadError"),
+               ("shared.export.bundle", "ExportError"))
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions that mean 'the user asked for something impossible': one line, no traceback."""
-    from shared.analysis.predict import NoModelError
-    from shared.data.scan import DatasetError
-    from shared.data.download import DownloadError
-    from shared.data.images import ImageError
-    from shared.export import ExportError
-    from shared.runs.store import RunNotFound
-    from shared.training.checkpoint import CheckpointError
-    from shared.training.config import ConfigError
-    from shared.training.models import WeightsUnavailable
-
-    return (ConfigError, DatasetError, ImageError, WeightsUnavailable, NoModelError, RunNotFound, CheckpointError,
-            DownloadError, ExportError, FileNotFoundError, NotADirectoryError, PermissionError)
+    loaded = tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+    return (*loaded, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

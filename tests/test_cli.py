@@ -1,4 +1,10 @@
-"""The `resnet-lab` command as a user runs it: a real process, real files, readable errors."""
+"""The `resnet-lab` command as a user runs it: a real process, real files, readable errors.
+
+Each user-facing behaviour (exit code, one-line error without traceback, output) has a real-process test here;
+cases that only differ in their input call the command's entry function (`shared.cli.main`) in this process, which
+spares a start-up (~6 s of CPU importing torch) each. The module's run is the tiny test model's (tests/tiny.py),
+and its evaluations draw no figures (RESNET_LAB_EVAL_FIGURES=none): tests/test_evaluation.py looks at figures.
+"""
 
 from __future__ import annotations
 
@@ -14,14 +20,28 @@ from PIL import Image
 
 from shared.analysis.predict import Predictor
 from shared.runs.store import RunStore
+from shared.cli import main
 from tests.imagegen import COLOURS, make_image, make_image_folder
+from tests.tiny import TINY_CLI
 
 CLI = Path(sys.executable).with_name("resnet-lab")
 
 
-def run_cli(*args, models_dir: Path, timeout=300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models_dir), "OMP_NUM_THREADS": "1"}
+def run_cli(*args, models_dir: Path, timeout=300, plugins: bool = True) -> subprocess.CompletedProcess:
+    """`resnet-lab *args` in a process of its own. plugins=False: without the tiny test model's plugin, for a
+    command that never builds a model (loading the plugin imports torch: ~6 s of CPU)."""
+    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models_dir), "OMP_NUM_THREADS": "1",
+           "RESNET_LAB_EVAL_FIGURES": "none"}
+    if not plugins:
+        env.pop("RESNET_LAB_MODEL_PLUGINS", None)
     return subprocess.run([str(CLI), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def main_in_process(capsys, *args, models_dir: Path) -> tuple[int, str, str]:
+    """`resnet-lab *args` through its entry function in this process: (exit code, stdout, stderr)."""
+    code = main(["--models-dir", str(models_dir), *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +49,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     data = make_image_folder(root / "data", classes=3, per_class=16, size=48, corrupt=2)
     models = root / "models"
-    result = run_cli("train", "--data-dir", data, "--weights", "none", "--image-size", 32, "--epochs", 2,
-                     "--batch-size", 8, "--lr", 3e-3, models_dir=models)
+    result = run_cli("train", "--data-dir", data, *TINY_CLI, "--epochs", 2, "--lr", 3e-3, models_dir=models)
     assert result.returncode == 0, result.stderr
     return root, data, models, result
 
@@ -41,8 +60,8 @@ def test_train_writes_a_complete_succeeded_run(trained):
     (run_id,) = store.ids()
     status = store.status(run_id)
     assert status["status"] == "succeeded" and status["best"]["epochs_run"] == 2
-    for name in ("config.json", "split.json", "metrics.jsonl", "best.pt", "last.pt"):
-        assert (store.path(run_id) / name).is_file()
+    for name in ("config.json", "split.json", "metrics.jsonl", "best.pt", "last.pt", "eval/eval.json"):
+        assert (store.path(run_id) / name).is_file(), name  # eval/: train evaluates its best checkpoint
     assert "epoch 2:" in result.stderr and run_id in result.stdout
 
 
@@ -61,34 +80,61 @@ def test_predict_latest_prints_top_classes_and_writes_csv(trained, tmp_path):
     assert rows[0]["class_1"] in {"class_0", "class_1", "class_2"} and rows[1]["error"]
 
 
-def test_predict_threshold_answers_not_sure_below_it(trained):
+def test_predict_threshold_answers_not_sure_below_it(trained, capsys):
     _, data, models, _ = trained
     image = next((data / "class_2").glob("*.jpg"))
-    # label smoothing keeps the tiny model's confidence below 100%: at threshold 1 nothing is sure
-    result = run_cli("predict", "latest", image, "--threshold", 1, models_dir=models)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith(f"{image}: not sure — closest: class_"), result.stdout
-    result = run_cli("predict", "latest", image, "--threshold", 1.5, models_dir=models)
+    # label smoothing keeps the tiny model's confidence below 100%: at threshold 1 nothing is sure (in this
+    # process: the output of a real predict is test_predict_latest_prints_top_classes_and_writes_csv's)
+    code, out, err = main_in_process(capsys, "predict", "latest", image, "--threshold", 1, models_dir=models)
+    assert code == 0, err
+    assert out.startswith(f"{image}: not sure — closest: class_"), out
+    # refused by the argument parser, before anything is imported: a real process costs little
+    result = run_cli("predict", "latest", image, "--threshold", 1.5, models_dir=models, plugins=False)
     assert result.returncode == 2 and "between 0 and 1" in result.stderr
 
 
 def test_runs_list_shows_the_run(trained):
     _, _, models, _ = trained
-    result = run_cli("runs", "list", models_dir=models)
+    result = run_cli("runs", "list", models_dir=models, plugins=False)  # listing reads folders, builds no model
     assert result.returncode == 0 and "succeeded" in result.stdout
 
 
-@pytest.mark.parametrize("args, expected", [
+USER_ERRORS = [
     (["train", "--data-dir", "/nonexistent/folder", "--weights", "none"], "/nonexistent/folder"),
     (["train", "--data-dir", ".", "--model", "vgg16"], "model must be one of"),
     (["predict", "latest", "x.jpg"], "no finished run"),
     (["evaluate", "../etc"], "invalid run id"),
-])
-def test_user_errors_print_one_line_without_traceback(tmp_path, args, expected):
+]
+
+
+def test_a_user_error_prints_one_line_without_traceback(tmp_path):
+    # the real process: exit code 2, one line on stderr, no traceback (the other inputs: the test below)
+    args, expected = USER_ERRORS[0]
     result = run_cli(*args, models_dir=tmp_path / "models")
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, expected", USER_ERRORS)
+def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, args, expected):
+    # in this process: an exception main() does not turn into a message fails the test with its traceback
+    code, out, err = main_in_process(capsys, *args, models_dir=tmp_path / "models")
+    assert code == 2 and out == ""
+    assert expected in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_every_user_error_type_names_the_module_that_defines_it():
+    # shared.cli looks its user errors up by module (so that an error needs no torch import): a class that moves
+    # or is renamed must move in that table too, or its errors would print a traceback
+    import importlib
+
+    from shared.cli import USER_ERRORS
+
+    for module, name in USER_ERRORS:
+        error = getattr(importlib.import_module(module), name)
+        assert issubclass(error, Exception) and error.__module__ == module, (module, name)
 
 
 def test_predictor_accepts_paths_bytes_and_pil_images(trained):
@@ -139,7 +185,7 @@ def test_train_help_names_every_flag_with_its_real_default(tmp_path):
     assert "(default resnet18)" in text and "(default 128)" in text
 
 
-def test_evaluate_and_report_the_latest_run(trained):
+def test_evaluate_and_report_the_latest_run(trained, capsys):
     _, _, models, _ = trained
     (run_id,) = RunStore(models).ids()
     result = run_cli("evaluate", "latest", "--split", "val", models_dir=models)
@@ -149,9 +195,9 @@ def test_evaluate_and_report_the_latest_run(trained):
 
     evaluated = load_eval_result(models / run_id, folder="eval-val")  # another split than training's own test
     assert evaluated is not None and evaluated.split == "val"
-    result = run_cli("report", "latest", models_dir=models)
-    assert result.returncode == 0, result.stderr
-    report = Path(result.stdout.strip())
+    code, out, err = main_in_process(capsys, "report", "latest", models_dir=models)  # what it prints: one path
+    assert code == 0, err
+    report = Path(out.strip())
     assert report == models / run_id / "report.html" and "<html" in report.read_text()[:500].lower()
 
 
@@ -161,6 +207,7 @@ def test_download_without_network_says_what_to_do_and_leaves_nothing(tmp_path):
     proxy = f"http://127.0.0.1:{port}"
     env = {**os.environ, "http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
            "no_proxy": "", "NO_PROXY": ""}
+    env.pop("RESNET_LAB_MODEL_PLUGINS", None)  # a download builds no model: without the plugin, no torch import
     dest = tmp_path / "data"
     result = subprocess.run([str(CLI), "data", "download", "flowers", "--dest", str(dest)], capture_output=True,
                             text=True, env=env, timeout=120)

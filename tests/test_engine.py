@@ -73,8 +73,8 @@ class StopAfterEpoch(Reporter):
         return self.done >= self.stop_after
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset):
-    config = tiny_config(dataset, epochs=2, augment="standard", dropout=0.2)
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset, tiny):
+    config = tiny_config(dataset, model=tiny, epochs=2, augment="standard", dropout=0.2)
     _, straight = new_run(tmp_path / "a", config)
     fit(config, straight, cache_dir=tmp_path / "cache")
 
@@ -92,8 +92,8 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, dataset
     assert (straight / "split.json").read_bytes() == (interrupted / "split.json").read_bytes()
 
 
-def test_a_torn_metrics_line_after_the_checkpoint_is_not_duplicated_on_resume(tmp_path, dataset):
-    config = tiny_config(dataset, epochs=2)
+def test_a_torn_metrics_line_after_the_checkpoint_is_not_duplicated_on_resume(tmp_path, dataset, tiny):
+    config = tiny_config(dataset, model=tiny, epochs=2)
     _, run_dir = new_run(tmp_path, config)
     with pytest.raises(Cancelled):
         fit(config, run_dir, StopAfterEpoch(1), cache_dir=tmp_path / "cache")
@@ -139,15 +139,33 @@ def test_missing_weights_name_the_file_and_folder(tmp_path, monkeypatch):
     assert "--weights none" in message
 
 
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory, dataset, tiny):
+    """Pretrained weights for the tiny ResNet as a state-dict file (what --weights FILE loads): two epochs on the
+    dataset, so that a head alone learns on its features. The weights enum's offline cache has its own test above;
+    the fine-tuning modes are the same for a file and for an enum, and the tiny model trains ~10x faster."""
+    root = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(123)
+    config = tiny_config(dataset, model=tiny, epochs=2)
+    _, run_dir = new_run(root, config)
+    fit(config, run_dir, cache_dir=root / "cache")
+    state = load_checkpoint(run_dir / "best.pt")["model"]
+    path = root / "tiny-pretrained.pth"
+    torch.save(state, path)
+    return path, state
+
+
 @pytest.mark.parametrize("mode", ["head", "probe_then_unfreeze"])
-def test_fine_tuning_modes(tmp_path, dataset, cached_resnet18_weights, mode):
-    config = tiny_config(dataset, weights="IMAGENET1K_V1", finetune=mode, epochs=3, probe_epochs=1, lr=1e-2)
+def test_fine_tuning_modes(tmp_path, dataset, tiny, tiny_weights, mode):
+    weights, reference = tiny_weights
+    config = tiny_config(dataset, model=tiny, weights=str(weights), finetune=mode, epochs=3, probe_epochs=1,
+                         lr=1e-2)
     _, run_dir = new_run(tmp_path, config)
     result = fit(config, run_dir, cache_dir=tmp_path / "cache")
     stages = [r["stage"] for r in read_metrics(run_dir)]
     assert stages == (["head"] * 3 if mode == "head" else ["head", "full", "full"])
     trained = load_checkpoint(run_dir / "last.pt")["model"]
-    backbone_changed = not torch.equal(trained["conv1.weight"], cached_resnet18_weights.conv1.weight)
+    backbone_changed = not torch.equal(trained["conv1.weight"], reference["conv1.weight"])
     assert backbone_changed == (mode == "probe_then_unfreeze")
     assert result["best_val_acc"] > 0.5
 

@@ -11,21 +11,25 @@ import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 
 from tests.imagegen import make_image_folder
-from tests.procs import Processes
 from tests.tiny import TINY_MODEL
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    root = tmp_path_factory.mktemp("probe")
-    data, outside = root / "data", root / "outside"
+def page(session_page, tmp_path_factory):
+    """The session's page (tests/procs.py SharedStack: starting a page of our own costs ~10 s of CPU) and this
+    module's datasets in a folder of its own in the stack's data root (`probe/...`); its run in the stack's models
+    folder. The FIFO is removed at the end, so that no later test of the session meets it."""
+    stack = session_page
+    data = stack.folder("probe")
+    outside = tmp_path_factory.mktemp("probe-outside")
     make_image_folder(data / "shapes", classes=2, per_class=4, size=32)
     # a dataset whose second class folder is a link to private pictures outside every data root
     make_image_folder(data / "linked", classes=["inside", "also_inside"], per_class=3, size=32)
@@ -33,15 +37,14 @@ def page(tmp_path_factory):
     os.symlink(outside / "private", data / "linked" / "private")
     # a dataset with a FIFO named like an image
     make_image_folder(data / "piped", classes=2, per_class=3, size=32)
-    os.mkfifo(data / "piped" / "class_0" / "zz.png")
-    procs = Processes(root / "logs")
+    fifo = data / "piped" / "class_0" / "zz.png"
+    os.mkfifo(fifo)
+    served = SimpleNamespace(url=stack.page.url, fifo=fifo, models_dir=stack.models, data=data)
     try:
-        served = procs.page(root / "models", data)
-        served.fifo = data / "piped" / "class_0" / "zz.png"
-        served.models_dir, served.data = root / "models", data
         yield served
     finally:
-        procs.close()
+        _release(fifo)
+        fifo.unlink(missing_ok=True)
 
 
 def call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, object]:
@@ -64,15 +67,15 @@ def call(url: str, api: str, data: list, timeout: float = 60) -> tuple[str, obje
 
 
 def test_direct_rest_route_does_not_skip_the_queue(page):
-    direct = requests.post(f"{page.url}/gradio_api/run/check_dataset", json={"data": ["shapes"]}, timeout=60)
+    direct = requests.post(f"{page.url}/gradio_api/run/check_dataset", json={"data": ["probe/shapes"]}, timeout=60)
     assert direct.status_code == 404, (direct.status_code, direct.text[:200])
     # the queue stays the way in
-    kind, _ = call(page.url, "check_dataset", ["shapes"])
+    kind, _ = call(page.url, "check_dataset", ["probe/shapes"])
     assert kind == "complete"
 
 
 def test_a_class_folder_linking_out_of_the_roots_is_not_read(page):
-    kind, data = call(page.url, "check_dataset", ["linked"])
+    kind, data = call(page.url, "check_dataset", ["probe/linked"])
     assert kind == "complete", data
     counts = {row[0]: row[1] for row in data[1]["data"]}
     assert counts == {"also_inside": 3, "inside": 3}, f"read images from outside the data roots: {data}"
@@ -80,7 +83,7 @@ def test_a_class_folder_linking_out_of_the_roots_is_not_read(page):
 
 def test_a_fifo_in_a_dataset_does_not_hang_the_check(page):
     try:
-        kind, data = call(page.url, "check_dataset", ["piped"], timeout=20)
+        kind, data = call(page.url, "check_dataset", ["probe/piped"], timeout=20)
     except (requests.exceptions.RequestException, TimeoutError) as exc:
         pytest.fail(f"no answer within 20 s: {type(exc).__name__}")
     finally:

@@ -17,6 +17,11 @@ from tests.evalfake import fake_eval
 EVIL = '<script>alert("x")</script>'
 
 
+# (classes, figure name) -> PNG bytes: fake_eval's numbers depend only on the classes (seeded), so each figure is
+# drawn once per class list (matplotlib: the module's main cost) and copied into the other tests' run folders
+DRAWN: dict[tuple[tuple[str, ...], str], bytes] = {}
+
+
 def fake_run(tmp_path, classes, **eval_fields):
     """A run folder as fit + evaluate_run leave it, built from arrays (no training): fast and fully controlled."""
     run_dir = tmp_path / "20260101-000000-resnet18-abcdef"
@@ -30,10 +35,16 @@ def fake_run(tmp_path, classes, **eval_fields):
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     result = fake_eval(classes, run_id=run_dir.name, skipped=[{"path": EVIL, "error": "bad"}], **eval_fields)
     figures = {}
-    for name, fig in (("confusion", plots.plot_confusion(result["confusion"]["counts"], classes)),
-                      ("roc", plots.plot_roc(result["roc"], classes)),
-                      ("reliability", plots.plot_reliability(result["calibration"]))):
-        plots.save_figure(fig, run_dir / "eval" / f"{name}.png")
+    for name, draw in (("confusion", lambda: plots.plot_confusion(result["confusion"]["counts"], classes)),
+                       ("roc", lambda: plots.plot_roc(result["roc"], classes)),
+                       ("reliability", lambda: plots.plot_reliability(result["calibration"]))):
+        path = run_dir / "eval" / f"{name}.png"
+        drawn = DRAWN.get((tuple(classes), name))
+        if drawn is None:
+            plots.save_figure(draw(), path)
+            DRAWN[(tuple(classes), name)] = path.read_bytes()
+        else:
+            path.write_bytes(drawn)
         figures[name] = f"eval/{name}.png"
     result["figures"] = figures
     (run_dir / "eval" / "eval.json").write_text(json.dumps(result, allow_nan=False))
