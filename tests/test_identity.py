@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,8 @@ def test_processes_starting_at_once_on_a_new_folder_agree(tmp_path, redis_url):
 
 def run_module(args: list[str], env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
     base = clean_env()
+    # no model plugin: loading the tiny model imports torch (seconds of CPU per process), and a refusal needs none
+    base.pop("RESNET_LAB_MODEL_PLUGINS", None)
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**base, "CUDA_VISIBLE_DEVICES": "", "GRADIO_ANALYTICS_ENABLED": "False",
                                **{k: str(v) for k, v in env.items()}})
@@ -129,8 +132,10 @@ def test_a_second_stack_with_another_redis_is_refused_by_worker_page_and_up(tmp_
     try:
         env = {"REDIS_URL": other.url, "RESNET_LAB_MODELS_DIR": models, "RESNET_LAB_DATA_ROOTS": tmp_path / "data",
                "RESNET_LAB_PORT": find_free_port()}
-        for args in (["worker"], ["worker", "--gpus", "0"], ["ui"], ["shared.cli", "up", "--gpus", "cpu"]):
-            done = run_module(args, env)
+        commands = (["worker"], ["worker", "--gpus", "0"], ["ui"], ["shared.cli", "up", "--gpus", "cpu"])
+        with ThreadPoolExecutor(len(commands)) as pool:  # all four at once: each is a Python start
+            finished = list(pool.map(lambda args: run_module(args, env), commands))
+        for args, done in zip(commands, finished):
             message = done.stderr + done.stdout
             assert done.returncode != 0, (args, message)
             assert f"belongs to the Redis at {redis_address(redis_url)}" in message, (args, message)

@@ -43,7 +43,7 @@ with open(tmp, "w") as f:
     json.dump(info, f)
 os.replace(tmp, os.path.join(record_dir, f"worker-{time.time():.6f}-{os.getpid()}.json"))
 if mode == "crash":
-    time.sleep(1)
+    time.sleep(0.3)
     sys.exit(3)
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "stubborn" else (lambda *a: sys.exit(0)))
 while True:
@@ -78,7 +78,7 @@ sys.exit(run_up(settings, worker_cmd=cfg["worker_cmd"], ui_cmd=cfg["ui_cmd"], gp
                 stop_timeout=cfg["stop_timeout"], policy=RestartPolicy(**cfg["policy"])))
 """
 # restarts a dead worker stand-in quickly (production: 1 s doubling up to 60 s, given up after 5 quick crashes)
-FAST_RESTARTS = {"first_delay": 0.5, "max_delay": 2.0, "stable_after": 30.0, "max_quick_crashes": 3}
+FAST_RESTARTS = {"first_delay": 0.2, "max_delay": 0.8, "stable_after": 30.0, "max_quick_crashes": 3}
 
 
 def aof_path(redis_dir: Path) -> Path:
@@ -240,14 +240,14 @@ def test_a_worker_that_cannot_start_is_given_up_after_quick_crashes_and_everythi
     assert up.wait(timeout=60) == 1
     out = up.output
     # restarted with a growing back-off, then given up on with a message saying why, then everything stops
-    assert "exited with code 3; restarting it in 0.5 s" in out and "exited with code 3; restarting it in 1 s" in out
-    assert "restarting it in 2 s" not in out, out
+    assert "exited with code 3; restarting it in 0.2 s" in out and "exited with code 3; restarting it in 0.4 s" in out
+    assert "restarting it in 0.8 s" not in out, out
     assert "died 3 times in a row, each within 30 s of starting, so it is not restarted again" in out, out
     assert "no worker is left to supervise — stopping everything" in out, out
     starts = [w["started"] for w in up.workers()]
     assert len(starts) == 3, starts
-    # each stand-in lives 1 s; the supervisor waited at least the back-off on top of that
-    assert starts[1] - starts[0] >= 1.5 and starts[2] - starts[1] >= 2.0, starts
+    # each stand-in lives 0.3 s; the supervisor waited at least the back-off on top of that
+    assert starts[1] - starts[0] >= 0.5 and starts[2] - starts[1] >= 0.7, starts
     wait_for(lambda: not marked_processes(marker), 5, "every process up started to exit",
              describe=lambda: marked_processes(marker))
 
