@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
                       f"{warm['submit_to_running_s']:.2f} s, cold worker)", flush=True)
             runs, loads = [], []
             for i in range(args.runs):
-                time.sleep(1.0)  # let the worker go idle (acknowledge, fetch the next message) as a user would
+                if warm or runs:  # after a run, let the worker go idle (acknowledge, fetch the next message)
+                    time.sleep(1.0)
                 out = measure_run(client, models, data_dir, args)
                 out["loadavg"] = common.loadavg()[0]
                 loads.append(out["loadavg"])
