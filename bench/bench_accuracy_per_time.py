@@ -40,13 +40,18 @@ TARGET_POINTS = 10.0
 
 
 class Budget:
-    """Wall clock for one side that can be paused (for the out-of-budget test evaluations)."""
+    """Wall clock for one side that can be paused (for the out-of-budget test evaluations).
 
-    def __init__(self, seconds: float):
+    `min_epochs`: the budget is not over before that many epochs (`epoch_done`) finished. --quick runs use 1: on a
+    loaded machine a seconds-long budget could otherwise end before the first epoch, leaving a side with no result.
+    """
+
+    def __init__(self, seconds: float, min_epochs: int = 0):
         self.seconds = seconds
         self.start = time.perf_counter()
         self.paused = 0.0
         self.cpu_start = _cpu_seconds()
+        self.min_epochs, self.epochs = min_epochs, 0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start - self.paused
@@ -55,7 +60,10 @@ class Budget:
         return self.seconds - self.elapsed()
 
     def over(self) -> bool:
-        return self.elapsed() >= self.seconds
+        return self.epochs >= self.min_epochs and self.elapsed() >= self.seconds
+
+    def epoch_done(self) -> None:
+        self.epochs += 1
 
     def pause(self):
         budget = self
@@ -126,7 +134,7 @@ def run_ours(args, manifest: dict, work: Path) -> dict:
     from shared.training.models import IMAGENET_MEAN, IMAGENET_STD
     from shared.data.transforms import BatchTransform
 
-    budget = Budget(args.budget_minutes * 60)
+    budget = Budget(args.budget_minutes * 60, min_epochs=1 if args.quick else 0)
     cache_dir = work / "cache-ours"  # cold: the one-time decode counts against our budget
     splits, cache = common.load_engine_splits(manifest, args.ours_size, cache_dir)
     base = TrainConfig(data_dir=str(args.data_dir), weights="none", image_size=args.ours_size, epochs=2,
@@ -147,6 +155,7 @@ def run_ours(args, manifest: dict, work: Path) -> dict:
             return budget.over()
 
         def epoch(self, record: dict) -> None:
+            budget.epoch_done()
             t = budget.elapsed()
             with budget.pause():
                 model, _ = load_model_from_run(run_dir, "last")
@@ -214,7 +223,7 @@ def run_original(args, manifest: dict) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.models import resnet18
 
-    budget = Budget(args.budget_minutes * 60)
+    budget = Budget(args.budget_minutes * 60, min_epochs=1 if args.quick else 0)
     root = Path(manifest["root"])
     by_split = {s: [f for f in manifest["files"] if f["split"] == s] for s in ("train", "val", "test")}
     train_tf, test_tf = original_transforms(args.original_size)
@@ -256,6 +265,7 @@ def run_original(args, manifest: dict) -> dict:
         if budget.over():  # an epoch whose validation ran past the budget does not count
             stopped = True
             break
+        budget.epoch_done()
         val_acc = correct / seen
         scheduler.step(val_loss / seen)
         if val_acc > best_val:
@@ -339,8 +349,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calibration-steps", type=int, default=5)
     parser.add_argument("--plot", type=Path, default=None, help="write the accuracy-vs-time curve as a PNG")
     args = common.parse(parser, argv, __file__)
-    if args.quick:
-        args.budget_minutes = min(args.budget_minutes, 0.1)
+    if args.quick:  # one epoch a side (the budget never ends a quick side before its first one)
+        args.budget_minutes = min(args.budget_minutes, 0.02)
         args.ours_size, args.original_size, args.workers, args.calibration_steps = 32, 32, 1, 1
         args.ours_batch = 4
 

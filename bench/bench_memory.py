@@ -38,7 +38,7 @@ CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/go
 
 
 def run_one(client, data_dir: Path, args) -> str:
-    run_id = queue.submit(client, data_dir, args.epochs, args.image_size)
+    run_id = queue.submit(client, data_dir, args.epochs, args.image_size, args.model)
     status = queue.wait_until(
         lambda: (s := queue.status_of(client, run_id)) in ("succeeded", "failed", "cancelled") and s,
         args.run_timeout, 0.5, f"run {run_id} to finish")
@@ -115,18 +115,23 @@ def main(argv=None) -> dict:
     parser.add_argument("--run-timeout", type=float, default=600.0)
     parser.add_argument("--worker-threads", type=int, default=0)
     args = common.parse(parser, argv, __file__)
-    if args.quick:
-        args.runs, args.listed, args.poll_minutes, args.images, args.no_browser = 2, 1, 0.1, 20, True
+    args.model, env = "resnet18", {}
+    if args.quick:  # two runs of one epoch (one growth sample), a few seconds of polling through the API
+        args.runs, args.listed, args.poll_minutes, args.images, args.no_browser = 2, 1, 0.05, 20, True
+        args.epochs = 1
+        # the tiny ResNet, and the worker's evaluation after each run without figures (t-SNE, Grad-CAM, galleries)
+        args.model, env = common.TINY_MODEL, common.quick_env(RESNET_LAB_EVAL_FIGURES="none")
+        args.worker_threads = args.worker_threads or 1
 
     print(f"load before: {common.loadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as tmp:
         work = Path(tmp)
         models = work / "models"
         data_dir = common.generate_photos(work / "data" / "generated", args.images)
-        with common.Stack(work, models, [work / "data"], worker_threads=args.worker_threads) as stack:
+        with common.Stack(work, models, [work / "data"], worker_threads=args.worker_threads, env=env) as stack:
             stack.start_redis()
-            worker_pid = stack.start_worker().pid
-            stack.start_page()
+            stack.start_worker_and_page()
+            worker_pid = stack.procs["worker"][0].pid
             client = stack.client()
             worker = [{"after_run": 0, "rss_mb": common.rss_mb(worker_pid), "loadavg": common.loadavg()[0]}]
             print(f"worker idle: {worker[0]['rss_mb']:.0f} MB", flush=True)
@@ -157,7 +162,7 @@ def main(argv=None) -> dict:
     common.print_table(rows, title="Resident memory (RSS, process + children)")
     print("worker RSS after each run (MB): " + " ".join(f"{w['rss_mb']:.0f}" for w in worker))
     return common.finish(args, "memory", {
-        "settings": {"runs": args.runs, "epochs": args.epochs, "image_size": args.image_size,
+        "settings": {"runs": args.runs, "epochs": args.epochs, "model": args.model, "image_size": args.image_size,
                      "generated_images": args.images, "poll_minutes": args.poll_minutes},
         "worker": worker, "worker_growth_mb": growth, "page": page})
 

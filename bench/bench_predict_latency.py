@@ -36,7 +36,6 @@ Run (full):  .venv/bin/python bench/bench_predict_latency.py --py-spy 20 --json 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -198,8 +197,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--py-spy", type=float, default=0, metavar="SECONDS",
                         help="then profile the page with py-spy for this long per client (0 = off)")
     args = common.parse(parser, argv, __file__)
-    if args.quick:
-        args.calls, args.warmup, args.image_size = 4, 1, 64
+    model_name, env = "resnet18", {}
+    if args.quick:  # the tiny ResNet: the same calls, each a fraction of ResNet18's CPU time
+        args.calls, args.warmup, args.image_size = 2, 1, 64
+        model_name, env = common.use_tiny_model(), common.quick_env()
 
     from gradio_client import handle_file
 
@@ -207,13 +208,13 @@ def main(argv=None) -> dict:
     from shared.analysis.predict import Predictor
 
     print(f"load before: {common.loadavg()}")
-    os.environ["RESNET_LAB_PREDICT_RUNTIME"] = args.runtime  # the page inherits it
+    env["RESNET_LAB_PREDICT_RUNTIME"] = args.runtime  # the page's (this process's environment stays as it was)
     classes, photos = sample_images(args.data_dir, 20)
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         work = Path(tmp)
         models = work / "models"
-        run_id = common.make_run(models, str(args.data_dir), classes, args.image_size)
-        with common.Stack(work, models, [args.data_dir]) as stack:
+        run_id = common.make_run(models, str(args.data_dir), classes, args.image_size, model_name=model_name)
+        with common.Stack(work, models, [args.data_dir], env=env) as stack:
             stack.start_redis()
             t0 = time.perf_counter()
             stack.start_page()
@@ -286,7 +287,7 @@ def main(argv=None) -> dict:
         for category, ms in profile["cpu_ms_per_call"].items():
             print(f"  {category:38s} {ms:7.1f} ms")
     return common.finish(args, "predict_latency", {
-        "settings": {"image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
+        "settings": {"model": model_name, "image_size": args.image_size, "calls": args.calls, "warmup": args.warmup,
                      "photos": len(photos)},
         "page_runtime": page_runtime, "page_start_seconds": page_start_s, "page_rss_mb": page_rss, "loadavg_during": [min(loads), max(loads)],
         "results": summary, "page_profile": profiles, "samples_ms": {k: [round(v, 2) for v in vs] for k, vs in times.items()}})

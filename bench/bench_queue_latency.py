@@ -89,8 +89,8 @@ def wait_until(predicate, timeout: float, poll: float, what: str):
         time.sleep(poll)
 
 
-def submit(client, data_dir: Path, epochs: int, image_size: int) -> str:
-    params = {"data_dir": str(data_dir), "models": ["resnet18"], "lrs": [0.003], "batch_sizes": [8],
+def submit(client, data_dir: Path, epochs: int, image_size: int, model: str = "resnet18") -> str:
+    params = {"data_dir": str(data_dir), "models": [model], "lrs": [0.003], "batch_sizes": [8],
               "epochs": epochs, "image_size": image_size, "weights": "none", "warmup_epochs": 0}
     (run_id,) = client.predict(params, api_name="/submit_runs")
     return run_id
@@ -99,7 +99,7 @@ def submit(client, data_dir: Path, epochs: int, image_size: int) -> str:
 def measure_run(client, models: Path, data_dir: Path, args) -> dict:
     """Submit one run; time it to RUNNING, then time every epoch's point to the page; wait for it to end."""
     t0 = time.perf_counter()
-    run_id = submit(client, data_dir, args.epochs, args.image_size)
+    run_id = submit(client, data_dir, args.epochs, args.image_size, args.model)
     submit_call = time.perf_counter() - t0
     watcher = RunWatcher(models / run_id)
     watcher.start()
@@ -141,8 +141,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--train-on-data-dir", action="store_true",
                         help="train the runs on --data-dir instead of generated images")
     args = common.parse(parser, argv, __file__)
-    if args.quick:
-        args.runs, args.epochs, args.images = 1, 2, 20
+    args.model, env = "resnet18", {}
+    if args.quick:  # one run of one epoch: one sample of each latency
+        args.runs, args.epochs, args.images = 1, 1, 20
+        # the tiny ResNet, and the worker's evaluation after the run without figures (t-SNE, Grad-CAM, galleries)
+        args.model, env = common.TINY_MODEL, common.quick_env(RESNET_LAB_EVAL_FIGURES="none")
+        args.worker_threads = args.worker_threads or 1
 
     print(f"load before: {common.loadavg()}")
     with tempfile.TemporaryDirectory(prefix="bench_queue_") as tmp:
@@ -153,10 +157,9 @@ def main(argv=None) -> dict:
         else:
             data_dir = common.generate_photos(work / "data" / "generated", args.images)
             roots = [work / "data"]
-        with common.Stack(work, models, roots, worker_threads=args.worker_threads) as stack:
+        with common.Stack(work, models, roots, worker_threads=args.worker_threads, env=env) as stack:
             stack.start_redis()
-            stack.start_worker()
-            stack.start_page()
+            stack.start_worker_and_page()
             client = stack.client()
             warm = None
             if not args.quick:  # the first task imports torch & co. in the worker: not an idle worker's latency
@@ -166,7 +169,8 @@ def main(argv=None) -> dict:
                       f"{warm['submit_to_running_s']:.2f} s, cold worker)", flush=True)
             runs, loads = [], []
             for i in range(args.runs):
-                time.sleep(1.0)  # let the worker go idle (acknowledge, fetch the next message) as a user would
+                if warm or runs:  # after a run, let the worker go idle (acknowledge, fetch the next message)
+                    time.sleep(1.0)
                 out = measure_run(client, models, data_dir, args)
                 out["loadavg"] = common.loadavg()[0]
                 loads.append(out["loadavg"])
@@ -190,7 +194,8 @@ def main(argv=None) -> dict:
                      "verdict": common.verdict(p50 <= target, args.quick) if target else "-"})
     common.print_table(rows, title=f"Queue latency through the page's API (poll every {args.poll:g} s)", digits=2)
     return common.finish(args, "queue_latency", {
-        "settings": {"runs": args.runs, "epochs": args.epochs, "image_size": args.image_size, "poll_s": args.poll,
+        "settings": {"runs": args.runs, "epochs": args.epochs, "model": args.model, "image_size": args.image_size,
+                     "poll_s": args.poll,
                      "generated_images": None if args.train_on_data_dir else args.images},
         "warmup_run": warm, "runs": runs, "results": summary,
         "loadavg_during": [min(loads, default=float("nan")), max(loads, default=float("nan"))]})

@@ -233,9 +233,9 @@ def plain_side(data_dir: Path, size: int, batch: int, n: int, workers: int, crop
     return measure
 
 
-def warm(measure: Callable[..., Timed]) -> None:
+def warm(measure: Callable[..., Timed], steps: int = 3) -> None:
     """A short untimed segment per side: oneDNN builds its kernels for a shape on first use."""
-    measure(3)
+    measure(steps)
 
 
 def run_size(args, size: int, splits: dict, num_classes: int, device, amp_dtype) -> dict:
@@ -250,7 +250,7 @@ def run_size(args, size: int, splits: dict, num_classes: int, device, amp_dtype)
     }
     sides = {name: makers[name]() for name in args.sides}
     for name in args.sides:
-        warm(sides[name])
+        warm(sides[name], 1 if args.quick else 3)
     timings: dict[str, list[Timed]] = {name: [] for name in args.sides}
     loads: list[float] = []
 

@@ -27,12 +27,32 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = (REPO / ".." / "shared" / "datasets" / "flower_photos").resolve()
 DEFAULT_CACHE_DIR = REPO / ".cache" / "bench"  # .cache/ is git-ignored
 RESULTS_DIR = REPO / "bench" / "results"
+# --quick runs train the tests' tiny ResNet (tests/tinymodel.py, ~10x faster than resnet18): their figures are
+# meaningless anyway, and the script's code paths are the same for any registered model
+TINY_MODEL = "tiny_resnet"
+TINY_PLUGIN = "tests.tinymodel:register_tiny_resnet"  # RESNET_LAB_MODEL_PLUGINS for the processes a Stack starts
 
 
 def ensure_repo_on_path() -> None:
     """Let `python bench/x.py` import `shared` without installing (the venv has it editable anyway)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+
+
+def use_tiny_model() -> str:
+    """Register the tiny ResNet in this process (a `Stack` started with `quick_env()` has it too); its name."""
+    ensure_repo_on_path()
+    from tests.tinymodel import register_tiny_resnet
+
+    register_tiny_resnet()
+    return TINY_MODEL
+
+
+def quick_env(**more: str) -> dict[str, str]:
+    """The environment of the page and worker a --quick run starts: they register the tiny ResNet (the checkout is
+    on their PYTHONPATH), and the page uses one torch thread as the script does (a quick run shares CI's cores;
+    the worker's threads are the Stack's `worker_threads`)."""
+    return {"RESNET_LAB_MODEL_PLUGINS": TINY_PLUGIN, "OMP_NUM_THREADS": "1", **more}
 
 
 def loadavg() -> tuple[float, float, float]:
@@ -308,9 +328,11 @@ class Stack:
     and Redis bind 127.0.0.1 only.
     """
 
-    def __init__(self, work: Path, models_dir: Path, data_roots: Sequence[Path], worker_threads: int = 0):
+    def __init__(self, work: Path, models_dir: Path, data_roots: Sequence[Path], worker_threads: int = 0,
+                 env: dict[str, str] | None = None):
         self.work, self.models_dir, self.data_roots = Path(work), Path(models_dir), list(data_roots)
         self.worker_threads = worker_threads
+        self.extra_env = dict(env or {})  # for the processes only: this process's environment stays as it was
         self.redis = None
         self.procs: dict[str, Any] = {}
         self.url: str | None = None
@@ -324,7 +346,7 @@ class Stack:
             env["REDIS_URL"] = self.redis.url
         if self.worker_threads:
             env["RESNET_LAB_WORKER_THREADS"] = str(self.worker_threads)
-        return env
+        return {**env, **self.extra_env}
 
     def start_redis(self) -> None:
         ensure_repo_on_path()
@@ -358,11 +380,21 @@ class Stack:
                 raise TimeoutError(f"{name} not ready within {timeout:.0f} s:\n{self.log(name)[-3000:]}")
             time.sleep(0.1)
 
-    def start_worker(self, timeout: float = 180.0):
-        """`python -m worker`; returns its Popen once Celery logs that it is ready."""
+    def start_worker(self, timeout: float = 180.0, wait: bool = True):
+        """`python -m worker`; returns its Popen once Celery logs that it is ready (`wait=False`: at once)."""
         proc = self._spawn("worker", ["worker", "--loglevel", "info"], self.env())
-        self._wait("worker", lambda: " ready." in self.log("worker"), timeout)
+        if wait:
+            self.wait_worker(timeout)
         return proc
+
+    def wait_worker(self, timeout: float = 180.0) -> None:
+        self._wait("worker", lambda: " ready." in self.log("worker"), timeout)
+
+    def start_worker_and_page(self, timeout: float = 180.0) -> None:
+        """Both, their start-ups (imports: seconds of CPU each) overlapping; returns once both are ready."""
+        self.start_worker(timeout, wait=False)
+        self.start_page(timeout)
+        self.wait_worker(timeout)
 
     def start_page(self, timeout: float = 180.0):
         """`python -m ui` on a free loopback port; returns its Popen once the API answers."""
@@ -380,11 +412,18 @@ class Stack:
         return Client(self.url, verbose=False, download_files=False, analytics_enabled=False)
 
     def close(self) -> None:
+        import signal
+
         from shared.launch.services import stop_group
 
-        for name, (proc, _) in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                stop_group(proc, timeout=20)
+        running = [proc for proc, _ in reversed(list(self.procs.values())) if proc.poll() is None]
+        for proc in running:  # all at once: they shut down side by side
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for proc in running:
+            stop_group(proc, timeout=20, sig=None)  # waits, then kills what is left of the group
         self.procs.clear()
         if self.redis is not None:
             self.redis.stop()
@@ -407,8 +446,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def make_run(models_dir: Path, data_dir: str, classes: list[str], image_size: int, model=None,
-             manifest: dict | None = None) -> str:
-    """A finished run folder (best.pt + status 'succeeded') holding `model` (default: random ResNet18 weights).
+             manifest: dict | None = None, model_name: str = "resnet18") -> str:
+    """A finished run folder (best.pt + status 'succeeded') holding `model` (default: random `model_name` weights).
 
     Prediction, evaluation and memory benchmarks time the machinery, which does not depend on the weights.
     """
@@ -421,14 +460,15 @@ def make_run(models_dir: Path, data_dir: str, classes: list[str], image_size: in
     from shared.training.models import IMAGENET_MEAN, IMAGENET_STD, create_model
     from shared.runs.store import RunStore
 
-    config = TrainConfig(data_dir=str(data_dir), weights="none", image_size=image_size, device="cpu")
+    config = TrainConfig(data_dir=str(data_dir), model=model_name, weights="none", image_size=image_size,
+                         device="cpu")
     store = RunStore(models_dir)
     run_id = store.create(config)
     if model is None:
         torch.manual_seed(0)
-        model = create_model("resnet18", len(classes), "none")
+        model = create_model(model_name, len(classes), "none")
     save_checkpoint({"classes": classes, "image_size": image_size, "mean": list(IMAGENET_MEAN),
-                     "std": list(IMAGENET_STD), "model_name": "resnet18", "config": config.to_dict(),
+                     "std": list(IMAGENET_STD), "model_name": model_name, "config": config.to_dict(),
                      "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "epoch": 1,
                      "val_acc": 0.0, "split_hash": (manifest or {}).get("split_hash")},
                     store.path(run_id) / "best.pt")

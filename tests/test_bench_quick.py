@@ -96,7 +96,7 @@ def test_pointing_game(tmp_path):
 # --- the running system: Redis + page (+ worker) as real processes; each starts its own, so these take longer ---
 
 def test_predict_latency(tmp_path, images):
-    result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images), "--py-spy", "3")
+    result = run_quick("bench_predict_latency", tmp_path, "--data-dir", str(images), "--py-spy", "2")
     for call in ("top5_client", "top5_cam_client", "top5_rest", "top5_cam_rest", "top5_local", "top5_cam_local"):
         assert result["results"][call]["p95_ms"] > 0
     for name in ("top5_rest", "top5_client"):
