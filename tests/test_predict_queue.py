@@ -20,13 +20,34 @@ from tests.tiny import TINY_MODEL
 pytestmark = pytest.mark.timeout(400)
 
 
-def _cli(models: Path, *args, redis_url: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("REDIS_URL", None)
-    if redis_url:
-        env["REDIS_URL"] = redis_url
-    return subprocess.run([sys.executable, "-m", "shared.cli", "predict", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env, cwd=REPO)
+@pytest.fixture
+def cli():
+    """Factory: cli(models, *args, redis_url=None) starts `resnet-lab predict ARGS` and returns a function that waits
+    for it (a CompletedProcess). Each one pays seconds of imports (torch; Celery for --queue), so the test starts
+    them together; any still running at teardown is killed."""
+    started: list[subprocess.Popen] = []
+
+    def start(models: Path, *args, redis_url: str | None = None):
+        env = {**os.environ, "RESNET_LAB_MODELS_DIR": str(models), "OMP_NUM_THREADS": "1",
+               "CUDA_VISIBLE_DEVICES": ""}
+        env.pop("REDIS_URL", None)
+        if redis_url:
+            env["REDIS_URL"] = redis_url
+        proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "predict", *map(str, args)], text=True, env=env,
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        started.append(proc)
+
+        def done() -> subprocess.CompletedProcess:
+            out, err = proc.communicate(timeout=300)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+        return done
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def _rows(path: Path) -> list[list[str]]:
@@ -43,7 +64,7 @@ def _same_predictions(local: list[list[str]], queued: list[list[str]]) -> None:
         assert all(abs(float(x) - float(y)) < 1e-3 for x, y in zip(a[3::2], b[3::2])), (a, b)
 
 
-def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, redis_url, start_worker):
+def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, redis_url, start_worker, cli):
     from shared.training.engine import fit
 
     root = (tmp_path / "data").resolve()
@@ -58,13 +79,17 @@ def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, r
     broken = data / "class_0" / "broken.jpg"
     broken.write_text("not an image")
     outside = make_image_folder(tmp_path / "outside", classes=1, per_class=1, size=32)
+    sources = [data / "class_1", broken]
+    # all four start while the worker does: the queued ones wait for it in Redis
+    local = cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "local.csv")
+    queued = cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "queued.csv", "--queue",
+                 redis_url=redis_url)
+    refused = cli(models, run_id, outside, "--queue", redis_url=redis_url)
+    unset = cli(models, run_id, data, "--queue")
     start_worker(models, RESNET_LAB_DATA_ROOTS=root)
 
-    sources = [data / "class_1", broken]
-    local = _cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "local.csv")
+    local, queued = local(), queued()
     assert local.returncode == 0, local.stderr[-3000:]
-    queued = _cli(models, run_id, *sources, "--top-k", 2, "--csv", tmp_path / "queued.csv", "--queue",
-                  redis_url=redis_url)
     assert queued.returncode == 0, queued.stderr[-3000:]
     assert "waiting for a worker" in queued.stderr and f"model: run {run_id} (tiny_resnet" in queued.stderr
     assert len(queued.stdout.splitlines()) == 7 and f"{broken}: skipped:" in queued.stdout
@@ -74,10 +99,10 @@ def test_predict_queue_answers_through_a_worker_like_a_local_predict(tmp_path, r
     assert list(store.path(run_id).glob("predictions-*.csv")), "the worker keeps its table in the run folder"
 
     # the worker reads nothing outside its data roots: refused with its message, exit 2, no traceback
-    refused = _cli(models, run_id, outside, "--queue", redis_url=redis_url)
+    refused = refused()
     assert refused.returncode == 2 and "outside the data folders" in refused.stderr, refused.stderr[-3000:]
     assert "Traceback" not in refused.stderr
-    unset = _cli(models, run_id, data, "--queue")
+    unset = unset()
     assert unset.returncode == 2 and "--queue needs REDIS_URL" in unset.stderr, unset.stderr[-3000:]
 
 
