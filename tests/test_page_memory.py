@@ -98,6 +98,12 @@ def session_size(session: BrowserSession) -> tuple[int, int]:
     return len(session.state.blocks_config.blocks), len(session.state.config_values)
 
 
+def page_timer(demo):
+    """The page's poll timer (ui/app.py), not the Train tab's learning-rate one, which starts inactive."""
+    (timer,) = [b for b in demo.blocks.values() if isinstance(b, gr.Timer) and b.active]
+    return timer
+
+
 @pytest.mark.parametrize("tab", ["runs", "predict"])
 def test_a_page_left_open_stops_growing(redis_url, tmp_path, monkeypatch, tab):
     from ui.app import build_app
@@ -106,7 +112,7 @@ def test_a_page_left_open_stops_growing(redis_url, tmp_path, monkeypatch, tab):
     models = tmp_path / "models"
     run_ids = make_finished_runs(models, tmp_path)
     demo = build_app(Settings(models_dir=models, data_roots=(tmp_path,), redis_url=redis_url))
-    timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
+    timer = page_timer(demo)
     tab_block = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == f"tab-{tab}")
     select = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == SELECTORS[tab])
     session = BrowserSession(demo)
@@ -146,7 +152,7 @@ def test_the_selectors_still_follow_new_runs(redis_url, tmp_path, monkeypatch, t
     first = make_finished_runs(models, tmp_path, 1)
     lab = Lab(Settings(models_dir=models, data_roots=(tmp_path,), redis_url=redis_url))
     demo = build_app(lab.settings, lab)
-    timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
+    timer = page_timer(demo)
     tab_block = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == f"tab-{tab}")
     select = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == SELECTORS[tab])
     session = BrowserSession(demo)
