@@ -72,6 +72,36 @@ def test_gradcam_equals_the_formula_and_leaves_the_model_clean():
     assert not model.training
 
 
+def test_heat_maps_ignore_other_threads_forward_passes_on_the_same_model():
+    """The page shares one model between a heat-map and other requests (a top-5, ONNX Runtime's timing): their forward
+    passes run our hooks too, and once overwrote the heat-map's activations with no-grad ones (a CI failure)."""
+    import threading
+
+    model = small_resnet().eval()
+    x = torch.randn(1, 3, 96, 96)
+    expected = {name: CAM_METHODS[name](model, RESNET18)(x, class_idx=1) for name in ("gradcam", "layercam")}
+    stop = threading.Event()
+
+    def serve_others():
+        other = torch.randn(2, 3, 96, 96)
+        while not stop.is_set():
+            with torch.inference_mode():
+                model(other)
+
+    others = [threading.Thread(target=serve_others) for _ in range(2)]
+    for thread in others:
+        thread.start()
+    try:
+        for _ in range(15):
+            for name, want in expected.items():
+                assert np.allclose(CAM_METHODS[name](model, RESNET18)(x, class_idx=1), want, atol=1e-5), name
+    finally:
+        stop.set()
+        for thread in others:
+            thread.join()
+    assert no_hooks_left(model)
+
+
 def test_gradcam_batch_matches_single_images_and_restores_train_mode():
     model = small_resnet()
     x = torch.randn(3, 3, 64, 64)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -72,9 +73,15 @@ class CamExplainer:
         runs in eval mode, so the sum of the per-image scores has per-image gradients.
         """
         captured: dict[int, torch.Tensor] = {}
+        # Hooks live on the module, so any thread's forward pass runs them: one serving the same model elsewhere
+        # (the page answering a top-5, timing ONNX Runtime) would otherwise overwrite our activations with its
+        # no-grad ones ("One of the differentiated Tensors does not require grad"). Capture only our own pass.
+        owner = threading.get_ident()
 
         def hook(index: int):
             def capture(module, inp, out):
+                if threading.get_ident() != owner:
+                    return out
                 if not captured:
                     # The first hooked module in forward order: detach and re-attach, so backward stops here (never
                     # walks the earlier layers) and frozen (requires_grad=False) backbones still work.
