@@ -80,6 +80,9 @@ def main(argv=None) -> dict:
             page.goto(stack.url, wait_until="load")
             page.get_by_role("tab", name="Predict").click()
             file_input = page.locator("#predict-image input[type=file]")
+            # the tab renders its components after the click: WATCH needs the label in the document (a fast click
+            # on a loaded machine once found none: "parameter 1 is not of type 'Node'")
+            page.locator("#predict-label").wait_for(state="attached")
             for i, photo in enumerate(photos):
                 page.evaluate(WATCH)
                 file_input.set_input_files(str(photo))
