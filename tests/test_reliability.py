@@ -92,17 +92,28 @@ def procs(tmp_path):
     processes.close()
 
 
-# --- 1. worker killed with SIGKILL mid-epoch, three times in one run ---------------------------------------------
+# --- 1. workers as on four machines, whichever trains killed with SIGKILL mid-epoch, three times in one run --------
 
 @pytest.mark.slow
-def test_worker_killed_mid_epoch_three_times_still_finishes_each_epoch_once(tmp_path, redis_url, procs):
+def test_worker_killed_mid_epoch_three_times_still_finishes_each_epoch_once(tmp_path, redis_url, procs, monkeypatch):
+    """Four workers started at once (their imports overlap), each with its own node name and image cache as on
+    four machines. Whichever trains the run is killed; an idle one takes it over (its recovery scan re-sends the
+    run once the lease has expired), three times; the last one finishes. (This is also the two-machines test: a
+    killed worker's run resumed by a survivor that was idling, which removes the dead one's half-written file.)"""
+    from worker.recovery import RecoveryScanner, lease_seconds
+
+    # with the production settings a dead worker's run is re-sent at most lease + scan interval after its last
+    # renewal; the workers below use a 3 s lease, so that each takeover costs the test seconds, not a minute
+    monkeypatch.delenv("RESNET_LAB_LEASE_SECONDS", raising=False)
+    assert lease_seconds() + RecoveryScanner(None, None, None).interval <= 45
+
     data = make_image_folder(tmp_path / "data", classes=3, per_class=40, size=40)
     models = tmp_path / "models"
     client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
-    # four workers, started at once (their imports overlap): whichever trains the run is killed, one of the others
-    # takes it over (its recovery scan re-sends it once the lease has expired), three times; the last one finishes
-    workers = {name: procs.worker(redis_url, models, args=["--hostname", f"{name}@%h"], wait=False, **WORKER_ENV)
-               for name in ("w1", "w2", "w3", "w4")}
+    names = ("machine-1", "machine-2", "machine-3", "machine-4")
+    workers = {name: procs.worker(redis_url, models, args=["--hostname", f"worker@{name}"], wait=False,
+                                  RESNET_LAB_CACHE_DIR=tmp_path / f"cache-{name}", **WORKER_ENV)
+               for name in names}
     for worker in workers.values():
         procs.wait_ready(worker)
     [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=3, **TINY)])
@@ -119,24 +130,40 @@ def test_worker_killed_mid_epoch_three_times_still_finishes_each_epoch_once(tmp_
         # the re-send mutex (at least 30 s, so that the workers scanning at once send one message) has done its job
         # once the re-sent task trains: without this the kills would be 30 s apart
         client.registry.r.delete(f"{PREFIX}:recover:{run_id}")
-        workers.pop(record["worker"].split("@")[0]).kill9()
+        trainer = record["worker"]
+        workers.pop(trainer.split("@")[1]).kill9()
+        killed = time.monotonic()
         assert epochs_of(client.store.metrics(run_id)) == list(range(1, k)), f"the kill must land inside epoch {k}"
         assert client.registry.get(run_id)["status"] == "running"
         # each killed worker's message stays un-acknowledged (visibility 3600 s): only the lease brings the run back
         assert client.registry.r.hlen("unacked") == k
         if k > 1:  # the checkpoint of the last finished epoch survived the kill
             assert load_checkpoint(client.store.path(run_id) / "best.pt")["epoch"] <= k - 1
+        if k == 2:  # and, as if the killed worker had been on another machine, a half-written checkpoint of its
+            orphan = client.store.path(run_id) / ".last.pt.tmp1-000000-abcdef"
+            orphan.write_bytes(b"half")
+            os.utime(orphan, (time.time() - 40, time.time() - 40))
+
+        def resumed():
+            now = client.registry.get(run_id)
+            return now["status"] == "running" and now["attempt"] == k + 1 and now["worker"] != trainer
+
+        wait_for(resumed, 60, f"an idle worker to resume the run after kill {k}", interval=0.2)
+        print(f"\nkill {k}: {client.registry.get(run_id)['worker']} resumed the run "
+              f"{time.monotonic() - killed:.1f} s after {trainer} was killed")
 
     [(name, last)] = workers.items()
     record = wait_finished(client.registry, run_id, 180, last)
-    assert record["status"] == "succeeded" and record["worker"].startswith(f"{name}@"), record
+    assert record["status"] == "succeeded" and record["worker"] == f"worker@{name}", record
     assert record["attempt"] == 4 and record["task_id"] == f"{run_id}~r3" and record["crashes"] == 1, record
-    assert_intact_run(client.store, client.registry, run_id, epochs=3)
+    assert_intact_run(client.store, client.registry, run_id, epochs=3)  # the half-written file removed too
     assert client.store.ids() == [run_id] and client.registry.ids() == [run_id], "the run must not be duplicated"
     on_disk, in_redis = client.store.status(run_id), client.registry.get(run_id)
     for field in ("status", "started", "finished", "error", "worker", "best", "task_id"):
         assert on_disk.get(field) == in_redis.get(field), (field, on_disk.get(field), in_redis.get(field))
     assert "resuming" in last.log()
+    for name in names:  # every worker that trained decoded the images into its own cache
+        assert any((tmp_path / f"cache-{name}").iterdir()), name
 
     # a late duplicate delivery (e.g. an original message after its visibility timeout) changes nothing
     result = client.celery.send_task(TRAIN_TASK, args=[run_id]).get(timeout=60)
@@ -539,49 +566,3 @@ def test_worker_killed_under_up_is_restarted_while_the_page_answers_and_the_run_
         code = up.stop(timeout=30)
         up.kill_all()
     assert code == 0, up.log()
-
-
-# --- 7. two workers as two machines would run them: one killed, the other (idle) resumes the run -----------------
-
-@pytest.mark.slow
-def test_two_machines_the_survivor_resumes_a_killed_workers_run_within_a_minute(tmp_path, redis_url, procs,
-                                                                                  monkeypatch):
-    from worker.recovery import RecoveryScanner, lease_seconds
-
-    # with the production settings a dead worker's run is re-sent at most lease + scan interval after its last
-    # renewal; the workers below use a 3 s lease, so that the takeover itself costs the test seconds, not a minute
-    monkeypatch.delenv("RESNET_LAB_LEASE_SECONDS", raising=False)
-    assert lease_seconds() + RecoveryScanner(None, None, None).interval <= 45
-
-    data = make_image_folder(tmp_path / "data", classes=3, per_class=40, size=40)
-    models = tmp_path / "models"
-    client = QueueClient(Settings(models_dir=models, redis_url=redis_url, visibility_timeout=3600))
-    # both start at once (their imports overlap), each with its own node name and image cache
-    workers = {name: procs.worker(redis_url, models, args=["--hostname", f"worker@{name}"], wait=False,
-                                  RESNET_LAB_CACHE_DIR=tmp_path / f"cache-{name}", **WORKER_ENV)
-               for name in ("machine-a", "machine-b")}
-    for worker in workers.values():
-        procs.wait_ready(worker)
-    # the kill may land in a checkpoint write: the survivor removes the temp file when it takes the run over
-    [run_id] = client.submit([TrainConfig(data_dir=str(data), epochs=4, **TINY)])
-    wait_for(lambda: in_epoch(client.registry, run_id, 2), 180, "the run to train in epoch 2")
-    trainer = client.registry.get(run_id)["worker"].split("@")[1]
-    other = "machine-b" if trainer == "machine-a" else "machine-a"
-    workers[trainer].kill9()
-    killed = time.monotonic()
-    assert epochs_of(client.store.metrics(run_id)) == [1], "the kill must land inside epoch 2"
-    # and, as if the killed worker had been on another machine, a half-written checkpoint of its
-    orphan = client.store.path(run_id) / ".last.pt.tmp1-000000-abcdef"
-    orphan.write_bytes(b"half")
-    os.utime(orphan, (time.time() - 40, time.time() - 40))
-
-    def resumed():
-        record = client.registry.get(run_id)
-        return record["status"] == "running" and record["worker"] == f"worker@{other}"
-
-    wait_for(resumed, 60, f"worker@{other} to resume the run", interval=0.2)  # its scan, while it idled
-    print(f"\nthe survivor resumed the run {time.monotonic() - killed:.0f} s after the kill")
-    record = wait_finished(client.registry, run_id, 180, workers[other])
-    assert record["status"] == "succeeded", record
-    assert_intact_run(client.store, client.registry, run_id, epochs=4)
-    assert any((tmp_path / f"cache-{other}").iterdir()), "the survivor decoded the images into its own cache"
