@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from shared.analysis.predict import Predictor
-from shared.runs.store import RunStore
 from shared.cli import main
+from shared.runs.store import RunStore
 from tests.imagegen import COLOURS, make_image, make_image_folder
 from tests.tiny import TINY_CLI
 
@@ -99,7 +99,7 @@ def test_runs_list_shows_the_run(trained):
     assert result.returncode == 0 and "succeeded" in result.stdout
 
 
-USER_ERRORS = [
+USER_ERROR_CASES = [
     (["train", "--data-dir", "/nonexistent/folder", "--weights", "none"], "/nonexistent/folder"),
     (["train", "--data-dir", ".", "--model", "vgg16"], "model must be one of"),
     (["predict", "latest", "x.jpg"], "no finished run"),
@@ -109,14 +109,14 @@ USER_ERRORS = [
 
 def test_a_user_error_prints_one_line_without_traceback(tmp_path):
     # the real process: exit code 2, one line on stderr, no traceback (the other inputs: the test below)
-    args, expected = USER_ERRORS[0]
+    args, expected = USER_ERROR_CASES[0]
     result = run_cli(*args, models_dir=tmp_path / "models")
     assert result.returncode == 2
     assert expected in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args, expected", USER_ERRORS)
+@pytest.mark.parametrize("args, expected", USER_ERROR_CASES)
 def test_user_errors_print_one_line_without_traceback(tmp_path, capsys, args, expected):
     # in this process: an exception main() does not turn into a message fails the test with its traceback
     code, out, err = main_in_process(capsys, *args, models_dir=tmp_path / "models")
