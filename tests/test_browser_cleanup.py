@@ -81,7 +81,7 @@ def test_find_fix_and_feed_back_bad_data(evaluated, page):  # noqa: F811
         page.click("#issues-load")
         return "images judged" in b.md_text(page, "#issues-note")
 
-    b.wait_until(report_loaded, 120, "the data-issues report", page=page, interval=3,
+    b.wait_until(report_loaded, 120, "the data-issues report", page=page, interval=1,
                  describe=lambda: b.md_text(page, "#issues-note") + "\n" + stack.worker.log()[-2000:])
     report = json.loads((stack.models / run_id / "data_issues.json").read_text())
     suspect = report["rows"][0]

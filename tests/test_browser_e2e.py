@@ -316,8 +316,11 @@ def _toggle_row(page, run_id: str, *, selected: bool) -> None:
         if chosen() == selected:
             return True
         b.table_cell(page, "#runs-table", run_id).click()
-        page.wait_for_timeout(1500)
-        return chosen() == selected
+        try:  # a click during a table refresh can miss: then click again
+            b.wait_until(lambda: chosen() == selected, 3, "the row's run (de)selected", interval=0.2, page=page)
+        except AssertionError:
+            return False
+        return True
 
     b.wait_until(attempt, 30, f"run {run_id} {'selected' if selected else 'deselected'} by clicking its row",
                  interval=0.5, page=page, describe=lambda: b.md_text(page, "#runs-select"))

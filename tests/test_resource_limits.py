@@ -52,7 +52,7 @@ def write_zero_png(path: Path, width: int, height: int, *, bit_depth: int = 16, 
     16-bit greyscale is about 160 kB. colour_type 0 = greyscale, 2 = RGB, 6 = RGBA."""
     channels = {0: 1, 2: 3, 6: 4}[colour_type]
     rows = b"\x00" * (1 + width * channels * bit_depth // 8) * 32  # 32 rows of filter byte + samples
-    deflate = zlib.compressobj(9)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_RLE)  # on zeros: level 9's size in under half its time
     idat = b"".join([deflate.compress(rows) for _ in range(height // 32)]
                     + [deflate.compress(rows[: len(rows) // 32 * (height % 32)]), deflate.flush()])
 
@@ -391,16 +391,29 @@ class Page:
         self.models = root / "models"
         self.data_root = root / "data"
         self.dataset = make_image_folder(self.data_root / "shapes", classes=2, per_class=6, size=40)
-        train_tiny(self.models, self.dataset, batch_size=4)
-        (self.dataset / "class_0" / bomb.name).write_bytes(bomb.read_bytes())  # after training: the check finds it
         self.stale = self.data_root / ".upload-crashed"  # what an extraction killed mid-way left
         (self.stale / "ds" / "a").mkdir(parents=True)
         (self.stale / "ds" / "a" / "x.png").write_bytes(b"\0" * 1000)
         set_age(self.stale, 3600)
         self.procs = Processes(root / "logs")
         self.gradio_tmp = root / "logs" / "gradio-tmp"
-        self.server = self.procs.page(self.models, self.data_root, RESNET_LAB_UPLOADS_MAX_GB=UPLOADS_MAX_GB)
+        # the page starts (seconds of imports) while the run trains: it looks for runs when asked, not at start
+        self.server = self.procs.page(self.models, self.data_root, wait=False, RESNET_LAB_UPLOADS_MAX_GB=UPLOADS_MAX_GB)
         self.port = int(self.server.url.rsplit(":", 1)[1])
+        try:
+            train_tiny(self.models, self.dataset, batch_size=4)
+            (self.dataset / "class_0" / bomb.name).write_bytes(bomb.read_bytes())  # after training: the check finds it
+            wait_for(self._answers, 120, "the page to answer HTTP", interval=0.2,
+                     describe=lambda: self.server.log()[-3000:])
+        except BaseException:
+            self.close()
+            raise
+
+    def _answers(self) -> bool:
+        from shared.launch.services import http_ok
+
+        assert self.server.alive(), f"the page exited with {self.server.proc.returncode}:\n{self.server.log()[-3000:]}"
+        return http_ok(self.server.url + "/gradio_api/info")
 
     def vm_hwm_mb(self) -> float:
         """The page process's peak resident size so far."""
