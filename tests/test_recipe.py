@@ -144,6 +144,23 @@ def test_lr_finder_suggests_a_rate_from_a_range_test_and_draws_it(tmp_path, skew
     assert result["suggestion"] == pytest.approx(result["lrs"][int(np.argmin(result["losses"]))] / 10)
     assert result["steps"] <= MIN_STEPS and result["lrs"] == sorted(result["lrs"])
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
+    assert set(result["by_rule"]) == {"minimum/10", "valley", "steepest", "minimum"} and result["rule"] == "minimum/10"
+
+
+def test_lr_suggestion_rules_read_the_curve_where_they_say():
+    from shared.training.lr_find import SUGGESTION_RULES, suggest_lr
+
+    lrs = list(np.logspace(-5, 0, 51))  # 10 steps a decade
+    x = np.log10(lrs)
+    # flat up to 1e-4, falling fastest at 1e-3, lowest at 1e-2, then diverging
+    losses = list(np.where(x < -4, 2.0, 1.5 + np.cos(np.clip((x + 4) / 2, 0, 1) * np.pi) / 2)
+                  + np.where(x > -2, (x + 2) ** 2 * 3, 0.0))
+    by_rule = {rule: suggest_lr(lrs, losses, rule) for rule in SUGGESTION_RULES}
+    assert by_rule["minimum"] == pytest.approx(1e-2)
+    assert by_rule["minimum/10"] == pytest.approx(1e-3)
+    assert by_rule["steepest"] == pytest.approx(1e-3, rel=0.3)
+    # the longest fall runs 1e-4 -> 1e-2 (20 steps); the valley rule takes the point half-way down it (fastai)
+    assert 5e-4 < by_rule["valley"] < 2e-3
 
 
 def test_a_resumed_run_keeps_its_weight_average_and_its_budget_plan(tmp_path, skewed, monkeypatch):

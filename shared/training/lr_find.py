@@ -32,12 +32,52 @@ SMOOTHING = 0.9  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
 
 
-def suggest_lr(lrs: list[float], losses: list[float]) -> float:
-    """The rate a decade below the lowest smoothed loss (losses as `range_test` records them)."""
+def minimum_over_10(lrs: list[float], losses: list[float]) -> float:
+    """fastai's classic rule: at the lowest smoothed loss training is about to diverge; a decade lower still learns
+    fast."""
+    return lrs[int(np.argmin(losses))] / 10
+
+
+def valley(lrs: list[float], losses: list[float]) -> float:
+    """fastai's default since 2.5 (`valley`): the longest stretch over which the loss keeps falling, and the point
+    half-way along it (1/3 + 1/6 of its length, as fastai's `lr_find`; written out: fastai is not a dependency)."""
+    n = len(losses)
+    run = [1] * n  # length of the longest decreasing subsequence ending at i
+    end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[i] > run[end]:
+            end = i
+    start = end - run[end]
+    section = (end - start) / 3
+    return lrs[max(0, min(n - 1, start + int(section) + int(section / 2)))]
+
+
+def steepest(lrs: list[float], losses: list[float]) -> float:
+    """Smith's rule: where the loss falls fastest against log(lr)."""
+    if len(losses) < 3:
+        return lrs[0]
+    return lrs[int(np.argmin(np.gradient(np.asarray(losses), np.log(np.asarray(lrs)))))]
+
+
+def minimum(lrs: list[float], losses: list[float]) -> float:
+    """The lowest smoothed loss itself (an upper bound: the other rules stay below it)."""
+    return lrs[int(np.argmin(losses))]
+
+
+# Rules that read a suggestion off one range test; bench/bench_lr_find.py scores each against a grid of real runs.
+SUGGESTION_RULES: dict[str, Callable[[list[float], list[float]], float]] = {
+    "minimum/10": minimum_over_10, "valley": valley, "steepest": steepest, "minimum": minimum}
+RULE = "minimum/10"  # the one the suggestion uses
+
+
+def suggest_lr(lrs: list[float], losses: list[float], rule: str = RULE) -> float:
+    """The suggested rate of a range test (losses smoothed, as `range_test` records them), by `rule`."""
     if not losses:
         raise ValueError("the range test recorded no losses")
-    best = int(np.argmin(losses))
-    return float(lrs[best] / 10)
+    return float(SUGGESTION_RULES[rule](lrs, losses))
 
 
 def range_test(model: nn.Module, batches, transform, criterion, optimizer: torch.optim.Optimizer, steps: int, *,
@@ -117,7 +157,9 @@ def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = No
 
     result = range_test(model, batches(), transform, criterion, optimizer, steps,
                         generator=epoch_generator(config.seed, 0), progress=progress)
-    result.update(suggestion=suggest_lr(result["lrs"], result["losses"]), steps=len(result["lrs"]),
+    result.update(suggestion=suggest_lr(result["lrs"], result["losses"]), rule=RULE,
+                  by_rule={rule: suggest_lr(result["lrs"], result["losses"], rule) for rule in SUGGESTION_RULES},
+                  steps=len(result["lrs"]),
                   steps_per_epoch=steps_per_epoch, seconds=round(time.perf_counter() - started, 2))
     if plot_path is not None:
         plot_range_test(result, Path(plot_path))
