@@ -413,8 +413,6 @@ def cmd_report(args, settings: Settings) -> int:
 
 
 def cmd_predict(args, settings: Settings) -> int:
-    from shared.analysis.predict import Predictor
-    from shared.data.images import expand_image_paths
     from shared.runs.store import RunStore
 
     if args.queue and not settings.redis_url:
@@ -422,8 +420,11 @@ def cmd_predict(args, settings: Settings) -> int:
                          "it), e.g. REDIS_URL=redis://:password@host:6379/0")
     store = RunStore(settings.models_dir)
     run_id = _run_id(store, args.run)
-    if args.queue:
+    if args.queue:  # the worker loads the model: no torch here
         return _predict_on_a_worker(args, run_id, settings)
+    from shared.analysis.predict import Predictor
+    from shared.data.images import expand_image_paths
+
     predictor = Predictor(store.path(run_id))
     files = expand_image_paths(args.files)
     results = predictor.predict_many(files, top_k=args.top_k)
@@ -584,10 +585,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = COMMANDS[key]
     try:
         settings = Settings.from_env(models_dir=args.models_dir)
-        if settings.model_plugins:
-            from shared.training.models import load_model_plugins
+        if settings.model_plugins:  # loaded with the model registry: most commands build no model
+            from shared.training.plugins import defer
 
-            load_model_plugins(settings.model_plugins)
+            defer(settings.model_plugins)
         return handler(args, settings)
     except user_error_types() as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,6 +14,11 @@ import pytest
 
 
 def pytest_configure(config):
+    # Two test processes share 2 cores with the pages, workers and CLIs they start: each computes on one thread
+    # (torch's default, one per core, had them oversubscribe: a whole run took ~45 s more of wall and 50 s more CPU).
+    # A worker still sets its own count (RESNET_LAB_WORKER_THREADS); tests that need more threads set them.
+    # Set before this process imports torch (below), which reads it once.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Tests train the tiny ResNet (tests/tinymodel.py: 143 k parameters, ~10x faster than resnet18). This process
     # registers it; the page, worker and CLI processes the tests start learn it from RESNET_LAB_MODEL_PLUGINS and
     # import it from the checkout (PYTHONPATH, for the `resnet-lab` console script, whose path starts in .venv/bin).

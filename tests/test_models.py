@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from shared.training.engine import fit, make_optimizer
 from shared.training.models import (ModelSpec, confine_weights, create_model, get_spec, list_models, register_model,
                                     resolve_weights, weights_cache_dir, WeightsUnavailable)
 from tests.imagegen import make_image_folder
+from tests.procs import REPO
 from tests.tinymodel import TINY_RESNET, register_tiny_resnet
 
 # the torchvision family beyond the original three, and resnet50 (untested before): each is trained below
@@ -242,3 +245,23 @@ def test_a_plugin_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch
         assert main(["--models-dir", str(tmp_path / "models"), "runs", "list"]) == 2
         err = capsys.readouterr().err
         assert f"RESNET_LAB_MODEL_PLUGINS: cannot load {plugin!r}" in err and "module:function" in err, err
+
+
+def test_the_cli_loads_plugins_only_for_commands_that_build_models(tmp_path):
+    """The registry imports torch (seconds): `runs list` with a plugin set never pays for it, and a model command
+    still reports a plugin that cannot be loaded (a fresh process: this one imported the registry long ago)."""
+    script = (
+        "import sys\n"
+        "from shared.cli import main\n"
+        f"models = {str(tmp_path / 'models')!r}\n"
+        "assert main(['--models-dir', models, 'runs', 'list']) == 0\n"
+        "print('torch imported by runs list:', 'torch' in sys.modules)\n"
+        f"print('train:', main(['--models-dir', models, 'train', '--data-dir', {str(tmp_path)!r}, '--model', "
+        "'tiny_resnet']))\n")
+    env = {**os.environ, "RESNET_LAB_MODEL_PLUGINS": "tests.no_such_module:register", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch imported by runs list: False" in done.stdout and "train: 2" in done.stdout, done.stdout
+    assert "RESNET_LAB_MODEL_PLUGINS: cannot load 'tests.no_such_module:register'" in done.stderr, done.stderr
+

@@ -332,3 +332,13 @@ class Backbone(nn.Module):
         finally:
             handle.remove()
         return captured[0]
+
+
+# plugins the command line deferred (shared.training.plugins): registered before any caller looks a name up
+def _load_deferred_plugins() -> None:
+    from shared.training.plugins import take_pending
+
+    load_model_plugins(take_pending())
+
+
+_load_deferred_plugins()
