@@ -34,12 +34,14 @@ def pytest_configure(config):
     os.environ["PYTHONPATH"] = os.pathsep.join([repo, *[p for p in paths if p != repo]])
 
 
-# The modules that take longest (`--durations` of a fresh-clone run on 2 cores, 2026-11-30), longest first. The suite
+# The modules that take longest (`--durations` of a fresh-clone run on 2 cores, 2026-12-01), longest first. The suite
 # runs in two processes, each taking the next module when it is free (pytest-xdist --dist loadfile): starting the
 # long ones first keeps one process from running a long module alone at the end.
-LONGEST_FIRST = ("test_reliability.py", "test_bench_quick.py", "test_export.py", "test_worker.py", "test_cli.py",
-                 "test_browser_e2e.py", "test_bad_input.py", "test_explain.py", "test_browser_compare.py",
-                 "test_predict_queue.py", "test_security.py", "test_ui_app.py", "test_browser_cleanup.py")
+LONGEST_FIRST = ("test_reliability.py", "test_bench_quick.py", "test_worker.py", "test_browser_e2e.py", "test_cli.py",
+                 "test_export.py", "test_models.py", "test_resource_limits.py", "test_security.py",
+                 "test_readme_start.py", "test_predict_queue.py", "test_bad_input.py", "test_browser_cleanup.py",
+                 "test_ui_app.py", "test_browser_compare.py", "test_page_edge.py", "test_explain.py",
+                 "test_predict_stream.py", "test_damaged_records.py", "test_api_limits.py", "test_up.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -142,12 +142,19 @@ def test_twenty_plot_and_save_rounds_do_not_leak(tmp_path, metrics):
         del fig
         gc.collect()
 
-    for i in range(5):  # warm-up: fonts, caches
-        one_round(i)
-    before = rss_mb()
-    for i in range(20):
-        one_round(i)
-    grown = rss_mb() - before
+    # what this test process held before (torch, earlier tests' objects) is set aside: each round's collection then
+    # walks this test's objects only (it took ~1 s a round in a process that had run other modules)
+    gc.collect()
+    gc.freeze()
+    try:
+        for i in range(5):  # warm-up: fonts, caches
+            one_round(i)
+        before = rss_mb()
+        for i in range(20):
+            one_round(i)
+        grown = rss_mb() - before
+    finally:
+        gc.unfreeze()
     assert plt.get_fignums() == []  # pyplot would keep every figure until closed
     assert sum(ref() is not None for ref in figures) == 0, "figures still alive after save_figure"
     assert grown < 4, f"RSS grew by {grown:.1f} MB over 20 rounds"
