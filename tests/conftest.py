@@ -19,12 +19,15 @@ def pytest_configure(config):
     # A worker still sets its own count (RESNET_LAB_WORKER_THREADS); tests that need more threads set them.
     # Set before this process imports torch (below), which reads it once.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    # Tests train the tiny ResNet (tests/tinymodel.py: 143 k parameters, ~10x faster than resnet18). This process
-    # registers it; the page, worker and CLI processes the tests start learn it from RESNET_LAB_MODEL_PLUGINS and
-    # import it from the checkout (PYTHONPATH, for the `resnet-lab` console script, whose path starts in .venv/bin).
-    from tests.tinymodel import register_tiny_resnet
+    # Tests train the tiny ResNet (tests/tinymodel.py: 143 k parameters, ~10x faster than resnet18). A process that
+    # runs tests registers it (the xdist controller of `-n 2` runs none: it would import torch for nothing, seconds
+    # before the workers start); the page, worker and CLI processes the tests start learn it from
+    # RESNET_LAB_MODEL_PLUGINS and import it from the checkout (PYTHONPATH, for the `resnet-lab` console script, whose
+    # path starts in .venv/bin).
+    if os.environ.get("PYTEST_XDIST_WORKER") or not config.getoption("numprocesses", default=None):
+        from tests.tinymodel import register_tiny_resnet
 
-    register_tiny_resnet()
+        register_tiny_resnet()
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     os.environ.setdefault("RESNET_LAB_MODEL_PLUGINS", "tests.tinymodel:register_tiny_resnet")
     # The pages the tests start predict on torch: the default, onnxruntime, exports each model it loads in a
