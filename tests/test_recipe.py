@@ -141,10 +141,10 @@ def test_lr_finder_suggests_a_rate_from_a_range_test_and_draws_it(tmp_path, skew
     config = TrainConfig(data_dir=str(skewed), **{**TINY_TRAIN})
     result = lr_find(config, tmp_path / "cache", plot_path=tmp_path / "lr.png")
     assert 1e-5 <= result["suggestion"] <= 0.1
-    assert result["suggestion"] == pytest.approx(result["lrs"][int(np.argmin(result["losses"]))] / 10)
+    assert result["suggestion"] == pytest.approx(result["lrs"][int(np.argmin(result["losses"]))])  # RULE "minimum"
     assert result["steps"] <= MIN_STEPS and result["lrs"] == sorted(result["lrs"])
     assert (tmp_path / "lr.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(result["by_rule"]) == {"minimum/10", "valley", "steepest", "minimum"} and result["rule"] == "minimum/10"
+    assert set(result["by_rule"]) == {"minimum/10", "valley", "steepest", "minimum"} and result["rule"] == "minimum"
 
 
 def test_lr_suggestion_rules_read_the_curve_where_they_say():

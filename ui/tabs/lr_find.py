@@ -102,7 +102,7 @@ def status_text(status: dict) -> str:
         return f"⚠ The range test failed: {fmt.md_escape(status['error'])}"
     share = status["steps"] / max(status["steps_per_epoch"], 1)
     epochs = f"{share:.2f} of an epoch" if share < 1 else f"{share:.3g} epochs: a small dataset"
-    return (f"Suggested learning rate: **{fmt.fmt_lr(rounded(status['suggestion']))}** (a decade below the lowest "
+    return (f"Suggested learning rate: **{fmt.fmt_lr(rounded(status['suggestion']))}** (at the lowest smoothed "
             f"loss) — {status['steps']} steps ({epochs}) of {fmt.md_escape(status['model'])} at batch "
             f"{status['batch_size']}, {status['image_size']} px, in {status['seconds']:.0f} s.")
 
