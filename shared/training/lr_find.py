@@ -37,7 +37,7 @@ DIVERGED = 4.0  # stop once the smoothed loss is this many times its minimum
 def minimum_over_10(lrs: list[float], losses: list[float]) -> float:
     """fastai's classic rule: at the lowest smoothed loss training is about to diverge; a decade lower still learns
     fast."""
-    return lrs[int(np.argmin(losses))] / 10
+    return minimum(lrs, losses) / 10
 
 
 def valley(lrs: list[float], losses: list[float]) -> float:
@@ -159,9 +159,8 @@ def lr_find(config: TrainConfig, cache_dir: Path, *, plot_path: Path | None = No
 
     result = range_test(model, batches(), transform, criterion, optimizer, steps,
                         generator=epoch_generator(config.seed, 0), progress=progress)
-    result.update(suggestion=suggest_lr(result["lrs"], result["losses"]), rule=RULE,
-                  by_rule={rule: suggest_lr(result["lrs"], result["losses"], rule) for rule in SUGGESTION_RULES},
-                  steps=len(result["lrs"]),
+    by_rule = {rule: suggest_lr(result["lrs"], result["losses"], rule) for rule in SUGGESTION_RULES}
+    result.update(suggestion=by_rule[RULE], rule=RULE, by_rule=by_rule, steps=len(result["lrs"]),
                   steps_per_epoch=steps_per_epoch, seconds=round(time.perf_counter() - started, 2))
     if plot_path is not None:
         plot_range_test(result, Path(plot_path))
