@@ -3,7 +3,8 @@
 A model (ResNet18 from scratch) is trained on `--classes` generated classes (bench/gen_images.py); after training
 `fit` fits the temperature and the "not sure" threshold on the validation split (target precision 0.95). Then the
 Predictor answers fresh in-class images and images of one more generated class it never saw (the next colour on
-the circle). Targets (issue 15): >= 70% of the unseen class answered "not sure", >= 90% of in-class images still
+the circle): "not sure" below the confidence threshold or beyond the feature distance (feature_distance.py), each
+reason also counted apart. Targets (issue 15): >= 70% of the unseen class answered "not sure", >= 90% of in-class images still
 answered; ECE after temperature scaling below ECE before, accuracy unchanged.
 
 Run:    .venv/bin/python bench/bench_not_sure.py --json bench/results/not_sure.json
@@ -77,6 +78,12 @@ def main(argv=None) -> dict:
                                      for r in in_results) / len(in_results),
         "in_class_precision_answered": right / max(len(answered), 1),
         "unseen_not_sure": sum(not r["sure"] for r in unseen_results) / len(unseen_results),
+        # the two reasons apart: below the confidence threshold, and beyond the feature distance
+        "unseen_below_threshold": sum(r["top"][0]["probability"] < calibration.threshold
+                                      for r in unseen_results) / len(unseen_results),
+        "unseen_unfamiliar": sum(r["familiar"] is False for r in unseen_results) / len(unseen_results),
+        "in_class_unfamiliar": sum(r["familiar"] is False for r in in_results) / len(in_results),
+        "distance_threshold": predictor.feature_distance.threshold if predictor.feature_distance else None,
         "best_val_acc": best["best_val_acc"], "load": common.loadavg()[0],
     }
     common.print_table([summary], title=f"{args.classes} known generated classes + 1 unseen, ResNet18 from scratch",

@@ -453,7 +453,8 @@ def print_predictions(run_id: str, model_name: str, classes: Sequence[str], resu
     model ran here or on a worker; returns the exit code (1 when no file could be classified).
 
     An answer whose top probability is below `threshold` is printed "not sure — closest: X" (None: the results'
-    own `sure`, set by the run's calibration, when they carry it)."""
+    own `sure`, set by the run's calibration, when they carry it), and so is one the results mark unlike the
+    training images (`familiar` False, from the run's feature distance)."""
     from shared.analysis.calibration import verdict
     from shared.analysis.predict import write_predictions_csv
 
@@ -467,8 +468,11 @@ def print_predictions(run_id: str, model_name: str, classes: Sequence[str], resu
             print(f"{r['source']}: skipped: {r['error']}")
         else:
             top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
-            sure = verdict(r["top"], threshold).sure if threshold is not None else r.get("sure") is not False
-            print(f"{r['source']}: {top}" if sure else f"{r['source']}: not sure — closest: {top}")
+            # `familiar` False: the image is unlike the training images, whatever the confidence threshold
+            sure = ((verdict(r["top"], threshold).sure if threshold is not None else r.get("sure") is not False)
+                    and r.get("familiar") is not False)
+            why = " (unlike the images it was trained on)" if r.get("familiar") is False else ""
+            print(f"{r['source']}: {top}" if sure else f"{r['source']}: not sure — closest: {top}{why}")
     if csv_path:
         write_predictions_csv(results, Path(csv_path), top_k=top_k)
         print(f"wrote {csv_path}", file=sys.stderr)

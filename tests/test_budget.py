@@ -21,10 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def test_plan_fits_training_validation_and_the_reserve_inside_the_budget():
     plan = make_plan(600, elapsed_s=60, step_s=0.5, eval_image_s=0.01, steps_per_epoch=100, n_val=500, n_test=500,
-                     max_epochs=1000)
+                     n_fit=300, max_epochs=1000)
     assert plan.epoch_s == pytest.approx(55)  # 100 steps x 0.5 s + 500 images x 0.01 s
-    assert plan.reserve_s == pytest.approx(5 + 15 + 18)  # a val pass, 3 test passes, 3% of the budget
-    assert plan.planned_epochs == 9  # (600 - 60 - 38) / 55 = 9.1
+    # calibration's and the feature distance's val passes, its 300 training images, 3 test passes, 3% of the budget
+    assert plan.reserve_s == pytest.approx(10 + 3 + 15 + 18)
+    assert plan.planned_epochs == 8  # (600 - 60 - 46) / 55 = 8.98
     assert epochs_that_fit(1, 100, 50) == 1  # never less than one epoch: a run always has a best checkpoint
     assert epochs_that_fit(1e6, 1, 50) == 50
 

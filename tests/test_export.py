@@ -203,7 +203,12 @@ def bare_venv(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path, bare_venv, one_torch_thread):
+def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path, bare_venv, one_torch_thread, capsys):
+    """Probabilities, and the feature distance's "unlike the training images" (fitted here so that about half of
+    the test split is beyond it), the same from both bundles, predict.py in a bare venv, and resnet-lab."""
+    import torch
+
+    from shared.analysis.feature_distance import fit_feature_distance, write_feature_distance
     from shared.analysis.predict import Predictor
     from shared.cli import main
     from shared.data.manifest import read_manifest
@@ -211,10 +216,19 @@ def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path,
     data = make_image_folder(tmp_path / "data", classes=4, per_class=20, size=56)
     run = tmp_path / "models" / train_tiny(tmp_path / "models", data, epochs=2)
     manifest = read_manifest(run / "split.json")
-    files = [str(Path(manifest["root"]) / f["path"]) for f in manifest["files"] if f["split"] == "test"]
+    split = {name: [str(Path(manifest["root"]) / f["path"]) for f in manifest["files"] if f["split"] == name]
+             for name in ("train", "test")}
+    files = split["test"]
     assert len(files) == 20
+    probe = Predictor(run)
+    features = {name: probe._torch_forward(torch.stack([probe.preprocess(f) for f in paths]))[1].numpy()
+                for name, paths in split.items()}
+    labels = [probe.classes.index(Path(f).parent.name) for f in split["train"]]
+    write_feature_distance(run, fit_feature_distance(features["train"], labels, features["test"], quantile=0.5))
     predictor = Predictor(run)
-    reference = predictor.probabilities(__import__("torch").stack([predictor.preprocess(f) for f in files])).numpy()
+    reference = predictor.probabilities(torch.stack([predictor.preprocess(f) for f in files])).numpy()
+    familiar = [r["familiar"] for r in predictor.predict_many(files)]
+    assert 5 <= familiar.count(False) <= 15
 
     for fmt in ("onnx", "torchscript"):
         out = export_run(run, fmt, tmp_path / fmt, measure=False)
@@ -222,16 +236,22 @@ def test_exports_agree_with_resnet_lab_predict_on_the_whole_test_split(tmp_path,
         probs = model.probabilities(np.stack([_bundle_input(model, f) for f in files]))
         assert (probs.argmax(1) == reference.argmax(1)).all(), fmt
         assert np.abs(probs - reference).max() < 1e-4, fmt
+        assert [r["familiar"] for r in model.predict_many(files)] == familiar, fmt
 
     # predict.py, run by the bare venv's Python from another folder, against `resnet-lab predict --csv`
     ours, theirs = tmp_path / "cli.csv", tmp_path / "script.csv"
+    capsys.readouterr()
     assert main(["--models-dir", str(run.parent), "predict", run.name, *files, "--csv", str(ours)]) == 0
+    cli_lines = capsys.readouterr().out.splitlines()
     result = subprocess.run([str(bare_venv), str(tmp_path / "onnx" / "predict.py"), *files, "--csv", str(theirs)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=300,
                             env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == len(files)
     _assert_same_csv(ours, theirs)
+    unlike = "(unlike the images it was trained on)"
+    assert [unlike in line for line in result.stdout.splitlines()] == [unlike in line for line in cli_lines]
+    assert sum(unlike in line for line in cli_lines) == familiar.count(False)
 
 
 def _bundle_input(model: Model, path: str) -> np.ndarray:

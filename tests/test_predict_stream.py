@@ -38,7 +38,8 @@ def test_top5_comes_first_then_the_cam(lab_and_ui, one_torch_thread):
     assert "latest finished run" in first[ui.answer]
     assert last[ui.label] == first[ui.label] and last[ui.cam].size == (320, 320)
     assert last[ui.answer] == first[ui.answer] + "  \nHeat-map: LayerCAM heat-map 4×4 over 32×32 input."
-    assert set(last) == {ui.label, ui.cam, ui.answer, ui.answered}  # the API's answer: every output
+    # every output of the API's answer (the feature distance is a State: the page's, not the API's)
+    assert set(last) == {ui.label, ui.cam, ui.answer, ui.answered, ui.distance}
 
 
 def test_an_unreadable_picture_clears_the_answer_then_says_why(lab_and_ui, tmp_path):
@@ -73,5 +74,37 @@ def test_onnxruntime_top5_is_measured_chosen_and_logged(lab_and_ui, caplog, one_
     assert f"top-5 on {predictor.runtime}" in line and "onnxruntime" in line and "torch" in line
     x = torch.stack([predictor.preprocess(p) for p in sorted(data.rglob("*.jpg"))[:6]])
     predictor._session = onnx_session(predictor.model, predictor.image_size)  # whichever won, the ONNX answer
-    assert torch.allclose(predictor.probabilities(x), torch.softmax(predictor._torch_logits(x) / predictor.temperature, dim=1),
-                          atol=1e-5)
+    assert torch.allclose(predictor.probabilities(x),
+                          torch.softmax(predictor._torch_forward(x)[0] / predictor.temperature, dim=1), atol=1e-5)
+
+
+@pytest.mark.slow  # a torch.export of the tiny model: 5-10 s on 2 cores
+def test_onnxruntime_gives_the_same_feature_distances_as_torch(lab_and_ui, one_torch_thread):
+    """A run with a feature distance exports a model that also returns its features (WithFeatures): ONNX Runtime
+    then gives the distances torch gives, so "not sure" does not depend on the runtime that won."""
+    import torch
+
+    from shared.analysis.feature_distance import fit_feature_distance, write_feature_distance
+    from shared.analysis.predict import Predictor
+    from shared.export.bundle import onnx_session
+    from shared.training.models import WithFeatures
+
+    lab, _, data = lab_and_ui
+    run_dir = lab.store.path(lab.store.latest_succeeded())
+    probe = Predictor(run_dir)
+    files = sorted(data.rglob("*.jpg"))
+    x = torch.stack([probe.preprocess(p) for p in files])
+    _, features = probe._torch_forward(x)
+    labels = [probe.classes.index(p.parent.name) for p in files]
+    write_feature_distance(run_dir, fit_feature_distance(features.numpy(), labels, features.numpy()))
+    try:
+        predictor = Predictor(run_dir)
+        torch_probs, torch_distances = predictor.scores(x)
+        predictor._session = onnx_session(WithFeatures(predictor.model, predictor.spec, predictor.image_size),
+                                          predictor.image_size)
+        onnx_probs, onnx_distances = predictor.scores(x)
+    finally:
+        (run_dir / "feature_distance.npz").unlink()
+    assert torch.allclose(onnx_probs, torch_probs, atol=1e-5)
+    assert onnx_distances == pytest.approx(torch_distances, rel=1e-3, abs=1e-3)
+    assert max(torch_distances) > 0

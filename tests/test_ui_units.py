@@ -240,14 +240,21 @@ def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_thre
     class Calibrated:
         threshold, calibration_note = 0.9, ""
 
-        def verdict(self, top, threshold=None):
-            return verdict(top, self.threshold if threshold is None else threshold)
+        def verdict(self, top, threshold=None, distance=None):
+            return verdict(top, self.threshold if threshold is None else threshold, distance,
+                           12.0 if distance is not None else None)
 
     lab = SimpleNamespace(predictors=SimpleNamespace(get=lambda run: Calibrated()))
     shown = {"dog": 0.3, "cat": 0.7}
     assert predict.verdict_text(lab, shown, 0, "run-1").startswith("**Not sure** — closest: cat (70.0%, below the 90.0%")
     assert predict.verdict_text(lab, shown, 0.5, "run-1") == "**cat** (70.0%)"
     assert predict.verdict_text(lab, None, 0.5, "run-1") == ""
+    # the picture's feature distance (the answer's State): beyond the run's limit, "not sure" at any threshold
+    assert predict.verdict_text(lab, shown, 0.5, "run-1", 11.9) == "**cat** (70.0%)"
+    far = predict.verdict_text(lab, shown, 0.5, "run-1", 30.0)
+    assert far == ("**Not sure** — closest: cat (70.0%), but this picture is unlike the images the model was "
+                   "trained on (feature distance 30.0, above the 12.0 it answers up to)"), far
+    assert predict.verdict_text(lab, shown, 0.5, "run-1", "30") == "**cat** (70.0%)"  # only the State's numbers
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------

@@ -36,9 +36,13 @@ def verdict_line(verdict, calibration_note: str = "") -> str:
     closest = md_escape(verdict.closest)
     if verdict.sure:
         line = f"**{closest}** ({fmt_pct(verdict.confidence)})"
-    else:
+    elif not verdict.confident:
         line = (f"**Not sure** — closest: {closest} ({fmt_pct(verdict.confidence)}, below the "
                 f"{fmt_pct(verdict.threshold)} this model needs to answer)")
+    else:  # confident, but the picture is unlike anything the model was trained on
+        line = (f"**Not sure** — closest: {closest} ({fmt_pct(verdict.confidence)}), but this picture is unlike "
+                f"the images the model was trained on (feature distance {verdict.distance:.1f}, above the "
+                f"{verdict.distance_threshold:.1f} it answers up to)")
     return line + (f"  \n_{md_escape(calibration_note)}_" if calibration_note else "")
 
 

@@ -151,21 +151,37 @@ def read_calibration(run_dir: Path) -> Calibration | None:
 
 @dataclass(frozen=True)
 class Verdict:
-    """One prediction's answer: the class, or "not sure" with the closest class."""
+    """One prediction's answer: the class, or "not sure" with the closest class, because the confidence is below
+    the threshold or the image is unlike the training images (its feature distance beyond the run's limit)."""
 
     sure: bool
     closest: str
     confidence: float
     threshold: float | None
+    distance: float | None = None  # None: not checked (a run without a feature distance)
+    distance_threshold: float | None = None
+
+    @property
+    def confident(self) -> bool:
+        return self.threshold is None or self.confidence >= self.threshold
+
+    @property
+    def familiar(self) -> bool | None:
+        if self.distance is None or self.distance_threshold is None:
+            return None
+        return self.distance <= self.distance_threshold
 
     @property
     def text(self) -> str:
         return self.closest if self.sure else f"not sure — closest: {self.closest}"
 
 
-def verdict(top: list[dict], threshold: float | None) -> Verdict:
-    """`top` as Predictor returns it (best first); threshold None: always an answer (uncalibrated run)."""
+def verdict(top: list[dict], threshold: float | None, distance: float | None = None,
+            distance_threshold: float | None = None) -> Verdict:
+    """`top` as Predictor returns it (best first); threshold None: any confidence is enough (uncalibrated run);
+    distance or distance_threshold None: the image is not checked for being unlike the training images."""
     best = top[0]
     p = float(best["probability"])
-    return Verdict(sure=threshold is None or p >= threshold, closest=best["class"], confidence=p,
-                   threshold=threshold)
+    unfamiliar = distance is not None and distance_threshold is not None and distance > distance_threshold
+    return Verdict(sure=(threshold is None or p >= threshold) and not unfamiliar, closest=best["class"],
+                   confidence=p, threshold=threshold, distance=distance, distance_threshold=distance_threshold)

@@ -12,8 +12,9 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from shared.analysis.calibration import CalibrationError, Verdict, read_calibration, verdict
+from shared.analysis.feature_distance import FeatureDistanceError, read_feature_distance
 from shared.training.checkpoint import load_model_from_run
-from shared.training.models import get_spec
+from shared.training.models import WithFeatures, get_spec, logits_and_features
 from shared.fsutil import atomic_open
 from shared.data.images import ImageError, load_rgb
 from shared.runs.store import RunNotFound, RunStore
@@ -30,7 +31,9 @@ class Predictor:
     """One run's best model, in eval mode, ready to classify images.
 
     Probabilities are temperature-scaled and answers below the run's threshold are "not sure" when the run has a
-    calibration.json; a run trained before calibration existed answers always (`calibration_note` says so).
+    calibration.json; so are images whose features are far from the training images' when it has a
+    feature_distance.npz (shared/analysis/feature_distance.py). A run trained before these existed answers always
+    (`calibration_note` says so).
 
     runtime="onnxruntime": the model is also exported to ONNX in memory, in a background thread (torch answers
     meanwhile), and ONNX Runtime takes over the top-5 forward pass when it measures faster than torch on this CPU;
@@ -58,6 +61,13 @@ class Predictor:
             log.warning("%s", self.calibration_note)
         self.temperature = self.calibration.temperature if self.calibration else 1.0
         self.threshold: float | None = self.calibration.threshold if self.calibration else None
+        try:
+            self.feature_distance = read_feature_distance(self.run_dir, len(self.classes), self.spec.feature_size)
+        except FeatureDistanceError as exc:
+            self.feature_distance = None
+            note = f"feature-distance check off: {exc}"
+            self.calibration_note = f"{self.calibration_note}; {note}" if self.calibration_note else note
+            log.warning("%s", note)
         # one model instance serves concurrent page requests; heat-map hooks must not interleave
         self._lock = threading.Lock()
         self.runtime, self._session = "torch", None
@@ -79,8 +89,11 @@ class Predictor:
         from shared.export.bundle import onnx_session
 
         try:
-            # a copy: the trace must not see a concurrent Grad-CAM's hooks, and predictions go on meanwhile
-            session = onnx_session(copy.deepcopy(self.model), self.image_size)
+            # a copy: the trace must not see a concurrent Grad-CAM's hooks, and predictions go on meanwhile; with
+            # a feature distance, one that also returns the features (a second output)
+            model = (WithFeatures(self.model, self.spec, self.image_size) if self.feature_distance is not None
+                     else copy.deepcopy(self.model))
+            session = onnx_session(model, self.image_size)
         except Exception as exc:  # noqa: BLE001 - any export failure leaves torch answering, said in the log
             log.warning("run %s: top-5 stays on torch: exporting it to ONNX failed (%s: %s)", self.run_id,
                         type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
@@ -91,7 +104,7 @@ class Predictor:
         for _ in range(11):  # alternating, so both see the same load
             with self._lock:  # the model is shared: no forward pass while a heat-map's hooks are on it
                 start = time.perf_counter()
-                self._torch_logits(x)
+                self._torch_forward(x)
                 timings["torch"].append(time.perf_counter() - start)
             start = time.perf_counter()
             session.run(None, feed)
@@ -106,27 +119,40 @@ class Predictor:
         return self.transform(load_rgb(src))
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax of the logits over the run's temperature (1 without calibration), image and mirror averaged when
-        the run used TTA (as it was validated and calibrated)."""
-        logits = self._logits(batch)
-        if self.tta:
-            logits = (logits + self._logits(batch.flip(3))) / 2
-        return torch.softmax(logits / self.temperature, dim=1)
+        return self.scores(batch)[0]
 
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+    def scores(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[float] | None]:
+        """Softmax of the logits over the run's temperature (1 without calibration), image and mirror averaged when
+        the run used TTA (as it was validated and calibrated); and each image's feature distance (of the image
+        itself, as it was fitted), None for a run without one. The caller holds `_lock`."""
+        logits, features = self._forward(batch)
+        if self.tta:
+            logits = (logits + self._forward(batch.flip(3))[0]) / 2
+        distances = None
+        if self.feature_distance is not None:
+            distances = [float(d) for d in self.feature_distance.distances(features.double().numpy())]
+        return torch.softmax(logits / self.temperature, dim=1), distances
+
+    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, penultimate features), on the CPU."""
         session = self._session
         if session is None:
-            return self._torch_logits(batch)
-        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]).float()
+            return self._torch_forward(batch)
+        outputs = session.run(None, {session.get_inputs()[0].name: batch.numpy()})
+        return torch.from_numpy(outputs[0]).float(), torch.from_numpy(outputs[-1]).float()
 
     @torch.inference_mode()
-    def _torch_logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float().cpu()
+    def _torch_forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, features = logits_and_features(self.model, self.spec, batch.to(self.device))
+        return logits.float().cpu(), features.float().cpu()
 
-    def verdict(self, top: list[dict], threshold: float | None = None) -> Verdict:
+    def verdict(self, top: list[dict], threshold: float | None = None, distance: float | None = None) -> Verdict:
         """The answer for a top-k list: the class, or "not sure — closest: X" below `threshold` (default: the
-        run's calibrated one; None for an uncalibrated run = always an answer)."""
-        return verdict(top, self.threshold if threshold is None else threshold)
+        run's calibrated one; None for an uncalibrated run = always an answer) or when the image's feature
+        `distance` is beyond the run's (None: not checked)."""
+        limit = self.feature_distance.threshold if self.feature_distance is not None else None
+        return verdict(top, self.threshold if threshold is None else threshold, distance,
+                       limit if distance is not None else None)
 
     def _top(self, probs: torch.Tensor, top_k: int) -> list[dict]:
         k = max(1, min(top_k, len(self.classes)))
@@ -141,14 +167,16 @@ class Predictor:
         return self._top(probs, top_k)
 
     def predict_many(self, sources: Sequence[Any], top_k: int = 5, batch_size: int = 32) -> list[dict]:
-        """[{source, top, error}] per input, in order; unreadable files get an error instead of stopping the batch."""
+        """[{source, top, error, sure, distance, familiar}] per input, in order: `sure` False is "not sure" (by
+        confidence or distance), `familiar` None when the run has no feature distance; unreadable files get an
+        error instead of stopping the batch."""
         results: list[dict] = []
         for start in range(0, len(sources), batch_size):
             chunk = sources[start:start + batch_size]
             tensors, slots = [], []
             for src in chunk:
                 entry = {"source": str(src) if not isinstance(src, (bytes, bytearray)) else "<bytes>",
-                         "top": [], "error": None, "sure": None}
+                         "top": [], "error": None, "sure": None, "distance": None, "familiar": None}
                 try:
                     tensors.append(self.preprocess(src))
                     slots.append(entry)
@@ -157,10 +185,11 @@ class Predictor:
                 results.append(entry)
             if tensors:
                 with self._lock:
-                    probs = self.probabilities(torch.stack(tensors))
-                for entry, row in zip(slots, probs):
+                    probs, distances = self.scores(torch.stack(tensors))
+                for i, (entry, row) in enumerate(zip(slots, probs)):
                     entry["top"] = self._top(row, top_k)
-                    entry["sure"] = self.verdict(entry["top"]).sure
+                    answer = self.verdict(entry["top"], distance=distances[i] if distances else None)
+                    entry.update(sure=answer.sure, distance=answer.distance, familiar=answer.familiar)
         return results
 
     def explain(self, src: Any, class_idx: int | None = None):

@@ -3,7 +3,9 @@ preprocessing, its calibration, a model card and a standalone `predict.py`.
 
     <out_dir>/
       model.onnx | model.pt   ONNX (dynamic batch axis) or TorchScript (torch.jit.trace); input (N, 3, S, S) float32,
-                              output the logits (N, classes)
+                              output the logits (N, classes), and the penultimate features (N, D) second when the
+                              run has a feature distance
+      feature_distance.npz    the run's, copied when it has one (shared/analysis/feature_distance.py)
       classes.json            class names, in the model's output order
       preprocess.json         resize, centre crop, mean/std: what `shared.data.transforms.eval_transform` does
       bundle.json             format, versions (torch, onnx, onnxruntime, opset), calibration, the run it came from
@@ -11,7 +13,8 @@ preprocessing, its calibration, a model card and a standalone `predict.py`.
       predict.py              `shared/export/bundle_predict.py`, copied: onnxruntime + numpy + Pillow, no torch
 
 Calibration comes from `<run_dir>/calibration.json` ({"temperature", "threshold", "target_precision", ...}) when
-the run has one; the bundle copies temperature and threshold into bundle.json.
+the run has one; the bundle copies temperature and threshold into bundle.json. The feature distance travels as its
+own file, read by predict.py as resnet-lab reads it, so the bundle says "not sure" where the page does.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 BUNDLE_VERSION = 1
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
+INPUT_NAME, OUTPUT_NAME, FEATURES_NAME = "images", "logits", "features"
 # How many test images the export checks the bundle on (its predict.py code against the torch model).
 PARITY_SAMPLE = 64
 
@@ -53,8 +56,10 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out_dir: str | Path | Non
 
     `out_dir` must be new, empty, or an earlier bundle (which is replaced whole, never merged). `measure=False`
     skips the latency and parity measurements (the card says so): the registry test exports every model."""
+    from shared.analysis.feature_distance import FILE_NAME as DISTANCE_FILE
     from shared.runs.store import read_run_file
     from shared.training.checkpoint import load_model_from_run
+    from shared.training.models import WithFeatures, get_spec
 
     check_format(fmt)
     run_dir = Path(run_dir)
@@ -63,12 +68,14 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out_dir: str | Path | Non
     model, meta = load_model_from_run(run_dir, "best")
     config = read_run_file(run_dir, "config.json")
     calibration = read_calibration(run_dir)
+    distance = read_distance(run_dir, meta)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         size = int(meta["image_size"])
         model_file = staging / MODEL_FILES[fmt]
-        versions = (_export_onnx if fmt == "onnx" else _export_torchscript)(model, size, model_file)
+        exported = WithFeatures(model, get_spec(meta["model_name"]), size) if distance is not None else model
+        versions = (_export_onnx if fmt == "onnx" else _export_torchscript)(exported, size, model_file)
         info = {"bundle_version": BUNDLE_VERSION, "format": fmt, "model_file": model_file.name,
                 "run_id": run_dir.name, "model_name": meta["model_name"], "image_size": size,
                 "input": {"name": INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32"},
@@ -78,6 +85,12 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out_dir: str | Path | Non
         write_atomic(staging / "classes.json", json.dumps(list(meta["classes"]), indent=1, ensure_ascii=False) + "\n")
         write_atomic(staging / "preprocess.json", json.dumps(preprocess_spec(size, meta["mean"], meta["std"]),
                                                              indent=1) + "\n")
+        if distance is not None:
+            info["features"] = {"name": FEATURES_NAME, "shape": ["batch", int(distance.whiten.shape[1])],
+                                "meaning": "penultimate features (the second output)"}
+            info["feature_distance"] = {"file": DISTANCE_FILE, "threshold": distance.threshold,
+                                        "quantile": distance.quantile}
+            shutil.copyfile(run_dir / DISTANCE_FILE, staging / DISTANCE_FILE)
         write_atomic(staging / "bundle.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
         shutil.copyfile(Path(__file__).with_name("bundle_predict.py"), staging / "predict.py")
         from shared.export.card import model_card, measure_latency, measure_parity
@@ -110,6 +123,17 @@ def preprocess_spec(image_size: int, mean, std) -> dict:
             "crop_offsets": "top = round((height - crop) / 2), left = round((width - crop) / 2)",
             "scale": "pixel / 255", "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "normalise": "(x - mean) / std per channel, RGB order", "layout": "NCHW float32"}
+
+
+def read_distance(run_dir: Path, meta: dict):
+    """The run's FeatureDistance (checked against the model), None without; a damaged file stops the export."""
+    from shared.analysis.feature_distance import FeatureDistanceError, read_feature_distance
+    from shared.training.models import get_spec
+
+    try:
+        return read_feature_distance(run_dir, len(meta["classes"]), get_spec(meta["model_name"]).feature_size)
+    except FeatureDistanceError as exc:
+        raise ExportError(f"{exc} — train the run again or delete the file, then export") from None
 
 
 def read_calibration(run_dir: Path) -> dict | None:
@@ -148,10 +172,13 @@ def onnx_program(model, image_size: int):
     """The model as an ONNX program through torch.export (torch's maintained exporter), batch axis dynamic."""
     import torch
 
+    from shared.training.models import WithFeatures
+
     example = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     with _EXPORT_LOCK:
-        return torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        outputs = [OUTPUT_NAME, FEATURES_NAME] if isinstance(model, WithFeatures) else [OUTPUT_NAME]
+        return torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=outputs,
                                  dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
 
 

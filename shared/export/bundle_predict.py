@@ -14,8 +14,10 @@ resize is torchvision's own kernel written in numpy (`resize`), so the model see
 
 When the run was calibrated (`bundle.json` → calibration: temperature scaling fitted on its validation split),
 probabilities are softmax(logits / temperature), and an answer below the "not sure" threshold is printed as
-"not sure — closest: ..." (the CSV keeps the numbers). Without calibration they are plain softmax(logits). This file is a copy of resnet-lab's
-`shared/export/bundle_predict.py`; it imports nothing from resnet-lab.
+"not sure — closest: ..." (the CSV keeps the numbers). Without calibration they are plain softmax(logits). When the
+bundle has `feature_distance.npz`, an image whose penultimate features (the model's second output) are further
+from every class than the run's threshold is "not sure" too: it is unlike the training images. This file is a
+copy of resnet-lab's `shared/export/bundle_predict.py`; it imports nothing from resnet-lab.
 """
 
 from __future__ import annotations
@@ -158,13 +160,14 @@ class Model:
         calibration = self.bundle.get("calibration") or {}
         self.temperature = float(calibration.get("temperature") or 1.0)
         self.threshold = calibration.get("threshold")
+        self.distance = self._read_distance()
         model_file = self.folder / self.bundle["model_file"]
         if self.bundle["format"] == "onnx":
             import onnxruntime as ort
 
             self.session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
             self.input_name = self.session.get_inputs()[0].name
-            self._forward = lambda x: self.session.run(None, {self.input_name: x})[0]
+            self._forward = lambda x: self.session.run(None, {self.input_name: x})
         else:
             import warnings
 
@@ -176,14 +179,35 @@ class Model:
 
             def forward(x):
                 with torch.inference_mode():
-                    return module(torch.from_numpy(x)).float().numpy()
+                    out = module(torch.from_numpy(x))
+                return [o.float().numpy() for o in (out if isinstance(out, (tuple, list)) else (out,))]
             self._forward = forward
 
+    def _read_distance(self) -> dict | None:
+        """whiten (D, D), means (C, D), threshold from feature_distance.npz (numbers only: allow_pickle=False)."""
+        entry = self.bundle.get("feature_distance")
+        if not entry:
+            return None
+        with np.load(self.folder / entry["file"], allow_pickle=False) as data:
+            return {"whiten": data["whiten"].astype(np.float64), "means": data["means"].astype(np.float64),
+                    "threshold": float(data["threshold"])}
+
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32)).astype(np.float64) / self.temperature
+        return self.scores(batch)[0]
+
+    def scores(self, batch: np.ndarray):
+        """(probabilities (N, C), each image's feature distance or None), as resnet-lab's Predictor computes them."""
+        outputs = self._forward(np.ascontiguousarray(batch, dtype=np.float32))
+        logits = outputs[0].astype(np.float64) / self.temperature
         logits -= logits.max(axis=1, keepdims=True)
         e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
+        distances = None
+        if self.distance is not None:  # the nearest class mean, in whitened features
+            z = outputs[-1].astype(np.float64) @ self.distance["whiten"].T
+            m = self.distance["means"]
+            squared = (z * z).sum(1, keepdims=True) - 2 * z @ m.T + (m * m).sum(1)[None, :]
+            distances = np.sqrt(np.maximum(squared.min(1), 0.0))
+        return e / e.sum(axis=1, keepdims=True), distances
 
     def top(self, probs: np.ndarray, top_k: int) -> list[dict]:
         k = max(1, min(top_k, len(self.classes)))
@@ -191,12 +215,13 @@ class Model:
         return [{"class": self.classes[i], "probability": float(probs[i])} for i in order]
 
     def predict_many(self, sources, top_k: int = 5, batch_size: int = 32) -> list[dict]:
-        """[{source, top, error}] per file, in order; a file that cannot be read gets an error, not a crash."""
+        """[{source, top, error, familiar}] per file, in order (familiar: None without a feature distance); a file
+        that cannot be read gets an error, not a crash."""
         results = []
         for start in range(0, len(sources), batch_size):
             arrays, slots = [], []
             for src in sources[start:start + batch_size]:
-                entry = {"source": str(src), "top": [], "error": None}
+                entry = {"source": str(src), "top": [], "error": None, "familiar": None}
                 try:
                     arrays.append(preprocess(load_rgb(src), self.pre))
                     slots.append(entry)
@@ -204,8 +229,11 @@ class Model:
                     entry["error"] = f"{src}: cannot read the image ({exc})"
                 results.append(entry)
             if arrays:
-                for entry, row in zip(slots, self.probabilities(np.stack(arrays))):
+                probs, distances = self.scores(np.stack(arrays))
+                for i, (entry, row) in enumerate(zip(slots, probs)):
                     entry["top"] = self.top(row, top_k)
+                    if distances is not None:
+                        entry["familiar"] = bool(distances[i] <= self.distance["threshold"])
         return results
 
 
@@ -256,7 +284,8 @@ def main(argv=None) -> int:
             continue
         top = ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"])
         unsure = model.threshold is not None and r["top"][0]["probability"] < float(model.threshold)
-        print(f"{r['source']}: {'not sure — closest: ' if unsure else ''}{top}")
+        why = " (unlike the images it was trained on)" if r["familiar"] is False else ""
+        print(f"{r['source']}: {'not sure — closest: ' if unsure or why else ''}{top}{why}")
     if args.csv:
         write_csv(results, args.csv, args.top_k)
         print(f"wrote {args.csv}", file=sys.stderr)

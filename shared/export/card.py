@@ -121,7 +121,12 @@ def model_card(run_dir: Path, info: dict, classes: list[str], config: dict, late
                   f"- \"not sure\" threshold: {cal['threshold'] if cal['threshold'] is not None else 'none'}{target}"]
     else:
         lines += ["None: the run has no calibration.json, so probabilities are the plain softmax of the logits "
-                  "and predict.py never answers \"not sure\"."]
+                  "and predict.py never answers \"not sure\" for low confidence."]
+    distance = info.get("feature_distance")
+    if distance:
+        lines += [f"- unlike the training images: an image whose penultimate features are further than "
+                  f"{distance['threshold']:.4g} (Mahalanobis) from every class mean is \"not sure\" too; the limit "
+                  f"keeps {_pct(distance['quantile'])} of validation images answered (`{distance['file']}`)"]
     lines += ["", "## CPU latency (measured at export)", ""]
     if latency:
         lines += [f"On {platform.machine()} with {os.cpu_count()} logical CPUs ({info['format']} runtime, "

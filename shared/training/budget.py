@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 # steps timed before planning: the first is a warm-up (allocations, kernel choice) and is not counted
 TIMED_STEPS = 3
-# after training: calibration is one validation pass (with TTA when on); the test evaluation reads and decodes
-# every image again and draws figures, measured at ~3x a bare forward pass on flower_photos
-RESERVE_VAL_PASSES = 1.0
+# after training: calibration is one validation pass (with TTA when on) and the feature-distance fit one more
+# over validation and up to 4,096 training images (`n_fit`); the test evaluation reads and decodes every image
+# again and draws figures, measured at ~3x a bare forward pass on flower_photos
+RESERVE_VAL_PASSES = 2.0
 RESERVE_TEST_PASSES = 3.0
 # plus this share of the budget for what the estimate misses (checkpoint writes, the t-SNE of the evaluation)
 RESERVE_SHARE = 0.03
@@ -132,7 +133,7 @@ def time_steps(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.T
 
 
 def make_plan(budget_s: float, elapsed_s: float, step_s: float, eval_image_s: float, *, steps_per_epoch: int,
-              n_val: int, n_test: int, max_epochs: int, min_epochs: int = 1,
+              n_val: int, n_test: int, max_epochs: int, min_epochs: int = 1, n_fit: int = 0,
               sides: Callable[[int], list[int]] | None = None, small_step_s: float = 0.0) -> BudgetPlan:
     """The epoch count whose training, validation and the reserved after-work fit in what is left of the budget.
 
@@ -140,7 +141,8 @@ def make_plan(budget_s: float, elapsed_s: float, step_s: float, eval_image_s: fl
     timed at the smallest of them; the smaller epochs then count at their cost."""
     train_s = steps_per_epoch * step_s
     epoch_s = train_s + n_val * eval_image_s
-    reserve_s = (RESERVE_VAL_PASSES * n_val + RESERVE_TEST_PASSES * n_test) * eval_image_s + RESERVE_SHARE * budget_s
+    reserve_s = ((RESERVE_VAL_PASSES * n_val + n_fit + RESERVE_TEST_PASSES * n_test) * eval_image_s
+                 + RESERVE_SHARE * budget_s)
     plan = BudgetPlan(budget_s=budget_s, setup_s=elapsed_s, step_s=step_s, eval_image_s=eval_image_s,
                       epoch_s=epoch_s, reserve_s=reserve_s, planned_epochs=0,
                       train_share=train_s / epoch_s if epoch_s > 0 else 1.0)

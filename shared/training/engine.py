@@ -31,6 +31,8 @@ from shared import __version__
 from shared.data.cache import load_image_array
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.analysis.calibration import Calibration, calibrate, write_calibration
+from shared.analysis.feature_distance import (MAX_FIT_IMAGES, MIN_VAL_IMAGES, FeatureDistance, fit_feature_distance,
+                                               write_feature_distance)
 from shared.training.budget import TIMED_STEPS, BudgetPlan, make_plan, replan, time_steps
 from shared.training.config import IMBALANCE_RATIO, MAX_EPOCHS, TrainConfig
 from shared.data.manifest import read_manifest, write_manifest
@@ -314,11 +316,13 @@ def evaluate(model: nn.Module, batches, transform: BatchTransform, criterion, de
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, split: ArraySplit, transform: BatchTransform, device, batch_size: int,
-                     amp_dtype=None, reporter: Reporter | None = None) -> torch.Tensor:
-    """Penultimate features of a frozen backbone, computed once (centre crops, no augmentation)."""
+                     amp_dtype=None, reporter: Reporter | None = None,
+                     order: torch.Tensor | None = None) -> torch.Tensor:
+    """Penultimate features of a frozen backbone, computed once (centre crops, no augmentation); of the images
+    in `order` (sorted) when given, else of all."""
     backbone.eval()
     chunks = []
-    for images, _ in iterate_batches(split, batch_size, device, shuffle=False):
+    for images, _ in iterate_batches(split, batch_size, device, shuffle=False, order=order):
         if reporter is not None and reporter.should_stop():
             raise Cancelled()
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -567,7 +571,8 @@ class _Trainer:
             sides = self.train_sides
         self.plan = make_plan(budget_s, time.monotonic() - started, step_s, eval_image_s,
                               steps_per_epoch=self.steps_per_epoch("full"), n_val=len(self.splits["val"]),
-                              n_test=n_test, max_epochs=MAX_EPOCHS, min_epochs=self.min_epochs(),
+                              n_test=n_test, n_fit=min(len(self.splits["train"]), MAX_FIT_IMAGES),
+                              max_epochs=MAX_EPOCHS, min_epochs=self.min_epochs(),
                               sides=sides, small_step_s=small_step_s)
         self.epochs = self.plan.planned_epochs
         self.replan_live = True
@@ -712,7 +717,29 @@ class _Trainer:
         write_calibration(self.run_dir, calibration)
         log.info("%s calibrated: T=%.3f, ECE %.3f → %.3f, threshold %.3f", self.run_dir.name,
                  calibration.temperature, calibration.ece_before, calibration.ece_after, calibration.threshold)
+        self.fit_feature_distance(model)
         return calibration
+
+    def fit_feature_distance(self, model: nn.Module) -> FeatureDistance | None:
+        """How far from the training images best.pt's features may be and still be answered → feature_distance.npz
+        (shared/analysis/feature_distance.py); None, said in the log, when validation is too small to tell."""
+        n_val = len(self.splits["val"])
+        if n_val < MIN_VAL_IMAGES:
+            log.info("%s: no feature-distance check: %d validation images, it needs %d", self.run_dir.name, n_val,
+                     MIN_VAL_IMAGES)
+            return None
+        train = self.splits["train"]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed))
+        order = order[:MAX_FIT_IMAGES].sort().values
+        backbone, batch = Backbone(model, self.spec), self.config.batch_size * 2
+        features = {name: extract_features(backbone, self.splits[name], self.transform, self.device, batch,
+                                           self.amp_dtype, self.reporter, order=chosen).cpu().double().numpy()
+                    for name, chosen in (("train", order), ("val", None))}
+        fitted = fit_feature_distance(features["train"], train.labels[order].numpy(), features["val"])
+        write_feature_distance(self.run_dir, fitted)
+        log.info("%s: feature distance fitted on %d training images, threshold %.2f (%.1f%% of validation)",
+                 self.run_dir.name, fitted.n_fit, fitted.threshold, 100 * fitted.quantile)
+        return fitted
 
     def train_order(self, generator: torch.Generator) -> torch.Tensor | None:
         """The balanced sampler's draw for one epoch (with replacement, each class equally likely), else None."""

@@ -315,9 +315,22 @@ def _load_backbone(model: nn.Module, spec: ModelSpec, state: dict[str, torch.Ten
         )
 
 
+def logits_and_features(model: nn.Module, spec: ModelSpec, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass: the logits, and the pooled penultimate features (N, D) read at the head's input (so it
+    holds for any registered architecture). The caller keeps other threads off `model` meanwhile (the hook is the
+    module's, not the thread's)."""
+    captured: list[torch.Tensor] = []
+    handle = spec.head_of(model).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, captured[0].flatten(1)
+
+
 class Backbone(nn.Module):
-    """The model up to the pooled penultimate features: what the head receives, read at the head's input (so it
-    holds for any registered architecture; the head's own cost is one small matrix product)."""
+    """The model up to the pooled penultimate features: what the head receives (the head's own cost is one small
+    matrix product)."""
 
     def __init__(self, model: nn.Module, spec: ModelSpec):
         super().__init__()
@@ -325,13 +338,31 @@ class Backbone(nn.Module):
         self.spec = spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        captured: list[torch.Tensor] = []
-        handle = self.spec.head_of(self.model).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
-        try:
-            self.model(x)
-        finally:
-            handle.remove()
-        return captured[0]
+        return logits_and_features(self.model, self.spec, x)[1]
+
+
+class WithFeatures(nn.Module):
+    """A copy of the model that returns (logits, penultimate features), without hooks, for exporting (ONNX traces
+    no hook): the head is cut out of the body and applied to what the body returns. Checked on construction to
+    give the model's own logits, so an architecture whose head is not its last step is refused, not mis-exported."""
+
+    def __init__(self, model: nn.Module, spec: ModelSpec, image_size: int):
+        super().__init__()
+        import copy
+
+        self.body = copy.deepcopy(model).eval()
+        self.head = spec.head_of(self.body)
+        x = torch.zeros(1, 3, image_size, image_size)
+        with torch.inference_mode():
+            expected = self.body(x)
+            self.body.set_submodule(spec.head, nn.Identity())
+            got = self.eval()(x)[0]
+        if not torch.allclose(expected, got, rtol=1e-4, atol=1e-5):
+            raise ValueError(f"{spec.name}: its head {spec.head!r} is not the last step of its forward pass")
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = torch.flatten(self.body(x), 1)
+        return self.head(features), features
 
 
 # plugins the command line deferred (shared.training.plugins): registered before any caller looks a name up

@@ -59,6 +59,7 @@ class PredictUI:
     threshold: gr.Slider | None = None  # "not sure" below it; 0 = the run's calibrated threshold
     verdict: gr.Markdown | None = None  # the answer or "Not sure — closest: X", redrawn when the slider moves
     feedback: feedback.FeedbackUI | None = None  # "Wrong — it is X" into the dataset's inbox (ui/tabs/feedback.py)
+    distance: gr.State | None = None  # the last answer's feature distance (None: the run does not check it)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -103,7 +104,8 @@ def build(lab) -> PredictUI:
     state = gr.State({})
     # the same list as the selector's: the browser fires a State's `change` when the page loads
     return PredictUI(model, model_info, image, label, cam, answer, files, many_btn, table, csv, state, gr.State(),
-                     gr.State(choices), folder, threshold=threshold, verdict=verdict, feedback=fb)
+                     gr.State(choices), folder, threshold=threshold, verdict=verdict, feedback=fb,
+                     distance=gr.State())
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -209,17 +211,20 @@ def _threshold(value: Any) -> float | None:
     return float(value)
 
 
-def verdict_text(lab, top: dict | None, threshold: float | None, run_id: str | None) -> str:
+def verdict_text(lab, top: dict | None, threshold: float | None, run_id: str | None,
+                 distance: float | None = None) -> str:
     """The answer line for the top-5 shown (gr.Label's {class: probability}) by run `run_id`, at the slider's
-    threshold (0: the run's own). A private event after each answer and on every slider move, so the /predict
-    API keeps its inputs and outputs."""
+    threshold (0: the run's own), and the picture's feature distance (a State the answer set: never the
+    browser's). A private event after each answer and on every slider move, so the /predict API keeps its inputs
+    and outputs."""
     if not top or not run_id or not isinstance(top, dict):
         return ""
     threshold = _threshold(threshold)
     predictor = _predictor(lab, run_id)
     ranked = sorted(({"class": str(k), "probability": float(v)} for k, v in top.items()),
                     key=lambda item: -item["probability"])
-    return view.verdict_line(predictor.verdict(ranked, threshold), predictor.calibration_note)
+    distance = float(distance) if isinstance(distance, (int, float)) and not isinstance(distance, bool) else None
+    return view.verdict_line(predictor.verdict(ranked, threshold, distance), predictor.calibration_note)
 
 
 def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
@@ -239,10 +244,11 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     except gr.Error:
         yield no_answer(ui)
         raise
-    top = predictor.predict(picture, top_k=5)
+    (result,) = predictor.predict_many([picture], top_k=5)
+    top = result["top"]
     answer = {ui.label: view.top5_dict(top), ui.cam: None,
               ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
-              ui.answered: predictor.run_id}
+              ui.answered: predictor.run_id, ui.distance: result["distance"]}
     yield answer
     overlay, caption = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
     # the map's method and resolution beside it, in the answer text: the API's outputs keep their shapes
@@ -335,11 +341,12 @@ def wire(lab, ui: PredictUI, *, timer: gr.Timer, active_tab: gr.State, tab: gr.T
     answered = dict(fn=partial(answered_info, lab), inputs=[ui.answered, ui.model, ui.state],
                     outputs=[ui.model_info, ui.state], api_visibility="private", show_progress="hidden")
     # outputs as lists, not sets: their order is the order of the API's answer
-    verdict = dict(fn=partial(verdict_text, lab), inputs=[ui.label, ui.threshold, ui.answered], outputs=ui.verdict,
+    verdict = dict(fn=partial(verdict_text, lab), inputs=[ui.label, ui.threshold, ui.answered, ui.distance],
+                   outputs=ui.verdict,
                    api_visibility="private", show_progress="hidden")
     ui.image.upload(lambda: "", None, ui.verdict, api_visibility="private", queue=False, show_progress="hidden")
     ui.image.upload(partial(predict, lab, ui), [ui.image, ui.model],
-                    [ui.label, ui.cam, ui.answer, ui.answered],
+                    [ui.label, ui.cam, ui.answer, ui.answered, ui.distance],
                     api_name="predict", preprocess=False, trigger_mode="always_last", concurrency_limit=4,
                     show_progress="minimal").success(**answered).success(**verdict)
     ui.threshold.change(**verdict)
