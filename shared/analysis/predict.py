@@ -89,10 +89,11 @@ class Predictor:
         from shared.export.bundle import onnx_session
 
         try:
-            # a copy: the trace must not see a concurrent Grad-CAM's hooks, and predictions go on meanwhile; with
-            # a feature distance, one that also returns the features (a second output)
-            model = (WithFeatures(self.model, self.spec, self.image_size) if self.feature_distance is not None
-                     else copy.deepcopy(self.model))
+            # a copy, taken under the lock: the trace must not see a concurrent heat-map's or feature read's hooks,
+            # and predictions go on meanwhile; with a feature distance, one that also returns the features
+            with self._lock:
+                model = (WithFeatures(self.model, self.spec, self.image_size) if self.feature_distance is not None
+                         else copy.deepcopy(self.model))
             session = onnx_session(model, self.image_size)
         except Exception as exc:  # noqa: BLE001 - any export failure leaves torch answering, said in the log
             log.warning("run %s: top-5 stays on torch: exporting it to ONNX failed (%s: %s)", self.run_id,
