@@ -33,6 +33,15 @@ def tiny_run(tmp_path, data, **changes):
     return fit(config, run_dir, cache_dir=tmp_path.parent / "recipe-cache"), run_dir
 
 
+def test_the_weighted_loss_weighs_classes_by_their_inverse_square_root_at_mean_one():
+    from shared.training.engine import class_weights
+
+    weight = class_weights([400, 100, 25])  # 16:4:1
+    assert weight[2] / weight[0] == pytest.approx(4.0) and weight[1] / weight[0] == pytest.approx(2.0)
+    assert float((weight * torch.tensor([400, 100, 25])).sum()) == pytest.approx(525)  # mean 1 over the images
+    assert torch.isfinite(class_weights([10, 0])).all()  # a class with no training image weighs as one with 1
+
+
 def test_class_balance_is_automatic_from_three_to_one():
     config = TrainConfig(data_dir="x")
     assert class_balance(config, torch.tensor([0] * 9 + [1] * 3), 2)["balance"] == "weighted_loss"
