@@ -36,6 +36,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--colour-jitter", type=float, default=8.0,
                         help="per-image colour noise: the classes overlap, so a skew moves the decision boundary")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
+    parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0],
+                        help="training seeds (same images): one run per side and seed, the table shows each and the "
+                             "mean; with a validation split of 2-3 minority images one seed is mostly noise")
     args = common.parse(parser, argv, __file__)
     common.ensure_repo_on_path()
     from shared.analysis.evaluation import evaluate_run
@@ -57,33 +61,44 @@ def main(argv=None) -> dict:
                                                           args.test_minority], size=args.size + 4,
                                            spread=args.spread, colour_jitter=args.colour_jitter, seed=2)
         store = RunStore(tmp / "models")
-        for side in SIDES:
-            config = TrainConfig(data_dir=str(train_dir), model=model, weights="none", image_size=args.size,
-                                 batch_size=32, lr=1e-3, epochs=args.epochs, augment="light", val_ratio=0.2,
-                                 test_ratio=0.0, balance=side, device="cpu", amp=False, seed=0)
-            run_id = store.create(config)
-            best = fit(config, store.path(run_id), cache_dir=tmp / "cache")
-            ev = evaluate_run(store.path(run_id), data_dir=test_dir, figures="none")
-            recall = {c["class"]: c["recall"] for c in ev["per_class"]}
-            rows.append({"balance": side, "picked_by": best["select_by"], "best_epoch": best["best_epoch"],
-                         "minority_recall": recall["c2"], "middle_recall": recall["c1"],
-                         "majority_recall": recall["c0"], "macro_f1": ev["macro"]["f1"], "accuracy": ev["accuracy"],
-                         "load": common.loadavg()[0]})
-            print(rows[-1], flush=True)
-    base = rows[0]
+        for seed in args.seeds:
+            for side in args.sides:
+                config = TrainConfig(data_dir=str(train_dir), model=model, weights="none", image_size=args.size,
+                                     batch_size=32, lr=1e-3, epochs=args.epochs, augment="light", val_ratio=0.2,
+                                     test_ratio=0.0, balance=side, device="cpu", amp=False, seed=seed)
+                run_id = store.create(config)
+                best = fit(config, store.path(run_id), cache_dir=tmp / "cache")
+                ev = evaluate_run(store.path(run_id), data_dir=test_dir, figures="none")
+                recall = {c["class"]: c["recall"] for c in ev["per_class"]}
+                rows.append({"balance": side, "seed": seed, "picked_by": best["select_by"],
+                             "best_epoch": best["best_epoch"], "minority_recall": recall["c2"],
+                             "middle_recall": recall["c1"], "majority_recall": recall["c0"],
+                             "macro_f1": ev["macro"]["f1"], "accuracy": ev["accuracy"], "load": common.loadavg()[0]})
+                print(rows[-1], flush=True)
+    if len(args.seeds) > 1:  # each side's mean over the seeds, after its runs
+        for side in args.sides:
+            runs = [r for r in rows if r["balance"] == side and r["seed"] != "mean"]
+            rows.append({"balance": side, "seed": "mean", "picked_by": runs[0]["picked_by"], "best_epoch": None,
+                         **{k: sum(r[k] for r in runs) / len(runs) for k in (
+                             "minority_recall", "middle_recall", "majority_recall", "macro_f1", "accuracy", "load")}})
     for r in rows:
+        base = next((b for b in rows if b["balance"] == args.sides[0] and b["seed"] == r["seed"]), None)
+        if base is None:
+            continue
         r["d_minority"] = round(100 * (r["minority_recall"] - base["minority_recall"]), 1)
         r["d_macro_f1"] = round(100 * (r["macro_f1"] - base["macro_f1"]), 1)
         r["d_accuracy"] = round(100 * (r["accuracy"] - base["accuracy"]), 1)
-    common.print_table(rows, ["balance", "picked_by", "best_epoch", "minority_recall", "middle_recall",
+    common.print_table(rows, ["balance", "seed", "picked_by", "best_epoch", "minority_recall", "middle_recall",
                               "majority_recall", "macro_f1", "accuracy", "d_minority", "d_macro_f1", "d_accuracy",
                               "load"], title="20:5:1 generated classes, ResNet18 from scratch", digits=3)
-    for r in rows[1:]:
+    judged = [r for r in rows if r["balance"] != args.sides[0] and "d_minority" in r
+              and (r["seed"] == "mean" or len(args.seeds) == 1)]
+    for r in judged:
         ok = r["d_minority"] >= 15 and r["d_macro_f1"] >= 5 and r["d_accuracy"] >= -2
         print(f"{r['balance']}: minority recall {r['d_minority']:+.1f}, macro F1 {r['d_macro_f1']:+.1f}, accuracy "
               f"{r['d_accuracy']:+.1f} points → {common.verdict(ok, args.quick)}")
     return common.finish(args, "imbalance", {"settings": {k: getattr(args, k) for k in (
-        "minority", "test_minority", "epochs", "spread", "colour_jitter", "size")}, "rows": rows})
+        "minority", "test_minority", "epochs", "spread", "colour_jitter", "size", "sides", "seeds")}, "rows": rows})
 
 
 if __name__ == "__main__":
