@@ -102,6 +102,21 @@ def test_a_pickled_object_or_a_file_of_another_model_is_refused(tmp_path):
         read_feature_distance(tmp_path)
 
 
+def test_a_file_that_would_expand_to_gigabytes_is_refused_before_reading(tmp_path):
+    """200 MB of zeros compress to ~200 kB: the zip's directory says what they expand to, checked first."""
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / FILE_NAME, "w", zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("whiten.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                         "shape": (7300, 7300)})
+            chunk = bytes(2**20)
+            for _ in range(200):
+                member.write(chunk)
+    with pytest.raises(FeatureDistanceError, match="would take 200 MB"):
+        read_feature_distance(tmp_path)
+
+
 @pytest.mark.usefixtures("one_torch_thread")
 def test_training_fits_it_and_the_predictor_answers_not_sure_beyond_it(tmp_path):
     from PIL import Image

@@ -23,6 +23,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -42,7 +43,10 @@ MAX_FIT_IMAGES = 4096
 # below this many validation images the quantile says nothing: the check is left off (and the run says so)
 MIN_VAL_IMAGES = 20
 # a whitening matrix bigger than this is not a feature width this project builds (resnet50's is 2048)
-MAX_FEATURE_SIZE = 8192
+MAX_FEATURE_SIZE = 4096
+# what the arrays may expand to, checked in the zip's directory before any is read (a 4096-wide whitening matrix
+# is 64 MB; a crafted file could otherwise declare gigabytes of zeros that compress to almost nothing)
+MAX_EXPANDED_BYTES = 128 * 1024 * 1024
 
 
 class FeatureDistanceError(ValueError):
@@ -111,9 +115,16 @@ def read_feature_distance(run_dir: Path, num_classes: int | None = None,
     if not path.is_file():
         return None
     try:
+        with zipfile.ZipFile(path) as archive:
+            expanded = sum(member.file_size for member in archive.infolist())
+        if expanded > MAX_EXPANDED_BYTES:
+            raise FeatureDistanceError(f"{path}: its arrays would take {expanded / 2**20:.0f} MB, more than the "
+                                       f"{MAX_EXPANDED_BYTES / 2**20:.0f} MB any model here needs")
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError) as exc:
+    except FeatureDistanceError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise FeatureDistanceError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
     return _checked(arrays, str(path), num_classes, feature_size)
 
