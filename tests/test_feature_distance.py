@@ -91,7 +91,7 @@ def test_a_damaged_or_foreign_file_is_refused_naming_the_field(tmp_path, change,
 
 def test_a_pickled_object_or_a_file_of_another_model_is_refused(tmp_path):
     _write(tmp_path, schema_version=np.int64(1), whiten=np.array([object()], dtype=object))
-    with pytest.raises(FeatureDistanceError, match="not a readable .npz"):
+    with pytest.raises(FeatureDistanceError, match="whiten holds objects, not numbers"):
         read_feature_distance(tmp_path)
     features, labels, _, _ = gaussian_classes()
     write_feature_distance(tmp_path, fit_feature_distance(features, labels, features))
@@ -99,6 +99,30 @@ def test_a_pickled_object_or_a_file_of_another_model_is_refused(tmp_path):
         read_feature_distance(tmp_path, num_classes=3, feature_size=512)
     (tmp_path / FILE_NAME).write_bytes(b"not a zip")
     with pytest.raises(FeatureDistanceError, match="not a readable .npz"):
+        read_feature_distance(tmp_path)
+
+
+def test_a_header_declaring_a_huge_array_or_a_damaged_member_is_refused_not_raised(tmp_path):
+    import zipfile
+
+    # 160 GB declared in 100 bytes: numpy would allocate from the header before finding the data short
+    with zipfile.ZipFile(tmp_path / FILE_NAME, "w") as archive:
+        with archive.open("whiten.npy", "w") as member:
+            np.lib.format.write_array_header_1_0(member, {"descr": "<f4", "fortran_order": False,
+                                                         "shape": (200000, 200000)})
+    with pytest.raises(FeatureDistanceError, match="would take over 128 MB"):
+        read_feature_distance(tmp_path)
+    # a member that is not .npy at all, and deflate data cut short: one message, never another exception
+    with zipfile.ZipFile(tmp_path / FILE_NAME, "w") as archive:
+        archive.writestr("schema_version.npy", b"not numpy")
+    with pytest.raises(FeatureDistanceError, match="not a readable .npz"):
+        read_feature_distance(tmp_path)
+    features, labels, _, _ = gaussian_classes()
+    write_feature_distance(tmp_path, fit_feature_distance(features, labels, features))
+    data = bytearray((tmp_path / FILE_NAME).read_bytes())
+    data[200:260] = bytes(60)  # inside the first member's stored bytes
+    (tmp_path / FILE_NAME).write_bytes(bytes(data))
+    with pytest.raises(FeatureDistanceError):
         read_feature_distance(tmp_path)
 
 
@@ -113,7 +137,7 @@ def test_a_file_that_would_expand_to_gigabytes_is_refused_before_reading(tmp_pat
             chunk = bytes(2**20)
             for _ in range(200):
                 member.write(chunk)
-    with pytest.raises(FeatureDistanceError, match="would take 200 MB"):
+    with pytest.raises(FeatureDistanceError, match="would take over 128 MB"):
         read_feature_distance(tmp_path)
 
 
@@ -144,3 +168,23 @@ def test_training_fits_it_and_the_predictor_answers_not_sure_beyond_it(tmp_path)
     assert far["familiar"] is False and far["sure"] is False
     answer = predictor.verdict(far["top"], threshold=0.0, distance=far["distance"])
     assert not answer.sure and answer.confident and answer.familiar is False
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_failed_fit_keeps_the_trained_run_and_says_why(tmp_path, monkeypatch):
+    from shared.runs.store import RunStore
+    from shared.training import engine
+    from tests.imagegen import make_image_folder
+    from tests.tiny import train_tiny
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    monkeypatch.setattr(engine, "fit_feature_distance", broken)
+    data = make_image_folder(tmp_path / "data", classes=3, per_class=30, size=40)
+    store = RunStore(tmp_path / "models")
+    run_id = train_tiny(tmp_path / "models", data)
+    assert store.status(run_id)["status"] == "succeeded"
+    assert store.status(run_id)["best"]["feature_distance"] == {
+        "skipped": "the fit failed (LinAlgError: Eigenvalues did not converge)"}
+    assert read_feature_distance(store.path(run_id)) is None

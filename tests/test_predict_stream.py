@@ -40,6 +40,7 @@ def test_top5_comes_first_then_the_cam(lab_and_ui, one_torch_thread):
     assert last[ui.answer] == first[ui.answer] + "  \nHeat-map: LayerCAM heat-map 4×4 over 32×32 input."
     # every output of the API's answer (the feature distance is a State: the page's, not the API's)
     assert set(last) == {ui.label, ui.cam, ui.answer, ui.answered, ui.distance}
+    assert last[ui.distance] == {"run": last[ui.answered], "distance": None}  # a tiny run: too little validation
 
 
 def test_an_unreadable_picture_clears_the_answer_then_says_why(lab_and_ui, tmp_path):

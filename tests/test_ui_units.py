@@ -250,11 +250,17 @@ def test_predict_answer_says_not_sure_below_the_threshold_and_refuses_a_bad_thre
     assert predict.verdict_text(lab, shown, 0.5, "run-1") == "**cat** (70.0%)"
     assert predict.verdict_text(lab, None, 0.5, "run-1") == ""
     # the picture's feature distance (the answer's State): beyond the run's limit, "not sure" at any threshold
-    assert predict.verdict_text(lab, shown, 0.5, "run-1", 11.9) == "**cat** (70.0%)"
-    far = predict.verdict_text(lab, shown, 0.5, "run-1", 30.0)
+    def measured(distance, run="run-1"):
+        return {"run": run, "distance": distance}
+
+    assert predict.verdict_text(lab, shown, 0.5, "run-1", measured(11.9)) == "**cat** (70.0%)"
+    far = predict.verdict_text(lab, shown, 0.5, "run-1", measured(30.0))
     assert far == ("**Not sure** — closest: cat (70.0%), but this picture is unlike the images the model was "
                    "trained on (feature distance 30.0, above the 12.0 it answers up to)"), far
-    assert predict.verdict_text(lab, shown, 0.5, "run-1", "30") == "**cat** (70.0%)"  # only the State's numbers
+    assert predict.verdict_text(lab, shown, 0.5, "run-1", measured("30")) == "**cat** (70.0%)"  # numbers only
+    # measured by another run (the answer's run changed since, e.g. "Classify all" with another model): not used
+    assert predict.verdict_text(lab, shown, 0.5, "run-1", measured(30.0, run="run-2")) == "**cat** (70.0%)"
+    assert not verdict(list(top), 0.0, float("nan"), 12.0).sure  # a NaN distance is not "familiar"
 
 
 # --- results views (ui/results_view.py) ----------------------------------------------------------------------------

@@ -182,6 +182,7 @@ def verdict(top: list[dict], threshold: float | None, distance: float | None = N
     distance or distance_threshold None: the image is not checked for being unlike the training images."""
     best = top[0]
     p = float(best["probability"])
-    unfamiliar = distance is not None and distance_threshold is not None and distance > distance_threshold
+    # `not <=`: a NaN distance (features that overflowed) is unfamiliar, as `familiar` says
+    unfamiliar = distance is not None and distance_threshold is not None and not distance <= distance_threshold
     return Verdict(sure=(threshold is None or p >= threshold) and not unfamiliar, closest=best["class"],
                    confidence=p, threshold=threshold, distance=distance, distance_threshold=distance_threshold)

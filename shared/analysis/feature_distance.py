@@ -25,6 +25,7 @@ import logging
 import math
 import zipfile
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -62,12 +63,18 @@ class FeatureDistance:
     n_fit: int  # training images the means and covariance come from
     n_val: int  # validation images the threshold comes from
 
+    @cached_property
+    def _float64(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """whitenᵀ, means and their squared norms in float64, converted once (not per prediction)."""
+        means = self.means.astype(np.float64)
+        return np.ascontiguousarray(self.whiten.T, dtype=np.float64), means, (means * means).sum(1)
+
     def distances(self, features: np.ndarray) -> np.ndarray:
         """(N, D) penultimate features → (N,) distance to the nearest class mean."""
-        z = np.asarray(features, dtype=np.float64).reshape(len(features), -1) @ self.whiten.T.astype(np.float64)
-        means = self.means.astype(np.float64)
+        whiten_t, means, means_squared = self._float64
+        z = np.asarray(features, dtype=np.float64).reshape(len(features), -1) @ whiten_t
         # ||z - m||² = ||z||² - 2 z·m + ||m||²: no (N, C, D) array, so many classes and wide features stay cheap
-        squared = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + (means * means).sum(1)[None, :]
+        squared = (z * z).sum(1, keepdims=True) - 2 * z @ means.T + means_squared[None, :]
         return np.sqrt(np.maximum(squared.min(1), 0.0))
 
     def familiar(self, distances: np.ndarray) -> np.ndarray:
@@ -115,18 +122,43 @@ def read_feature_distance(run_dir: Path, num_classes: int | None = None,
     if not path.is_file():
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
-            expanded = sum(member.file_size for member in archive.infolist())
-        if expanded > MAX_EXPANDED_BYTES:
-            raise FeatureDistanceError(f"{path}: its arrays would take {expanded / 2**20:.0f} MB, more than the "
-                                       f"{MAX_EXPANDED_BYTES / 2**20:.0f} MB any model here needs")
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
+        arrays = _read_arrays(path)
     except FeatureDistanceError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged or crafted zip raises (zlib, encryption, ...)
         raise FeatureDistanceError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
     return _checked(arrays, str(path), num_classes, feature_size)
+
+
+ARRAY_NAMES = ("schema_version", "whiten", "means", "threshold", "quantile", "n_fit", "n_val")
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The schema's arrays, each read only after its .npy header's shape and type say it fits in
+    MAX_EXPANDED_BYTES together with the others (numpy allocates from the header before reading)."""
+    arrays, total = {}, 0
+    with zipfile.ZipFile(path) as archive:
+        for name in ARRAY_NAMES:
+            try:
+                member = archive.open(f"{name}.npy")
+            except KeyError:
+                continue  # _checked names what is missing
+            with member:
+                version = np.lib.format.read_magic(member)
+                header = {(1, 0): np.lib.format.read_array_header_1_0,
+                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if header is None:
+                    raise FeatureDistanceError(f"{path}: {name} is in .npy format {version}, not 1.0 or 2.0")
+                shape, _, dtype = header(member)
+                if dtype.hasobject:
+                    raise FeatureDistanceError(f"{path}: {name} holds objects, not numbers")
+                total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                if total > MAX_EXPANDED_BYTES:
+                    raise FeatureDistanceError(f"{path}: its arrays would take over {MAX_EXPANDED_BYTES / 2**20:.0f}"
+                                               " MB, more than any model here needs")
+            with archive.open(f"{name}.npy") as member:
+                arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
 
 
 def _scalar(arrays: dict, name: str, where: str, kind: type) -> float | int:

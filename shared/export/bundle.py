@@ -57,6 +57,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out_dir: str | Path | Non
     `out_dir` must be new, empty, or an earlier bundle (which is replaced whole, never merged). `measure=False`
     skips the latency and parity measurements (the card says so): the registry test exports every model."""
     from shared.analysis.feature_distance import FILE_NAME as DISTANCE_FILE
+    from shared.analysis.feature_distance import write_feature_distance
     from shared.runs.store import read_run_file
     from shared.training.checkpoint import load_model_from_run
     from shared.training.models import WithFeatures, get_spec
@@ -90,7 +91,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out_dir: str | Path | Non
                                 "meaning": "penultimate features (the second output)"}
             info["feature_distance"] = {"file": DISTANCE_FILE, "threshold": distance.threshold,
                                         "quantile": distance.quantile}
-            shutil.copyfile(run_dir / DISTANCE_FILE, staging / DISTANCE_FILE)
+            write_feature_distance(staging, distance)  # what was checked, written again: never the raw file
         write_atomic(staging / "bundle.json", json.dumps(info, indent=1, ensure_ascii=False) + "\n")
         shutil.copyfile(Path(__file__).with_name("bundle_predict.py"), staging / "predict.py")
         from shared.export.card import model_card, measure_latency, measure_parity

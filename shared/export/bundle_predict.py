@@ -188,9 +188,13 @@ class Model:
         entry = self.bundle.get("feature_distance")
         if not entry:
             return None
-        with np.load(self.folder / entry["file"], allow_pickle=False) as data:
-            return {"whiten": data["whiten"].astype(np.float64), "means": data["means"].astype(np.float64),
-                    "threshold": float(data["threshold"])}
+        # a name inside this folder, whatever bundle.json says
+        with np.load(self.folder / Path(str(entry["file"])).name, allow_pickle=False) as data:
+            whiten, means = data["whiten"].astype(np.float64), data["means"].astype(np.float64)
+            threshold = float(data["threshold"])
+        if whiten.ndim != 2 or means.ndim != 2 or not whiten.shape[0] == whiten.shape[1] == means.shape[1]:
+            raise ValueError(f"{entry['file']}: whiten {whiten.shape} and means {means.shape} do not fit together")
+        return {"whiten": whiten, "means": means, "threshold": threshold}
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         return self.scores(batch)[0]

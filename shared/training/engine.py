@@ -31,8 +31,9 @@ from shared import __version__
 from shared.data.cache import load_image_array
 from shared.training.checkpoint import load_checkpoint, save_checkpoint
 from shared.analysis.calibration import Calibration, calibrate, write_calibration
-from shared.analysis.feature_distance import (MAX_FIT_IMAGES, MIN_VAL_IMAGES, FeatureDistance, fit_feature_distance,
-                                               write_feature_distance)
+from shared.analysis.feature_distance import FILE_NAME as DISTANCE_FILE
+from shared.analysis.feature_distance import (MAX_FEATURE_SIZE, MAX_FIT_IMAGES, MIN_VAL_IMAGES, FeatureDistance,
+                                               fit_feature_distance, write_feature_distance)
 from shared.training.budget import TIMED_STEPS, BudgetPlan, make_plan, replan, time_steps
 from shared.training.config import IMBALANCE_RATIO, MAX_EPOCHS, TrainConfig
 from shared.data.manifest import read_manifest, write_manifest
@@ -706,7 +707,8 @@ class _Trainer:
                   "final_val_loss": last.get("val_loss"), "images_per_s": last.get("images_per_s"),
                   "select_by": self.select_by, "balance": self.balance["balance"],
                   "calibration": {k: getattr(calibration, k) for k in ("temperature", "threshold", "ece_before",
-                                                                        "ece_after")}}
+                                                                        "ece_after")},
+                  "feature_distance": self.distance_outcome}
         if self.plan is not None:
             result["budget"] = {**self.plan.to_dict(), "seconds_used": round(time.monotonic() - started, 1)}
         return result
@@ -724,17 +726,31 @@ class _Trainer:
         write_calibration(self.run_dir, calibration)
         log.info("%s calibrated: T=%.3f, ECE %.3f → %.3f, threshold %.3f", self.run_dir.name,
                  calibration.temperature, calibration.ece_before, calibration.ece_after, calibration.threshold)
-        self.fit_feature_distance(model)
+        self.distance_outcome = self.fit_feature_distance(model)
         return calibration
 
-    def fit_feature_distance(self, model: nn.Module) -> FeatureDistance | None:
+    def fit_feature_distance(self, model: nn.Module) -> dict:
         """How far from the training images best.pt's features may be and still be answered → feature_distance.npz
-        (shared/analysis/feature_distance.py); None, said in the log, when validation is too small to tell."""
+        (shared/analysis/feature_distance.py). What happened, for the run's result: the limit, or why there is
+        none (too little validation, features too wide, or the fit failed: the trained model is kept either way,
+        it answers without this check, and the log and the result say why)."""
         n_val = len(self.splits["val"])
-        if n_val < MIN_VAL_IMAGES:
-            log.info("%s: no feature-distance check: %d validation images, it needs %d", self.run_dir.name, n_val,
-                     MIN_VAL_IMAGES)
-            return None
+        why = (f"{n_val} validation images, it needs {MIN_VAL_IMAGES}" if n_val < MIN_VAL_IMAGES else
+               f"{self.spec.feature_size} features, it handles up to {MAX_FEATURE_SIZE}"
+               if self.spec.feature_size > MAX_FEATURE_SIZE else None)
+        if why is None:
+            try:
+                fitted = self._fit_feature_distance(model)
+                return {"threshold": round(fitted.threshold, 4), "quantile": fitted.quantile, "n_fit": fitted.n_fit}
+            except Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed fit must not fail a trained run
+                why = f"the fit failed ({type(exc).__name__}: {str(exc)[:200]})"
+        (self.run_dir / DISTANCE_FILE).unlink(missing_ok=True)  # an earlier attempt's would not fit this best.pt
+        log.warning("%s: no feature-distance check: %s", self.run_dir.name, why)
+        return {"skipped": why}
+
+    def _fit_feature_distance(self, model: nn.Module) -> FeatureDistance:
         train = self.splits["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed))
         order = order[:MAX_FIT_IMAGES].sort().values

@@ -59,7 +59,7 @@ class PredictUI:
     threshold: gr.Slider | None = None  # "not sure" below it; 0 = the run's calibrated threshold
     verdict: gr.Markdown | None = None  # the answer or "Not sure — closest: X", redrawn when the slider moves
     feedback: feedback.FeedbackUI | None = None  # "Wrong — it is X" into the dataset's inbox (ui/tabs/feedback.py)
-    distance: gr.State | None = None  # the last answer's feature distance (None: the run does not check it)
+    distance: gr.State | None = None  # {"run", "distance"} of the last picture answered (distance None: not checked)
 
 
 def model_choices(lab) -> list[tuple[str, str]]:
@@ -215,16 +215,17 @@ def verdict_text(lab, top: dict | None, threshold: float | None, run_id: str | N
                  distance: float | None = None) -> str:
     """The answer line for the top-5 shown (gr.Label's {class: probability}) by run `run_id`, at the slider's
     threshold (0: the run's own), and the picture's feature distance (a State the answer set: never the
-    browser's). A private event after each answer and on every slider move, so the /predict API keeps its inputs
-    and outputs."""
+    browser's; used only when the same run measured it). A private event after each answer and on every slider
+    move, so the /predict API keeps its inputs and outputs."""
     if not top or not run_id or not isinstance(top, dict):
         return ""
     threshold = _threshold(threshold)
     predictor = _predictor(lab, run_id)
     ranked = sorted(({"class": str(k), "probability": float(v)} for k, v in top.items()),
                     key=lambda item: -item["probability"])
-    distance = float(distance) if isinstance(distance, (int, float)) and not isinstance(distance, bool) else None
-    return view.verdict_line(predictor.verdict(ranked, threshold, distance), predictor.calibration_note)
+    measured = distance.get("distance") if isinstance(distance, dict) and distance.get("run") == run_id else None
+    measured = float(measured) if isinstance(measured, (int, float)) and not isinstance(measured, bool) else None
+    return view.verdict_line(predictor.verdict(ranked, threshold, measured), predictor.calibration_note)
 
 
 def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
@@ -248,7 +249,7 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
     top = result["top"]
     answer = {ui.label: view.top5_dict(top), ui.cam: None,
               ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
-              ui.answered: predictor.run_id, ui.distance: result["distance"]}
+              ui.answered: predictor.run_id, ui.distance: {"run": predictor.run_id, "distance": result["distance"]}}
     yield answer
     overlay, caption = predictor.cam(picture, predictor.classes.index(top[0]["class"]))
     # the map's method and resolution beside it, in the answer text: the API's outputs keep their shapes
