@@ -246,6 +246,9 @@ def predict(lab, ui: PredictUI, image: Any, model: str | None = LATEST):
         yield no_answer(ui)
         raise
     (result,) = predictor.predict_many([picture], top_k=5)
+    if result["error"]:  # the picture decoded above; its preprocessing can still refuse it
+        yield no_answer(ui)
+        raise user_error(result["error"], title="Not a usable image")
     top = result["top"]
     answer = {ui.label: view.top5_dict(top), ui.cam: None,
               ui.answer: _describe_run(lab, predictor.run_id, model or LATEST),
