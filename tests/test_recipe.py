@@ -44,22 +44,45 @@ def test_the_weighted_loss_weighs_classes_by_their_inverse_square_root_at_mean_o
 
 def test_class_balance_is_automatic_from_three_to_one():
     config = TrainConfig(data_dir="x")
-    assert class_balance(config, torch.tensor([0] * 9 + [1] * 3), 2)["balance"] == "weighted_loss"
+    assert class_balance(config, torch.tensor([0] * 9 + [1] * 3), 2)["balance"] == "sampler"
     assert class_balance(config, torch.tensor([0] * 8 + [1] * 3), 2) == {
         "class_counts": [8, 3], "imbalanced": False, "balance": "none", "select_by": "val_acc"}
-    chosen = class_balance(config.replace(balance="sampler"), torch.tensor([0] * 9 + [1] * 3), 2)
-    assert chosen["balance"] == "sampler" and chosen["select_by"] == "val_macro_f1"
+    chosen = class_balance(config.replace(balance="weighted_loss"), torch.tensor([0] * 9 + [1] * 3), 2)
+    assert chosen["balance"] == "weighted_loss" and chosen["select_by"] == "val_macro_f1"
     ignored = class_balance(config.replace(balance="none"), torch.tensor([0] * 9 + [1] * 3), 2)
     assert ignored["imbalanced"] and ignored["select_by"] == "val_acc"  # as if balanced, as asked
 
 
-def test_an_imbalanced_run_is_weighted_picked_by_macro_f1_and_logs_per_class_recall(tmp_path, skewed):
+def test_an_imbalanced_run_is_rebalanced_picked_by_macro_f1_and_logs_per_class_recall(tmp_path, skewed):
     result, run_dir = tiny_run(tmp_path, skewed)
-    assert result["balance"] == "weighted_loss" and result["select_by"] == "val_macro_f1"
+    assert result["balance"] == "sampler" and result["select_by"] == "val_macro_f1"
     [record] = read_metrics(run_dir)
     assert list(record["val_recall"]) == ["class_0", "class_1", "class_2"] and 0 <= record["val_macro_f1"] <= 1
     plan = json.loads((run_dir / "config.json").read_text())["plan"]
     assert plan["class_counts"] == [12, 3, 3] and plan["imbalanced"]  # the training split (half of each class)
+
+
+def test_the_weighted_loss_option_weighs_the_loss_and_draws_every_image_once(tmp_path, skewed, monkeypatch):
+    from shared.training import engine
+
+    criteria, orders = [], []
+    original_loss, original_batches = engine.nn.CrossEntropyLoss, engine.iterate_batches
+
+    def loss_spy(*args, **kwargs):
+        criteria.append(kwargs.get("weight"))
+        return original_loss(*args, **kwargs)
+
+    def batches_spy(split, *args, order=None, **kwargs):
+        orders.append(order)
+        return original_batches(split, *args, order=order, **kwargs)
+
+    monkeypatch.setattr(engine.nn, "CrossEntropyLoss", loss_spy)
+    monkeypatch.setattr(engine, "iterate_batches", batches_spy)
+    result, _ = tiny_run(tmp_path, skewed, balance="weighted_loss")
+    assert result["balance"] == "weighted_loss" and result["select_by"] == "val_macro_f1"
+    weight = criteria[0]  # the training criterion, made first: 1/sqrt of the training counts 12:3:3
+    assert weight is not None and float(weight[1] / weight[0]) == pytest.approx(2.0)
+    assert all(order is None for order in orders)  # no sampler draw: every training image once per epoch
 
 
 def test_the_balanced_sampler_draws_classes_evenly(tmp_path, skewed, monkeypatch):
