@@ -35,6 +35,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--spread", type=float, default=0.2, help="colour distance between classes (smaller: harder)")
     parser.add_argument("--colour-jitter", type=float, default=8.0,
                         help="per-image colour noise: the classes overlap, so a skew moves the decision boundary")
+    parser.add_argument("--by", choices=("colour", "pattern"), default="colour",
+                        help="what tells the classes apart (bench/gen_images.py): colour (overlapping under "
+                             "--colour-jitter) or the stripe pattern (every image unambiguous, learnt from examples)")
+    parser.add_argument("--noise", type=float, default=30.0, help="per-pixel noise of the generated images")
     parser.add_argument("--size", type=int, default=32, help="image size in pixels")
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0],
@@ -56,10 +60,12 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         train_dir = gen_images.make_classes(tmp / "train", [20 * args.minority, 5 * args.minority, args.minority],
                                             size=args.size + 4, spread=args.spread,
-                                            colour_jitter=args.colour_jitter, seed=1)
+                                            colour_jitter=args.colour_jitter, seed=1, by=args.by,
+                                            noise=args.noise)
         test_dir = gen_images.make_classes(tmp / "test", [20 * args.test_minority, 5 * args.test_minority,
                                                           args.test_minority], size=args.size + 4,
-                                           spread=args.spread, colour_jitter=args.colour_jitter, seed=2)
+                                           spread=args.spread, colour_jitter=args.colour_jitter, seed=2, by=args.by,
+                                           noise=args.noise)
         store = RunStore(tmp / "models")
         for seed in args.seeds:
             for side in args.sides:
@@ -98,7 +104,7 @@ def main(argv=None) -> dict:
         print(f"{r['balance']}: minority recall {r['d_minority']:+.1f}, macro F1 {r['d_macro_f1']:+.1f}, accuracy "
               f"{r['d_accuracy']:+.1f} points → {common.verdict(ok, args.quick)}")
     return common.finish(args, "imbalance", {"settings": {k: getattr(args, k) for k in (
-        "minority", "test_minority", "epochs", "spread", "colour_jitter", "size", "sides", "seeds")}, "rows": rows})
+        "minority", "test_minority", "epochs", "by", "noise", "spread", "colour_jitter", "size", "sides", "seeds")}, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -24,11 +24,13 @@ def class_colour(index: int, spread: float) -> tuple[int, int, int]:
 
 def make_classes(root: Path, counts: Sequence[int], *, size: int = 48, spread: float = 0.5, noise: float = 30.0,
                  colour_jitter: float = 0.0, seed: int = 0, names: Sequence[str] | None = None,
-                 first_index: int = 0) -> Path:
+                 first_index: int = 0, by: str = "colour") -> Path:
     """root/<name>/<k>.png for each class, `counts[i]` images of class i (colour index first_index + i).
 
     colour_jitter: per-image standard deviation added to each channel of the class colour; comparable to the
-    distance between classes, it makes them overlap (some images are truly ambiguous, as in real photos)."""
+    distance between classes, it makes them overlap (some images are truly ambiguous, as in real photos).
+    by="pattern": the class is the stripe/checker pattern instead (PATTERNS[first_index + i]) and the colour is drawn
+    at random per image: every image says its class, but under `noise` a model needs examples to learn it."""
     from PIL import Image
 
     import common
@@ -44,8 +46,12 @@ def make_classes(root: Path, counts: Sequence[int], *, size: int = 48, spread: f
         folder.mkdir(parents=True, exist_ok=True)
         colour = np.array(class_colour(first_index + i, spread), dtype=np.float64)
         for k in range(n):
-            shade = tuple(np.clip(colour + rng.normal(0, colour_jitter, 3), 0, 255)) if colour_jitter else colour
-            arr = image_array(size, colour=shade, pattern=PATTERNS[int(rng.integers(len(PATTERNS)))], noise=noise,
+            if by == "pattern":
+                shade, pattern = tuple(rng.uniform(60, 200, 3)), PATTERNS[first_index + i]
+            else:
+                shade = tuple(np.clip(colour + rng.normal(0, colour_jitter, 3), 0, 255)) if colour_jitter else colour
+                pattern = PATTERNS[int(rng.integers(len(PATTERNS)))]
+            arr = image_array(size, colour=shade, pattern=pattern, noise=noise,
                               rng=np.random.default_rng(int(rng.integers(2**31))))
             Image.fromarray(arr, "RGB").save(folder / f"{k:04d}.png")
     return root
