@@ -30,14 +30,18 @@ def test_plan_fits_training_validation_and_the_reserve_inside_the_budget():
     assert epochs_that_fit(1e6, 1, 50) == 50
 
 
-def test_replan_shortens_the_run_when_epochs_are_slower_than_planned():
+def test_replan_shortens_the_run_when_epochs_are_slower_and_lengthens_it_back_when_they_are_not():
     plan = make_plan(600, 0, step_s=0.5, eval_image_s=0, steps_per_epoch=100, n_val=0, n_test=0, max_epochs=100)
     assert plan.planned_epochs == 11
     # epoch 1 took 100 s instead of 50: 482 s left for whole epochs of 100 s
     assert replan(plan, epoch=1, elapsed_s=100, epoch_seconds=[100.0], min_epochs=1) == 5
     assert plan.replans == [{"after_epoch": 1, "epoch_s": 100.0, "planned_epochs": 5}]
-    # faster than planned: the plan stands (the schedule was warmed up and decayed for it)
-    assert replan(plan, epoch=2, elapsed_s=110, epoch_seconds=[100.0, 10.0, 10.0], min_epochs=1) == 5
+    # the slow spell passes: epochs at 50 s again (the last three: 100, 50, 50 → 66.7 s; then 50 s) win back the
+    # epochs that still fit (the slow one cost one), up to what the timed steps first chose and never beyond it
+    assert replan(plan, epoch=3, elapsed_s=200, epoch_seconds=[100.0, 50.0, 50.0], min_epochs=1) == 8  # 382/66.7
+    assert replan(plan, epoch=4, elapsed_s=250, epoch_seconds=[100.0, 50.0, 50.0, 50.0], min_epochs=1) == 10
+    assert replan(plan, epoch=5, elapsed_s=260, epoch_seconds=[100.0, 50.0, 50.0, 50.0, 10.0], min_epochs=1) == 11
+    assert [r["planned_epochs"] for r in plan.replans] == [5, 8, 10, 11] and plan.first_planned == 11
 
 
 def test_progressive_resizing_plans_its_smaller_epochs_at_their_cost_and_replans_by_them():

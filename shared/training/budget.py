@@ -1,5 +1,5 @@
 """Training for a time budget: time a few real steps, pick the epoch count so the whole schedule fits, re-plan
-when the machine turns out slower.
+when the machine turns out slower (and back up to the first plan when a slow spell passes).
 
 The clock starts when `fit` starts, so building the decoded-image cache counts against the budget. What is left
 after the measured epochs is kept for what follows training: calibration (one validation pass) and the evaluation
@@ -33,6 +33,10 @@ RESERVE_VAL_PASSES = 2.0
 RESERVE_TEST_PASSES = 3.0
 # plus this share of the budget for what the estimate misses (checkpoint writes, the t-SNE of the evaluation)
 RESERVE_SHARE = 0.03
+# a re-plan paces the epochs left by the mean of the last few measured ones: one slow epoch (the first, or a moment
+# when something else ran) must not cut the run for good (a 30-minute run on flower_photos lost 3 of 35 epochs, 191 s
+# of its budget unused, to two slow first epochs when a re-plan read only the last two and never went back up)
+REPLAN_WINDOW = 3
 
 
 @dataclass
@@ -47,6 +51,8 @@ class BudgetPlan:
     reserve_s: float  # kept for calibration and the test evaluation after training
     planned_epochs: int
     replans: list[dict] = field(default_factory=list)
+    # what the timed steps first chose: a re-plan may come back up to it after a slow spell, never go beyond it
+    first_planned: int = 0
     train_share: float = 1.0  # of epoch_s, the training steps' share (what smaller images make shorter)
     # progressive resizing: the full and the smallest training side, and one step at the smallest, measured
     # (small_side 0: every epoch trains at full size)
@@ -149,8 +155,8 @@ def make_plan(budget_s: float, elapsed_s: float, step_s: float, eval_image_s: fl
     if sides is not None:
         every = sides(max_epochs)
         plan.full_side, plan.small_side, plan.small_step_s = max(every), min(every), small_step_s
-    plan.planned_epochs = epochs_that_fit(budget_s - elapsed_s - reserve_s, epoch_s, max_epochs, min_epochs,
-                                          plan.costs(sides))
+    plan.planned_epochs = plan.first_planned = epochs_that_fit(budget_s - elapsed_s - reserve_s, epoch_s,
+                                                               max_epochs, min_epochs, plan.costs(sides))
     log.info("time budget %.0f s: %.1f s used before training, ~%.1f s per full-size epoch, %.0f s reserved → %d "
              "epochs", budget_s, elapsed_s, epoch_s, reserve_s, plan.planned_epochs)
     return plan
@@ -158,23 +164,29 @@ def make_plan(budget_s: float, elapsed_s: float, step_s: float, eval_image_s: fl
 
 def replan(plan: BudgetPlan, *, epoch: int, elapsed_s: float, epoch_seconds: list[float], min_epochs: int,
            sides: Callable[[int], list[int]] | None = None) -> int:
-    """After `epoch`: the new total epoch count when the measured epochs are slower than planned (never more than
-    planned: a shorter schedule is re-fitted, a longer one would not have been warmed up and decayed for).
+    """After `epoch`: the total epoch count that fits what is left at the pace of the last REPLAN_WINDOW epochs.
+    Slower than planned: a shorter schedule is re-fitted (the cosine reads its total at every step). Faster again,
+    after a slow spell: back up, but never beyond the first plan (`first_planned`): more epochs than the timed steps
+    chose would stretch a schedule that was sized for them.
 
     `epoch_seconds`: the measured epochs, each divided by its `plan.epoch_cost` (seconds at full size); `sides`
     as for `make_plan`: the epochs left count at their cost."""
-    measured = max(plan.epoch_s, sum(epoch_seconds[-2:]) / len(epoch_seconds[-2:])) if epoch_seconds else plan.epoch_s
+    if not epoch_seconds:
+        return plan.planned_epochs
+    recent = epoch_seconds[-REPLAN_WINDOW:]
+    measured = sum(recent) / len(recent)
+    ceiling = plan.first_planned or plan.planned_epochs  # a plan saved before first_planned existed: its count
     left = plan.budget_s - elapsed_s - plan.reserve_s
     costs = plan.costs(sides)
     if costs is None:
-        total = min(plan.planned_epochs, epoch + max(0, math.floor(left / measured)))
-    else:  # the longest run, up to the plan, whose epochs after this one fit (a shorter ramp: other sides)
-        total = _largest(epoch, plan.planned_epochs, lambda n: measured * sum(costs(n)[epoch:]) <= left)
+        total = min(ceiling, epoch + max(0, math.floor(left / measured)))
+    else:  # the longest run, up to the first plan, whose epochs after this one fit (a shorter ramp: other sides)
+        total = _largest(epoch, ceiling, lambda n: measured * sum(costs(n)[epoch:]) <= left)
     total = max(total, epoch, min_epochs)
-    if total < plan.planned_epochs:
+    if total != plan.planned_epochs:
         plan.replans.append({"after_epoch": epoch, "epoch_s": round(measured, 3), "planned_epochs": total})
-        log.info("slower than planned (%.1f s per epoch): %d epochs instead of %d", measured, total,
-                 plan.planned_epochs)
+        log.info("%s than planned (%.1f s per epoch): %d epochs instead of %d",
+                 "slower" if total < plan.planned_epochs else "faster again", measured, total, plan.planned_epochs)
         plan.planned_epochs = total
         plan.epoch_s = measured
     return plan.planned_epochs
