@@ -701,7 +701,9 @@ class _Trainer:
                 break
             epoch += 1
         self._features.clear()
-        calibration = self.calibrate()
+        best_model = self.best_model()
+        calibration = self.calibrate(best_model)
+        feature_distance = self.fit_feature_distance(best_model)
         last = self.history[-1] if self.history else {}
         result = {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch, "epochs_run": len(self.history),
                   "stopped_early": stopped_early, "final_train_loss": last.get("train_loss"),
@@ -709,16 +711,20 @@ class _Trainer:
                   "select_by": self.select_by, "balance": self.balance["balance"],
                   "calibration": {k: getattr(calibration, k) for k in ("temperature", "threshold", "ece_before",
                                                                         "ece_after")},
-                  "feature_distance": self.distance_outcome}
+                  "feature_distance": feature_distance}
         if self.plan is not None:
             result["budget"] = {**self.plan.to_dict(), "seconds_used": round(time.monotonic() - started, 1)}
         return result
 
-    def calibrate(self) -> Calibration:
-        """Temperature and "not sure" threshold of best.pt on the validation split → calibration.json."""
-        self.reporter.phase("calibrating")
+    def best_model(self) -> nn.Module:
+        """A copy of the model with best.pt's weights: what calibration and the feature distance are fitted to."""
         model = copy.deepcopy(self.model)
         model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
+        return model
+
+    def calibrate(self, model: nn.Module) -> Calibration:
+        """Temperature and "not sure" threshold of best.pt (`model`) on the validation split → calibration.json."""
+        self.reporter.phase("calibrating")
         stats = evaluate(model, iterate_batches(self.splits["val"], self.config.batch_size * 2, self.device,
                                                 shuffle=False),
                          self.transform, self.val_criterion, self.device, amp_dtype=self.amp_dtype,
@@ -727,7 +733,6 @@ class _Trainer:
         write_calibration(self.run_dir, calibration)
         log.info("%s calibrated: T=%.3f, ECE %.3f → %.3f, threshold %.3f", self.run_dir.name,
                  calibration.temperature, calibration.ece_before, calibration.ece_after, calibration.threshold)
-        self.distance_outcome = self.fit_feature_distance(model)
         return calibration
 
     def fit_feature_distance(self, model: nn.Module) -> dict:
