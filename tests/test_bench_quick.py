@@ -143,6 +143,21 @@ def test_not_sure(tmp_path):
     assert 0 <= result["summary"]["unseen_not_sure"] <= 1 and 0 <= result["summary"]["in_class_answered"] <= 1
 
 
+def test_imbalance_cut_from_a_photo_folder(tmp_path):
+    photos = make_image_folder(tmp_path / "photos", classes=3, per_class=[80, 20, 4], size=32)
+    result = run_quick("bench_imbalance", tmp_path, "--photos", str(photos), "--photo-classes", "class_0",
+                       "class_1", "class_2", "--sides", "none", "sampler")
+    assert [r["balance"] for r in result["rows"]] == ["none", "sampler"]
+    assert all(0 <= r["minority_recall"] <= 1 for r in result["rows"])
+
+
+def test_not_sure_on_photos(tmp_path, images):
+    result = run_quick("bench_not_sure_photos", tmp_path, "--data-dir", str(images))
+    summary = result["summary"]
+    assert summary["unseen_images"] == 4 and summary["test_images"] > 0
+    assert 0 <= summary["unseen_not_sure"] <= 1 and 0 <= summary["test_answered"] <= 1
+
+
 def test_lr_find(tmp_path):
     result = run_quick("bench_lr_find", tmp_path)
     assert [r["dataset"] for r in result["rows"]] == ["easy4", "hard3"] and all(r["steps"] > 0 for r in result["rows"])
