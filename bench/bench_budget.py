@@ -6,7 +6,8 @@ then the best checkpoint is evaluated on the test split (`evaluate_run`, figures
 the timing steps, training and calibration; the evaluation is reserved for inside it too (see budget.py), and the
 table shows the seconds each variant really used, evaluation included.
 
-  baseline   ResNet18, 128 px, AdamW lr 1e-3, cosine with 1 warm-up epoch, label smoothing 0.1, "standard" augment
+  baseline   ResNet18, 128 px, AdamW lr 1e-3, cosine with 1 warm-up epoch, label smoothing 0.1, "standard" augment,
+             no progressive resizing (the budget mode's recipe before progressive resizing became its default)
   ema        + EMA of the weights (decay 0.999), evaluated and checkpointed
   tta        + flip test-time augmentation (validation, calibration, test)
   mixup      + mixup;  cutmix: + cutmix
@@ -37,7 +38,7 @@ import common  # noqa: E402
 TARGET_TEST_ACC = 0.82  # issue 15: ResNet18 from scratch, --time-budget 30 on 2 CPU cores
 BASELINE = dict(model="resnet18", weights="none", image_size=128, batch_size=32, lr=1e-3, optimizer="adamw",
                 scheduler="cosine", warmup_epochs=1, augment="standard", seed=0, val_ratio=0.15, test_ratio=0.15,
-                device="cpu", amp=False)
+                device="cpu", amp=False, progressive_resize=0.0)
 VARIANTS = {
     "baseline": {},
     "ema": {"ema_decay": 0.999},

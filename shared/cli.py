@@ -43,7 +43,8 @@ TRAIN_HELP = {
     "tta": "flip test-time augmentation at validation, evaluation and prediction",
     "mix": "none, mixup, cutmix or both",
     "progressive_resize": "progressive resizing: train first at this share of --image-size (e.g. 0.5), growing to "
-                          "full size by 3/4 of the epochs; evaluation is at full size (0 = off)",
+                          "full size by 3/4 of the epochs; evaluation is at full size (0 = off; not given: 0.5 with "
+                          "--time-budget, else off)",
     "target_precision": "the 'not sure' threshold is chosen on validation for this precision",
     "lr": "learning rate, or 'auto': a learning-rate range test picks it (resnet-lab lr-find)",
 }
@@ -60,7 +61,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text or f"(default {default})")
             continue
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = {"int": int, "float": float, "float | None": float}.get(str(f.type), str)
         if f.name == "lr":
             kind = _lr_value
         # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead

@@ -12,7 +12,7 @@ import torch
 
 from shared.runs.store import RunStore, read_metrics
 from shared.training.checkpoint import load_checkpoint
-from shared.training.config import ConfigError, TrainConfig
+from shared.training.config import BUDGET_PROGRESSIVE_RESIZE, ConfigError, TrainConfig
 from shared.training.engine import class_balance, fit
 from tests.imagegen import make_image_folder
 from tests.tiny import TINY_TRAIN
@@ -162,8 +162,16 @@ def test_progressive_resizing_is_validated_and_a_train_flag():
         TrainConfig(data_dir="x", progressive_resize=True)  # a bool is not a share
     with pytest.raises(ConfigError, match="finetune 'head'"):
         TrainConfig(data_dir="x", finetune="head", progressive_resize=0.5)
-    assert TrainConfig(data_dir="x").progressive_resize == 0  # off unless asked
-    config, _ = _train_config(build_parser().parse_args(["train", "--data-dir", "x", "--progressive-resize", "0.5"]))
+    assert TrainConfig(data_dir="x").progressive_resize == 0  # off unless asked, or under a time budget:
+    assert TrainConfig(data_dir="x", time_budget=30).progressive_resize == BUDGET_PROGRESSIVE_RESIZE == 0.5
+    assert TrainConfig(data_dir="x", time_budget=30, progressive_resize=0).progressive_resize == 0  # off, as asked
+    assert TrainConfig(data_dir="x", time_budget=30, finetune="head", weights="DEFAULT").progressive_resize == 0
+    resolved = TrainConfig(data_dir="x", time_budget=30)
+    assert TrainConfig.from_dict(resolved.to_dict()) == resolved  # config.json holds the number the run used
+    parse = build_parser().parse_args
+    config, _ = _train_config(parse(["train", "--data-dir", "x", "--progressive-resize", "0.5"]))
+    assert config.progressive_resize == 0.5
+    config, _ = _train_config(parse(["train", "--data-dir", "x", "--time-budget", "10"]))
     assert config.progressive_resize == 0.5
 
 
