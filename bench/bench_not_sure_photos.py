@@ -50,6 +50,9 @@ def main(argv=None) -> dict:
     in_ok = [(r, label) for r, (_, label) in zip(in_results, test) if not r["error"]]
     answered = [(r, label) for r, label in in_ok if r["sure"]]
     unseen_ok = [r for r in unseen_results if not r["error"]]
+    if not in_ok or not unseen_ok:
+        raise SystemExit(f"nothing to compare: {len(in_ok)} readable test-split images in {args.run} and "
+                         f"{len(unseen_ok)} readable --unseen images; give a run with a test split and image files")
     below = [r for r in unseen_ok if r["top"][0]["probability"] < calibration.threshold]
     summary = {
         "test_images": len(in_ok), "test_accuracy_all": sum(r["top"][0]["class"] == label for r, label in in_ok)

@@ -44,7 +44,7 @@ TRAIN_HELP = {
     "mix": "none, mixup, cutmix or both",
     "progressive_resize": "progressive resizing: train first at this share of --image-size (e.g. 0.5), growing to "
                           "full size by 3/4 of the epochs; evaluation is at full size (0 = off; not given: 0.5 with "
-                          "--time-budget, else off)",
+                          "--time-budget and --weights none, else off)",
     "target_precision": "the 'not sure' threshold is chosen on validation for this precision",
     "lr": "learning rate, or 'auto': a learning-rate range test picks it (resnet-lab lr-find)",
 }
@@ -66,8 +66,9 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
             kind = _lr_value
         # required fields are checked in `_train_config`: `--resume RUN` reads them from the run instead
         required = default is dataclasses.MISSING
+        shown_default = "" if required or default is None else f" (default {default})"  # None: worked out per run
         parser.add_argument(flag, type=kind, default=None if required else default,
-                            help=help_text if required else f"{help_text} (default {default})".strip())
+                            help=f"{help_text}{shown_default}".strip())
 
 
 def _lr_value(text: str) -> float | str:

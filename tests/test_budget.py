@@ -44,6 +44,14 @@ def test_replan_shortens_the_run_when_epochs_are_slower_and_lengthens_it_back_wh
     assert [r["planned_epochs"] for r in plan.replans] == [5, 8, 10, 11] and plan.first_planned == 11
 
 
+def test_replan_lengthens_only_with_room_to_spare():
+    plan = make_plan(600, 0, step_s=0.5, eval_image_s=0, steps_per_epoch=100, n_val=0, n_test=0, max_epochs=100)
+    assert replan(plan, epoch=1, elapsed_s=60, epoch_seconds=[60.0], min_epochs=1) == 9  # 522 s left / 60
+    # at 56 s an epoch, 10 epochs would fit with 22 s to spare: under half an epoch, so the total does not flip
+    assert replan(plan, epoch=2, elapsed_s=112, epoch_seconds=[60.0, 52.0], min_epochs=1) == 9
+    assert len(plan.replans) == 1
+
+
 def test_progressive_resizing_plans_its_smaller_epochs_at_their_cost_and_replans_by_them():
     from shared.data.transforms import progressive_sizes
 

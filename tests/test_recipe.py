@@ -163,15 +163,17 @@ def test_progressive_resizing_is_validated_and_a_train_flag():
     with pytest.raises(ConfigError, match="finetune 'head'"):
         TrainConfig(data_dir="x", finetune="head", progressive_resize=0.5)
     assert TrainConfig(data_dir="x").progressive_resize == 0  # off unless asked, or under a time budget:
-    assert TrainConfig(data_dir="x", time_budget=30).progressive_resize == BUDGET_PROGRESSIVE_RESIZE == 0.5
-    assert TrainConfig(data_dir="x", time_budget=30, progressive_resize=0).progressive_resize == 0  # off, as asked
-    assert TrainConfig(data_dir="x", time_budget=30, finetune="head", weights="DEFAULT").progressive_resize == 0
-    resolved = TrainConfig(data_dir="x", time_budget=30)
+    scratch = dict(data_dir="x", time_budget=30, weights="none")
+    assert TrainConfig(**scratch).progressive_resize == BUDGET_PROGRESSIVE_RESIZE == 0.5
+    assert TrainConfig(**scratch, progressive_resize=0).progressive_resize == 0  # off, as asked
+    assert TrainConfig(data_dir="x", time_budget=30).progressive_resize == 0  # fine-tuning ImageNet weights: not
+    assert TrainConfig(data_dir="x", time_budget=30, finetune="head").progressive_resize == 0  # measured, so off
+    resolved = TrainConfig(**scratch)
     assert TrainConfig.from_dict(resolved.to_dict()) == resolved  # config.json holds the number the run used
     parse = build_parser().parse_args
     config, _ = _train_config(parse(["train", "--data-dir", "x", "--progressive-resize", "0.5"]))
     assert config.progressive_resize == 0.5
-    config, _ = _train_config(parse(["train", "--data-dir", "x", "--time-budget", "10"]))
+    config, _ = _train_config(parse(["train", "--data-dir", "x", "--time-budget", "10", "--weights", "none"]))
     assert config.progressive_resize == 0.5
 
 

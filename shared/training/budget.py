@@ -37,6 +37,9 @@ RESERVE_SHARE = 0.03
 # when something else ran) must not cut the run for good (a 30-minute run on flower_photos lost 3 of 35 epochs, 191 s
 # of its budget unused, to two slow first epochs when a re-plan read only the last two and never went back up)
 REPLAN_WINDOW = 3
+# a re-plan lengthens the run only when the extra epochs fit with this share of an epoch to spare: pacing near the
+# plan must not flip the total (and the cosine's end) back and forth from one epoch to the next
+LENGTHEN_MARGIN = 0.5
 
 
 @dataclass
@@ -183,6 +186,10 @@ def replan(plan: BudgetPlan, *, epoch: int, elapsed_s: float, epoch_seconds: lis
     else:  # the longest run, up to the first plan, whose epochs after this one fit (a shorter ramp: other sides)
         total = _largest(epoch, ceiling, lambda n: measured * sum(costs(n)[epoch:]) <= left)
     total = max(total, epoch, min_epochs)
+    if total > plan.planned_epochs:  # longer only with room to spare, or not at all
+        spare = lambda n: left - measured * (sum(costs(n)[epoch:]) if costs else n - epoch)  # noqa: E731
+        total = max([plan.planned_epochs] + [n for n in range(plan.planned_epochs + 1, total + 1)
+                                             if spare(n) >= LENGTHEN_MARGIN * measured])
     if total != plan.planned_epochs:
         plan.replans.append({"after_epoch": epoch, "epoch_s": round(measured, 3), "planned_epochs": total})
         log.info("%s than planned (%.1f s per epoch): %d epochs instead of %d",

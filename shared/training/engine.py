@@ -671,6 +671,9 @@ class _Trainer:
             seed_everything(c.seed * 1000 + epoch)
             generator = epoch_generator(c.seed, epoch)
             side = self.train_sides(self.epochs)[epoch - 1]
+            last = self.history[-1] if self.history else {}
+            if last.get("stage") == stage and last.get("image_size"):
+                side = max(side, last["image_size"])  # a re-plan that lengthened the ramp never shrinks the images
             start = time.perf_counter()
             if stage == "head":
                 train_stats, val_stats = self.head_epoch(epoch, optimizer, scheduler, generator)

@@ -169,7 +169,7 @@ def build(lab) -> TrainUI:
             f["tta"] = gr.Checkbox(False, label="Flip test-time augmentation", elem_id="tta")
             f["progressive_resize"] = gr.Number(
                 None, label="Progressive resizing: start at this share of the image size, 0 = off, empty = "
-                "automatic (0.5 with a time budget, else off)", minimum=0, maximum=0.95, elem_id="progressive-resize",
+                "automatic (0.5 with a time budget from scratch, else off)", minimum=0, maximum=0.95, elem_id="progressive-resize",
                 info="e.g. 0.5: the first epochs train on half-size images, growing to full size by 3/4 of the "
                      "epochs (faster epochs; evaluation is at full size)")
     with gr.Row(elem_classes="toolbar"):
