@@ -231,9 +231,15 @@ def test_a_resumed_run_keeps_its_weight_average_and_its_budget_plan(tmp_path, sk
     assert planned > 2 and saved["ema"]["n_averaged"] > 0
     assert (saved["plan"]["small_side"], saved["plan"]["full_side"]) == (16, 32)
     assert saved["history"][0]["image_size"] == 16
+    # a run begun when `auto` meant the weighted loss goes on with it after an update made `auto` the sampler
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["balance"] == "auto" and record["plan"]["balance"] == "sampler"
+    record["plan"]["balance"] = "weighted_loss"
+    (run_dir / "config.json").write_text(json.dumps(record))
     # resumed: the plan is read back (no new timing), cut short here by patience to keep the test small
     monkeypatch.setattr(engine, "time_steps", lambda *a, **k: pytest.fail("a resumed run must not re-time"))
     result = fit(config.replace(patience=1), run_dir, cache_dir=tmp_path / "cache")
     assert result["budget"]["planned_epochs"] == planned and result["epochs_run"] >= 2
+    assert result["balance"] == "weighted_loss" and result["select_by"] == "val_macro_f1"
     resumed = load_checkpoint(run_dir / "last.pt")["ema"]["n_averaged"]
     assert resumed > saved["ema"]["n_averaged"]  # the average went on from where it stopped

@@ -35,7 +35,7 @@ from shared.analysis.feature_distance import FILE_NAME as DISTANCE_FILE
 from shared.analysis.feature_distance import (MAX_FEATURE_SIZE, MAX_FIT_IMAGES, MIN_VAL_IMAGES, FeatureDistance,
                                                fit_feature_distance, write_feature_distance)
 from shared.training.budget import TIMED_STEPS, BudgetPlan, make_plan, replan, time_steps
-from shared.training.config import IMBALANCE_RATIO, MAX_EPOCHS, TrainConfig
+from shared.training.config import BALANCE_MODES, IMBALANCE_RATIO, MAX_EPOCHS, TrainConfig
 from shared.data.manifest import read_manifest, write_manifest
 from shared.data.split import make_split
 from shared.fsutil import write_atomic, write_json_atomic
@@ -402,6 +402,15 @@ def class_balance(config: TrainConfig, labels: torch.Tensor, num_classes: int) -
             "select_by": "val_macro_f1" if by_f1 else "val_acc"}
 
 
+def recorded_balance(run_dir: Path) -> str | None:
+    """The balance mode config.json says the run trained with ("auto" already resolved), None when it says none."""
+    try:
+        mode = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["plan"]["balance"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return mode if mode in BALANCE_MODES and mode != "auto" else None
+
+
 def class_weights(class_counts: Sequence[int]) -> torch.Tensor:
     """The weighted loss's per-class weights: inverse square root of the class's training images, scaled to a mean
     of 1 over the images. The square root, not the full inverse frequency: on a 20:5:1 set of overlapping
@@ -465,7 +474,10 @@ def fit(config: TrainConfig, run_dir: Path, reporter: Reporter | None = None, *,
     model = create_model(config.model, len(classes), config.weights, config.dropout).to(device)
     model = model.to(memory_format=torch.channels_last)
     transform = BatchTransform(config.augment, config.image_size, IMAGENET_MEAN, IMAGENET_STD)
-    balance = class_balance(config, splits["train"].labels, len(classes))
+    started_with = recorded_balance(run_dir) if (run_dir / "last.pt").is_file() else None
+    # a resumed run trains on as it began, whatever `auto` means in the code that resumes it
+    balance = class_balance(config.replace(balance=started_with) if started_with else config,
+                            splits["train"].labels, len(classes))
     weight = class_weights(balance["class_counts"]).to(device) if balance["balance"] == "weighted_loss" else None
     criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
