@@ -620,3 +620,15 @@ def test_the_page_deletes_its_cached_uploads_after_a_day(tmp_path):
 
     demo = build_app(Settings(models_dir=tmp_path / "models", data_roots=(tmp_path,)))
     assert demo.delete_cache == CACHE_CLEANUP and CACHE_CLEANUP[1] <= 86400
+
+
+def test_a_cloned_run_leaves_automatic_progressive_resizing_automatic():
+    from shared.training.config import TrainConfig
+    from ui.tabs.train import config_to_form
+
+    automatic = TrainConfig(data_dir="x", time_budget=30, weights="none")  # resolved to 0.5
+    assert config_to_form(automatic.to_dict())["progressive_resize"] is None  # the field stays empty
+    chosen = TrainConfig(data_dir="x", time_budget=30, weights="none", progressive_resize=0.25)
+    assert config_to_form(chosen.to_dict())["progressive_resize"] == 0.25
+    assert config_to_form(TrainConfig(data_dir="x", time_budget=30, progressive_resize=0.5).to_dict())[
+        "progressive_resize"] == 0.5  # asked for with ImageNet weights, where automatic would be off

@@ -116,9 +116,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self._check_types()
         if self.progressive_resize is None:
-            from_scratch = str(self.weights).lower() == "none"
-            chosen = BUDGET_PROGRESSIVE_RESIZE if self.time_budget and from_scratch else 0.0
-            object.__setattr__(self, "progressive_resize", chosen)
+            object.__setattr__(self, "progressive_resize", automatic_progressive_resize(self.time_budget, self.weights))
         if not self.data_dir:
             raise ConfigError("data_dir is required: a folder with one sub-folder per class")
         self._check_model()
@@ -208,6 +206,12 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return replace(self, **changes)
+
+
+def automatic_progressive_resize(time_budget: float, weights: str) -> float:
+    """What a run that does not set progressive_resize gets: BUDGET_PROGRESSIVE_RESIZE under a time budget from
+    scratch (where it was measured), else 0 (off)."""
+    return BUDGET_PROGRESSIVE_RESIZE if time_budget and str(weights).lower() == "none" else 0.0
 
 
 def expand_grid(base: dict[str, Any], **lists: Iterable[Any]) -> list[TrainConfig]:

@@ -15,7 +15,8 @@ from typing import Any
 import gradio as gr
 
 from shared.training.config import (AUGMENTATIONS, BALANCE_MODES, DEFAULT_MODEL, MAX_TIME_BUDGET_MIN, MIX_MODES,
-                                    OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig, expand_grid)
+                                    OPTIMIZERS, SCHEDULERS, ConfigError, TrainConfig,
+                                    automatic_progressive_resize, expand_grid)
 from shared.training.models import cached_weights_path, confine_weights, list_models
 
 from .. import formatting as fmt
@@ -287,6 +288,9 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
                 "progressive_resize"):
         if key in config:
             values[key] = config[key]
+    if values.get("progressive_resize") == automatic_progressive_resize(config.get("time_budget") or 0,
+                                                                        str(config.get("weights", ""))):
+        values["progressive_resize"] = None  # automatic, as the cloned run had it: it follows budget and weights
     return values
 
 
