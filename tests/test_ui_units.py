@@ -627,8 +627,15 @@ def test_a_cloned_run_leaves_automatic_progressive_resizing_automatic():
     from ui.tabs.train import config_to_form
 
     automatic = TrainConfig(data_dir="x", time_budget=30, weights="none")  # resolved to 0.5
-    assert config_to_form(automatic.to_dict())["progressive_resize"] is None  # the field stays empty
+    assert config_to_form(automatic.to_dict())["progressive_resize"] == train_view.AUTOMATIC  # automatic again
     chosen = TrainConfig(data_dir="x", time_budget=30, weights="none", progressive_resize=0.25)
     assert config_to_form(chosen.to_dict())["progressive_resize"] == 0.25
     assert config_to_form(TrainConfig(data_dir="x", time_budget=30, progressive_resize=0.5).to_dict())[
         "progressive_resize"] == 0.5  # asked for with ImageNet weights, where automatic would be off
+
+
+def test_the_form_leaves_automatic_progressive_resizing_to_the_config():
+    assert "progressive_resize" not in train_view.form_params({"progressive_resize": train_view.AUTOMATIC}, "d")
+    assert train_view.form_params({"progressive_resize": "0.3"}, "d")["progressive_resize"] == 0.3  # typed in
+    assert train_view.form_params({"progressive_resize": 0.0}, "d")["progressive_resize"] == 0  # off, as chosen
+    assert train_view.form_params({"progressive_resize": "half"}, "d")["progressive_resize"] == "half"  # refused later

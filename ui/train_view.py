@@ -7,15 +7,24 @@ from typing import Any, Sequence
 
 from .formatting import plural
 
+# the progressive-resizing dropdown: "automatic" leaves the field out (TrainConfig works it out), or a share
+AUTOMATIC = "automatic"
+PROGRESSIVE_CHOICES = [("Automatic", AUTOMATIC), ("Off", 0.0), ("0.25", 0.25), ("0.5", 0.5), ("0.75", 0.75)]
+
 
 def form_params(values: dict[str, Any], data_dir: str | None) -> dict[str, Any]:
     """The form's values as /submit_runs parameters: empty fields left out, shares rounded."""
     params = {k: v for k, v in values.items() if v is not None and v != ""}
     params["data_dir"] = data_dir or ""
+    if params.get("progressive_resize") == AUTOMATIC:
+        del params["progressive_resize"]
     for key in ("val_ratio", "test_ratio", "weight_decay", "label_smoothing", "dropout", "time_budget", "ema_decay",
                 "progressive_resize"):
         if key in params:
-            params[key] = round(float(params[key]), 6)
+            try:
+                params[key] = round(float(params[key]), 6)
+            except (TypeError, ValueError):  # typed into the dropdown: TrainConfig refuses it by name
+                pass
     return params
 
 

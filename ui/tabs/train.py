@@ -168,11 +168,13 @@ def build(lab) -> TrainUI:
             f["ema_decay"] = gr.Number(0.0, label="Weight average (EMA) decay, 0 = off", minimum=0, maximum=0.9999,
                                        elem_id="ema-decay")
             f["tta"] = gr.Checkbox(False, label="Flip test-time augmentation", elem_id="tta")
-            f["progressive_resize"] = gr.Number(
-                None, label="Progressive resizing: start at this share of the image size, 0 = off, empty = "
-                "automatic (0.5 with a time budget from scratch, else off)", minimum=0, maximum=0.95, elem_id="progressive-resize",
+            # a dropdown, not a number field: "automatic" must be a value of its own (a Number shows and sends 0: off)
+            f["progressive_resize"] = gr.Dropdown(
+                view.PROGRESSIVE_CHOICES, value=view.AUTOMATIC, allow_custom_value=True, elem_id="progressive-resize",
+                label="Progressive resizing: start at this share of the image size",
                 info="e.g. 0.5: the first epochs train on half-size images, growing to full size by 3/4 of the "
-                     "epochs (faster epochs; evaluation is at full size)")
+                     "epochs (faster epochs; evaluation is at full size). Automatic: 0.5 with a time budget from "
+                     "scratch, else off")
     with gr.Row(elem_classes="toolbar"):
         ui.run_count = gr.Markdown(view.grid_count([DEFAULT_MODEL], [1e-3], [32])[1], elem_id="run-count")
         ui.queue_btn = gr.Button("Queue runs", variant="primary", elem_id="queue-btn", scale=0, min_width=180)
@@ -290,7 +292,7 @@ def config_to_form(config: dict[str, Any]) -> dict[str, Any]:
             values[key] = config[key]
     if values.get("progressive_resize") == automatic_progressive_resize(config.get("time_budget") or 0,
                                                                         str(config.get("weights", ""))):
-        values["progressive_resize"] = None  # automatic, as the cloned run had it: it follows budget and weights
+        values["progressive_resize"] = view.AUTOMATIC  # as the cloned run had it: it follows the budget and weights
     return values
 
 
