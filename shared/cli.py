@@ -37,7 +37,7 @@ TRAIN_HELP = {
     "patience": "early stopping: epochs without val-accuracy gain (0 = off)",
     "device": "auto, cpu, cuda or cuda:N",
     "time_budget": "minutes for the whole run: the epochs are chosen to fit (timed on real steps); 0 = use --epochs",
-    "balance": "class imbalance: auto (balanced sampler when the largest class is >= 3x the smallest), none, "
+    "balance": "class imbalance: auto (weighted loss when the largest class is >= 3x the smallest), none, "
                "weighted_loss or sampler",
     "ema_decay": "average of the weights, evaluated and saved instead of them (e.g. 0.999; 0 = off)",
     "tta": "flip test-time augmentation at validation, evaluation and prediction",

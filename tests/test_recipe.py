@@ -44,18 +44,18 @@ def test_the_weighted_loss_weighs_classes_by_their_inverse_square_root_at_mean_o
 
 def test_class_balance_is_automatic_from_three_to_one():
     config = TrainConfig(data_dir="x")
-    assert class_balance(config, torch.tensor([0] * 9 + [1] * 3), 2)["balance"] == "sampler"
+    assert class_balance(config, torch.tensor([0] * 9 + [1] * 3), 2)["balance"] == "weighted_loss"
     assert class_balance(config, torch.tensor([0] * 8 + [1] * 3), 2) == {
         "class_counts": [8, 3], "imbalanced": False, "balance": "none", "select_by": "val_acc"}
-    chosen = class_balance(config.replace(balance="weighted_loss"), torch.tensor([0] * 9 + [1] * 3), 2)
-    assert chosen["balance"] == "weighted_loss" and chosen["select_by"] == "val_macro_f1"
+    chosen = class_balance(config.replace(balance="sampler"), torch.tensor([0] * 9 + [1] * 3), 2)
+    assert chosen["balance"] == "sampler" and chosen["select_by"] == "val_macro_f1"
     ignored = class_balance(config.replace(balance="none"), torch.tensor([0] * 9 + [1] * 3), 2)
     assert ignored["imbalanced"] and ignored["select_by"] == "val_acc"  # as if balanced, as asked
 
 
 def test_an_imbalanced_run_is_rebalanced_picked_by_macro_f1_and_logs_per_class_recall(tmp_path, skewed):
     result, run_dir = tiny_run(tmp_path, skewed)
-    assert result["balance"] == "sampler" and result["select_by"] == "val_macro_f1"
+    assert result["balance"] == "weighted_loss" and result["select_by"] == "val_macro_f1"
     [record] = read_metrics(run_dir)
     assert list(record["val_recall"]) == ["class_0", "class_1", "class_2"] and 0 <= record["val_macro_f1"] <= 1
     plan = json.loads((run_dir / "config.json").read_text())["plan"]
@@ -231,15 +231,15 @@ def test_a_resumed_run_keeps_its_weight_average_and_its_budget_plan(tmp_path, sk
     assert planned > 2 and saved["ema"]["n_averaged"] > 0
     assert (saved["plan"]["small_side"], saved["plan"]["full_side"]) == (16, 32)
     assert saved["history"][0]["image_size"] == 16
-    # a run begun when `auto` meant the weighted loss goes on with it after an update made `auto` the sampler
+    # a run begun when `auto` meant the sampler goes on with it after an update made `auto` the weighted loss
     record = json.loads((run_dir / "config.json").read_text())
-    assert record["balance"] == "auto" and record["plan"]["balance"] == "sampler"
-    record["plan"]["balance"] = "weighted_loss"
+    assert record["balance"] == "auto" and record["plan"]["balance"] == "weighted_loss"
+    record["plan"]["balance"] = "sampler"
     (run_dir / "config.json").write_text(json.dumps(record))
     # resumed: the plan is read back (no new timing), cut short here by patience to keep the test small
     monkeypatch.setattr(engine, "time_steps", lambda *a, **k: pytest.fail("a resumed run must not re-time"))
     result = fit(config.replace(patience=1), run_dir, cache_dir=tmp_path / "cache")
     assert result["budget"]["planned_epochs"] == planned and result["epochs_run"] >= 2
-    assert result["balance"] == "weighted_loss" and result["select_by"] == "val_macro_f1"
+    assert result["balance"] == "sampler" and result["select_by"] == "val_macro_f1"
     resumed = load_checkpoint(run_dir / "last.pt")["ema"]["n_averaged"]
     assert resumed > saved["ema"]["n_averaged"]  # the average went on from where it stopped

@@ -14,7 +14,7 @@ SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 AUGMENTATIONS = ("none", "light", "standard", "trivialaugment")
 FINETUNE_MODES = ("full", "head", "probe_then_unfreeze")
 SPLITS = ("train", "val", "test")
-# class imbalance: auto = sampler when the largest training class has >= IMBALANCE_RATIO x the smallest
+# class imbalance: auto = weighted_loss when the largest training class has >= IMBALANCE_RATIO x the smallest
 BALANCE_MODES = ("auto", "none", "weighted_loss", "sampler")
 IMBALANCE_RATIO = 3.0
 MIX_MODES = ("none", "mixup", "cutmix", "both")
@@ -95,7 +95,7 @@ class TrainConfig:
     # minutes for the whole run (cache building and calibration count); 0 = off. When set, `epochs` is not used:
     # the engine times real steps and picks the epoch count that fits (shared/training/budget.py)
     time_budget: float = 0.0
-    # class imbalance: auto (balanced sampler when the largest class is >= 3x the smallest), none, weighted_loss
+    # class imbalance: auto (weighted loss when the largest class is >= 3x the smallest), none, weighted_loss
     # (1/sqrt(class size)), sampler (each class equally likely, drawn with replacement); when imbalanced, the best
     # checkpoint is chosen by macro F1
     balance: str = "auto"

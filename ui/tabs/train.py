@@ -43,7 +43,7 @@ SCHEDULER_LABELS = {"cosine": "Cosine decay", "onecycle": "One-cycle", "plateau"
                     "none": "Constant"}
 AUGMENT_LABELS = {"standard": "Standard (crop, flip, colour)", "light": "Light (flip)",
                   "trivialaugment": "Strong (TrivialAugment)", "none": "None"}
-BALANCE_LABELS = {"auto": "Automatic (balanced sampling when skewed 3:1 or more)", "none": "Ignore (train and pick the best epoch as if balanced)",
+BALANCE_LABELS = {"auto": "Automatic (weighted loss when skewed 3:1 or more)", "none": "Ignore (train and pick the best epoch as if balanced)",
                   "weighted_loss": "Class-weighted loss (1/√class size)", "sampler": "Balanced sampling"}
 # List-valued form fields and the TrainConfig field each one expands over.
 GRID_FIELDS = {"models": "model", "lrs": "lr", "batch_sizes": "batch_size"}
