@@ -181,15 +181,14 @@ def replan(plan: BudgetPlan, *, epoch: int, elapsed_s: float, epoch_seconds: lis
     ceiling = plan.first_planned or plan.planned_epochs  # a plan saved before first_planned existed: its count
     left = plan.budget_s - elapsed_s - plan.reserve_s
     costs = plan.costs(sides)
-    if costs is None:
-        total = min(ceiling, epoch + max(0, math.floor(left / measured)))
-    else:  # the longest run, up to the first plan, whose epochs after this one fit (a shorter ramp: other sides)
-        total = _largest(epoch, ceiling, lambda n: measured * sum(costs(n)[epoch:]) <= left)
-    total = max(total, epoch, min_epochs)
-    if total > plan.planned_epochs:  # longer only with room to spare, or not at all
-        spare = lambda n: left - measured * (sum(costs(n)[epoch:]) if costs else n - epoch)  # noqa: E731
-        total = max([plan.planned_epochs] + [n for n in range(plan.planned_epochs + 1, total + 1)
-                                             if spare(n) >= LENGTHEN_MARGIN * measured])
+
+    def fits(n: int) -> bool:
+        """The epochs after this one of an n-epoch run (with progressive resizing, each at its side's cost) fit in
+        what is left; a run longer than the current plan must leave LENGTHEN_MARGIN of an epoch to spare."""
+        after = measured * (sum(costs(n)[epoch:]) if costs else n - epoch)
+        return after + (LENGTHEN_MARGIN * measured if n > plan.planned_epochs else 0) <= left
+
+    total = max(_largest(epoch, ceiling, fits), epoch, min_epochs)  # fits only gets harder as n grows
     if total != plan.planned_epochs:
         plan.replans.append({"after_epoch": epoch, "epoch_s": round(measured, 3), "planned_epochs": total})
         log.info("%s than planned (%.1f s per epoch): %d epochs instead of %d",
