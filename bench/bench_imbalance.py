@@ -106,7 +106,8 @@ def main(argv=None) -> dict:
         print(f"{r['balance']}: minority recall {r['d_minority']:+.1f}, macro F1 {r['d_macro_f1']:+.1f}, accuracy "
               f"{r['d_accuracy']:+.1f} points → {common.verdict(ok, args.quick)}")
     return common.finish(args, "imbalance", {"settings": {k: getattr(args, k) for k in (
-        "minority", "test_minority", "epochs", "photos", "photo_classes", "augment", "by", "noise", "spread", "colour_jitter", "size", "sides", "seeds")}, "rows": rows})
+        "minority", "test_minority", "epochs", "photos", "photo_classes", "augment", "by", "noise", "spread",
+        "colour_jitter", "size", "sides", "seeds")}, "rows": rows})
 
 
 def make_sets(args, tmp: Path) -> tuple[Path, Path, list[str]]:

@@ -37,8 +37,8 @@ RETIRED_FIELDS = ("num_workers",)  # decoded images are cached, so there are no 
 
 # TrainConfig's field annotations (strings: `from __future__ import annotations`) → accepted Python types
 _TYPES = {"str": str, "int": int, "float": (int, float), "float | None": (int, float, type(None)), "bool": bool}
-_TYPE_WORDS = {"str": "text", "int": "a whole number", "float": "a number", "float | None": "a number (or null: automatic)",
-               "bool": "true or false"}
+_TYPE_WORDS = {"str": "text", "int": "a whole number", "float": "a number",
+               "float | None": "a number (or null: automatic)", "bool": "true or false"}
 
 
 class ConfigError(ValueError):
