@@ -18,8 +18,13 @@ table shows the seconds each variant really used, evaluation included.
              epochs at their measured cost, so the budget buys more epochs
 The variant that wins on *validation* is the one to keep (test accuracy is reported, not chosen on).
 
+`--on VARIANT` adds every variant to that one instead of to the baseline: the next step of keeping what wins is
+to try each remaining change on top of the winner so far (`--on progressive`: on the budget mode's default now).
+The reference row is then VARIANT alone, run in the same invocation, and the others are named "VARIANT+change".
+
 Run (full, one budget):  .venv/bin/python bench/bench_budget.py --minutes 30 --json bench/results/budget_30.json
      some variants:      .venv/bin/python bench/bench_budget.py --minutes 10 --variants baseline ema tta
+     on the default:     .venv/bin/python bench/bench_budget.py --minutes 30 --on progressive --variants ema tta
      quick:              .venv/bin/python bench/bench_budget.py --quick --data-dir DIR
 """
 
@@ -80,6 +85,8 @@ def main(argv=None) -> dict:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="time budget per variant")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--on", choices=list(VARIANTS), default="baseline",
+                        help="the recipe every variant is added to; it runs first, as the reference row")
     parser.add_argument("--cache-dir", type=Path, default=common.DEFAULT_CACHE_DIR)
     args = common.parse(parser, argv, __file__)
     common.ensure_repo_on_path()
@@ -88,26 +95,34 @@ def main(argv=None) -> dict:
         args.minutes = 0.02  # a run always trains one epoch, however small its budget
         args.variants = ["baseline", "tta"]
         base.update(model=common.use_tiny_model(), image_size=32, batch_size=8, val_ratio=0.25, test_ratio=0.25)
+    base.update(VARIANTS[args.on])
+    # The reference first, then each variant once; "baseline" is the reference itself whatever --on names.
+    added = [name for name in dict.fromkeys(args.variants) if name not in ("baseline", args.on)]
+    if args.on == "baseline" and "baseline" not in args.variants:
+        runs = [(name, name) for name in added]  # no reference asked for: the rows stand alone
+    else:
+        runs = [(args.on, "baseline")] + [(name if args.on == "baseline" else f"{args.on}+{name}", name)
+                                          for name in added]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-budget-") as tmp:
-        for name in args.variants:
+        for row_name, name in runs:
             changes = dict(VARIANTS[name])
             if args.quick and "image_size" in changes:
                 changes["image_size"] = 32
-            rows.append(run_variant(name, changes, args.data_dir, args.minutes, Path(tmp) / "models",
+            rows.append(run_variant(row_name, changes, args.data_dir, args.minutes, Path(tmp) / "models",
                                     args.cache_dir, base))
-    baseline = next((r for r in rows if r["variant"] == "baseline"), None)
+    reference = rows[0] if runs[0][1] == "baseline" else None
     for r in rows:
-        if baseline is not None:
-            r["d_val"] = round(100 * (r["val_acc"] - baseline["val_acc"]), 1)
-            r["d_test"] = round(100 * (r["test_acc"] - baseline["test_acc"]), 1)
+        if reference is not None:
+            r["d_val"] = round(100 * (r["val_acc"] - reference["val_acc"]), 1)
+            r["d_test"] = round(100 * (r["test_acc"] - reference["test_acc"]), 1)
     common.print_table(rows, ["variant", "epochs", "replans", "val_acc", "test_acc", "d_val", "d_test",
                               "test_macro_f1", "ece_before", "ece_after", "used_s", "budget_s", "load"],
-                       title=f"time budget {args.minutes:g} min per variant, ResNet18 from scratch", digits=3)
+                       title=f"time budget {args.minutes:g} min per variant, ResNet18 from scratch, each added to {args.on}", digits=3)
     best_test = max(r["test_acc"] for r in rows)
     print(f"target: test accuracy >= {TARGET_TEST_ACC:.0%} at 30 minutes: "
           f"{common.verdict(best_test >= TARGET_TEST_ACC and args.minutes <= 30, args.quick)}")
-    return common.finish(args, "budget", {"minutes": args.minutes, "base": base, "rows": rows})
+    return common.finish(args, "budget", {"minutes": args.minutes, "on": args.on, "base": base, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -127,9 +127,13 @@ def test_runs_tab(tmp_path):
     assert events["tick idle"]["median bytes"] < events["tick live"]["median bytes"] < events["open"]["median bytes"]
 
 
-def test_budget_ablation(tmp_path, images):
-    result = run_quick("bench_budget", tmp_path, "--data-dir", str(images), "--cache-dir", str(tmp_path / "cache"))
-    assert [r["variant"] for r in result["rows"]] == ["baseline", "tta"]
+@pytest.mark.parametrize("on, names", [("baseline", ["baseline", "tta"]),
+                                       ("progressive", ["progressive", "progressive+tta"])])
+def test_budget_ablation(tmp_path, images, on, names):
+    result = run_quick("bench_budget", tmp_path, "--data-dir", str(images), "--cache-dir", str(tmp_path / "cache"),
+                       "--on", on)
+    assert [r["variant"] for r in result["rows"]] == names
+    assert result["base"]["progressive_resize"] == (0.5 if on == "progressive" else 0.0)
     assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 for r in result["rows"])
 
 
