@@ -16,7 +16,8 @@ table shows the seconds each variant really used, evaluation included.
   px112      112 px;  px96: 96 px
   progressive  progressive resizing from 0.5x (64 px) to 128 px by 3/4 of the epochs; the plan counts the smaller
              epochs at their measured cost, so the budget buys more epochs
-The variant that wins on *validation* is the one to keep (test accuracy is reported, not chosen on).
+The variant that wins on *validation* by more than one standard error of that split is the one to keep (test
+accuracy is reported, not chosen on; a smaller win is within one seed's spread).
 
 `--on VARIANT` adds every variant to that one instead of to the baseline: the next step of keeping what wins is
 to try each remaining change on top of the winner so far (`--on progressive`: on the budget mode's default now).
