@@ -31,6 +31,7 @@ Run (full, one budget):  .venv/bin/python bench/bench_budget.py --minutes 30 --j
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,7 @@ VARIANTS = {
 def run_variant(name: str, changes: dict, data_dir: Path, minutes: float, models: Path, cache: Path,
                 base: dict) -> dict:
     from shared.analysis.evaluation import evaluate_run
+    from shared.data.manifest import read_manifest, split_counts
     from shared.runs.store import RunStore
     from shared.training.config import TrainConfig
     from shared.training.engine import fit
@@ -73,13 +75,24 @@ def run_variant(name: str, changes: dict, data_dir: Path, minutes: float, models
     best = fit(config, store.path(run_id), cache_dir=cache)
     evaluation = evaluate_run(store.path(run_id), figures="none")
     seconds = time.perf_counter() - start
+    n_val = sum(split_counts(read_manifest(store.path(run_id) / "split.json"))["val"].values())
     row = {"variant": name, "epochs": best["budget"]["planned_epochs"], "replans": len(best["budget"]["replans"]),
            "val_acc": best["best_val_acc"], "test_acc": evaluation["accuracy"],
            "test_macro_f1": evaluation["macro"]["f1"], "ece_before": best["calibration"]["ece_before"],
            "ece_after": best["calibration"]["ece_after"], "used_s": round(seconds, 1),
-           "budget_s": minutes * 60, "load": common.loadavg()[0]}
+           "budget_s": minutes * 60, "load": common.loadavg()[0], "n_val": n_val}
     print(f"{name}: {row}", flush=True)
     return row
+
+
+def keep_rule(reference: dict, candidates: list[dict]) -> dict:
+    """The change to keep: the best on validation, if it beats the reference by more than one standard error of
+    the reference's validation accuracy (binomial, sqrt(p(1-p)/n)); a smaller win is within one seed's spread."""
+    p, n = reference["val_acc"], reference["n_val"]
+    se_points = 100 * math.sqrt(p * (1 - p) / n)
+    best = max(candidates, key=lambda r: r["val_acc"], default=None)
+    won = best is not None and best["d_val"] > se_points
+    return {"variant": best["variant"] if won else None, "se_points": round(se_points, 2)}
 
 
 def main(argv=None) -> dict:
@@ -113,6 +126,7 @@ def main(argv=None) -> dict:
             rows.append(run_variant(row_name, changes, args.data_dir, args.minutes, Path(tmp) / "models",
                                     args.cache_dir, base))
     reference = rows[0] if runs[0][1] == "baseline" else None
+    keep = None
     for r in rows:
         if reference is not None:
             r["d_val"] = round(100 * (r["val_acc"] - reference["val_acc"]), 1)
@@ -120,10 +134,15 @@ def main(argv=None) -> dict:
     common.print_table(rows, ["variant", "epochs", "replans", "val_acc", "test_acc", "d_val", "d_test",
                               "test_macro_f1", "ece_before", "ece_after", "used_s", "budget_s", "load"],
                        title=f"time budget {args.minutes:g} min per variant, ResNet18 from scratch, each added to {args.on}", digits=3)
+    if reference is not None:
+        keep = keep_rule(reference, rows[1:])
+        print(f"keep (wins on validation by more than one standard error, {keep['se_points']:.1f} points): "
+              f"{keep['variant'] or 'none: the reference stays'}")
     best_test = max(r["test_acc"] for r in rows)
     print(f"target: test accuracy >= {TARGET_TEST_ACC:.0%} at 30 minutes: "
           f"{common.verdict(best_test >= TARGET_TEST_ACC and args.minutes <= 30, args.quick)}")
-    return common.finish(args, "budget", {"minutes": args.minutes, "on": args.on, "base": base, "rows": rows})
+    return common.finish(args, "budget", {"minutes": args.minutes, "on": args.on, "base": base, "rows": rows,
+                                                "keep": keep})
 
 
 if __name__ == "__main__":

@@ -134,7 +134,20 @@ def test_budget_ablation(tmp_path, images, on, names):
                        "--on", on)
     assert [r["variant"] for r in result["rows"]] == names
     assert result["base"]["progressive_resize"] == (0.5 if on == "progressive" else 0.0)
-    assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 for r in result["rows"])
+    assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 and r["n_val"] > 0 for r in result["rows"])
+    assert result["keep"]["se_points"] > 0
+
+
+def test_budget_keep_rule():
+    """A change is kept only when it wins on validation by more than one standard error of the split: group A at 30
+    minutes (BENCHMARKS §11a) won by 1.1 points on 470 images (SE 1.8) and was not kept; progressive's +3.0 was."""
+    keep_rule = bench_module("bench_budget").keep_rule
+    reference = {"variant": "progressive", "val_acc": 0.815, "n_val": 470}
+    ema = {"variant": "progressive+ema", "val_acc": 0.826, "d_val": 1.1}
+    assert keep_rule(reference, [ema]) == {"variant": None, "se_points": 1.79}
+    wider = {"variant": "baseline+progressive", "val_acc": 0.845, "d_val": 3.0}
+    assert keep_rule(reference, [ema, wider])["variant"] == "baseline+progressive"
+    assert keep_rule(reference, [])["variant"] is None
 
 
 def test_imbalance(tmp_path):
