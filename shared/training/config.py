@@ -23,7 +23,8 @@ MAX_TIME_BUDGET_MIN = 7 * 24 * 60  # a week
 MIN_PROGRESSIVE_START = 0.25
 # what progressive resizing starts at under a time budget, from scratch, unless the run says otherwise: at 30 minutes
 # on the flower photos it won on validation by 3.0 points (85.3% vs 82.3%; test 85.5% vs 81.4%), at 10 minutes it
-# tied (BENCHMARKS §11a); fine-tuning ImageNet weights (features learnt at 224 px) was not measured, so not there
+# tied; none of EMA, TTA, mixup, cutmix, SGD, one-cycle, 112 or 96 px added to it won at 30 minutes
+# (BENCHMARKS §11a); fine-tuning ImageNet weights (features learnt at 224 px) was not measured, so not there
 BUDGET_PROGRESSIVE_RESIZE = 0.5
 # Upper bounds: far beyond any useful run on one GPU, low enough that a typo or a hostile request cannot queue a
 # run that would hold a worker for months or allocate memory no machine has.
