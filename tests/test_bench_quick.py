@@ -135,7 +135,8 @@ def test_budget_ablation(tmp_path, images, on, names):
     assert [r["variant"] for r in result["rows"]] == names
     assert result["base"]["progressive_resize"] == (0.5 if on == "progressive" else 0.0)
     assert all(r["epochs"] >= 1 and 0 <= r["test_acc"] <= 1 and r["n_val"] > 0 for r in result["rows"])
-    assert result["keep"]["se_points"] > 0
+    # a few generated images: the reference's validation accuracy may be 0 or 1, where the standard error is 0
+    assert result["keep"]["se_points"] >= 0 and set(result["keep"]) == {"variant", "se_points"}
 
 
 def test_budget_keep_rule():
